@@ -1,0 +1,387 @@
+"""The scikit-learn style estimator tying the stages together."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from . import graph as graph_stage
+from . import knn as knn_stage
+from . import model as model_stage
+from .io import InputError, as_dask, check_array, checked_finite, is_lazy
+from .init import INIT_METHODS, initial_layout
+from .train import TrainConfig, build_encoder, encode, find_ab_params, train_encoder
+
+logger = logging.getLogger(__name__)
+
+# Chosen by benchmarks/quality.py (see benchmarks/RESULTS.md).
+DEFAULT_HIDDEN = (128, 128)
+DEFAULT_PROJECTION = 64
+# The total number of optimiser steps is what buys quality; an epoch (one pass over the
+# edges) is few steps for large batches, so the default epoch count targets a step count.
+TARGET_STEPS = 1000
+
+
+class NotFittedError(RuntimeError, AttributeError):
+    """The model must be fitted (or loaded) before this call."""
+
+
+class ParametricUMAP(TransformerMixin, BaseEstimator):
+    """Parametric UMAP: an MLP encoder trained with the UMAP loss on a fuzzy kNN graph.
+
+    Parameters
+    ----------
+    n_components
+        Embedding dimension (seed: ``n_dim``).
+    n_neighbors
+        Neighbours per point, not counting the point itself (seed: ``k``).
+    min_dist, spread
+        Shape of the low-dimensional similarity curve, fitted to a and b.
+    knn_method
+        ``"auto"``, ``"exact"`` (blockwise torch), ``"nndescent"`` (pynndescent) or
+        ``"partitioned"`` (Dask, for chunked input).
+    hidden_layers
+        Widths of the encoder's hidden layers (LeakyReLU(0.1) after each).
+    n_projection
+        Width of a fixed PCA projection in front of the MLP (0 disables; ignored when the
+        input has fewer features).
+    learning_rate
+        Adam's initial learning rate, decayed linearly to zero.
+    n_epochs
+        Passes over the edge list. ``None`` picks enough epochs for about 1000 optimiser
+        steps (at least 10 epochs).
+    batch_size
+        Positive edges per optimiser step.
+    negative_sample_rate
+        Negatives per positive edge.
+    local_connectivity, set_op_mix_ratio, tolerance
+        Graph construction (seed: ``local_connectivity``, ``mix_weight``, ``bandwidth``).
+    correlation_weight
+        Weight of the optional loss term -corr(input distances, embedding distances)
+        (seed: ``corr_weight``).
+    init
+        Layout the encoder is pre-trained to reproduce before UMAP training:
+        ``"spectral"`` (of the fuzzy graph; PCA when the graph is disconnected), ``"pca"``
+        or ``"random"`` (no pre-training).
+    device
+        ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"`` (seed: ``use_gpu``).
+    random_state
+        Seed reaching every stage (seed: ``seed``). None for a random run.
+    verbose
+        Log progress at INFO level.
+
+    Attributes
+    ----------
+    embedding_ : ndarray (n_samples, n_components)
+    encoder_ : torch.nn.Module
+    graph_ : scipy.sparse.csr_matrix
+    loss_history_ : list of float
+    n_features_in_, n_samples_fit_, a_, b_, knn_method_, timings_
+    """
+
+    def __init__(
+        self,
+        n_components: int = 2,
+        n_neighbors: int = 15,
+        min_dist: float = 0.1,
+        spread: float = 1.0,
+        knn_method: str = "auto",
+        hidden_layers: Sequence[int] = DEFAULT_HIDDEN,
+        n_projection: int = DEFAULT_PROJECTION,
+        learning_rate: float = 1e-2,
+        n_epochs: int | None = None,
+        batch_size: int = 16384,
+        negative_sample_rate: int = 5,
+        local_connectivity: float = 1.0,
+        set_op_mix_ratio: float = 1.0,
+        tolerance: float = 1e-5,
+        correlation_weight: float = 0.0,
+        init: str = "spectral",
+        device: str = "auto",
+        random_state: int | None = 42,
+        verbose: bool = False,
+    ) -> None:
+        self.n_components = n_components
+        self.n_neighbors = n_neighbors
+        self.min_dist = min_dist
+        self.spread = spread
+        self.knn_method = knn_method
+        self.hidden_layers = hidden_layers
+        self.n_projection = n_projection
+        self.learning_rate = learning_rate
+        self.n_epochs = n_epochs
+        self.batch_size = batch_size
+        self.negative_sample_rate = negative_sample_rate
+        self.local_connectivity = local_connectivity
+        self.set_op_mix_ratio = set_op_mix_ratio
+        self.tolerance = tolerance
+        self.correlation_weight = correlation_weight
+        self.init = init
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ checks
+    def _check_params(self) -> None:
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("n_components", "n_neighbors", "batch_size"):
+            positive_int(name)
+        if self.n_epochs is not None:
+            positive_int("n_epochs")
+        if self.negative_sample_rate < 0:
+            raise ValueError("negative_sample_rate must be >= 0")
+        if not 0.0 <= self.set_op_mix_ratio <= 1.0:
+            raise ValueError(f"set_op_mix_ratio must lie in [0, 1], got {self.set_op_mix_ratio}")
+        if self.local_connectivity < 0:
+            raise ValueError("local_connectivity must be >= 0")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.knn_method not in knn_stage.KNN_METHODS:
+            raise ValueError(f"knn_method must be one of {knn_stage.KNN_METHODS}, got "
+                             f"{self.knn_method!r}")
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
+        if any(int(h) < 1 for h in self.hidden_layers):
+            raise ValueError(f"hidden_layers must be positive widths, got {self.hidden_layers}")
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "encoder_"):
+            raise NotFittedError("this ParametricUMAP is not fitted yet; call fit(X) or "
+                                 "pumap_dask.load(path) first")
+
+    def _load_training_data(self, X: Any, key: str | None) -> np.ndarray:
+        if is_lazy(X):
+            darr = checked_finite(as_dask(X, key=key))
+            logger.info("loading %s x %s input into memory for single-machine fit", *darr.shape)
+            X = darr.compute()
+        return check_array(X, what="X", min_samples=1)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X: Any, y: Any = None, *, key: str | None = None,
+            knn: tuple[np.ndarray, np.ndarray] | None = None) -> "ParametricUMAP":
+        """Fit the encoder to X.
+
+        Parameters
+        ----------
+        X
+            numpy array, dask array, ``zarr.Array``, or a path to a Zarr array or AnnData
+            ``.zarr`` store.
+        y
+            Ignored.
+        key
+            Array inside a Zarr group (default ``obsm/X_pca``, then ``X``).
+        knn
+            Precomputed ``(indices, distances)`` of shape (n, >= n_neighbors), self excluded.
+
+        Returns
+        -------
+        self
+        """
+        self._check_params()
+        if self.verbose:
+            logging.getLogger("pumap_dask").setLevel(logging.INFO)
+        for stale in ("model_path_", "model_sha256_"):
+            self.__dict__.pop(stale, None)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        X = self._load_training_data(X, key)
+        n, d = X.shape
+        if n < self.n_neighbors + 1:
+            raise InputError(f"X has {n} samples but n_neighbors={self.n_neighbors} needs at "
+                             f"least {self.n_neighbors + 1}; lower n_neighbors or add samples")
+        device = knn_stage.resolve_device(self.device)
+        timings["input"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if knn is not None:
+            ind, dist = knn_stage.check_precomputed(knn, n, self.n_neighbors)
+            method = "precomputed"
+        else:
+            method = self.knn_method
+            if method == "auto":
+                method = knn_stage.choose_method(n, d, device)
+            if method == "partitioned":
+                method = "nndescent"  # in-memory input: one partition
+            ind, dist = knn_stage.nearest_neighbors_numpy(
+                X, self.n_neighbors, method, random_state=self.random_state, device=device)
+        timings["knn"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        self.graph_ = graph_stage.fuzzy_simplicial_set(
+            ind, dist, set_op_mix_ratio=self.set_op_mix_ratio,
+            local_connectivity=self.local_connectivity, tolerance=self.tolerance)
+        head, tail, weight = graph_stage.graph_to_edges(self.graph_, n_epochs=200)
+        timings["graph"] = time.perf_counter() - t0
+        if len(head) == 0:
+            raise InputError("the kNN graph has no edges (all points identical?); the data "
+                             "needs some spread to embed")
+
+        t0 = time.perf_counter()
+        self.a_, self.b_ = find_ab_params(self.spread, self.min_dist)
+        cfg = self._train_config(len(head), d, device)
+        encoder = build_encoder(d, cfg, X)
+        layout = initial_layout(self.init, X, self.graph_, self.n_components,
+                                random_state=self.random_state)
+        timings["init"] = time.perf_counter() - t0
+        cb = None
+        if self.verbose:
+            log_every = max(1, cfg.n_epochs // 10)
+
+            def cb(epoch, loss):
+                if (epoch + 1) % log_every == 0:
+                    logger.info("epoch %d/%d loss %.4f", epoch + 1, cfg.n_epochs, loss)
+        self.encoder_, self.loss_history_ = train_encoder(X, head, tail, weight, cfg, encoder, cb,
+                                                            init_embedding=layout)
+        timings["train"] = time.perf_counter() - t0 - timings["init"]
+
+        self.embedding_ = encode(self.encoder_, X)
+        self.n_features_in_ = d
+        self.n_samples_fit_ = n
+        self.n_epochs_ = cfg.n_epochs
+        self.knn_method_ = method
+        self.n_edges_ = int(len(head))
+        self.feature_stats_ = _feature_stats(X)
+        self.timings_ = timings
+        logger.info("fitted %d x %d: %s", n, d,
+                    ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+        return self
+
+    def _train_config(self, n_edges: int, n_features: int, device: str) -> TrainConfig:
+        batch = min(self.batch_size, n_edges)
+        n_epochs = self.n_epochs
+        if n_epochs is None:
+            steps_per_epoch = -(-n_edges // batch)
+            n_epochs = max(10, -(-TARGET_STEPS // steps_per_epoch))
+        n_proj = self.n_projection if 0 < self.n_projection < n_features else 0
+        return TrainConfig(
+            n_components=self.n_components, hidden_layers=tuple(self.hidden_layers),
+            n_projection=n_proj, learning_rate=self.learning_rate, n_epochs=n_epochs,
+            batch_size=batch, negative_sample_rate=self.negative_sample_rate,
+            correlation_weight=self.correlation_weight, a=self.a_, b=self.b_,
+            random_state=self.random_state, device=device,
+        )
+
+    def fit_transform(self, X: Any, y: Any = None, **fit_params) -> np.ndarray:
+        """Fit and return the training embedding."""
+        return self.fit(X, y, **fit_params).embedding_
+
+    # ------------------------------------------------------------------ transform
+    def transform(self, X: Any, *, key: str | None = None, batch_size: int = 65536):
+        """Embed new data with the frozen encoder.
+
+        numpy in, numpy out; dask arrays, Zarr arrays and paths give a lazy dask array
+        (see :func:`pumap_dask.transform`).
+        """
+        self._check_fitted()
+        if is_lazy(X):
+            from .transform import transform as lazy_transform
+
+            return lazy_transform(X, self, key=key, batch_size=batch_size)
+        X = check_array(X, what="X")
+        if X.shape[1] != self.n_features_in_:
+            raise InputError(f"X has {X.shape[1]} features but the model was fitted on "
+                             f"{self.n_features_in_}")
+        return encode(self.encoder_, X, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike, *, include_embedding: bool = True) -> str:
+        """Save to a directory (JSON config + torch weights, no pickle); returns the path."""
+        self._check_fitted()
+        config = {
+            "params": _jsonable(self.get_params()),
+            "fitted": {
+                "a": self.a_, "b": self.b_, "n_features_in": self.n_features_in_,
+                "n_samples_fit": self.n_samples_fit_, "n_epochs": self.n_epochs_,
+                "knn_method": self.knn_method_, "n_edges": self.n_edges_,
+                "loss_history": list(map(float, self.loss_history_)),
+                "feature_stats": {k: v.tolist() for k, v in self.feature_stats_.items()},
+                "timings": self.timings_,
+                "knn_recall": getattr(self, "knn_recall_", None),
+            },
+        }
+        return model_stage.save_model(
+            path, self.encoder_, config, self.embedding_ if include_embedding else None)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ParametricUMAP":
+        """Load a model saved by :meth:`save`."""
+        encoder, doc = model_stage.load_encoder(path)
+        params = doc.get("params", {})
+        params["hidden_layers"] = tuple(params.get("hidden_layers", DEFAULT_HIDDEN))
+        valid = cls().get_params()
+        m = cls(**{k: v for k, v in params.items() if k in valid})
+        f = doc["fitted"]
+        m.encoder_ = encoder
+        m.a_, m.b_ = f["a"], f["b"]
+        m.n_features_in_ = f["n_features_in"]
+        m.n_samples_fit_ = f["n_samples_fit"]
+        m.n_epochs_ = f["n_epochs"]
+        m.knn_method_ = f["knn_method"]
+        m.n_edges_ = f["n_edges"]
+        m.loss_history_ = f["loss_history"]
+        m.feature_stats_ = {k: np.asarray(v, dtype=np.float32)
+                            for k, v in f["feature_stats"].items()}
+        m.timings_ = f.get("timings", {})
+        if f.get("knn_recall") is not None:
+            m.knn_recall_ = f["knn_recall"]
+        emb = model_stage.load_embedding(path, doc)
+        if emb is not None:
+            m.embedding_ = emb
+        m.model_path_ = os.path.abspath(os.fspath(path))
+        m.model_sha256_ = doc["weights_sha256"]
+        return m
+
+    # ------------------------------------------------------------------ display
+    def summary(self) -> str:
+        """The seed's two summary lines."""
+        self._check_fitted()
+        return (
+            "Parametric UMAP Model\n"
+            f"  Samples: {self.n_samples_fit_} | Features: {self.n_features_in_} | "
+            f"Embedding dims: {self.n_components}\n"
+            f"  k: {self.n_neighbors} | min_dist: {self.min_dist:.3f} | "
+            f"spread: {self.spread:.1f} | knn: {self.knn_method_}"
+        )
+
+    def __repr__(self, N_CHAR_MAX: int = 700) -> str:
+        if hasattr(self, "encoder_"):
+            return self.summary()
+        return super().__repr__(N_CHAR_MAX)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = knn_stage.resolve_device(self.device) != "cpu"
+        return tags
+
+
+def _feature_stats(X: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "min": X.min(0), "max": X.max(0),
+        "mean": X.mean(0, dtype=np.float64).astype(np.float32),
+        "std": X.std(0, dtype=np.float64).astype(np.float32),
+    }
+
+
+def _jsonable(params: dict) -> dict:
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, tuple):
+            v = list(v)
+        if isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def load(path: str | os.PathLike) -> ParametricUMAP:
+    """Load a model saved with :meth:`ParametricUMAP.save`."""
+    return ParametricUMAP.load(path)

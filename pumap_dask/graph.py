@@ -1,0 +1,188 @@
+"""Graph stage: the fuzzy simplicial set of a kNN graph.
+
+Row-local quantities (rho, sigma, directed memberships) are pure functions of a row block,
+so they run unchanged inside ``map_blocks``; the symmetrisation is the only step that
+mixes rows.
+
+Conventions: the kNN given here excludes each point itself. umap-learn's
+``fuzzy_simplicial_set`` counts the point as its own first neighbour, so our ``k``
+neighbours correspond to umap-learn's ``n_neighbors = k + 1`` and the binary-search target
+is ``log2(k + 1)``; given the same neighbours the two graphs agree (tested).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+SMOOTH_K_TOLERANCE = 1e-5
+MIN_K_DIST_SCALE = 1e-3
+
+
+def smooth_knn_dist(
+    distances: np.ndarray,
+    *,
+    local_connectivity: float = 1.0,
+    tolerance: float = SMOOTH_K_TOLERANCE,
+    n_iter: int = 64,
+    mean_distance: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row rho and sigma, vectorised over rows.
+
+    Parameters
+    ----------
+    distances
+        (n, k) neighbour distances, self excluded, sorted ascending.
+    local_connectivity
+        Number of nearest neighbours assumed fully connected (may be fractional).
+    tolerance
+        Binary-search tolerance on the membership sum (the seed's ``bandwidth``).
+    n_iter
+        Binary-search iterations.
+    mean_distance
+        Global mean neighbour distance used as a floor for rows with rho == 0. Defaults to
+        the mean of ``distances`` (with the implicit self column); pass the global value
+        when processing one row block of a larger array.
+
+    Returns
+    -------
+    sigma, rho
+        float32 arrays of shape (n,).
+    """
+    d = np.asarray(distances, dtype=np.float64)
+    n, k = d.shape
+    target = np.log2(k + 1)
+    # rho: distance to the local_connectivity-th non-zero neighbour (interpolated)
+    nz = np.where(d > 0, d, np.inf)
+    nz.sort(axis=1)
+    n_nonzero = np.isfinite(nz).sum(1)
+    index = int(np.floor(local_connectivity))
+    interp = local_connectivity - index
+    rho = np.zeros(n)
+    enough = n_nonzero >= local_connectivity
+    if index > 0:
+        lo_val = nz[:, index - 1]
+        rho_e = lo_val.copy()
+        if interp > SMOOTH_K_TOLERANCE and index < k:
+            rho_e = lo_val + interp * (nz[:, index] - lo_val)
+    else:
+        rho_e = interp * nz[:, 0]
+    rho[enough] = rho_e[enough]
+    few = ~enough & (n_nonzero > 0)
+    if few.any():
+        rho[few] = np.where(np.isfinite(nz[few]), nz[few], -np.inf).max(1)
+
+    # sigma: binary search so that sum_j exp(-max(0, d_ij - rho_i) / sigma_i) = log2(k + 1)
+    gap = np.maximum(d - rho[:, None], 0.0)
+    lo = np.zeros(n)
+    hi = np.full(n, np.inf)
+    mid = np.ones(n)
+    active = np.ones(n, dtype=bool)
+    for _ in range(n_iter):
+        if not active.any():
+            break
+        a = np.flatnonzero(active)
+        g = gap[a]
+        m = mid[a][:, None]
+        psum = np.where(g > 0, np.exp(-g / m), 1.0).sum(1)
+        done = np.abs(psum - target) < tolerance
+        above = psum > target
+        h, lw, md = hi[a], lo[a], mid[a]
+        h = np.where(~done & above, md, h)
+        lw = np.where(~done & ~above, md, lw)
+        new_mid = np.where(np.isinf(h), md * 2.0, (lw + h) / 2.0)
+        md = np.where(done, md, new_mid)
+        hi[a], lo[a], mid[a] = h, lw, md
+        active[a[done]] = False
+    sigma = mid
+    # floor sigma relative to the row's (or the global) mean distance, as umap-learn does;
+    # means include the implicit zero self-distance
+    row_mean = d.sum(1) / (k + 1)
+    if mean_distance is None:
+        mean_distance = float(d.sum() / (n * (k + 1))) if n else 0.0
+    floor = np.where(rho > 0, MIN_K_DIST_SCALE * row_mean, MIN_K_DIST_SCALE * mean_distance)
+    sigma = np.maximum(sigma, floor)
+    return sigma.astype(np.float32), rho.astype(np.float32)
+
+
+def membership_strengths(
+    indices: np.ndarray, distances: np.ndarray, sigma: np.ndarray, rho: np.ndarray,
+    row_offset: int = 0,
+) -> np.ndarray:
+    """Directed memberships ``exp(-max(0, d - rho) / sigma)``; 0 for self matches.
+
+    ``row_offset`` is the global id of the block's first row, so that blocks of a larger
+    array recognise self matches.
+    """
+    d = distances.astype(np.float32)
+    gap = d - rho[:, None]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        w = np.exp(-(gap / sigma[:, None]))
+    w = np.where((gap <= 0) | (sigma[:, None] == 0), 1.0, w).astype(np.float32)
+    rows = np.arange(indices.shape[0], dtype=np.int64)[:, None] + row_offset
+    w[indices == rows] = 0.0
+    return w
+
+
+def symmetrize(directed: sp.spmatrix, set_op_mix_ratio: float = 1.0) -> sp.csr_matrix:
+    """Fuzzy union/intersection mix: ``mix*(W + W^T - W*W^T) + (1-mix)*(W*W^T)``."""
+    W = directed.tocsr()
+    Wt = W.T.tocsr()
+    prod = W.multiply(Wt)
+    G = set_op_mix_ratio * (W + Wt - prod) + (1.0 - set_op_mix_ratio) * prod
+    G = sp.csr_matrix(G)
+    G.eliminate_zeros()
+    return G
+
+
+def fuzzy_simplicial_set(
+    indices: np.ndarray,
+    distances: np.ndarray,
+    *,
+    set_op_mix_ratio: float = 1.0,
+    local_connectivity: float = 1.0,
+    tolerance: float = SMOOTH_K_TOLERANCE,
+) -> sp.csr_matrix:
+    """The symmetric fuzzy graph of a kNN (self excluded), as an (n, n) CSR matrix.
+
+    Parameters
+    ----------
+    indices, distances
+        (n, k) kNN arrays, self excluded, sorted by distance.
+    set_op_mix_ratio
+        1.0 is the fuzzy union (UMAP's default), 0.0 the fuzzy intersection.
+    local_connectivity, tolerance
+        See :func:`smooth_knn_dist`.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        Symmetric, weights in (0, 1], no self loops.
+    """
+    n, k = indices.shape
+    sigma, rho = smooth_knn_dist(distances, local_connectivity=local_connectivity,
+                                 tolerance=tolerance)
+    w = membership_strengths(indices, distances, sigma, rho)
+    rows = np.repeat(np.arange(n, dtype=np.int64), k)
+    directed = sp.coo_matrix((w.ravel(), (rows, indices.ravel())), shape=(n, n))
+    directed.sum_duplicates()
+    return symmetrize(directed, set_op_mix_ratio)
+
+
+def graph_to_edges(
+    graph: sp.spmatrix, n_epochs: int | None = None, min_weight_ratio: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edge list (head, tail, weight) of a graph, pruned as UMAP prunes.
+
+    Edges with weight below ``max(w) / n_epochs`` are dropped (or below
+    ``max(w) * min_weight_ratio`` when given), since they would never be sampled.
+    """
+    coo = graph.tocoo()
+    w = coo.data.astype(np.float32)
+    thresh = 0.0
+    if min_weight_ratio is not None:
+        thresh = w.max(initial=0.0) * min_weight_ratio
+    elif n_epochs:
+        thresh = w.max(initial=0.0) / float(n_epochs)
+    keep = w >= thresh if thresh > 0 else w > 0
+    return coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64), w[keep]

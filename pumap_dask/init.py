@@ -1,0 +1,86 @@
+"""Initial layouts the encoder is pre-trained to reproduce before UMAP training.
+
+Starting the encoder from the graph's spectral layout (as UMAP starts its embedding) gives
+it the global arrangement of the clusters; the UMAP loss then refines local structure.
+Measured on MNIST (benchmarks/RESULTS.md) this lifts held-out kNN accuracy by several
+points over a random start.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import scipy.sparse as sp
+
+logger = logging.getLogger(__name__)
+
+INIT_METHODS = ("spectral", "pca", "random")
+LAYOUT_SCALE = 10.0
+
+
+def _rescale(layout: np.ndarray) -> np.ndarray:
+    layout = layout - layout.mean(0)
+    span = np.abs(layout).max()
+    return (LAYOUT_SCALE * layout / (span if span > 0 else 1.0)).astype(np.float32)
+
+
+def pca_layout(X: np.ndarray, n_components: int, max_rows: int = 20000,
+               random_state: int | None = 0) -> np.ndarray:
+    """Leading principal components of X, scaled to [-10, 10]."""
+    rng = np.random.default_rng(random_state)
+    n = X.shape[0]
+    rows = np.sort(rng.choice(n, size=min(n, max_rows), replace=False))
+    S = np.asarray(X[rows], dtype=np.float64)
+    mean = S.mean(0)
+    _, _, Vt = np.linalg.svd(S - mean, full_matrices=False)
+    V = np.zeros((X.shape[1], n_components))
+    p = min(n_components, Vt.shape[0])
+    V[:, :p] = Vt[:p].T
+    return _rescale((np.asarray(X, dtype=np.float64) - mean) @ V)
+
+
+def spectral_layout(graph: sp.spmatrix, n_components: int, random_state: int | None = 0,
+                    maxiter: int | None = None) -> np.ndarray | None:
+    """Eigenvectors of the normalised graph Laplacian (skipping the trivial one).
+
+    Returns None when the graph is disconnected or the eigensolver does not converge; the
+    caller falls back to PCA.
+    """
+    from scipy.sparse.csgraph import connected_components
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+    n = graph.shape[0]
+    if n <= n_components + 2:
+        return None
+    n_comp, _ = connected_components(graph, directed=False)
+    if n_comp > 1:
+        logger.info("graph has %d connected components; using the PCA layout", n_comp)
+        return None
+    deg = np.asarray(graph.sum(axis=1)).ravel()
+    dinv = sp.diags(1.0 / np.sqrt(np.maximum(deg, 1e-12)))
+    A = (dinv @ graph @ dinv).tocsr()
+    k = n_components + 1
+    v0 = np.random.default_rng(random_state).uniform(size=n) + np.sqrt(deg)
+    try:
+        vals, vecs = eigsh(A, k=k, which="LA", tol=1e-4, v0=v0,
+                           ncv=max(2 * k + 1, int(np.sqrt(n))), maxiter=maxiter or n * 5)
+    except (ArpackNoConvergence, ValueError) as exc:
+        logger.info("spectral layout failed (%s); using the PCA layout", exc)
+        return None
+    order = np.argsort(vals)[::-1]
+    return _rescale(vecs[:, order[1:k]])
+
+
+def initial_layout(method: str, X: np.ndarray, graph: sp.spmatrix | None, n_components: int,
+                   random_state: int | None = 0) -> np.ndarray | None:
+    """The layout for ``method`` ("spectral" falls back to "pca"); None for "random"."""
+    if method not in INIT_METHODS:
+        raise ValueError(f"init must be one of {INIT_METHODS}, got {method!r}")
+    if method == "random":
+        return None
+    if method == "spectral" and graph is not None:
+        layout = spectral_layout(graph, n_components, random_state)
+        if layout is not None:
+            return layout
+    return pca_layout(X, n_components, random_state=random_state)

@@ -1,0 +1,189 @@
+"""Input stage: accept numpy, dask, Zarr arrays, Zarr paths and AnnData ``.zarr`` stores.
+
+Everything here validates *lazily*: shape, dtype and chunking are checked from metadata,
+never by computing the data. Value checks (NaN/inf) happen block by block when the data is
+actually read, and name the offending row block.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ANNDATA_KEY = "obsm/X_pca"
+
+
+class InputError(ValueError):
+    """Raised for input that cannot be embedded, with a message that says how to fix it."""
+
+
+def is_lazy(X: Any) -> bool:
+    """Return True for inputs handled lazily (dask arrays, Zarr arrays, paths)."""
+    if isinstance(X, (str, os.PathLike)):
+        return True
+    mod = type(X).__module__
+    return mod.startswith("dask") or mod.startswith("zarr")
+
+
+def open_zarr(path: str | os.PathLike, key: str | None = None):
+    """Open a Zarr array, or an array inside a Zarr group such as an AnnData store.
+
+    Parameters
+    ----------
+    path
+        Path to a Zarr array, or to a Zarr group (e.g. an AnnData ``.zarr`` store).
+    key
+        Array inside the group. For AnnData stores the default is ``obsm/X_pca`` and,
+        when that is absent, a dense ``X``.
+
+    Returns
+    -------
+    zarr.Array
+    """
+    import zarr
+
+    path = os.fspath(path)
+    if not os.path.exists(path) and "://" not in path:
+        raise InputError(f"no Zarr store at {path!r}: check the path")
+    try:
+        node = zarr.open(path, mode="r")
+    except Exception as exc:  # zarr raises several types for a non-store
+        raise InputError(f"{path!r} is not a readable Zarr array or group: {exc}") from exc
+    if isinstance(node, zarr.Array):
+        if key is not None:
+            raise InputError(f"{path!r} is a Zarr array, not a group; drop key={key!r}")
+        return node
+    keys = [key] if key is not None else [DEFAULT_ANNDATA_KEY, "X"]
+    for k in keys:
+        try:
+            arr = node[k]
+        except KeyError:
+            continue
+        if isinstance(arr, zarr.Array):
+            return arr
+        if k == "X":
+            raise InputError(
+                f"'X' in {path!r} is a sparse matrix group; pass key= naming a dense array "
+                "such as 'obsm/X_pca'"
+            )
+    raise InputError(
+        f"no array {' or '.join(repr(k) for k in keys)} in the Zarr group {path!r}; "
+        f"pass key= naming one of its arrays (top level: {sorted(node.keys())})"
+    )
+
+
+def _check_shape_dtype(shape: tuple, dtype: np.dtype, what: str) -> None:
+    if len(shape) != 2:
+        hint = "reshape to (n_samples, n_features)"
+        if len(shape) == 1:
+            hint = "a single sample needs X.reshape(1, -1), a single feature X.reshape(-1, 1)"
+        raise InputError(f"{what} must be 2-D (n_samples, n_features), got shape {shape}; {hint}")
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
+            or np.issubdtype(dtype, np.bool_)):
+        raise InputError(
+            f"{what} has dtype {dtype}, which is not numeric; convert it, "
+            "e.g. X.astype('float32')"
+        )
+    if shape[1] == 0:
+        raise InputError(f"{what} has no features (shape {shape})")
+
+
+def check_array(X: Any, *, what: str = "X", min_samples: int = 1) -> np.ndarray:
+    """Validate an in-memory array and return it as C-contiguous float32.
+
+    Raises
+    ------
+    InputError
+        For non-2-D, non-numeric, empty or non-finite input.
+    """
+    if hasattr(X, "toarray") and hasattr(X, "nnz"):
+        raise InputError(f"{what} is a sparse matrix; densify it (X.toarray()) or reduce it "
+                         "with PCA first")
+    arr = np.asarray(X)
+    _check_shape_dtype(arr.shape, arr.dtype, what)
+    if arr.shape[0] < min_samples:
+        raise InputError(f"{what} has {arr.shape[0]} samples; at least {min_samples} needed")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.all(axis=1))
+        raise InputError(
+            f"{what} contains NaN or infinite values in {bad.size} rows (first: {bad[:5].tolist()}); "
+            "impute or drop them first"
+        )
+    return arr
+
+
+def as_dask(X: Any, *, key: str | None = None, what: str = "X", chunk_rows: int | None = None):
+    """Wrap any supported input as a lazily validated dask array (float32, one feature chunk).
+
+    Parameters
+    ----------
+    X
+        numpy array, dask array, ``zarr.Array``, or a path to a Zarr array / AnnData store.
+    key
+        Array inside a Zarr group (AnnData default ``obsm/X_pca``).
+    chunk_rows
+        Rows per block for in-memory input (default: about 64 MiB blocks).
+
+    Returns
+    -------
+    dask.array.Array
+        Float32, 2-D, features in one chunk. Nothing is computed.
+    """
+    import dask.array as da
+
+    if isinstance(X, (str, os.PathLike)):
+        X = open_zarr(X, key=key)
+    if isinstance(X, da.Array):
+        darr = X
+    else:
+        mod = type(X).__module__
+        if mod.startswith("zarr"):
+            shape, dtype = tuple(X.shape), np.dtype(X.dtype)
+            _check_shape_dtype(shape, dtype, what)
+            chunks = X.chunks
+            rows = chunks[0]
+            if chunk_rows is not None:
+                rows = max(1, (chunk_rows // rows) * rows) if chunk_rows >= rows else rows
+            darr = da.from_array(X, chunks=(rows, shape[1]), asarray=False, inline_array=True)
+        else:
+            arr = np.asarray(X)
+            _check_shape_dtype(arr.shape, arr.dtype, what)
+            if chunk_rows is None:
+                chunk_rows = max(1024, (64 << 20) // max(1, 4 * arr.shape[1]))
+            darr = da.from_array(arr, chunks=(chunk_rows, arr.shape[1]))
+    _check_shape_dtype(darr.shape, darr.dtype, what)
+    if any(np.isnan(c) for c in darr.chunks[0]) or np.isnan(darr.shape[0]):
+        raise InputError(
+            f"{what} has unknown chunk sizes along rows; call X.compute_chunk_sizes() first"
+        )
+    if len(darr.chunks[1]) > 1:
+        logger.info("%s: features are split into %d chunks; rechunking to one chunk "
+                    "(call x.rechunk({1: -1}) yourself to avoid this)", what, len(darr.chunks[1]))
+        darr = darr.rechunk({1: -1})
+    if darr.dtype != np.float32:
+        darr = darr.astype(np.float32)
+    return darr
+
+
+def _finite_block(block: np.ndarray, block_info=None, what: str = "X") -> np.ndarray:
+    if not np.isfinite(block).all():
+        loc = block_info[0]["array-location"][0] if block_info else ("?", "?")
+        rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        raise InputError(
+            f"{what} contains NaN or infinite values in row block [{loc[0]}, {loc[1]}) "
+            f"(first bad rows: {[int(loc[0]) + int(r) for r in rows[:5]]}); "
+            "impute or drop them first"
+        )
+    return block
+
+
+def checked_finite(darr, what: str = "X"):
+    """Return ``darr`` with a per-block finiteness check that runs when blocks are computed."""
+    return darr.map_blocks(_finite_block, what=what, dtype=darr.dtype, meta=np.empty((0, 0), darr.dtype))

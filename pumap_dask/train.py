@@ -1,0 +1,288 @@
+"""Training stage: the encoder network and the UMAP loss, in torch.
+
+Positive edges are drawn in proportion to their weight on the fly (inverse-CDF sampling on
+the cumulative weights), so memory is bounded by the graph, never by epochs x edges.
+Negatives are uniform vertices: a pool of ``negative_pool`` vertices per step, each head
+paired with ``negative_sample_rate`` of them. Every distinct point of a step is encoded
+once (heads, tails and negatives share one forward pass).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def find_ab_params(spread: float = 1.0, min_dist: float = 0.1) -> tuple[float, float]:
+    """Fit UMAP's a, b so that 1/(1 + a x^(2b)) follows the min_dist/spread target curve."""
+    from scipy.optimize import curve_fit
+
+    if spread <= 0 or min_dist < 0 or min_dist > spread:
+        raise ValueError(f"need spread > 0 and 0 <= min_dist <= spread; got spread={spread}, "
+                         f"min_dist={min_dist}")
+
+    def curve(x, a, b):
+        return 1.0 / (1.0 + a * x ** (2 * b))
+
+    xv = np.linspace(0, spread * 3, 300)
+    yv = np.where(xv < min_dist, 1.0, np.exp(-(xv - min_dist) / spread))
+    (a, b), _ = curve_fit(curve, xv, yv)
+    return float(a), float(b)
+
+
+class Encoder(nn.Module):
+    """Input normalisation (+ optional fixed linear projection) followed by an MLP.
+
+    The normalisation and projection are buffers, part of the saved state, so a loaded
+    encoder reproduces the original exactly and transform stays one forward pass.
+    """
+
+    def __init__(self, n_features: int, n_components: int = 2,
+                 hidden_layers: Sequence[int] = (256, 256), n_projection: int = 0,
+                 negative_slope: float = 0.1) -> None:
+        super().__init__()
+        self.n_features = n_features
+        self.n_components = n_components
+        self.hidden_layers = tuple(int(h) for h in hidden_layers)
+        self.n_projection = int(n_projection)
+        self.register_buffer("center", torch.zeros(n_features))
+        self.register_buffer("scale", torch.ones(()))
+        width = n_features
+        if self.n_projection:
+            self.register_buffer("projection", torch.zeros(n_features, self.n_projection))
+            width = self.n_projection
+        layers: list[nn.Module] = []
+        for h in self.hidden_layers:
+            layers += [nn.Linear(width, h), nn.LeakyReLU(negative_slope)]
+            width = h
+        layers.append(nn.Linear(width, n_components))
+        self.mlp = nn.Sequential(*layers)
+
+    def prepare(self, X: np.ndarray, max_rows: int = 20000, seed: int = 0) -> None:
+        """Set the centring, scale and (when n_projection > 0) PCA projection from data."""
+        rng = np.random.default_rng(seed)
+        rows = rng.choice(X.shape[0], size=min(X.shape[0], max_rows), replace=False)
+        S = torch.as_tensor(np.asarray(X[np.sort(rows)], dtype=np.float32), dtype=torch.float64)
+        mean = S.mean(0)
+        Z = S - mean
+        if self.n_projection:
+            p = min(self.n_projection, *Z.shape)
+            _, _, Vh = torch.linalg.svd(Z, full_matrices=False)
+            P = torch.zeros(Z.shape[1], self.n_projection, dtype=torch.float64)
+            P[:, :p] = Vh[:p].T
+            Z = Z @ P
+            self.projection.copy_(P.float())
+        # one global scale keeps relative feature variances (and so distances) intact
+        rms = Z.pow(2).mean().sqrt().clamp_min(1e-12)
+        self.center.copy_(mean.float())
+        self.scale.copy_(rms.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x - self.center
+        if self.n_projection:
+            z = z @ self.projection
+        return self.mlp(z / self.scale)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`train_encoder` (names as on the estimator)."""
+
+    n_components: int = 2
+    hidden_layers: tuple = (256, 256)
+    n_projection: int = 0
+    learning_rate: float = 3e-3
+    n_epochs: int = 30
+    batch_size: int = 4096
+    negative_sample_rate: int = 5
+    negative_pool: int | None = None
+    correlation_weight: float = 0.0
+    a: float = 1.577
+    b: float = 0.895
+    lr_schedule: str = "linear"
+    random_state: int | None = 42
+    device: str = "cpu"
+    log_every: int = 0
+    init_steps: int = 200
+    history: list = field(default_factory=list)
+
+
+def umap_loss(d2: torch.Tensor, positive: bool, a: float, b: float) -> torch.Tensor:
+    """Cross-entropy of q = 1/(1 + a d^(2b)) against 1 (positive) or 0 (negative).
+
+    Written with softplus on s = log(a) + b log(d^2) for numerical stability.
+    """
+    s = math.log(a) + b * torch.log(d2.clamp_min(1e-10))
+    return nn.functional.softplus(s) if positive else nn.functional.softplus(-s)
+
+
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x = x - x.mean()
+    y = y - y.mean()
+    return (x * y).sum() / (x.norm() * y.norm()).clamp_min(1e-12)
+
+
+def _seed_everything_local(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(int(seed) if seed is not None else int(torch.seed() % (2**63)))
+    return gen
+
+
+def build_encoder(n_features: int, cfg: TrainConfig, X: np.ndarray | None = None) -> Encoder:
+    """A freshly initialised encoder, seeded without touching torch's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.random_state if cfg.random_state is not None else torch.seed())
+        enc = Encoder(n_features, cfg.n_components, cfg.hidden_layers, cfg.n_projection)
+    if X is not None:
+        enc.prepare(X, seed=cfg.random_state or 0)
+    return enc
+
+
+def train_encoder(
+    X: np.ndarray,
+    head: np.ndarray,
+    tail: np.ndarray,
+    weight: np.ndarray,
+    cfg: TrainConfig,
+    encoder: Encoder | None = None,
+    callback: Callable[[int, float], None] | None = None,
+    init_embedding: np.ndarray | None = None,
+) -> tuple[Encoder, list[float]]:
+    """Train an encoder with the UMAP loss on a weighted edge list.
+
+    Parameters
+    ----------
+    X
+        Training data (n, d), float32, in memory.
+    head, tail, weight
+        Edge list of the symmetric fuzzy graph (each undirected edge appears in both
+        directions, as in a symmetric sparse matrix).
+    cfg
+        Hyper-parameters.
+    encoder
+        Start from this encoder (default: a new one built from ``cfg``).
+    callback
+        Called as ``callback(epoch, mean_loss)`` after each epoch.
+
+    Returns
+    -------
+    encoder, history
+        The trained encoder (on the CPU, eval mode) and the mean loss per epoch.
+    """
+    device = torch.device(cfg.device)
+    n = X.shape[0]
+    if encoder is None:
+        encoder = build_encoder(X.shape[1], cfg, X)
+    encoder = encoder.to(device).train()
+    Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32))
+    if device.type != "cpu" and Xt.numel() * 4 < (2 << 30):
+        Xt = Xt.to(device)
+    head_t = torch.as_tensor(head, dtype=torch.int64)
+    tail_t = torch.as_tensor(tail, dtype=torch.int64)
+    cum = torch.cumsum(torch.as_tensor(weight, dtype=torch.float64), 0)
+    total_w = float(cum[-1])
+    gen = _seed_everything_local(cfg.random_state)
+
+    B = int(min(cfg.batch_size, len(head)))
+    R = int(cfg.negative_sample_rate)
+    M = int(cfg.negative_pool or B)
+    steps_per_epoch = max(1, math.ceil(len(head) / B))
+    total_steps = cfg.n_epochs * steps_per_epoch
+    opt = torch.optim.Adam(encoder.parameters(), lr=cfg.learning_rate)
+    if cfg.lr_schedule == "linear":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: max(0.0, 1.0 - s / max(1, total_steps)))
+    elif cfg.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
+    elif cfg.lr_schedule == "constant":
+        sched = None
+    else:
+        raise ValueError(f"lr_schedule must be 'linear', 'cosine' or 'constant', "
+                         f"got {cfg.lr_schedule!r}")
+    if init_embedding is not None:
+        pretrain_to_layout(encoder, Xt, init_embedding, cfg, gen)
+    a, b = cfg.a, cfg.b
+    history: list[float] = []
+    t0 = time.perf_counter()
+    for epoch in range(cfg.n_epochs):
+        ep_loss = 0.0
+        for _ in range(steps_per_epoch):
+            r = torch.rand(B, generator=gen, dtype=torch.float64) * total_w
+            e = torch.searchsorted(cum, r, right=True).clamp_(max=len(head) - 1)
+            h, t = head_t[e], tail_t[e]
+            pool = torch.randint(n, (M,), generator=gen)
+            pick = torch.randint(M, (B, R), generator=gen)
+            ids = torch.cat([h, t, pool])
+            uniq, inv = torch.unique(ids, return_inverse=True)
+            xb = Xt[uniq.to(Xt.device)].to(device, non_blocking=True)
+            emb = encoder(xb)
+            inv = inv.to(device)
+            eh, et, ep = emb[inv[:B]], emb[inv[B:2 * B]], emb[inv[2 * B:]]
+            en = ep[pick.to(device)]
+            d_pos = (eh - et).pow(2).sum(-1)
+            d_neg = (eh.unsqueeze(1) - en).pow(2).sum(-1)
+            loss = (umap_loss(d_pos, True, a, b).sum()
+                    + umap_loss(d_neg, False, a, b).sum()) / (B * (1 + R))
+            if cfg.correlation_weight:
+                x_h, x_t = xb[inv[:B]], xb[inv[B:2 * B]]
+                x_n = xb[inv[2 * B:]][pick[:, 0].to(device)]
+                dx = torch.cat([(x_h - x_t).norm(dim=1), (x_h - x_n).norm(dim=1)])
+                de = torch.cat([d_pos.sqrt(), d_neg[:, 0].clamp_min(1e-12).sqrt()])
+                loss = loss - cfg.correlation_weight * _pearson(dx, de)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            ep_loss += float(loss.detach())
+        history.append(ep_loss / steps_per_epoch)
+        if callback is not None:
+            callback(epoch, history[-1])
+        if cfg.log_every and (epoch + 1) % cfg.log_every == 0:
+            logger.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.n_epochs, history[-1],
+                        time.perf_counter() - t0)
+    return encoder.cpu().eval(), history
+
+
+def pretrain_to_layout(encoder: Encoder, Xt: torch.Tensor, layout: np.ndarray, cfg: TrainConfig,
+                       gen: torch.Generator) -> None:
+    """Regress the encoder onto an initial layout (e.g. spectral) so UMAP training starts
+    from the global arrangement rather than from a random function."""
+    device = next(encoder.parameters()).device
+    target = torch.as_tensor(np.asarray(layout, dtype=np.float32))
+    n = Xt.shape[0]
+    B = min(n, 4096)
+    opt = torch.optim.Adam(encoder.parameters(), lr=cfg.learning_rate)
+    for _ in range(cfg.init_steps):
+        idx = torch.randint(n, (B,), generator=gen)
+        pred = encoder(Xt[idx.to(Xt.device)].to(device))
+        loss = (pred - target[idx].to(device)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def encode(encoder: Encoder, X: np.ndarray, batch_size: int = 65536,
+           device: str = "cpu") -> np.ndarray:
+    """Forward pass in batches under ``inference_mode``; returns float32 (n, n_components).
+
+    Each row's output depends only on that row, so the result does not depend on the batch
+    size.
+    """
+    dev = torch.device(device)
+    enc = encoder.to(dev).eval()
+    out = np.empty((X.shape[0], encoder.n_components), dtype=np.float32)
+    with torch.inference_mode():
+        for i in range(0, X.shape[0], batch_size):
+            xb = torch.as_tensor(np.ascontiguousarray(X[i:i + batch_size], dtype=np.float32))
+            out[i:i + batch_size] = enc(xb.to(dev)).float().cpu().numpy()
+    return out

@@ -1,0 +1,195 @@
+"""Transform stage: the frozen encoder mapped over row blocks, lazily.
+
+The model reaches the workers once: as ``(path, sha256)`` for a saved model, or as one
+small serialised state (a single key in the task graph) for an in-memory model. Each
+worker process loads it once and caches it by hash.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .io import InputError, as_dask, is_lazy
+from .model import file_sha256, load_encoder, read_config
+
+logger = logging.getLogger(__name__)
+
+_CACHE: dict[tuple[str, str], Any] = {}
+_CACHE_LOCK = threading.Lock()
+NAN_POLICIES = ("raise", "nan")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A saved model, addressed by directory and weights hash."""
+
+    path: str
+    sha256: str
+    n_features: int
+    n_components: int
+
+
+@dataclass(frozen=True)
+class ModelBlob:
+    """An in-memory model's weights and architecture, serialised once."""
+
+    sha256: str
+    spec: dict
+    state: bytes
+    n_features: int
+    n_components: int
+
+
+def model_source(model: Any) -> ModelRef | ModelBlob:
+    """Describe ``model`` (a fitted estimator or a saved-model path) for shipping to workers."""
+    import hashlib
+
+    import torch
+
+    from .model import encoder_spec
+
+    if isinstance(model, (str, os.PathLike)):
+        doc = read_config(model)
+        spec = doc["encoder"]
+        return ModelRef(os.path.abspath(os.fspath(model)), doc["weights_sha256"],
+                        spec["n_features"], spec["n_components"])
+    if not hasattr(model, "encoder_"):
+        raise InputError("model must be a fitted ParametricUMAP or the path of a saved one; "
+                         "call fit(X) first")
+    enc = model.encoder_
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in enc.state_dict().items()}, buf)
+    data = buf.getvalue()
+    return ModelBlob(hashlib.sha256(data).hexdigest(), encoder_spec(enc), data,
+                     enc.n_features, enc.n_components)
+
+
+def _get_encoder(source: ModelRef | ModelBlob, device: str):
+    """Load (once per process and device) the encoder described by ``source``."""
+    import torch
+
+    from .train import Encoder
+
+    key = (source.sha256, device)
+    enc = _CACHE.get(key)
+    if enc is not None:
+        return enc
+    with _CACHE_LOCK:
+        enc = _CACHE.get(key)
+        if enc is None:
+            if isinstance(source, ModelRef):
+                enc, doc = load_encoder(source.path, verify=True)
+                if doc["weights_sha256"] != source.sha256:
+                    raise InputError(f"the model at {source.path} changed since the graph was "
+                                     "built (weights hash differs); rebuild the transform")
+            else:
+                s = source.spec
+                enc = Encoder(s["n_features"], s["n_components"], s["hidden_layers"],
+                              s.get("n_projection", 0))
+                enc.load_state_dict(torch.load(io.BytesIO(source.state), weights_only=True))
+            enc = enc.to(device).eval()
+            _CACHE[key] = enc
+    return enc
+
+
+def _resolve_worker_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "cpu"
+    return device
+
+
+def transform_block(block: np.ndarray, source: ModelRef | ModelBlob, batch_size: int = 65536,
+                    device: str = "auto", nan_policy: str = "raise",
+                    block_info: dict | None = None) -> np.ndarray:
+    """Embed one row block (runs on a worker)."""
+    import torch
+
+    dev = _resolve_worker_device(device)
+    enc = _get_encoder(source, dev)
+    block = np.asarray(block, dtype=np.float32)
+    bad = ~np.isfinite(block).all(axis=1)
+    if bad.any():
+        if nan_policy == "raise":
+            loc = block_info[0]["array-location"][0] if block_info else ("?", "?")
+            first = np.flatnonzero(bad)[:5] + (loc[0] if loc[0] != "?" else 0)
+            raise InputError(
+                f"X has NaN or infinite values in {int(bad.sum())} rows of row block "
+                f"[{loc[0]}, {loc[1]}) (first: {first.tolist()}); impute them or pass "
+                "nan_policy='nan' to get NaN embeddings for those rows")
+        block = np.where(bad[:, None], 0.0, block).astype(np.float32)
+    out = np.empty((block.shape[0], source.n_components), dtype=np.float32)
+    with torch.inference_mode():
+        for i in range(0, block.shape[0], batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(block[i:i + batch_size])).to(dev)
+            out[i:i + batch_size] = enc(xb).float().cpu().numpy()
+    if bad.any():
+        out[bad] = np.nan
+    return out
+
+
+def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | None = None,
+              device: str = "auto", nan_policy: str = "raise"):
+    """Lazily embed ``X`` with a trained model.
+
+    Parameters
+    ----------
+    X
+        numpy array, dask array, ``zarr.Array``, or a path to a Zarr array / AnnData store.
+    model
+        A fitted :class:`~pumap_dask.ParametricUMAP` or the path of a saved model.
+    key
+        Array inside a Zarr group (AnnData default ``obsm/X_pca``).
+    batch_size
+        Rows per forward pass inside a block (default 65536).
+    device
+        ``"auto"`` uses CUDA on workers that have it, else the CPU.
+    nan_policy
+        ``"raise"`` (default) fails on non-finite rows naming the block; ``"nan"`` returns
+        NaN embeddings for them.
+
+    Returns
+    -------
+    dask.array.Array
+        (n_samples, n_components) float32, one output block per input row block; nothing is
+        computed.
+    """
+    import dask
+    import dask.array as da
+
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    if model is not None and not isinstance(model, (str, os.PathLike)) and \
+            getattr(model, "model_path_", None) and getattr(model, "model_sha256_", None):
+        # a loaded model: ship its path, not its weights, when the file is unchanged
+        path = model.model_path_
+        if os.path.exists(path):
+            model = path
+    source = model_source(model)
+    darr = as_dask(X, key=key)
+    if darr.shape[1] != source.n_features:
+        raise InputError(f"X has {darr.shape[1]} features but the model was fitted on "
+                         f"{source.n_features}")
+    src = dask.delayed(source, pure=True, traverse=False)
+    return da.map_blocks(
+        transform_block, darr, src,
+        batch_size=int(batch_size or 65536), device=device, nan_policy=nan_policy,
+        chunks=(darr.chunks[0], (source.n_components,)),
+        dtype=np.float32, meta=np.empty((0, 0), dtype=np.float32),
+        name="pumap-transform-" + dask.base.tokenize(darr, source.sha256, batch_size, device,
+                                                     nan_policy),
+    )
+
+
+__all__ = ["transform", "transform_block", "model_source", "ModelRef", "ModelBlob",
+           "file_sha256", "is_lazy"]

@@ -1,0 +1,31 @@
+import numpy as np
+import pytest
+
+from pumap_dask.datasets import clusters, train_test_split
+
+
+@pytest.fixture(scope="session")
+def blobs():
+    """The seed's cluster data, small: (X_train, X_test, y_train, y_test)."""
+    X, y = clusters(n_samples=600, n_features=16, n_clusters=5, random_state=0)
+    return train_test_split(X, y, random_state=0)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data.astype(np.float32), d.target
+
+
+FAST = dict(n_epochs=15, batch_size=2048, hidden_layers=(32, 32), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def fitted(blobs, tmp_path_factory):
+    """A small fitted model (shared, treat as read-only)."""
+    from pumap_dask import ParametricUMAP
+
+    Xtr = blobs[0]
+    return ParametricUMAP(random_state=3, **FAST).fit(Xtr)

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+from sklearn.neighbors import NearestNeighbors
+
+from pumap_dask.io import InputError
+from pumap_dask.knn import (check_precomputed, exact_knn, knn_recall, nearest_neighbors_numpy,
+                            sample_recall)
+
+
+def _sk(X, k):
+    d, i = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X)
+    return i[:, 1:], d[:, 1:]
+
+
+def test_exact_matches_sklearn(digits):
+    X = digits[0][:700]
+    ind, dist = exact_knn(X, 10, block_size=128)  # several tiles in both directions
+    ri, rd = _sk(X, 10)
+    np.testing.assert_allclose(dist, rd, rtol=1e-4, atol=1e-3)
+    assert knn_recall(ind, ri) > 0.99
+    assert ind.dtype == np.int64 and dist.dtype == np.float32
+    assert (ind != np.arange(len(X))[:, None]).all()
+    assert (np.diff(dist, axis=1) >= 0).all()
+
+
+def test_exact_independent_of_block_size(digits):
+    X = digits[0][:300]
+    a = exact_knn(X, 5, block_size=64)
+    b = exact_knn(X, 5, block_size=1000)
+    np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-4)
+
+
+def test_duplicates_have_zero_distance():
+    X = np.repeat(np.arange(10, dtype=np.float32)[:, None], 3, axis=0)
+    ind, dist = exact_knn(X, 2)
+    assert (dist[:, 0] == 0).all()
+    assert (ind != np.arange(30)[:, None]).all()
+
+
+def test_nndescent_recall(digits):
+    X = digits[0]
+    ind, dist = nearest_neighbors_numpy(X, 15, "nndescent", random_state=0)
+    assert ind.shape == (len(X), 15)
+    assert (ind != np.arange(len(X))[:, None]).all()
+    assert sample_recall(X, ind, n_samples=300) > 0.9
+
+
+def test_too_few_samples():
+    with pytest.raises(InputError, match="needs at least"):
+        exact_knn(np.zeros((5, 2), np.float32), 5)
+
+
+def test_precomputed_validation():
+    ind = np.array([[1], [0]])
+    dist = np.ones((2, 1))
+    i, d = check_precomputed((ind, dist), 2, 1)
+    assert i.dtype == np.int64
+    with pytest.raises(InputError, match="own first neighbour"):
+        check_precomputed((np.array([[0, 1], [1, 0]]), np.ones((2, 2))), 2, 1)
+    with pytest.raises(InputError, match="at least"):
+        check_precomputed((ind, dist), 2, 3)
+    with pytest.raises(InputError, match="pair"):
+        check_precomputed(ind, 2, 1)
