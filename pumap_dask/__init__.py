@@ -12,6 +12,7 @@ from .estimator import NotFittedError, ParametricUMAP, load
 from .graph import fuzzy_simplicial_set
 from .io import InputError
 from .model import ModelFileError
+from .partition import nearest_neighbors
 from .train import find_ab_params
 from .transform import transform
 
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "ParametricUMAP", "load", "transform", "fuzzy_simplicial_set", "find_ab_params",
+    "ParametricUMAP", "load", "transform", "nearest_neighbors", "fuzzy_simplicial_set", "find_ab_params",
     "datasets", "InputError", "ModelFileError", "NotFittedError", "__version__",
 ]

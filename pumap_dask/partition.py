@@ -1,0 +1,635 @@
+"""Partitioned approximate kNN over chunked data with Dask (the cuML recipe, on CPUs or GPUs).
+
+1. k-means on a random sample of rows gives ``P`` centroids.
+2. Every row block sends each of its rows to the ``overlap`` partitions with the nearest
+   centroids (a shuffle keyed by partition: one small task per (block, partition) pair).
+3. Each partition builds a local kNN on a worker (pynndescent on CPU, exact blockwise
+   search when the partition is small or the worker has CUDA) and maps local ids back to
+   global int64 row ids; its results are bucketed by the row block they belong to.
+4. Each row block merges the lists it receives (one per partition holding the row): ids are
+   deduplicated, self is excluded and the k nearest are kept.
+
+Nothing gathers the data to one process: the client only sees the k-means sample, the
+centroids and (for the recall measurement) ``recall_samples`` rows.
+
+Partition size rule
+-------------------
+A partition of ``m`` rows and ``d`` features needs about ``m * bytes_per_row(d, k)`` bytes
+on its worker while it is built (:func:`bytes_per_row`: the incoming pieces and their
+concatenation, pynndescent's heaps and forest). The largest partition allowed is
+``PARTITION_MEMORY_FRACTION`` of a worker thread's memory (the worker's memory limit divided
+by its threads; the machine's available memory for local schedulers) divided by that. Below
+that ceiling the target is ``DEFAULT_PARTITION_ROWS`` rows (measured: pynndescent costs
+about 22 us/row at 50k rows and 28 us/row at 100k on one core, while smaller partitions cut
+more true neighbourhoods). ``P = ceil(overlap * n / partition_rows)``; centroids whose
+expected partition exceeds the ceiling are split by a second k-means on their sample rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from .io import InputError, as_dask, check_array, checked_finite, is_lazy
+from . import knn as knn_stage
+
+logger = logging.getLogger(__name__)
+
+# Lazy (dask / Zarr) input above this many rows uses the partitioned method under "auto".
+# Below it one process holds the data comfortably (200k x 100 float32 is 80 MB) and builds
+# the kNN in seconds, so the overhead of the shuffle and of overlapping partitions (every
+# row is searched `overlap` times) does not pay.
+PARTITION_THRESHOLD = 200_000
+DEFAULT_PARTITION_ROWS = 50_000
+PARTITION_MEMORY_FRACTION = 0.5
+# partitions with m * m * d below this are searched exactly (cheaper than nndescent's setup)
+LOCAL_EXACT_WORK = 2e10
+KMEANS_SAMPLE_PER_PARTITION = 256
+KMEANS_MAX_SAMPLE = 100_000
+
+
+class KNNResult(tuple):
+    """``(indices, distances)`` dask arrays, plus what was measured while building them.
+
+    Unpacks as a pair: ``indices, distances = nearest_neighbors(X)``.
+
+    Attributes
+    ----------
+    indices, distances
+        Dask arrays (n, k), int64 and float32, row-aligned with the input.
+    recall
+        Sampled recall@k against exact neighbours, or None when not measured.
+    method
+        The method used ("exact", "nndescent" or "partitioned").
+    n_partitions
+        Number of partitions (partitioned method only).
+    timings
+        Seconds per step.
+    """
+
+    def __new__(cls, indices, distances, **info):
+        self = super().__new__(cls, (indices, distances))
+        self.recall = info.get("recall")
+        self.method = info.get("method")
+        self.n_partitions = info.get("n_partitions")
+        self.timings = info.get("timings", {})
+        return self
+
+    @property
+    def indices(self):
+        return self[0]
+
+    @property
+    def distances(self):
+        return self[1]
+
+
+# --------------------------------------------------------------------------- sizing
+def bytes_per_row(n_features: int, n_neighbors: int) -> int:
+    """Worker memory one partition row needs while its local kNN is built (estimate)."""
+    return 12 * n_features + 48 * (n_neighbors + 1) + 256
+
+
+def worker_memory_per_thread(client=None) -> float:
+    """Memory one task may use: the smallest worker's limit over its threads."""
+    if client is not None:
+        workers = client.scheduler_info()["workers"].values()
+        per = [w["memory_limit"] / max(1, w["nthreads"]) for w in workers if w.get("memory_limit")]
+        if per:
+            return float(min(per))
+    import psutil
+
+    return psutil.virtual_memory().available / max(1, os.cpu_count() or 1)
+
+
+def partition_plan(n: int, n_features: int, n_neighbors: int, overlap: int, *,
+                   n_partitions: int | None = None, partition_rows: int | None = None,
+                   memory_per_thread: float | None = None) -> tuple[int, int]:
+    """Number of partitions and the largest partition allowed (rows); see module docstring."""
+    mem = memory_per_thread if memory_per_thread is not None else worker_memory_per_thread()
+    ceiling = max(4 * (n_neighbors + 1),
+                  int(PARTITION_MEMORY_FRACTION * mem / bytes_per_row(n_features, n_neighbors)))
+    target = min(partition_rows or DEFAULT_PARTITION_ROWS, ceiling)
+    if n_partitions is None:
+        n_partitions = max(1, math.ceil(overlap * n / target))
+    n_partitions = int(min(n_partitions, max(1, n // (2 * (n_neighbors + 1)))))
+    return n_partitions, ceiling
+
+
+# --------------------------------------------------------------------------- k-means
+def _sq_dist(X: np.ndarray, C: np.ndarray) -> np.ndarray:
+    return (X * X).sum(1)[:, None] - 2.0 * (X @ C.T) + (C * C).sum(1)[None, :]
+
+
+def _nearest(X: np.ndarray, C: np.ndarray, overlap: int) -> np.ndarray:
+    d2 = _sq_dist(X.astype(np.float32), C)
+    if overlap >= C.shape[0]:
+        return np.argsort(d2, axis=1)
+    part = np.argpartition(d2, overlap - 1, axis=1)[:, :overlap]
+    return part
+
+
+def fit_partitions(sample: np.ndarray, n_partitions: int, overlap: int, n_total: int,
+                   max_rows: int, min_rows: int, random_state: int | None) -> np.ndarray:
+    """Centroids from a sample; oversized partitions split, near-empty ones dropped."""
+    from sklearn.cluster import KMeans
+
+    if n_partitions <= 1:
+        return sample.mean(0, keepdims=True).astype(np.float32)
+    km = KMeans(n_clusters=n_partitions, n_init=1, max_iter=50, random_state=random_state)
+    C = km.fit(sample).cluster_centers_.astype(np.float32)
+    scale = n_total / sample.shape[0]
+    for _ in range(2):
+        top = _nearest(sample, C, min(overlap, C.shape[0]))
+        est = np.bincount(top.ravel(), minlength=C.shape[0]) * scale
+        big = np.flatnonzero(est > max_rows)
+        if big.size == 0:
+            break
+        nearest = top[:, 0] if top.ndim == 2 else top
+        new = [C[np.setdiff1d(np.arange(C.shape[0]), big)]]
+        for c in big:
+            rows = sample[nearest == c]
+            parts = min(len(rows), math.ceil(est[c] / (0.8 * max_rows)) + 1)
+            if parts <= 1:
+                new.append(C[c:c + 1])
+                continue
+            sub = KMeans(n_clusters=parts, n_init=1, max_iter=50, random_state=random_state)
+            new.append(sub.fit(rows).cluster_centers_.astype(np.float32))
+        C = np.concatenate(new)
+    top = _nearest(sample, C, min(overlap, C.shape[0]))
+    est = np.bincount(top.ravel(), minlength=C.shape[0]) * scale
+    keep = est >= min_rows
+    if keep.sum() >= 1 and not keep.all():
+        C = C[keep]
+        est = est[keep]
+    logger.info("partitions: %d, expected rows min/median/max %d/%d/%d", C.shape[0],
+                est.min(), np.median(est), est.max())
+    return C
+
+
+# --------------------------------------------------------------------------- tasks
+def _split_block(block: np.ndarray, offset: int, centroids: np.ndarray, overlap: int) -> list:
+    """Rows of one block sent to each partition: list over partitions of (ids, rows)."""
+    P = centroids.shape[0]
+    top = _nearest(block, centroids, min(overlap, P))
+    out = []
+    for p in range(P):
+        sel = np.flatnonzero((top == p).any(1))
+        out.append((sel.astype(np.int64) + offset, block[sel]))
+    return out
+
+
+def _in_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except Exception:
+        return False
+
+
+def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
+               random_state: int | None) -> list:
+    """Local kNN of one partition, bucketed by destination row block.
+
+    Returns a list over row blocks of ``(global ids, neighbour global ids, distances)``
+    (None where the partition has no rows of that block).
+    """
+    ids = np.concatenate([p[0] for p in pieces])
+    n_blocks = len(bounds) - 1
+    if ids.size == 0:
+        return [None] * n_blocks
+    Xp = np.ascontiguousarray(np.concatenate([p[1] for p in pieces]), dtype=np.float32)
+    m, d = Xp.shape
+    k = min(n_neighbors, m - 1)
+    li = np.full((m, n_neighbors), -1, dtype=np.int64)
+    ld = np.full((m, n_neighbors), np.inf, dtype=np.float32)
+    if k >= 1:
+        dev = knn_stage.resolve_device(device)
+        if dev.startswith("cuda") or float(m) * m * d <= LOCAL_EXACT_WORK or m < 4 * (k + 1):
+            # centred: the expanded-form distances lose less to cancellation
+            a, _ = knn_stage.exact_knn(Xp - Xp.mean(0), k, device=dev)
+        else:
+            a, _ = knn_stage.nndescent_knn(Xp, k, random_state=random_state,
+                                           n_jobs=1 if _in_worker() else -1)
+        # direct distances, so that copies of a pair from different partitions agree
+        b = np.sqrt(((Xp[:, None, :] - Xp[a]) ** 2).sum(-1, dtype=np.float32))
+        o = np.argsort(b, axis=1, kind="stable")
+        li[:, :k], ld[:, :k] = np.take_along_axis(a, o, 1), np.take_along_axis(b, o, 1)
+    gi = np.where(li >= 0, ids[np.clip(li, 0, None)], -1)
+    dest = np.searchsorted(bounds, ids, side="right") - 1
+    out: list = [None] * n_blocks
+    order = np.argsort(dest, kind="stable")
+    starts = np.searchsorted(dest[order], np.arange(n_blocks + 1))
+    for b in range(n_blocks):
+        sel = order[starts[b]:starts[b + 1]]
+        if sel.size:
+            out[b] = (ids[sel], gi[sel], ld[sel])
+    return out
+
+
+def merge_candidates(parts: list, offset: int, size: int, n_neighbors: int) -> tuple:
+    """Merge per-row neighbour lists from several partitions: dedup ids, drop self, top-k.
+
+    Parameters
+    ----------
+    parts
+        ``(row ids, neighbour ids, distances)`` triples (None entries are skipped); a row
+        may appear in several.
+    offset, size
+        Global id of the block's first row and the block's row count.
+    n_neighbors
+        k.
+
+    Returns
+    -------
+    indices, distances
+        (size, k) int64 and float32, sorted ascending.
+    """
+    parts = [p for p in parts if p is not None]
+    rows = np.concatenate([p[0] for p in parts]) - offset
+    nbr = np.concatenate([p[1] for p in parts])
+    dist = np.concatenate([p[2] for p in parts]).astype(np.float32)
+    width = nbr.shape[1]
+    counts = np.bincount(rows, minlength=size)
+    if counts.min(initial=1) == 0:
+        missing = np.flatnonzero(counts == 0)
+        raise RuntimeError(f"rows {(missing[:5] + offset).tolist()} reached no partition")
+    slots = int(counts.max())
+    order = np.argsort(rows, kind="stable")
+    r_sorted = rows[order]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(rows)) - starts[r_sorted]
+    cand_i = np.full((size, slots * width), -1, dtype=np.int64)
+    cand_d = np.full((size, slots * width), np.inf, dtype=np.float32)
+    cols = rank[:, None] * width + np.arange(width)[None, :]
+    cand_i[r_sorted[:, None], cols] = nbr[order]
+    cand_d[r_sorted[:, None], cols] = dist[order]
+    own = np.arange(size, dtype=np.int64)[:, None] + offset
+    cand_d[(cand_i == own) | (cand_i < 0)] = np.inf
+    # deduplicate: sort each row by (id, distance), blank repeats of an id
+    by_id = _row_sort(cand_i, cand_d)
+    si = np.take_along_axis(cand_i, by_id, 1)
+    sd = np.take_along_axis(cand_d, by_id, 1)
+    dup = np.zeros_like(si, dtype=bool)
+    dup[:, 1:] = si[:, 1:] == si[:, :-1]
+    sd[dup] = np.inf
+    k = n_neighbors
+    if sd.shape[1] > k:
+        top = np.argpartition(sd, k - 1, axis=1)[:, :k]
+    else:
+        top = np.broadcast_to(np.arange(sd.shape[1]), sd.shape)
+    ti = np.take_along_axis(si, top, 1)
+    td = np.take_along_axis(sd, top, 1)
+    o = np.argsort(td, axis=1, kind="stable")
+    ti, td = np.take_along_axis(ti, o, 1), np.take_along_axis(td, o, 1)
+    if ti.shape[1] < k or not np.isfinite(td).all():
+        bad = np.flatnonzero(~np.isfinite(td).all(1)) if ti.shape[1] >= k else np.arange(size)
+        raise RuntimeError(
+            f"rows {(bad[:5] + offset).tolist()} found fewer than {k} neighbours in their "
+            "partitions; use fewer partitions (n_partitions / partition_rows) or a larger overlap")
+    return ti.astype(np.int64), td.astype(np.float32)
+
+
+def _row_sort(ids: np.ndarray, dists: np.ndarray) -> np.ndarray:
+    """Per-row order by id, ties broken by distance (so the kept copy is the nearest)."""
+    o = np.argsort(dists, axis=1, kind="stable")
+    ids_o = np.take_along_axis(ids, o, 1)
+    o2 = np.argsort(ids_o, axis=1, kind="stable")
+    return np.take_along_axis(o, o2, 1)
+
+
+def _merge_task(parts: list, offset: int, size: int, n_neighbors: int) -> tuple:
+    return merge_candidates(parts, offset, size, n_neighbors)
+
+
+# --------------------------------------------------------------------------- graph building
+def _block_bounds(chunks: tuple) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
+
+
+def _partition_pass(darr, n_neighbors: int, centroids: np.ndarray, overlap: int, device: str,
+                    random_state: int | None, tag: str) -> list:
+    """Delayed per-block candidate triples of one partitioning (list over partitions of
+    lists over blocks)."""
+    from dask import delayed
+
+    bounds = _block_bounds(darr.chunks[0])
+    blocks = darr.to_delayed().ravel()
+    B, P = len(blocks), centroids.shape[0]
+    cents = delayed(centroids, name=f"centroids-{tag}")
+    splits = [delayed(_split_block, pure=True, name=f"split-{tag}-{b}")(
+        blk, int(bounds[b]), cents, overlap) for b, blk in enumerate(blocks)]
+    parts = []
+    for p in range(P):
+        pieces = [s[p] for s in splits]
+        parts.append(delayed(_local_knn, pure=True, name=f"localknn-{tag}-{p}")(
+            pieces, n_neighbors, bounds, device, random_state))
+    return [[parts[p][b] for p in range(P)] for b in range(B)]
+
+
+def _assemble(darr, per_block: list, n_neighbors: int):
+    import dask.array as da
+    from dask import delayed
+
+    bounds = _block_bounds(darr.chunks[0])
+    ind_blocks, dist_blocks = [], []
+    for b, cands in enumerate(per_block):
+        size = int(bounds[b + 1] - bounds[b])
+        merged = delayed(_merge_task, pure=True)(cands, int(bounds[b]), size, n_neighbors)
+        ind_blocks.append(da.from_delayed(merged[0], (size, n_neighbors), dtype=np.int64,
+                                          meta=np.empty((0, 0), np.int64)))
+        dist_blocks.append(da.from_delayed(merged[1], (size, n_neighbors), dtype=np.float32,
+                                           meta=np.empty((0, 0), np.float32)))
+    return da.concatenate(ind_blocks, axis=0), da.concatenate(dist_blocks, axis=0)
+
+
+def _sample_rows(n: int, size: int, random_state: int | None) -> np.ndarray:
+    rng = np.random.default_rng(random_state)
+    return np.sort(rng.choice(n, size=min(n, size), replace=False))
+
+
+def partitioned_knn(darr, n_neighbors: int, *, overlap: int = 2, n_partitions: int | None = None,
+                    partition_rows: int | None = None, refine: bool = False,
+                    random_state: int | None = 0, device: str = "auto", client=None):
+    """Lazy partitioned kNN of a validated dask array; see :func:`nearest_neighbors`.
+
+    Returns
+    -------
+    indices, distances, n_partitions
+        Lazy dask arrays row-aligned with ``darr`` and the number of partitions used.
+    """
+    n, d = darr.shape
+    mem = worker_memory_per_thread(client)
+    P, ceiling = partition_plan(n, d, n_neighbors, overlap, n_partitions=n_partitions,
+                                partition_rows=partition_rows, memory_per_thread=mem)
+    passes = 2 if refine else 1
+    per_block = None
+    for r in range(passes):
+        seed = None if random_state is None else int(random_state) + 7919 * r
+        sample_idx = _sample_rows(n, min(KMEANS_MAX_SAMPLE,
+                                         max(10_000, KMEANS_SAMPLE_PER_PARTITION * P)), seed)
+        sample = _compute(darr[sample_idx], client=client)
+        min_rows = 4 * (n_neighbors + 1)
+        C = fit_partitions(sample, P, overlap, n, ceiling, min_rows, seed)
+        tag = f"{_token(darr)}-{n_neighbors}-{overlap}-{r}-{seed}"
+        pb = _partition_pass(darr, n_neighbors, C, overlap, device, seed, tag)
+        per_block = pb if per_block is None else [a + b for a, b in zip(per_block, pb)]
+        P_used = C.shape[0]
+    ind, dist = _assemble(darr, per_block, n_neighbors)
+    return ind, dist, P_used
+
+
+def _token(darr) -> str:
+    return darr.name[-12:]
+
+
+def _compute(x, client=None):
+    import dask
+
+    if client is not None:
+        return dask.compute(x, scheduler=client)[0]
+    return x.compute()
+
+
+# --------------------------------------------------------------------------- recall
+def _block_topk(block: np.ndarray, offset: int, Q: np.ndarray, k: int, device: str):
+    kk = min(k, block.shape[0])
+    i, dd = knn_stage.exact_knn(Q, kk, Y=block, device=device, exclude_self=False)
+    return i + offset, dd
+
+
+def lazy_sample_recall(darr, indices, n_samples: int = 1000, random_state: int | None = 0,
+                       device: str = "auto", client=None) -> float:
+    """Recall@k of ``indices`` on a random sample of rows, exact neighbours by streaming.
+
+    Only the sampled rows are gathered; each row block of ``darr`` is searched on the
+    workers against them and the per-block top lists are merged.
+    """
+    from dask import delayed
+
+    n = darr.shape[0]
+    k = indices.shape[1]
+    rows = _sample_rows(n, n_samples, None if random_state is None else int(random_state) + 1)
+    import dask
+
+    sched = {"scheduler": client} if client is not None else {}
+    Q, approx = dask.compute(darr[rows], indices[rows], **sched)
+    bounds = _block_bounds(darr.chunks[0])
+    Qd = delayed(Q, name=f"recall-queries-{_token(darr)}-{len(rows)}")
+    tops = [delayed(_block_topk, pure=True)(blk, int(bounds[b]), Qd, k + 1, device)
+            for b, blk in enumerate(darr.to_delayed().ravel())]
+    tops = dask.compute(*tops, **sched)
+    ci = np.concatenate([t[0] for t in tops], 1)
+    cd = np.concatenate([t[1] for t in tops], 1)
+    cd[ci == rows[:, None]] = np.inf
+    o = np.argsort(cd, axis=1, kind="stable")[:, :k]
+    exact = np.take_along_axis(ci, o, 1)
+    return knn_stage.knn_recall(np.asarray(approx), exact)
+
+
+# --------------------------------------------------------------------------- cache
+def _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_rows, refine,
+                  random_state, source) -> dict:
+    return {"shape": list(map(int, darr.shape)), "chunks": [int(c) for c in darr.chunks[0]],
+            "n_neighbors": int(n_neighbors), "method": method, "overlap": int(overlap),
+            "n_partitions": n_partitions, "partition_rows": partition_rows,
+            "refine": bool(refine), "random_state": random_state, "source": source}
+
+
+def _write_json_atomic(path: str, doc: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def _load_cached(knn_dir: str, params: dict, darr):
+    import dask.array as da
+
+    meta_path = os.path.join(knn_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        return None
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    if not meta.get("complete") or meta.get("params") != params:
+        logger.info("kNN cache in %s is incomplete or for other parameters; recomputing", knn_dir)
+        return None
+    ind = da.from_zarr(os.path.join(knn_dir, "indices")).rechunk({0: darr.chunks[0]})
+    dist = da.from_zarr(os.path.join(knn_dir, "distances")).rechunk({0: darr.chunks[0]})
+    logger.info("kNN reused from %s", knn_dir)
+    return ind, dist, meta
+
+
+def _store(knn_dir: str, ind, dist, params: dict, info: dict, client=None):
+    import dask
+    import dask.array as da
+
+    os.makedirs(knn_dir, exist_ok=True)
+    meta_path = os.path.join(knn_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    rows = max(ind.chunks[0])
+    if len(set(ind.chunks[0][:-1])) > 1 or ind.chunks[0][-1] > rows:
+        ind, dist = ind.rechunk({0: rows}), dist.rechunk({0: rows})
+    sched = {"scheduler": client} if client is not None else {}
+    w1 = da.to_zarr(ind, os.path.join(knn_dir, "indices"), overwrite=True, compute=False)
+    w2 = da.to_zarr(dist, os.path.join(knn_dir, "distances"), overwrite=True, compute=False)
+    dask.compute(w1, w2, **sched)
+    _write_json_atomic(meta_path, {"complete": True, "params": params, **info})
+
+
+# --------------------------------------------------------------------------- public
+def resolve_method(method: str, X: Any, n: int, d: int, device: str) -> str:
+    """The ``auto`` rule: see :data:`PARTITION_THRESHOLD`."""
+    if method not in knn_stage.KNN_METHODS:
+        raise ValueError(f"method must be one of {knn_stage.KNN_METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    if is_lazy(X) and n > PARTITION_THRESHOLD:
+        return "partitioned"
+    return knn_stage.choose_method(n, d, device)
+
+
+def nearest_neighbors(
+    X: Any,
+    n_neighbors: int = 15,
+    method: str = "auto",
+    *,
+    overlap: int = 2,
+    n_partitions: int | None = None,
+    partition_rows: int | None = None,
+    refine: bool = False,
+    random_state: int | None = 0,
+    device: str = "auto",
+    recall_samples: int = 1000,
+    client=None,
+    key: str | None = None,
+    work_dir: str | os.PathLike | None = None,
+) -> KNNResult:
+    """Approximate kNN of numpy, dask or Zarr input, as dask arrays row-aligned with X.
+
+    Parameters
+    ----------
+    X
+        numpy array, dask array, ``zarr.Array``, or a path to a Zarr array / AnnData store.
+    n_neighbors
+        k, not counting the point itself.
+    method
+        ``"auto"``, ``"exact"``, ``"nndescent"`` or ``"partitioned"``. ``auto``: numpy input
+        uses :func:`pumap_dask.knn.choose_method`; lazy input with more than
+        :data:`PARTITION_THRESHOLD` rows uses ``"partitioned"``, smaller lazy input is loaded
+        and handled like numpy.
+    overlap
+        Partitions each row is assigned to (its nearest k-means centroids).
+    n_partitions, partition_rows
+        Force the number of partitions, or the target rows per partition (default
+        :data:`DEFAULT_PARTITION_ROWS`, capped by worker memory; see the module docstring).
+    refine
+        Run a second, independently seeded partitioning and merge both results: rows whose
+        true neighbours straddled a partition boundary get a second chance. (A
+        neighbours-of-neighbours pass would need k^2 candidate vectors per row from
+        anywhere in the data set, about 45 KB per row at k=15 and d=50, moved between workers.)
+    random_state
+        Seed of the sample, k-means and pynndescent.
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``; resolved on each worker (CUDA workers search
+        partitions exactly).
+    recall_samples
+        Rows whose exact neighbours are computed to measure recall@k (0 disables).
+    client
+        A ``distributed.Client``; default: dask's current scheduler (an active client is
+        picked up automatically).
+    key
+        Array inside a Zarr group (AnnData default ``obsm/X_pca``).
+    work_dir
+        If given, the result is stored under ``work_dir/knn`` (Zarr) and reused by a rerun
+        with the same input shape and parameters.
+
+    Returns
+    -------
+    KNNResult
+        Unpacks to ``(indices, distances)``: dask arrays (n, k) of int64 and float32 with
+        the row chunks of the validated input, self excluded, sorted ascending; computed
+        (persisted or stored), not lazy. ``.recall`` holds the sampled recall@k.
+
+    Raises
+    ------
+    InputError
+        Invalid input; NaN/inf found in a row block (the block is named).
+    """
+    import dask
+    import dask.array as da
+
+    if isinstance(n_neighbors, bool) or int(n_neighbors) < 1:
+        raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}")
+    if int(overlap) < 1:
+        raise ValueError(f"overlap must be >= 1, got {overlap!r}")
+    timings: dict[str, float] = {}
+    lazy = is_lazy(X)
+    darr = as_dask(X, key=key)
+    n, d = darr.shape
+    if n < n_neighbors + 1:
+        raise InputError(f"n_neighbors={n_neighbors} needs at least {n_neighbors + 1} samples, "
+                         f"got {n}")
+    dev = knn_stage.resolve_device(device)
+    method = resolve_method(method, X, n, d, dev)
+    source = os.path.abspath(os.fspath(X)) if isinstance(X, (str, os.PathLike)) else None
+    params = _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_rows,
+                           refine, random_state, source)
+    knn_dir = os.path.join(os.fspath(work_dir), "knn") if work_dir is not None else None
+    if knn_dir is not None:
+        cached = _load_cached(knn_dir, params, darr)
+        if cached is not None:
+            ind, dist, meta = cached
+            return KNNResult(ind, dist, recall=meta.get("recall"), method=method,
+                             n_partitions=meta.get("n_partitions"), timings={"cached": 0.0})
+
+    t0 = time.perf_counter()
+    checked = checked_finite(darr)
+    n_parts = None
+    if method == "partitioned":
+        ind, dist, n_parts = partitioned_knn(
+            checked, n_neighbors, overlap=overlap, n_partitions=n_partitions,
+            partition_rows=partition_rows, refine=refine, random_state=random_state,
+            device=device, client=client)
+        if knn_dir is None:
+            sched = {"scheduler": client} if client is not None else {}
+            ind, dist = dask.persist(ind, dist, **sched)
+    else:
+        Xm = X if not lazy else _compute(checked, client=client)
+        Xm = check_array(Xm, what="X")
+        i, dd = knn_stage.nearest_neighbors_numpy(Xm, n_neighbors, method,
+                                                  random_state=random_state, device=dev)
+        ind = da.from_array(i, chunks=(darr.chunks[0], n_neighbors))
+        dist = da.from_array(dd, chunks=(darr.chunks[0], n_neighbors))
+    if knn_dir is not None:
+        _store(knn_dir, ind, dist, params, {"n_partitions": n_parts}, client=client)
+        ind, dist, _ = _load_cached(knn_dir, params, darr)
+    timings["knn"] = time.perf_counter() - t0
+    logger.info("kNN (%s, k=%d%s) of %d x %d in %.2fs", method, n_neighbors,
+                f", {n_parts} partitions, overlap {overlap}" if n_parts else "", n, d,
+                timings["knn"])
+
+    recall = None
+    if recall_samples and recall_samples > 0:
+        t0 = time.perf_counter()
+        recall = lazy_sample_recall(darr, ind, recall_samples, random_state, dev, client=client)
+        timings["recall"] = time.perf_counter() - t0
+        logger.info("kNN recall@%d on %d sampled rows: %.4f (%.2fs)", n_neighbors,
+                    min(n, recall_samples), recall, timings["recall"])
+        if knn_dir is not None:
+            meta_path = os.path.join(knn_dir, "meta.json")
+            with open(meta_path) as fh:
+                meta = json.load(fh)
+            meta["recall"] = recall
+            _write_json_atomic(meta_path, meta)
+    return KNNResult(ind, dist, recall=recall, method=method, n_partitions=n_parts,
+                     timings=timings)

@@ -1,0 +1,136 @@
+"""Partitioned kNN over chunked input (threaded scheduler and a LocalCluster)."""
+
+import numpy as np
+import pytest
+
+import dask
+import dask.array as da
+
+from pumap_dask.datasets import cell_like, write_cell_like_zarr
+from pumap_dask.io import InputError
+from pumap_dask.knn import exact_knn, knn_recall
+from pumap_dask import partition
+from pumap_dask.partition import merge_candidates, nearest_neighbors
+
+K = 15
+
+
+@pytest.fixture(scope="module")
+def cells():
+    X, _ = cell_like(6000, n_features=30, random_state=1, chunk_rows=2000)
+    ind, _ = exact_knn(X, K, device="cpu")
+    return X, ind
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, memory_limit="2GiB") as cluster:
+        with distributed.Client(cluster) as client:
+            yield client
+
+
+def _check(res, X, chunks, exact_ind, min_recall=0.95):
+    ind, dist = res
+    assert isinstance(ind, da.Array) and isinstance(dist, da.Array)
+    assert ind.chunks == (chunks, (K,)) and dist.chunks == (chunks, (K,))
+    assert ind.dtype == np.int64 and dist.dtype == np.float32
+    i, d = dask.compute(ind, dist)
+    assert i.dtype == np.int64 and d.dtype == np.float32 and i.shape == (len(X), K)
+    assert (i != np.arange(len(X))[:, None]).all()
+    assert (np.diff(d, axis=1) >= 0).all()
+    assert all(len(np.unique(row)) == K for row in i)  # no repeated neighbour ids
+    true_d = np.linalg.norm(X[np.arange(len(X))[:, None]] - X[i], axis=2)
+    np.testing.assert_allclose(d, true_d, rtol=1e-3, atol=1e-3)
+    assert knn_recall(i, exact_ind) >= min_recall
+    assert res.recall is None or res.recall >= min_recall
+    return i, d
+
+
+def test_partitioned_threaded(cells):
+    X, exact_ind = cells
+    dX = da.from_array(X, chunks=(1500, 30))
+    with dask.config.set(scheduler="threads"):
+        res = nearest_neighbors(dX, K, "partitioned", n_partitions=6, recall_samples=500)
+    assert res.method == "partitioned" and res.n_partitions >= 2 and res.recall >= 0.95
+    _check(res, X, dX.chunks[0], exact_ind)
+
+
+def test_partitioned_nndescent_local(cells, monkeypatch):
+    # force pynndescent inside the partitions (normally used for partitions > ~20k rows)
+    monkeypatch.setattr(partition, "LOCAL_EXACT_WORK", 0.0)
+    X, exact_ind = cells
+    dX = da.from_array(X, chunks=(2500, 30))
+    with dask.config.set(scheduler="threads"):
+        res = nearest_neighbors(dX, K, "partitioned", n_partitions=3, recall_samples=300)
+    _check(res, X, dX.chunks[0], exact_ind)
+
+
+def test_partitioned_zarr_distributed(cells, cluster_client, tmp_path):
+    X, exact_ind = cells
+    path = str(tmp_path / "x.zarr")
+    write_cell_like_zarr(path, 6000, n_features=30, chunk_rows=2000, random_state=1)
+    res = nearest_neighbors(path, K, "partitioned", n_partitions=5, recall_samples=300,
+                            client=cluster_client)
+    _check(res, X, (2000, 2000, 2000), exact_ind)
+    # the active client is picked up without passing it
+    res2 = nearest_neighbors(path, K, "partitioned", n_partitions=5, recall_samples=0)
+    np.testing.assert_array_equal(res2[0].compute(), res[0].compute())
+
+
+def test_refine_and_overlap_one(cells):
+    X, exact_ind = cells
+    dX = da.from_array(X, chunks=(2000, 30))
+    with dask.config.set(scheduler="threads"):
+        plain = nearest_neighbors(dX, K, "partitioned", n_partitions=8, overlap=1,
+                                  recall_samples=0)
+        refined = nearest_neighbors(dX, K, "partitioned", n_partitions=8, overlap=1,
+                                    refine=True, recall_samples=0)
+    r0 = knn_recall(plain[0].compute(), exact_ind)
+    r1 = knn_recall(refined[0].compute(), exact_ind)
+    assert r1 >= r0 and r1 > 0.9
+    _check(refined, X, dX.chunks[0], exact_ind, min_recall=0.9)
+
+
+def test_merge_deduplicates():
+    # row 0 of a block at offset 10 appears in two partitions that share neighbours
+    a = (np.array([10]), np.array([[11, 12, 13]]), np.array([[1.0, 2.0, 3.0]], np.float32))
+    b = (np.array([10]), np.array([[12, 10, 14]]), np.array([[2.0, 0.0, 2.5]], np.float32))
+    c = (np.array([11]), np.array([[10, 12, 13]]), np.array([[1.0, 1.5, 2.0]], np.float32))
+    i, d = merge_candidates([a, None, b, c], offset=10, size=2, n_neighbors=3)
+    np.testing.assert_array_equal(i, [[11, 12, 14], [10, 12, 13]])
+    np.testing.assert_allclose(d, [[1.0, 2.0, 2.5], [1.0, 1.5, 2.0]])
+
+
+def test_auto_rules(cells, monkeypatch):
+    X, exact_ind = cells
+    res = nearest_neighbors(X[:1000], K, recall_samples=100)
+    assert res.method == "exact" and res[0].shape == (1000, K)
+    monkeypatch.setattr(partition, "PARTITION_THRESHOLD", 3000)
+    dX = da.from_array(X, chunks=(3000, 30))
+    res = nearest_neighbors(dX, K, recall_samples=0, n_partitions=3)
+    assert res.method == "partitioned"
+    res = nearest_neighbors(dX[:2000], K, recall_samples=0)
+    assert res.method == "exact"
+
+
+def test_nan_block_is_named(cells):
+    X = cells[0].copy()
+    X[4321, 3] = np.nan
+    dX = da.from_array(X, chunks=(2000, 30))
+    with dask.config.set(scheduler="threads"):
+        with pytest.raises(InputError, match=r"row block \[4000, 6000\)"):
+            nearest_neighbors(dX, K, "partitioned", n_partitions=3)
+
+
+def test_work_dir_cache(cells, tmp_path):
+    X, exact_ind = cells
+    dX = da.from_array(X, chunks=(2000, 30))
+    with dask.config.set(scheduler="threads"):
+        r1 = nearest_neighbors(dX, K, "partitioned", n_partitions=4, work_dir=tmp_path,
+                               recall_samples=200)
+        r2 = nearest_neighbors(dX, K, "partitioned", n_partitions=4, work_dir=tmp_path)
+    assert r2.timings == {"cached": 0.0} and r2.recall == r1.recall
+    np.testing.assert_array_equal(r2[0].compute(), r1[0].compute())
+    assert r2[0].chunks == dX.chunks[:1] + ((K,),)
