@@ -1,0 +1,348 @@
+"""Distributed graph stage: fuzzy simplicial set of a chunked kNN, persisted as edge shards.
+
+Per row block (``map_blocks`` style, one task per block of the kNN arrays):
+
+1. rho/sigma and directed memberships with :func:`pumap_dask.graph.smooth_knn_dist` and
+   :func:`pumap_dask.graph.membership_strengths` (global mean distance, block row offset).
+2. Each block keeps its own edges ``i -> j`` and sends each edge transposed, ``(j, i, w)``,
+   to the block owning row ``j`` (a shuffle keyed by destination row block).
+3. Each destination block combines the rows it owns, ``W[D, :]`` and ``W^T[D, :]``, exactly as
+   :func:`pumap_dask.graph.symmetrize` does (``mix * (W + W^T - W o W^T) + (1 - mix) * W o W^T``).
+4. The global maximum weight gives the pruning threshold ``max(w) / n_epochs`` (as
+   :func:`pumap_dask.graph.graph_to_edges`), then each block writes its pruned edges
+   (head int64, tail int64, weight float32) as one Zarr shard.
+
+Work directory layout (``work_dir/graph``)::
+
+    meta.json                  parameters, kNN fingerprint, max weight, threshold, shards
+    shard-00000.zarr/          a Zarr group {head, tail, weight}, rows of block 0 as heads
+    shard-00000.done           completion marker (JSON with the edge count)
+
+Shards are written under a temporary name and renamed when whole; a shard counts only when
+its marker exists. A rerun with the same work_dir and parameters reuses complete shards and
+recomputes the others (including leftovers of a killed run). The work directory must be on a
+file system that every worker sees.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from typing import Iterator
+
+import numpy as np
+import scipy.sparse as sp
+
+from .graph import SMOOTH_K_TOLERANCE, membership_strengths, smooth_knn_dist
+
+logger = logging.getLogger(__name__)
+
+GRAPH_DIR = "graph"
+META = "meta.json"
+
+
+# --------------------------------------------------------------------------- edge store
+class EdgeStore:
+    """Read access to an edge list persisted as shards by :func:`build_edge_store`.
+
+    Parameters
+    ----------
+    path
+        The graph directory (``work_dir/graph``).
+
+    Attributes
+    ----------
+    n_vertices, n_edges, threshold, max_weight, params
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        with open(os.path.join(self.path, META)) as fh:
+            meta = json.load(fh)
+        if not meta.get("complete"):
+            raise RuntimeError(f"the edge store in {self.path} is incomplete; rerun the graph "
+                               "stage with the same work_dir to finish it")
+        self.meta = meta
+        self.params = meta["params"]
+        self.n_vertices = int(meta["params"]["n"])
+        self.threshold = float(meta["threshold"])
+        self.max_weight = float(meta["max_weight"])
+        self.shards = [s["name"] for s in meta["shards"]]
+        self.n_edges = int(sum(s["n_edges"] for s in meta["shards"]))
+
+    def __repr__(self) -> str:
+        return (f"EdgeStore({self.path!r}, n_vertices={self.n_vertices}, n_edges={self.n_edges}, "
+                f"shards={len(self.shards)})")
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def read_shard(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Edges of shard ``i`` as (head int64, tail int64, weight float32)."""
+        return _read_shard(os.path.join(self.path, self.shards[i]))
+
+    def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield each shard's (head, tail, weight) in row order."""
+        for i in range(len(self.shards)):
+            yield self.read_shard(i)
+
+    __iter__ = iter_shards
+
+    def read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All edges in memory: (head int64, tail int64, weight float32)."""
+        parts = list(self.iter_shards())
+        if not parts:
+            return (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+
+    def to_csr(self) -> sp.csr_matrix:
+        """The (pruned) symmetric graph as an (n, n) CSR matrix."""
+        h, t, w = self.read()
+        n = self.n_vertices
+        return sp.csr_matrix((w, (h, t)), shape=(n, n))
+
+    def nbytes_on_disk(self) -> int:
+        """Bytes used by the shards on disk."""
+        total = 0
+        for name in self.shards:
+            for root, _, files in os.walk(os.path.join(self.path, name)):
+                total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        return total
+
+
+def _read_shard(path: str):
+    import zarr
+
+    g = zarr.open_group(path, mode="r")
+    return (np.asarray(g["head"][:], dtype=np.int64), np.asarray(g["tail"][:], dtype=np.int64),
+            np.asarray(g["weight"][:], dtype=np.float32))
+
+
+def _shard_name(b: int) -> str:
+    return f"shard-{b:05d}.zarr"
+
+
+def _marker(gdir: str, b: int) -> str:
+    return os.path.join(gdir, f"shard-{b:05d}.done")
+
+
+def _shard_complete(gdir: str, b: int) -> bool:
+    return os.path.exists(_marker(gdir, b)) and os.path.isdir(os.path.join(gdir, _shard_name(b)))
+
+
+def _write_json_atomic(path: str, doc: dict) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=1)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- tasks
+def _directed_block(ind: np.ndarray, dist: np.ndarray, offset: int, mean_distance: float,
+                    local_connectivity: float, tolerance: float, bounds: np.ndarray) -> dict:
+    """Directed memberships of one row block: own edges plus transposed edges by destination."""
+    ind = np.asarray(ind, dtype=np.int64)
+    sigma, rho = smooth_knn_dist(dist, local_connectivity=local_connectivity,
+                                 tolerance=tolerance, mean_distance=mean_distance)
+    w = membership_strengths(ind, dist, sigma, rho, row_offset=offset).ravel()
+    n_rows, k = ind.shape
+    heads = np.repeat(np.arange(n_rows, dtype=np.int64) + offset, k)
+    tails = ind.ravel()
+    dest = np.searchsorted(bounds, tails, side="right") - 1
+    order = np.argsort(dest, kind="stable")
+    starts = np.searchsorted(dest[order], np.arange(len(bounds)))
+    transposed = []
+    for b in range(len(bounds) - 1):
+        sel = order[starts[b]:starts[b + 1]]
+        transposed.append((tails[sel], heads[sel], w[sel]))  # rows of W^T live in block b
+    return {"own": (heads, tails, w), "transposed": transposed}
+
+
+def _symmetric_rows(own: tuple, incoming: list, offset: int, size: int, n: int,
+                    set_op_mix_ratio: float) -> sp.csr_matrix:
+    """Rows [offset, offset + size) of the symmetrised graph, shape (size, n)."""
+    h, t, w = own
+    W = sp.coo_matrix((w, (h - offset, t)), shape=(size, n)).tocsr()
+    W.sum_duplicates()
+    rows = np.concatenate([p[0] for p in incoming]) - offset
+    cols = np.concatenate([p[1] for p in incoming])
+    vals = np.concatenate([p[2] for p in incoming])
+    Wt = sp.coo_matrix((vals, (rows, cols)), shape=(size, n)).tocsr()
+    Wt.sum_duplicates()
+    prod = W.multiply(Wt)
+    G = set_op_mix_ratio * (W + Wt - prod) + (1.0 - set_op_mix_ratio) * prod
+    G = sp.csr_matrix(G)
+    G.eliminate_zeros()
+    return G
+
+
+def _block_max(G: sp.csr_matrix) -> float:
+    return float(G.data.max(initial=0.0))
+
+
+def _write_shard(G: sp.csr_matrix, gdir: str, b: int, offset: int, threshold: float) -> int:
+    """Write one block's pruned edges atomically (temp dir, rename, then marker)."""
+    import zarr
+
+    coo = G.tocoo()
+    w = coo.data.astype(np.float32)
+    keep = w >= threshold if threshold > 0 else w > 0
+    head = coo.row[keep].astype(np.int64) + offset
+    tail = coo.col[keep].astype(np.int64)
+    w = w[keep]
+    final = os.path.join(gdir, _shard_name(b))
+    tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+    g = zarr.open_group(tmp, mode="w", zarr_format=3)
+    chunk = max(1, min(len(w), 1 << 22))
+    for name, arr in (("head", head), ("tail", tail), ("weight", w)):
+        a = g.create_array(name, shape=arr.shape, chunks=(chunk,), dtype=arr.dtype)
+        a[:] = arr
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _write_json_atomic(_marker(gdir, b), {"n_edges": int(len(w))})
+    return int(len(w))
+
+
+# --------------------------------------------------------------------------- driver
+def _fingerprint(indices, distances) -> str:
+    from dask.base import tokenize
+
+    return tokenize(indices.name, distances.name)
+
+
+def _cleanup(gdir: str, n_blocks: int) -> None:
+    """Remove leftovers of killed runs: temp dirs/files and shards without markers."""
+    for tmp in glob.glob(os.path.join(gdir, "*.tmp-*")):
+        logger.info("removing leftover %s", tmp)
+        shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+    for b in range(n_blocks):
+        d = os.path.join(gdir, _shard_name(b))
+        if os.path.isdir(d) and not os.path.exists(_marker(gdir, b)):
+            logger.info("shard %d has no completion marker; recomputing it", b)
+            shutil.rmtree(d)
+        elif os.path.exists(_marker(gdir, b)) and not os.path.isdir(d):
+            os.remove(_marker(gdir, b))
+
+
+def build_edge_store(
+    indices,
+    distances,
+    work_dir: str | os.PathLike,
+    *,
+    set_op_mix_ratio: float = 1.0,
+    local_connectivity: float = 1.0,
+    tolerance: float = SMOOTH_K_TOLERANCE,
+    n_epochs: int | None = 200,
+    client=None,
+) -> EdgeStore:
+    """Build the fuzzy graph of a chunked kNN on the workers and persist its edges.
+
+    Parameters
+    ----------
+    indices, distances
+        (n, k) kNN arrays (dask or numpy), self excluded, sorted ascending; both with the
+        same row chunks. Their row blocks become the graph's row blocks and shards.
+    work_dir
+        Directory for ``graph/`` (shards and metadata); reused by a rerun.
+    set_op_mix_ratio, local_connectivity, tolerance
+        As in :func:`pumap_dask.graph.fuzzy_simplicial_set`.
+    n_epochs
+        Edges with weight below ``max(w) / n_epochs`` are dropped; None or 0 keeps all
+        (non-zero) edges.
+    client
+        A ``distributed.Client``; default: dask's current scheduler.
+
+    Returns
+    -------
+    EdgeStore
+    """
+    import dask
+    import dask.array as da
+    from dask import delayed
+
+    if not isinstance(indices, da.Array):
+        indices = da.from_array(np.asarray(indices), chunks=(min(len(indices), 100_000), -1))
+    if not isinstance(distances, da.Array):
+        distances = da.from_array(np.asarray(distances), chunks=indices.chunks)
+    if indices.shape != distances.shape or indices.chunks[0] != distances.chunks[0]:
+        raise ValueError("indices and distances must have the same shape and row chunks")
+    indices = indices.rechunk({1: -1})
+    distances = distances.rechunk({1: -1})
+    sched = {"scheduler": client} if client is not None else {}
+    n, k = indices.shape
+    chunks = tuple(int(c) for c in indices.chunks[0])
+    bounds = np.concatenate([[0], np.cumsum(chunks)]).astype(np.int64)
+    B = len(chunks)
+    gdir = os.path.join(os.fspath(work_dir), GRAPH_DIR)
+    os.makedirs(gdir, exist_ok=True)
+    params = {"n": int(n), "k": int(k), "chunks": list(chunks),
+              "set_op_mix_ratio": float(set_op_mix_ratio),
+              "local_connectivity": float(local_connectivity), "tolerance": float(tolerance),
+              "n_epochs": n_epochs, "knn": _fingerprint(indices, distances)}
+    meta_path = os.path.join(gdir, META)
+    meta = None
+    if os.path.exists(meta_path):
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        if meta.get("params") != params:
+            logger.info("graph in %s was built with other parameters or kNN; rebuilding", gdir)
+            for old in glob.glob(os.path.join(gdir, "shard-*")):
+                shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+            os.remove(meta_path)
+            meta = None
+        elif meta.get("complete"):
+            logger.info("graph reused from %s", gdir)
+            return EdgeStore(gdir)
+    _cleanup(gdir, B)
+
+    t0 = time.perf_counter()
+    total = float(distances.sum(dtype=np.float64).compute(**sched))
+    mean_distance = total / (n * (k + 1)) if n else 0.0
+    ind_blocks = indices.to_delayed().ravel()
+    dist_blocks = distances.to_delayed().ravel()
+    directed = [delayed(_directed_block, pure=True)(
+        ib, db, int(bounds[b]), mean_distance, float(local_connectivity), float(tolerance),
+        bounds) for b, (ib, db) in enumerate(zip(ind_blocks, dist_blocks))]
+    sym = []
+    for b in range(B):
+        incoming = [directed[s]["transposed"][b] for s in range(B)]
+        sym.append(delayed(_symmetric_rows, pure=True)(
+            directed[b]["own"], incoming, int(bounds[b]), chunks[b], int(n),
+            float(set_op_mix_ratio)))
+
+    if meta is None or "threshold" not in meta:
+        # stage 1: symmetrise on the workers (kept there) and find the global maximum
+        sym = list(dask.persist(*sym, **sched))
+        maxima = dask.compute(*[delayed(_block_max)(g) for g in sym], **sched)
+        max_w = float(max(maxima, default=0.0))
+        threshold = max_w / float(n_epochs) if n_epochs else 0.0
+        meta = {"params": params, "max_weight": max_w, "threshold": threshold,
+                "complete": False}
+        _write_json_atomic(meta_path, meta)
+    threshold = float(meta["threshold"])
+    logger.info("graph: symmetrised %d rows in %d blocks (max weight %.4g, threshold %.4g) "
+                "in %.2fs", n, B, meta["max_weight"], threshold, time.perf_counter() - t0)
+
+    # stage 2: write the missing shards
+    t0 = time.perf_counter()
+    todo = [b for b in range(B) if not _shard_complete(gdir, b)]
+    writes = [delayed(_write_shard)(sym[b], gdir, b, int(bounds[b]), threshold) for b in todo]
+    dask.compute(*writes, **sched)
+    shards = []
+    for b in range(B):
+        with open(_marker(gdir, b)) as fh:
+            n_edges = json.load(fh)["n_edges"]
+        shards.append({"name": _shard_name(b), "rows": [int(bounds[b]), int(bounds[b + 1])],
+                       "n_edges": int(n_edges)})
+    meta.update(shards=shards, complete=True)
+    _write_json_atomic(meta_path, meta)
+    store = EdgeStore(gdir)
+    logger.info("graph: wrote %d of %d shards, %d edges in total, in %.2fs", len(todo), B,
+                store.n_edges, time.perf_counter() - t0)
+    return store

@@ -1,0 +1,133 @@
+"""Distributed fuzzy graph and its edge store (threaded scheduler and a LocalCluster)."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+import dask
+import dask.array as da
+
+from pumap_dask.datasets import cell_like
+from pumap_dask.graph import fuzzy_simplicial_set, graph_to_edges
+from pumap_dask.graph_dask import EdgeStore, build_edge_store
+from pumap_dask.knn import exact_knn
+
+K = 10
+
+
+@pytest.fixture(scope="module")
+def knn():
+    X, _ = cell_like(3000, n_features=20, random_state=2, chunk_rows=1000)
+    X = np.vstack([X, X[:25]])  # exact duplicates: rows with rho == 0
+    ind, dist = exact_knn(X, K, device="cpu")
+    return ind, dist
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, memory_limit="2GiB") as cluster:
+        with distributed.Client(cluster) as client:
+            yield client
+
+
+def _lazy(ind, dist, rows=700):
+    return da.from_array(ind, chunks=(rows, K)), da.from_array(dist, chunks=(rows, K))
+
+
+def _assert_same(store, ref):
+    G = store.to_csr()
+    assert G.shape == ref.shape
+    diff = abs(G - ref)
+    assert diff.nnz == 0 or diff.max() <= 1e-6
+    assert G.nnz == ref.nnz
+
+
+@pytest.mark.parametrize("mix,lc", [(1.0, 1.0), (0.4, 1.5)])
+def test_equals_in_memory_graph_threaded(knn, tmp_path, mix, lc):
+    ind, dist = knn
+    ref = fuzzy_simplicial_set(ind, dist, set_op_mix_ratio=mix, local_connectivity=lc)
+    with dask.config.set(scheduler="threads"):
+        store = build_edge_store(*_lazy(ind, dist), tmp_path, set_op_mix_ratio=mix,
+                                 local_connectivity=lc, n_epochs=None)
+    _assert_same(store, ref)
+    assert len(store) == 5  # one shard per row block
+    h, t, w = store.read()
+    assert h.dtype == np.int64 and t.dtype == np.int64 and w.dtype == np.float32
+    assert store.n_edges == len(h) == ref.nnz
+
+
+def test_pruning_matches_graph_to_edges(knn, tmp_path):
+    ind, dist = knn
+    ref = fuzzy_simplicial_set(ind, dist)
+    rh, rt, rw = graph_to_edges(ref, n_epochs=3)  # a visible cut
+    with dask.config.set(scheduler="threads"):
+        store = build_edge_store(*_lazy(ind, dist), tmp_path, n_epochs=3)
+    h, t, w = store.read()
+    np.testing.assert_array_equal(h, rh)
+    np.testing.assert_array_equal(t, rt)
+    np.testing.assert_allclose(w, rw, atol=1e-6)
+    assert store.n_edges < ref.nnz
+    assert sum(len(s[0]) for s in store.iter_shards()) == store.n_edges
+
+
+def test_distributed_equals_in_memory(knn, cluster_client, tmp_path):
+    ind, dist = knn
+    ref = fuzzy_simplicial_set(ind, dist)
+    store = build_edge_store(*_lazy(ind, dist, rows=1000), tmp_path, n_epochs=None,
+                             client=cluster_client)
+    _assert_same(store, ref)
+    # the active client is used by default, and the store is reused
+    again = build_edge_store(*_lazy(ind, dist, rows=1000), tmp_path, n_epochs=None)
+    assert again.n_edges == store.n_edges
+
+
+def test_rerun_reuses_and_repairs(knn, tmp_path):
+    ind, dist = knn
+    ref = fuzzy_simplicial_set(ind, dist)
+    with dask.config.set(scheduler="threads"):
+        store = build_edge_store(*_lazy(ind, dist), tmp_path, n_epochs=None)
+        gdir = store.path
+        shards = sorted(glob.glob(os.path.join(gdir, "shard-*.zarr")))
+
+        def mtimes():
+            return {p: os.stat(os.path.join(p, "zarr.json")).st_mtime_ns for p in shards}
+
+        before = mtimes()
+        build_edge_store(*_lazy(ind, dist), tmp_path, n_epochs=None)
+        assert mtimes() == before  # complete: nothing rewritten
+
+        # simulate a killed run: shard 1 lost its marker, shard 3 vanished leaving a temp dir
+        os.remove(os.path.join(gdir, "shard-00001.done"))
+        os.rename(shards[3], shards[3] + ".tmp-deadbeef")
+        meta_path = os.path.join(gdir, "meta.json")
+        import json
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        meta["complete"] = False
+        with open(meta_path, "w") as fh:
+            json.dump(meta, fh)
+        with pytest.raises(RuntimeError, match="incomplete"):
+            EdgeStore(gdir)
+        store = build_edge_store(*_lazy(ind, dist), tmp_path, n_epochs=None)
+    after = mtimes()
+    for i, p in enumerate(shards):
+        if i in (1, 3):
+            assert after[p] != before[p]
+        else:
+            assert after[p] == before[p]
+    assert not glob.glob(os.path.join(gdir, "*.tmp-*"))
+    _assert_same(store, ref)
+
+
+def test_other_parameters_rebuild(knn, tmp_path):
+    ind, dist = knn
+    with dask.config.set(scheduler="threads"):
+        a = build_edge_store(*_lazy(ind, dist), tmp_path, n_epochs=None)
+        b = build_edge_store(*_lazy(ind, dist), tmp_path, n_epochs=None, set_op_mix_ratio=0.0)
+    assert b.n_edges < a.n_edges
+    _assert_same(b, fuzzy_simplicial_set(ind, dist, set_op_mix_ratio=0.0))
+    assert b.nbytes_on_disk() > 0
