@@ -44,7 +44,9 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         Shape of the low-dimensional similarity curve, fitted to a and b.
     knn_method
         ``"auto"``, ``"exact"`` (blockwise torch), ``"nndescent"`` (pynndescent) or
-        ``"partitioned"`` (Dask, for chunked input).
+        ``"partitioned"`` (Dask, for chunked input). With ``"auto"``, lazy input (dask,
+        Zarr, paths) of more than ``pumap_dask.partition.PARTITION_THRESHOLD`` rows uses
+        ``"partitioned"``; numpy input never does.
     hidden_layers
         Widths of the encoder's hidden layers (LeakyReLU(0.1) after each).
     n_projection
@@ -74,12 +76,21 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         Seed reaching every stage (seed: ``seed``). None for a random run.
     verbose
         Log progress at INFO level.
+    work_dir
+        Directory for the distributed stages of a partitioned fit (kNN arrays and the edge
+        shards); a rerun with the same directory reuses what is finished. None uses a
+        temporary directory removed after the fit.
+    knn_overlap
+        Partitions each row joins in the partitioned kNN (its nearest k-means centroids).
 
     Attributes
     ----------
     embedding_ : ndarray (n_samples, n_components)
     encoder_ : torch.nn.Module
     graph_ : scipy.sparse.csr_matrix
+        The fuzzy graph (after a partitioned fit: the pruned graph rebuilt from the edges).
+    knn_recall_ : float
+        Sampled recall@k of the kNN, set when it was measured (partitioned fits).
     loss_history_ : list of float
     n_features_in_, n_samples_fit_, a_, b_, knn_method_, timings_
     """
@@ -105,6 +116,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         device: str = "auto",
         random_state: int | None = 42,
         verbose: bool = False,
+        work_dir: str | None = None,
+        knn_overlap: int = 2,
     ) -> None:
         self.n_components = n_components
         self.n_neighbors = n_neighbors
@@ -125,6 +138,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+        self.work_dir = work_dir
+        self.knn_overlap = knn_overlap
 
     # ------------------------------------------------------------------ checks
     def _check_params(self) -> None:
@@ -189,10 +204,14 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         self._check_params()
         if self.verbose:
             logging.getLogger("pumap_dask").setLevel(logging.INFO)
-        for stale in ("model_path_", "model_sha256_"):
+        for stale in ("model_path_", "model_sha256_", "knn_recall_"):
             self.__dict__.pop(stale, None)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        edges = None
+        if knn is None and is_lazy(X) and self._lazy_method(X, key) == "partitioned":
+            edges = self._partitioned_graph(X, key, timings)
+            t0 = time.perf_counter()
         X = self._load_training_data(X, key)
         n, d = X.shape
         if n < self.n_neighbors + 1:
@@ -202,7 +221,9 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         timings["input"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        if knn is not None:
+        if edges is not None:
+            method = "partitioned"
+        elif knn is not None:
             ind, dist = knn_stage.check_precomputed(knn, n, self.n_neighbors)
             method = "precomputed"
         else:
@@ -213,14 +234,16 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
                 method = "nndescent"  # in-memory input: one partition
             ind, dist = knn_stage.nearest_neighbors_numpy(
                 X, self.n_neighbors, method, random_state=self.random_state, device=device)
-        timings["knn"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        self.graph_ = graph_stage.fuzzy_simplicial_set(
-            ind, dist, set_op_mix_ratio=self.set_op_mix_ratio,
-            local_connectivity=self.local_connectivity, tolerance=self.tolerance)
-        head, tail, weight = graph_stage.graph_to_edges(self.graph_, n_epochs=200)
-        timings["graph"] = time.perf_counter() - t0
+        if edges is not None:
+            self.graph_, (head, tail, weight) = edges
+        else:
+            timings["knn"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self.graph_ = graph_stage.fuzzy_simplicial_set(
+                ind, dist, set_op_mix_ratio=self.set_op_mix_ratio,
+                local_connectivity=self.local_connectivity, tolerance=self.tolerance)
+            head, tail, weight = graph_stage.graph_to_edges(self.graph_, n_epochs=200)
+            timings["graph"] = time.perf_counter() - t0
         if len(head) == 0:
             raise InputError("the kNN graph has no edges (all points identical?); the data "
                              "needs some spread to embed")
@@ -254,6 +277,43 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         logger.info("fitted %d x %d: %s", n, d,
                     ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
         return self
+
+    def _lazy_method(self, X: Any, key: str | None) -> str:
+        from .partition import resolve_method
+
+        shape = as_dask(X, key=key).shape
+        return resolve_method(self.knn_method, X, shape[0], shape[1],
+                              knn_stage.resolve_device(self.device))
+
+    def _partitioned_graph(self, X: Any, key: str | None, timings: dict) -> tuple:
+        """Partitioned kNN and distributed graph; returns (pruned graph, edges)."""
+        import shutil
+        import tempfile
+
+        from .graph_dask import build_edge_store
+        from .partition import nearest_neighbors
+
+        work_dir = self.work_dir or tempfile.mkdtemp(prefix="pumap_dask-")
+        try:
+            t0 = time.perf_counter()
+            res = nearest_neighbors(X, self.n_neighbors, "partitioned", overlap=self.knn_overlap,
+                                    random_state=self.random_state, device=self.device,
+                                    key=key, work_dir=work_dir)
+            timings["knn"] = time.perf_counter() - t0
+            if res.recall is not None:
+                self.knn_recall_ = float(res.recall)
+            t0 = time.perf_counter()
+            store = build_edge_store(res.indices, res.distances, work_dir,
+                                     set_op_mix_ratio=self.set_op_mix_ratio,
+                                     local_connectivity=self.local_connectivity,
+                                     tolerance=self.tolerance, n_epochs=200)
+            edges = store.read()
+            graph = store.to_csr()
+            timings["graph"] = time.perf_counter() - t0
+        finally:
+            if self.work_dir is None:
+                shutil.rmtree(work_dir, ignore_errors=True)
+        return graph, edges
 
     def _train_config(self, n_edges: int, n_features: int, device: str) -> TrainConfig:
         batch = min(self.batch_size, n_edges)

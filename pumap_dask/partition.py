@@ -98,6 +98,13 @@ def bytes_per_row(n_features: int, n_neighbors: int) -> int:
 
 def worker_memory_per_thread(client=None) -> float:
     """Memory one task may use: the smallest worker's limit over its threads."""
+    if client is None:
+        try:
+            from distributed import default_client
+
+            client = default_client()
+        except (ImportError, ValueError):
+            client = None
     if client is not None:
         workers = client.scheduler_info()["workers"].values()
         per = [w["memory_limit"] / max(1, w["nthreads"]) for w in workers if w.get("memory_limit")]
@@ -185,16 +192,6 @@ def _split_block(block: np.ndarray, offset: int, centroids: np.ndarray, overlap:
     return out
 
 
-def _in_worker() -> bool:
-    try:
-        from distributed import get_worker
-
-        get_worker()
-        return True
-    except Exception:
-        return False
-
-
 def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
                random_state: int | None) -> list:
     """Local kNN of one partition, bucketed by destination row block.
@@ -217,8 +214,9 @@ def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
             # centred: the expanded-form distances lose less to cancellation
             a, _ = knn_stage.exact_knn(Xp - Xp.mean(0), k, device=dev)
         else:
-            a, _ = knn_stage.nndescent_knn(Xp, k, random_state=random_state,
-                                           n_jobs=1 if _in_worker() else -1)
+            # one thread per task: dask runs partitions in parallel, and numba's default
+            # (workqueue) threading layer is unsafe under concurrent parallel calls
+            a, _ = knn_stage.nndescent_knn(Xp, k, random_state=random_state, n_jobs=1)
         # direct distances, so that copies of a pair from different partitions agree
         b = np.sqrt(((Xp[:, None, :] - Xp[a]) ** 2).sum(-1, dtype=np.float32))
         o = np.argsort(b, axis=1, kind="stable")

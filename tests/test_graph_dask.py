@@ -131,3 +131,31 @@ def test_other_parameters_rebuild(knn, tmp_path):
     assert b.n_edges < a.n_edges
     _assert_same(b, fuzzy_simplicial_set(ind, dist, set_op_mix_ratio=0.0))
     assert b.nbytes_on_disk() > 0
+
+
+def test_estimator_partitioned_fit(tmp_path):
+    from pumap_dask import ParametricUMAP
+    from pumap_dask.datasets import write_cell_like_zarr
+
+    from .conftest import FAST
+
+    path = str(tmp_path / "x.zarr")
+    write_cell_like_zarr(path, 3000, n_features=20, chunk_rows=1000, random_state=4)
+    work = tmp_path / "work"
+    with dask.config.set(scheduler="threads"):
+        m = ParametricUMAP(knn_method="partitioned", work_dir=str(work), random_state=0,
+                           **FAST).fit(path)
+        assert m.knn_method_ == "partitioned"
+        assert m.knn_recall_ >= 0.95
+        assert m.embedding_.shape == (3000, 2) and np.isfinite(m.embedding_).all()
+        store = EdgeStore(work / "graph")
+        assert m.n_edges_ == store.n_edges and m.graph_.nnz == store.n_edges
+        shard = os.path.join(store.path, store.shards[0], "zarr.json")
+        before = os.stat(shard).st_mtime_ns
+        m2 = ParametricUMAP(knn_method="partitioned", work_dir=str(work), random_state=0,
+                            **FAST).fit(path)  # reuses kNN and shards
+        assert os.stat(shard).st_mtime_ns == before
+        assert m2.knn_recall_ == m.knn_recall_
+        # no work_dir: a temporary one, removed afterwards
+        m3 = ParametricUMAP(knn_method="partitioned", random_state=0, **FAST).fit(path)
+        assert m3.n_edges_ == m.n_edges_
