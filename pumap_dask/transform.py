@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .io import InputError, as_dask, is_lazy
-from .model import file_sha256, load_encoder, read_config
+from .model import WEIGHTS, ModelFileError, file_sha256, load_encoder, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ def model_source(model: Any) -> ModelRef | ModelBlob:
     if isinstance(model, (str, os.PathLike)):
         doc = read_config(model)
         spec = doc["encoder"]
+        wpath = os.path.join(os.fspath(model), WEIGHTS)
+        if not os.path.exists(wpath) or file_sha256(wpath) != doc["weights_sha256"]:
+            raise ModelFileError(f"{wpath} is missing or does not match the sha256 recorded in "
+                                 "config.json; the model is corrupt or was modified")
         return ModelRef(os.path.abspath(os.fspath(model)), doc["weights_sha256"],
                         spec["n_features"], spec["n_components"])
     if not hasattr(model, "encoder_"):
