@@ -1,0 +1,35 @@
+import json
+import os
+
+import numpy as np
+import zarr
+
+import pumap_dask
+from pumap_dask.cli import main
+
+
+def test_fit_and_transform_commands(blobs, tmp_path):
+    Xtr, Xte = blobs[0], blobs[1]
+    for name, X in (("train", Xtr), ("test", Xte)):
+        z = zarr.create_array(str(tmp_path / f"{name}.zarr"), shape=X.shape, chunks=(64, 16),
+                              dtype="float32")
+        z[:] = X
+    params = json.dumps({"n_epochs": 5, "hidden_layers": [16], "batch_size": 2048})
+    main(["-q", "fit", str(tmp_path / "train.zarr"), str(tmp_path / "model"),
+          "--scheduler", "threads", "--device", "cpu", "--params", params])
+    model = pumap_dask.load(tmp_path / "model")
+    assert model.n_epochs_ == 5
+    main(["-q", "transform", str(tmp_path / "test.zarr"), str(tmp_path / "model"),
+          "--out", str(tmp_path / "emb.zarr"), "--scheduler", "threads"])
+    emb = zarr.open_array(str(tmp_path / "emb.zarr"), mode="r")[:]
+    assert np.abs(emb - model.transform(Xte)).max() <= 1e-5
+
+
+def test_demo_command(tmp_path, capsys):
+    main(["-q", "demo", "--out", str(tmp_path), "--n-samples", "400", "--scheduler", "threads"])
+    out = capsys.readouterr().out
+    assert "Parametric UMAP Model" in out
+    acc = float(out.split("held-out 15-NN accuracy:")[1].split()[0])
+    assert acc > 0.9
+    for name in ("pumap_train.png", "pumap_test.png", "pumap_overlay.png", "model"):
+        assert os.path.exists(tmp_path / name)
