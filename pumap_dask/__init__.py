@@ -14,13 +14,14 @@ from .io import InputError
 from .model import ModelFileError
 from .partition import nearest_neighbors
 from .train import find_ab_params
-from .transform import transform
+from .transform import ood_mask, transform
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "ParametricUMAP", "load", "transform", "nearest_neighbors", "fuzzy_simplicial_set", "find_ab_params",
+    "ParametricUMAP", "load", "transform", "ood_mask", "nearest_neighbors",
+    "fuzzy_simplicial_set", "find_ab_params",
     "datasets", "InputError", "ModelFileError", "NotFittedError", "__version__",
 ]

@@ -143,7 +143,7 @@ def transform_block(block: np.ndarray, source: ModelRef | ModelBlob, batch_size:
 
 
 def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | None = None,
-              device: str = "auto", nan_policy: str = "raise"):
+              device: str = "auto", nan_policy: str = "raise", return_ood: bool = False):
     """Lazily embed ``X`` with a trained model.
 
     Parameters
@@ -161,12 +161,14 @@ def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | N
     nan_policy
         ``"raise"`` (default) fails on non-finite rows naming the block; ``"nan"`` returns
         NaN embeddings for them.
+    return_ood
+        Also return the lazy out-of-distribution row mask (see :func:`ood_mask`).
 
     Returns
     -------
     dask.array.Array
         (n_samples, n_components) float32, one output block per input row block; nothing is
-        computed.
+        computed. With ``return_ood``, a pair (embedding, mask).
     """
     import dask
     import dask.array as da
@@ -185,7 +187,7 @@ def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | N
         raise InputError(f"X has {darr.shape[1]} features but the model was fitted on "
                          f"{source.n_features}")
     src = dask.delayed(source, pure=True, traverse=False)
-    return da.map_blocks(
+    emb = da.map_blocks(
         transform_block, darr, src,
         batch_size=int(batch_size or 65536), device=device, nan_policy=nan_policy,
         chunks=(darr.chunks[0], (source.n_components,)),
@@ -193,7 +195,66 @@ def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | N
         name="pumap-transform-" + dask.base.tokenize(darr, source.sha256, batch_size, device,
                                                      nan_policy),
     )
+    if return_ood:
+        return emb, ood_mask(darr, model)
+    return emb
 
 
-__all__ = ["transform", "transform_block", "model_source", "ModelRef", "ModelBlob",
+def training_range(model: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature (min, max) of the training data recorded in a model or saved model."""
+    if isinstance(model, (str, os.PathLike)):
+        stats = read_config(model).get("fitted", {}).get("feature_stats")
+        if not stats:
+            raise InputError(f"the model at {model} records no training statistics")
+        return (np.asarray(stats["min"], np.float32), np.asarray(stats["max"], np.float32))
+    stats = getattr(model, "feature_stats_", None)
+    if stats is None:
+        raise InputError("model must be fitted (it records the training data's range)")
+    return stats["min"], stats["max"]
+
+
+def _ood_block(block: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        inside = (block >= low) & (block <= high)
+    return ~inside.all(axis=1)
+
+
+def ood_mask(X: Any, model: Any, *, key: str | None = None, margin: float = 0.25):
+    """Lazy boolean mask of rows far outside the training data's range.
+
+    A row is flagged when any feature lies below ``min - margin * (max - min)`` or above
+    ``max + margin * (max - min)`` of the training data. The encoder extrapolates such rows
+    (e.g. a batch effect), so their embedding is unreliable.
+
+    Returns
+    -------
+    dask.array.Array
+        (n_samples,) bool, row-aligned with X.
+    """
+    import dask
+    import dask.array as da
+
+    lo, hi = training_range(model)
+    span = hi - lo
+    low, high = lo - margin * span, hi + margin * span
+    darr = as_dask(X, key=key)
+    if darr.shape[1] != lo.shape[0]:
+        raise InputError(f"X has {darr.shape[1]} features but the model was fitted on "
+                         f"{lo.shape[0]}")
+    bounds = dask.delayed((low, high), pure=True, traverse=False)
+    return da.map_blocks(lambda b, lh: _ood_block(b, *lh), darr, bounds, drop_axis=1,
+                         chunks=(darr.chunks[0],), dtype=bool, meta=np.empty((0,), bool))
+
+
+def report_ood(n_flagged: int, n_total: int, warn_fraction: float = 0.01) -> float:
+    """Log (warn above ``warn_fraction``) the share of out-of-distribution rows."""
+    frac = n_flagged / max(1, n_total)
+    msg = ("%.2f%% of rows (%d of %d) lie far outside the training data's range; their "
+           "embedding is an extrapolation (batch effect or different preprocessing?)")
+    (logger.warning if frac > warn_fraction else logger.info)(msg, 100 * frac, n_flagged,
+                                                              n_total)
+    return frac
+
+
+__all__ = ["ood_mask", "report_ood", "training_range","transform", "transform_block", "model_source", "ModelRef", "ModelBlob",
            "file_sha256", "is_lazy"]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .io import InputError, as_dask
-from .transform import model_source, transform
+from .transform import model_source, ood_mask, report_ood, transform
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,12 @@ def _done_path(out_path: str, i: int) -> str:
     return os.path.join(out_path, DONE_DIR, str(i))
 
 
-def _write_block(emb: np.ndarray, out_path: str, start: int, i: int) -> int:
-    """Write one block's embedding at rows [start, start+len) and mark it finished."""
+def _write_block(emb: np.ndarray, ood: np.ndarray, out_path: str, start: int,
+                 i: int) -> tuple[int, int]:
+    """Write one block's embedding at rows [start, start+len) and mark it finished.
+
+    Returns the block's counts of NaN rows and out-of-distribution rows.
+    """
     import zarr
 
     z = zarr.open_array(out_path, mode="r+")
@@ -48,7 +52,7 @@ def _write_block(emb: np.ndarray, out_path: str, start: int, i: int) -> int:
     with open(tmp, "w") as f:
         f.write(str(emb.shape[0]))
     os.replace(tmp, marker)
-    return int(np.isnan(emb[:, 0]).sum())
+    return int(np.isnan(emb[:, 0]).sum()), int(ood.sum())
 
 
 def _open_or_create(out_path: str, shape: tuple, chunk_rows: int, n_components: int,
@@ -143,9 +147,14 @@ def transform_to_zarr(
                 out_path, len(todo), len(rows), len(rows) - len(todo))
     t0 = time.perf_counter()
     blocks = emb.to_delayed().ravel()
-    tasks = [dask.delayed(_write_block, pure=False)(blocks[i], out_path, int(starts[i]), i)
+    ood = ood_mask(darr, model).to_delayed().ravel()
+    tasks = [dask.delayed(_write_block, pure=False)(blocks[i], ood[i], out_path,
+                                                    int(starts[i]), i)
              for i in todo]
-    n_nan = sum(dask.compute(*tasks)) if tasks else 0
+    counts = dask.compute(*tasks) if tasks else []
+    n_nan = sum(c[0] for c in counts)
+    if counts:
+        report_ood(sum(c[1] for c in counts), sum(rows[i] for i in todo))
     if n_nan:
         logger.warning("%d rows had non-finite input and got NaN embeddings", n_nan)
     attrs = dict(z.attrs["pumap_dask"])

@@ -215,3 +215,19 @@ def test_anndata_obsm(fitted, saved, blobs, tmp_path):
     # the store (and its obsm/X_pca) is accepted as input directly
     out = pumap_dask.transform(str(store), saved).compute()
     assert np.abs(out - fitted.transform(Xte)).max() <= 1e-5
+
+
+def test_out_of_distribution(fitted, saved, blobs, tmp_path, caplog):
+    Xte = blobs[1].copy()
+    emb, mask = pumap_dask.transform(Xte, fitted, return_ood=True)
+    assert mask.shape == (len(Xte),) and mask.dtype == bool
+    assert mask.compute().mean() < 0.05
+    shifted = Xte.copy()
+    shifted[::2, 0] += 1000.0  # a "batch effect" on half the rows
+    for model in (fitted, saved):
+        m = pumap_dask.ood_mask(shifted, model).compute()
+        np.testing.assert_array_equal(m[::2], True)
+    caplog.set_level("INFO", logger="pumap_dask")
+    transform_to_zarr(shifted, saved, tmp_path / "o.zarr")
+    assert any(r.levelname == "WARNING" and "far outside the training data" in r.message
+               for r in caplog.records)
