@@ -249,6 +249,9 @@ def ood_mask(X: Any, model: Any, *, key: str | None = None, margin: float = 0.25
 def report_ood(n_flagged: int, n_total: int, warn_fraction: float = 0.01) -> float:
     """Log (warn above ``warn_fraction``) the share of out-of-distribution rows."""
     frac = n_flagged / max(1, n_total)
+    if n_flagged == 0:
+        logger.info("all %d rows lie within the training data's range", n_total)
+        return 0.0
     msg = ("%.2f%% of rows (%d of %d) lie far outside the training data's range; their "
            "embedding is an extrapolation (batch effect or different preprocessing?)")
     (logger.warning if frac > warn_fraction else logger.info)(msg, 100 * frac, n_flagged,
