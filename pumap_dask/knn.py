@@ -138,7 +138,8 @@ def nndescent_knn(
     n_iters = kwargs.pop("n_iters", max(5, int(round(np.log2(X.shape[0])))))
     index = NNDescent(
         X, n_neighbors=n_neighbors + 1, metric="euclidean", random_state=random_state,
-        n_trees=n_trees, n_iters=n_iters, max_candidates=60, low_memory=True, n_jobs=n_jobs,
+        n_trees=n_trees, n_iters=n_iters, max_candidates=kwargs.pop("max_candidates", 60),
+        low_memory=True, n_jobs=n_jobs,
         verbose=False, **kwargs,
     )
     ind, dist = index.neighbor_graph

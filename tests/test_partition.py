@@ -26,7 +26,7 @@ def cells():
 def cluster_client():
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, memory_limit="2GiB") as cluster:
+                                  dashboard_address=":0", memory_limit="2GiB") as cluster:
         with distributed.Client(cluster) as client:
             yield client
 
@@ -134,3 +134,11 @@ def test_work_dir_cache(cells, tmp_path):
     assert r2.timings == {"cached": 0.0} and r2.recall == r1.recall
     np.testing.assert_array_equal(r2[0].compute(), r1[0].compute())
     assert r2[0].chunks == dX.chunks[:1] + ((K,),)
+
+
+def test_nan_block_is_named_distributed(cells, cluster_client):
+    X = cells[0].copy()
+    X[10, 0] = np.inf
+    dX = da.from_array(X, chunks=(2000, 30))
+    with pytest.raises(InputError, match=r"row block \[0, 2000\)"):
+        nearest_neighbors(dX, K, "partitioned", n_partitions=3, client=cluster_client)
