@@ -471,7 +471,8 @@ def _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_ro
     return {"shape": list(map(int, darr.shape)), "chunks": [int(c) for c in darr.chunks[0]],
             "n_neighbors": int(n_neighbors), "method": method, "overlap": int(overlap),
             "n_partitions": n_partitions, "partition_rows": partition_rows,
-            "refine": bool(refine), "random_state": random_state, "source": source}
+            "refine": bool(refine), "random_state": random_state, "source": source,
+            "token": darr.name}
 
 
 def _write_json_atomic(path: str, doc: dict) -> None:
@@ -507,7 +508,7 @@ def _store(knn_dir: str, ind, dist, params: dict, info: dict, client=None):
     if os.path.exists(meta_path):
         os.remove(meta_path)
     rows = max(ind.chunks[0])
-    if len(set(ind.chunks[0][:-1])) > 1 or ind.chunks[0][-1] > rows:
+    if any(c != rows for c in ind.chunks[0][:-1]):  # Zarr needs regular chunks
         ind, dist = ind.rechunk({0: rows}), dist.rechunk({0: rows})
     sched = {"scheduler": client} if client is not None else {}
     w1 = da.to_zarr(ind, os.path.join(knn_dir, "indices"), overwrite=True, compute=False)
@@ -581,7 +582,8 @@ def nearest_neighbors(
         Array inside a Zarr group (AnnData default ``obsm/X_pca``).
     work_dir
         If given, the result is stored under ``work_dir/knn`` (Zarr) and reused by a rerun
-        with the same input shape and parameters.
+        with the same input (path, or dask token of the array) and parameters. It must be
+        on a file system all workers see.
 
     Returns
     -------

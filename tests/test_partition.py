@@ -142,3 +142,18 @@ def test_nan_block_is_named_distributed(cells, cluster_client):
     dX = da.from_array(X, chunks=(2000, 30))
     with pytest.raises(InputError, match=r"row block \[0, 2000\)"):
         nearest_neighbors(dX, K, "partitioned", n_partitions=3, client=cluster_client)
+
+
+def test_work_dir_irregular_chunks_and_other_input(cells, tmp_path):
+    X, exact_ind = cells
+    dX = da.from_array(X, chunks=((1000, 2000, 2000, 1000), (30,)))
+    with dask.config.set(scheduler="threads"):
+        r1 = nearest_neighbors(dX, K, "partitioned", n_partitions=3, work_dir=tmp_path,
+                               recall_samples=0)
+        assert r1[0].chunks[0] == dX.chunks[0]
+        i1 = r1[0].compute()  # r1 reads the work_dir, which the next call replaces
+        other = da.from_array(X[::-1].copy(), chunks=dX.chunks)  # same shape, other data
+        r2 = nearest_neighbors(other, K, "partitioned", n_partitions=3, work_dir=tmp_path,
+                               recall_samples=0)
+    assert r2.timings != {"cached": 0.0}
+    assert knn_recall(i1, exact_ind) > 0.95
