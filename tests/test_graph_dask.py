@@ -29,7 +29,7 @@ def knn():
 def cluster_client():
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, memory_limit="2GiB") as cluster:
+                                  dashboard_address=":0", memory_limit="2GiB") as cluster:
         with distributed.Client(cluster) as client:
             yield client
 
