@@ -20,7 +20,7 @@ from .train import TrainConfig, build_encoder, encode, find_ab_params, train_enc
 logger = logging.getLogger(__name__)
 
 # Chosen by benchmarks/quality.py (see benchmarks/RESULTS.md).
-DEFAULT_HIDDEN = (128, 128)
+DEFAULT_HIDDEN = (128, 64, 32)
 DEFAULT_PROJECTION = 64
 # The total number of optimiser steps is what buys quality; an epoch (one pass over the
 # edges) is few steps for large batches, so the default epoch count targets a step count.

@@ -47,7 +47,7 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, n_features: int, n_components: int = 2,
-                 hidden_layers: Sequence[int] = (256, 256), n_projection: int = 0,
+                 hidden_layers: Sequence[int] = (128, 64, 32), n_projection: int = 0,
                  negative_slope: float = 0.1) -> None:
         super().__init__()
         self.n_features = n_features
@@ -98,7 +98,7 @@ class TrainConfig:
     """Hyper-parameters of :func:`train_encoder` (names as on the estimator)."""
 
     n_components: int = 2
-    hidden_layers: tuple = (256, 256)
+    hidden_layers: tuple = (128, 64, 32)
     n_projection: int = 0
     learning_rate: float = 3e-3
     n_epochs: int = 30
@@ -114,6 +114,7 @@ class TrainConfig:
     log_every: int = 0
     init_steps: int = 200
     num_threads: int | None = None
+    weight_decay: float = 0.0
     history: list = field(default_factory=list)
 
 
@@ -222,7 +223,8 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
     M = int(cfg.negative_pool or B)
     steps_per_epoch = max(1, math.ceil(len(head) / B))
     total_steps = cfg.n_epochs * steps_per_epoch
-    opt = torch.optim.Adam(encoder.parameters(), lr=cfg.learning_rate, **_adam_kwargs(device))
+    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate,
+                            weight_decay=cfg.weight_decay, **_adam_kwargs(device))
     if cfg.lr_schedule == "linear":
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: max(0.0, 1.0 - s / max(1, total_steps)))
