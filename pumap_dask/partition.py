@@ -50,8 +50,10 @@ logger = logging.getLogger(__name__)
 PARTITION_THRESHOLD = 200_000
 DEFAULT_PARTITION_ROWS = 50_000
 PARTITION_MEMORY_FRACTION = 0.5
-# partitions with m * m * d below this are searched exactly (cheaper than nndescent's setup)
-LOCAL_EXACT_WORK = 2e10
+# partitions with m * m * d below this are searched exactly on CPU workers (measured on one
+# core: exact costs about m * d / 8e9 s per row, pynndescent 18 us per row: break-even near
+# m = 3k rows at d = 50)
+LOCAL_EXACT_WORK = 5e8
 LOCAL_NNDESCENT = {"n_trees": 8, "max_candidates": 32}
 KMEANS_SAMPLE_PER_PARTITION = 256
 KMEANS_MAX_SAMPLE = 100_000

@@ -71,11 +71,12 @@ def test_partitioned_zarr_distributed(cells, cluster_client, tmp_path):
     X, exact_ind = cells
     path = str(tmp_path / "x.zarr")
     write_cell_like_zarr(path, 6000, n_features=30, chunk_rows=2000, random_state=1)
-    res = nearest_neighbors(path, K, "partitioned", n_partitions=5, recall_samples=300,
+    # small partitions are searched exactly: no numba compilation in fresh worker processes
+    res = nearest_neighbors(path, K, "partitioned", n_partitions=8, recall_samples=300,
                             client=cluster_client)
     _check(res, X, (2000, 2000, 2000), exact_ind)
     # the active client is picked up without passing it
-    res2 = nearest_neighbors(path, K, "partitioned", n_partitions=5, recall_samples=0)
+    res2 = nearest_neighbors(path, K, "partitioned", n_partitions=8, recall_samples=0)
     np.testing.assert_array_equal(res2[0].compute(), res[0].compute())
 
 
