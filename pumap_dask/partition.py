@@ -163,7 +163,7 @@ def fit_partitions(sample: np.ndarray, n_partitions: int, overlap: int, n_total:
         big = np.flatnonzero(est > max_rows)
         if big.size == 0:
             break
-        nearest = top[:, 0] if top.ndim == 2 else top
+        nearest = _nearest(sample, C, 1)[:, 0]
         new = [C[np.setdiff1d(np.arange(C.shape[0]), big)]]
         for c in big:
             rows = sample[nearest == c]
