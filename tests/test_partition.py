@@ -106,14 +106,15 @@ def test_merge_deduplicates():
 
 def test_auto_rules(cells, monkeypatch):
     X, exact_ind = cells
-    res = nearest_neighbors(X[:1000], K, recall_samples=100)
-    assert res.method == "exact" and res[0].shape == (1000, K)
-    monkeypatch.setattr(partition, "PARTITION_THRESHOLD", 3000)
-    dX = da.from_array(X, chunks=(3000, 30))
-    res = nearest_neighbors(dX, K, recall_samples=0, n_partitions=3)
-    assert res.method == "partitioned"
-    res = nearest_neighbors(dX[:2000], K, recall_samples=0)
-    assert res.method == "exact"
+    with dask.config.set(scheduler="threads"):
+        res = nearest_neighbors(X[:1000], K, recall_samples=100)
+        assert res.method == "exact" and res[0].shape == (1000, K)
+        monkeypatch.setattr(partition, "PARTITION_THRESHOLD", 3000)
+        dX = da.from_array(X, chunks=(3000, 30))
+        res = nearest_neighbors(dX, K, recall_samples=0, n_partitions=6)
+        assert res.method == "partitioned"
+        res = nearest_neighbors(dX[:2000], K, recall_samples=0)
+        assert res.method == "exact"
 
 
 def test_nan_block_is_named(cells):
