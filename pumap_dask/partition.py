@@ -495,8 +495,12 @@ def _load_cached(knn_dir: str, params: dict, darr):
     if not meta.get("complete") or meta.get("params") != params:
         logger.info("kNN cache in %s is incomplete or for other parameters; recomputing", knn_dir)
         return None
-    ind = da.from_zarr(os.path.join(knn_dir, "indices")).rechunk({0: darr.chunks[0]})
-    dist = da.from_zarr(os.path.join(knn_dir, "distances")).rechunk({0: darr.chunks[0]})
+    # names carry the id of the run that wrote the arrays: dask names Zarr arrays by path,
+    # and later stages (the graph's cache) must see a recomputed kNN as new
+    run = meta.get("run_id", "")
+    ind = da.from_zarr(os.path.join(knn_dir, "indices"), name=f"knn-indices-{run}")
+    dist = da.from_zarr(os.path.join(knn_dir, "distances"), name=f"knn-distances-{run}")
+    ind, dist = ind.rechunk({0: darr.chunks[0]}), dist.rechunk({0: darr.chunks[0]})
     logger.info("kNN reused from %s", knn_dir)
     return ind, dist, meta
 
@@ -516,7 +520,10 @@ def _store(knn_dir: str, ind, dist, params: dict, info: dict, client=None):
     w1 = da.to_zarr(ind, os.path.join(knn_dir, "indices"), overwrite=True, compute=False)
     w2 = da.to_zarr(dist, os.path.join(knn_dir, "distances"), overwrite=True, compute=False)
     dask.compute(w1, w2, **sched)
-    _write_json_atomic(meta_path, {"complete": True, "params": params, **info})
+    import uuid
+
+    _write_json_atomic(meta_path, {"complete": True, "params": params,
+                                   "run_id": uuid.uuid4().hex, **info})
 
 
 # --------------------------------------------------------------------------- public

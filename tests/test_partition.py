@@ -134,6 +134,11 @@ def test_work_dir_cache(cells, tmp_path):
                                recall_samples=200)
         r2 = nearest_neighbors(dX, K, "partitioned", n_partitions=4, work_dir=tmp_path)
     assert r2.timings == {"cached": 0.0} and r2.recall == r1.recall
+    assert r2[0].name == r1[0].name  # same run: the graph stage may reuse its shards
+    with dask.config.set(scheduler="threads"):
+        r3 = nearest_neighbors(dX, K, "partitioned", n_partitions=3, work_dir=tmp_path,
+                               recall_samples=0)
+    assert r3[0].name != r1[0].name  # recomputed in place: a new name
     np.testing.assert_array_equal(r2[0].compute(), r1[0].compute())
     assert r2[0].chunks == dX.chunks[:1] + ((K,),)
 
