@@ -115,6 +115,7 @@ class TrainConfig:
     init_steps: int = 200
     num_threads: int | None = None
     weight_decay: float = 0.0
+    virtual_rate: float = 0.0
     history: list = field(default_factory=list)
 
 
@@ -259,6 +260,8 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
             d_neg = (eh.unsqueeze(1) - en).pow(2).sum(-1)
             loss = (umap_loss(d_pos, True, a, b).sum()
                     + umap_loss(d_neg, False, a, b).sum()) / (B * (1 + R))
+            if cfg.virtual_rate:
+                loss = loss + _virtual_point_loss(encoder, xb, inv, eh, et, en, B, R, cfg, gen)
             if cfg.correlation_weight:
                 x_h, x_t = xb[inv[:B]], xb[inv[B:2 * B]]
                 x_n = xb[inv[2 * B:]][pick[:, 0].to(device)]
@@ -278,6 +281,27 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
             logger.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.n_epochs, history[-1],
                         time.perf_counter() - t0)
     return encoder.cpu().eval(), history
+
+
+def _virtual_point_loss(encoder, xb, inv, eh, et, en, B, R, cfg, gen):
+    """UMAP loss of virtual points drawn on sampled edges.
+
+    A point ``v = (1 - t) x_i + t x_j`` on edge (i, j) is attracted to i with weight 1 - t and
+    to j with weight t, and repelled from the edge's negatives. Training points alone leave
+    the encoder free between them; virtual points teach it to place new data between its
+    neighbours, as UMAP's own transform does.
+    """
+    V = max(1, int(B * cfg.virtual_rate))
+    device = eh.device
+    t = torch.rand(V, 1, generator=gen).to(device)
+    xv = (1 - t) * xb[inv[:V]] + t * xb[inv[B:B + V]]
+    ev = encoder(xv)
+    d_i = (ev - eh[:V]).pow(2).sum(-1)
+    d_j = (ev - et[:V]).pow(2).sum(-1)
+    d_n = (ev.unsqueeze(1) - en[:V]).pow(2).sum(-1)
+    t = t.squeeze(1)
+    pos = (1 - t) * umap_loss(d_i, True, cfg.a, cfg.b) + t * umap_loss(d_j, True, cfg.a, cfg.b)
+    return (pos.sum() + umap_loss(d_n, False, cfg.a, cfg.b).sum()) / (V * (1 + R))
 
 
 def pretrain_to_layout(encoder: Encoder, Xt: torch.Tensor, layout: np.ndarray, cfg: TrainConfig,

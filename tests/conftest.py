@@ -29,3 +29,17 @@ def fitted(blobs, tmp_path_factory):
 
     Xtr = blobs[0]
     return ParametricUMAP(random_state=3, **FAST).fit(Xtr)
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    """A real distributed.LocalCluster of 2 single-threaded worker processes (per module).
+
+    While it is open it is dask's default scheduler; tests meant for the threaded scheduler
+    say so with ``dask.config.set(scheduler="threads")``.
+    """
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0", memory_limit="2GiB") as cluster:
+        with distributed.Client(cluster) as client:
+            yield client

@@ -25,15 +25,6 @@ def knn():
     return ind, dist
 
 
-@pytest.fixture(scope="module")
-def cluster_client():
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0", memory_limit="2GiB") as cluster:
-        with distributed.Client(cluster) as client:
-            yield client
-
-
 def _lazy(ind, dist, rows=700):
     return da.from_array(ind, chunks=(rows, K)), da.from_array(dist, chunks=(rows, K))
 

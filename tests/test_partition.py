@@ -22,15 +22,6 @@ def cells():
     return X, ind
 
 
-@pytest.fixture(scope="module")
-def cluster_client():
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=":0", memory_limit="2GiB") as cluster:
-        with distributed.Client(cluster) as client:
-            yield client
-
-
 def _check(res, X, chunks, exact_ind, min_recall=0.95):
     ind, dist = res
     assert isinstance(ind, da.Array) and isinstance(dist, da.Array)

@@ -17,15 +17,6 @@ from pumap_dask.writers import transform_to_zarr, write_anndata_obsm
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as lc:
-        with distributed.Client(lc) as client:
-            yield client
-
-
-@pytest.fixture(scope="module")
 def saved(fitted, tmp_path_factory):
     return fitted.save(tmp_path_factory.mktemp("models") / "model")
 
@@ -65,13 +56,13 @@ def test_numpy_zarr_path_and_loaded_model(fitted, saved, blobs, tmp_path):
     assert isinstance(fitted.transform(z), da.Array)
 
 
-def test_distributed_cluster(fitted, saved, blobs, cluster):
+def test_distributed_cluster(fitted, saved, blobs, cluster_client):
     Xte = blobs[1]
     ref = fitted.transform(Xte)
     darr = da.from_array(Xte, chunks=(37, 16))
     for model in (fitted, saved):
         lazy = pumap_dask.transform(darr, model)
-        out = cluster.compute(lazy).result()
+        out = cluster_client.compute(lazy).result()
         assert np.abs(out - ref).max() <= 1e-5
 
 
@@ -140,7 +131,7 @@ def test_transform_to_zarr_resumes(fitted, saved, blobs, tmp_path, caplog):
     assert z.chunks == (50, 2)
 
 
-def test_transform_to_zarr_sharded_and_cluster(fitted, saved, blobs, tmp_path, cluster):
+def test_transform_to_zarr_sharded_and_cluster(fitted, saved, blobs, tmp_path, cluster_client):
     X = np.repeat(blobs[1], 2, axis=0)
     ref = fitted.transform(X)
     z = transform_to_zarr(da.from_array(X, chunks=(160, 16)), saved, tmp_path / "s.zarr",
