@@ -116,7 +116,11 @@ def main(argv=None) -> None:
     model_dir = fit_model(args.workdir, hidden, proj)
     limit2 = forward_limit(model_dir, threads=2)
     limit1 = forward_limit(model_dir, threads=1)
-    print(f"encoder: 50 -> proj {proj} -> {hidden} -> 2")
+    from pumap_dask.model import read_config
+
+    spec = read_config(model_dir)["encoder"]
+    print(f"encoder: {spec['n_features']} -> projection {spec['n_projection'] or 'none'} -> "
+          f"{tuple(spec['hidden_layers'])} -> {spec['n_components']}")
     print(f"in-memory forward: {limit2:,.0f} rows/s (2 threads), {limit1:,.0f} rows/s "
           "(1 thread)")
     print(f"{'n':>11} {'write_data_s':>12} {'warmup_s':>8} {'transform_s':>11} {'rows/s':>11} "

@@ -62,7 +62,7 @@ class Encoder(nn.Module):
             width = self.n_projection
         layers: list[nn.Module] = []
         for h in self.hidden_layers:
-            layers += [nn.Linear(width, h), nn.LeakyReLU(negative_slope)]
+            layers += [nn.Linear(width, h), nn.LeakyReLU(negative_slope, inplace=True)]
             width = h
         layers.append(nn.Linear(width, n_components))
         self.mlp = nn.Sequential(*layers)

@@ -2,6 +2,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import zarr
 
 import pumap_dask
@@ -33,3 +34,15 @@ def test_demo_command(tmp_path, capsys):
     assert acc > 0.9
     for name in ("pumap_train.png", "pumap_test.png", "pumap_overlay.png", "model"):
         assert os.path.exists(tmp_path / name)
+
+
+@pytest.mark.slow
+def test_vignette_example(tmp_path):
+    """The seed vignette end to end (batch 128, 100 epochs): summary, accuracy, pictures."""
+    import runpy
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mod = runpy.run_path(os.path.join(root, "examples", "vignette.py"))
+    mod["main"](str(tmp_path))
+    for name in ("vignette_train.png", "vignette_test.png", "vignette_overlay.png"):
+        assert os.path.getsize(tmp_path / name) > 10_000
