@@ -86,11 +86,15 @@ class Encoder(nn.Module):
         self.center.copy_(mean.float())
         self.scale.copy_(rms.float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """The fixed part: centre, project, scale (no trainable parameters)."""
         z = x - self.center
         if self.n_projection:
             z = z @ self.projection
-        return self.mlp(z / self.scale)
+        return z / self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.preprocess(x))
 
 
 @dataclass
@@ -201,7 +205,7 @@ def _step_threads(cfg: TrainConfig, n: int, d: int) -> int:
     rows = min(n, (2 + 1) * cfg.batch_size)
     width = cfg.n_projection or d
     flops = rows * (width + sum(cfg.hidden_layers)) * max(cfg.hidden_layers or (1,))
-    return torch.get_num_threads() if flops > 5e8 else 1
+    return torch.get_num_threads() if flops > 1e8 else 1
 
 
 def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
@@ -210,9 +214,15 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
     if encoder is None:
         encoder = build_encoder(X.shape[1], cfg, X)
     encoder = encoder.to(device).train()
-    Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32))
+    # The fixed preprocessing (centre, project, scale) is applied once here, not per step:
+    # training runs the MLP alone on the preprocessed rows.
+    with torch.no_grad():
+        Xt = torch.cat([encoder.preprocess(torch.as_tensor(
+            np.ascontiguousarray(X[i:i + 65536], dtype=np.float32)).to(device)).cpu()
+            for i in range(0, n, 65536)])
     if device.type != "cpu" and Xt.numel() * 4 < (2 << 30):
         Xt = Xt.to(device)
+    net = encoder.mlp
     head_t = torch.as_tensor(head, dtype=torch.int64)
     tail_t = torch.as_tensor(tail, dtype=torch.int64)
     cum = torch.cumsum(torch.as_tensor(weight, dtype=torch.float64), 0)
@@ -237,7 +247,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
         raise ValueError(f"lr_schedule must be 'linear', 'cosine' or 'constant', "
                          f"got {cfg.lr_schedule!r}")
     if init_embedding is not None:
-        pretrain_to_layout(encoder, Xt, init_embedding, cfg, gen)
+        pretrain_to_layout(net, Xt, init_embedding, cfg, gen)
     a, b = cfg.a, cfg.b
     history: list[float] = []
     t0 = time.perf_counter()
@@ -252,7 +262,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
             ids = torch.cat([h, t, pool])
             uniq, inv = torch.unique(ids, return_inverse=True)
             xb = Xt[uniq.to(Xt.device)].to(device, non_blocking=True)
-            emb = encoder(xb)
+            emb = net(xb)
             inv = inv.to(device)
             eh, et, ep = emb[inv[:B]], emb[inv[B:2 * B]], emb[inv[2 * B:]]
             en = ep[pick.to(device)]
@@ -261,7 +271,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
             loss = (umap_loss(d_pos, True, a, b).sum()
                     + umap_loss(d_neg, False, a, b).sum()) / (B * (1 + R))
             if cfg.virtual_rate:
-                loss = loss + _virtual_point_loss(encoder, xb, inv, eh, et, en, B, R, cfg, gen)
+                loss = loss + _virtual_point_loss(net, xb, inv, eh, et, en, B, R, cfg, gen)
             if cfg.correlation_weight:
                 x_h, x_t = xb[inv[:B]], xb[inv[B:2 * B]]
                 x_n = xb[inv[2 * B:]][pick[:, 0].to(device)]
@@ -304,8 +314,8 @@ def _virtual_point_loss(encoder, xb, inv, eh, et, en, B, R, cfg, gen):
     return (pos.sum() + umap_loss(d_n, False, cfg.a, cfg.b).sum()) / (V * (1 + R))
 
 
-def pretrain_to_layout(encoder: Encoder, Xt: torch.Tensor, layout: np.ndarray, cfg: TrainConfig,
-                       gen: torch.Generator) -> None:
+def pretrain_to_layout(encoder: nn.Module, Xt: torch.Tensor, layout: np.ndarray,
+                       cfg: TrainConfig, gen: torch.Generator) -> None:
     """Regress the encoder onto an initial layout (e.g. spectral) so UMAP training starts
     from the global arrangement rather than from a random function."""
     device = next(encoder.parameters()).device
