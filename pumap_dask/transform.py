@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import InputError, as_dask, is_lazy
+from .io import InputError, as_dask
 from .model import WEIGHTS, ModelFileError, file_sha256, load_encoder, read_config
 
 logger = logging.getLogger(__name__)
@@ -278,5 +278,5 @@ def report_ood(n_flagged: int, n_total: int, warn_fraction: float = 0.01) -> flo
     return frac
 
 
-__all__ = ["ood_mask", "report_ood", "training_range","transform", "transform_block", "model_source", "ModelRef", "ModelBlob",
-           "file_sha256", "is_lazy"]
+__all__ = ["ModelBlob", "ModelRef", "model_source", "ood_mask", "report_ood", "training_range",
+           "transform", "transform_block"]
