@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("distributed", "numba", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args.func(args)
     return 0
 

@@ -348,8 +348,9 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             return lazy_transform(X, self, key=key, batch_size=batch_size)
         X = check_array(X, what="X")
         if X.shape[1] != self.n_features_in_:
-            raise InputError(f"X has {X.shape[1]} features but the model was fitted on "
-                             f"{self.n_features_in_}")
+            raise InputError(f"X has {X.shape[1]} features, but ParametricUMAP is expecting "
+                             f"{self.n_features_in_} features as input (the number it was "
+                             "fitted on)")
         return encode(self.encoder_, X, batch_size=batch_size)
 
     # ------------------------------------------------------------------ persistence
@@ -420,6 +421,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.non_deterministic = knn_stage.resolve_device(self.device) != "cpu"
+        tags.transformer_tags.preserves_dtype = ["float32"]  # embeddings are always float32
         return tags
 
 

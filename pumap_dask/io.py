@@ -22,6 +22,10 @@ class InputError(ValueError):
     """Raised for input that cannot be embedded, with a message that says how to fix it."""
 
 
+class InputTypeError(InputError, TypeError):
+    """Input of a type that cannot be converted to numbers."""
+
+
 def is_lazy(X: Any) -> bool:
     """Return True for inputs handled lazily (dask arrays, Zarr arrays, paths)."""
     if isinstance(X, (str, os.PathLike)):
@@ -81,8 +85,12 @@ def _check_shape_dtype(shape: tuple, dtype: np.dtype, what: str) -> None:
     if len(shape) != 2:
         hint = "reshape to (n_samples, n_features)"
         if len(shape) == 1:
-            hint = "a single sample needs X.reshape(1, -1), a single feature X.reshape(-1, 1)"
+            hint = ("Reshape your data: a single sample needs X.reshape(1, -1), a single "
+                    "feature X.reshape(-1, 1)")
         raise InputError(f"{what} must be 2-D (n_samples, n_features), got shape {shape}; {hint}")
+    if np.issubdtype(dtype, np.complexfloating):
+        raise InputError(f"Complex data not supported: {what} has dtype {dtype}; pass the real "
+                         "part or the magnitude")
     if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
             or np.issubdtype(dtype, np.bool_)):
         raise InputError(
@@ -90,7 +98,8 @@ def _check_shape_dtype(shape: tuple, dtype: np.dtype, what: str) -> None:
             "e.g. X.astype('float32')"
         )
     if shape[1] == 0:
-        raise InputError(f"{what} has no features (shape {shape})")
+        raise InputError(f"{what} has 0 feature(s) (shape={tuple(shape)}) while a minimum of 1 "
+                         "is required.")
 
 
 def check_array(X: Any, *, what: str = "X", min_samples: int = 1) -> np.ndarray:
@@ -105,6 +114,13 @@ def check_array(X: Any, *, what: str = "X", min_samples: int = 1) -> np.ndarray:
         raise InputError(f"{what} is a sparse matrix; densify it (X.toarray()) or reduce it "
                          "with PCA first")
     arr = np.asarray(X)
+    if arr.dtype == object:
+        # numbers held in an object array (e.g. from pandas) are fine; anything else is not
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InputTypeError(f"{what} holds non-numeric values (dtype object: {exc}); "
+                                 "convert it, e.g. X.astype('float32')") from None
     _check_shape_dtype(arr.shape, arr.dtype, what)
     if arr.shape[0] < min_samples:
         raise InputError(f"{what} has {arr.shape[0]} samples; at least {min_samples} needed")

@@ -203,8 +203,9 @@ def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | N
     source = model_source(model)
     darr = as_dask(X, key=key)
     if darr.shape[1] != source.n_features:
-        raise InputError(f"X has {darr.shape[1]} features but the model was fitted on "
-                         f"{source.n_features}")
+        raise InputError(f"X has {darr.shape[1]} features, but ParametricUMAP is expecting "
+                         f"{source.n_features} features as input (the number it was fitted "
+                         "on)")
     src = dask.delayed(source, pure=True, traverse=False)
     emb = da.map_blocks(
         transform_block, darr, src,
@@ -258,8 +259,8 @@ def ood_mask(X: Any, model: Any, *, key: str | None = None, margin: float = 0.25
     low, high = lo - margin * span, hi + margin * span
     darr = as_dask(X, key=key)
     if darr.shape[1] != lo.shape[0]:
-        raise InputError(f"X has {darr.shape[1]} features but the model was fitted on "
-                         f"{lo.shape[0]}")
+        raise InputError(f"X has {darr.shape[1]} features, but ParametricUMAP is expecting "
+                         f"{lo.shape[0]} features as input (the number it was fitted on)")
     bounds = dask.delayed((low, high), pure=True, traverse=False)
     return da.map_blocks(lambda b, lh: _ood_block(b, *lh), darr, bounds, drop_axis=1,
                          chunks=(darr.chunks[0],), dtype=bool, meta=np.empty((0,), bool))

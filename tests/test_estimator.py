@@ -134,7 +134,7 @@ def test_bad_input_errors(X, match):
 
 
 def test_transform_errors(fitted):
-    with pytest.raises(InputError, match="7 features but the model was fitted on 16"):
+    with pytest.raises(InputError, match="X has 7 features, but ParametricUMAP is expecting 16 features"):
         fitted.transform(np.zeros((4, 7), np.float32))
     with pytest.raises(NotFittedError, match="not fitted"):
         ParametricUMAP().transform(np.zeros((4, 7)))
@@ -200,3 +200,22 @@ def test_find_ab_params():
     a, b = pumap_dask.find_ab_params(1.0, 0.5)
     assert a == pytest.approx(0.583, abs=2e-3)
     assert b == pytest.approx(1.334, abs=2e-3)
+
+
+def test_object_array_of_numbers_and_strings():
+    X = np.random.default_rng(0).normal(size=(40, 3)).astype(object)
+    ParametricUMAP(n_neighbors=5, **FAST).fit(X)
+    with pytest.raises(InputError, match="non-numeric"):
+        ParametricUMAP(n_neighbors=5, **FAST).fit(np.array([["a", 1.0]] * 40, dtype=object))
+
+
+def test_sklearn_estimator_checks():
+    """scikit-learn's own estimator checks, on a tiny configuration."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    est = ParametricUMAP(n_neighbors=5, n_epochs=2, batch_size=256, hidden_layers=(8,),
+                         device="cpu")
+    results = check_estimator(est, on_fail=None)
+    failed = [(r["check_name"], str(r["exception"])[:300]) for r in results
+              if r["status"] == "failed"]
+    assert not failed

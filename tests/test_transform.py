@@ -84,7 +84,7 @@ def test_saved_model_graph_carries_only_path(saved, blobs):
 
 
 def test_transform_errors(fitted, saved, tmp_path, blobs):
-    with pytest.raises(InputError, match="3 features but the model was fitted on 16"):
+    with pytest.raises(InputError, match="X has 3 features, but ParametricUMAP is expecting 16 features"):
         pumap_dask.transform(da.zeros((10, 3), chunks=5), fitted)
     with pytest.raises(InputError, match="2-D"):
         pumap_dask.transform(da.zeros((10,), chunks=5), fitted)
