@@ -35,10 +35,11 @@ def _add_cluster_args(p):
 def cmd_fit(args) -> None:
     from .estimator import ParametricUMAP
 
-    params = json.loads(args.params) if args.params else {}
-    model = ParametricUMAP(n_components=args.n_components, n_neighbors=args.n_neighbors,
-                           min_dist=args.min_dist, random_state=args.random_state,
-                           device=args.device, verbose=True, **params)
+    params = dict(n_components=args.n_components, n_neighbors=args.n_neighbors,
+                  min_dist=args.min_dist, random_state=args.random_state, device=args.device,
+                  verbose=True)
+    params.update(json.loads(args.params) if args.params else {})  # --params wins
+    model = ParametricUMAP(**params)
     client = _client(args)
     try:
         model.fit(args.input, key=args.key)

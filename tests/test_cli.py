@@ -46,3 +46,30 @@ def test_vignette_example(tmp_path):
     mod["main"](str(tmp_path))
     for name in ("vignette_train.png", "vignette_test.png", "vignette_overlay.png"):
         assert os.path.getsize(tmp_path / name) > 10_000
+
+
+def test_pipeline_job_script(blobs, tmp_path):
+    """pipelines/embed_job.sh: fit once, embed query stores in place, rerun reuses the model."""
+    import subprocess
+    import warnings
+
+    anndata = pytest.importorskip("anndata")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stores = []
+    for name, X in (("ref", blobs[0]), ("query", blobs[1])):
+        adata = anndata.AnnData(X=np.zeros((len(X), 2), np.float32))
+        adata.obsm["X_pca"] = X
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            adata.write_zarr(tmp_path / f"{name}.zarr")
+        stores.append(str(tmp_path / f"{name}.zarr"))
+    env = {**os.environ, "PUMAP_SCHEDULER": "threads",
+           "PUMAP_PARAMS": json.dumps({"n_epochs": 3, "hidden_layers": [16], "device": "cpu"})}
+    cmd = ["bash", os.path.join(root, "pipelines", "embed_job.sh"), stores[0],
+           str(tmp_path / "model"), stores[1]]
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    model = pumap_dask.load(tmp_path / "model")
+    emb = anndata.read_zarr(stores[1]).obsm["X_pumap"]
+    assert np.abs(emb - model.transform(blobs[1])).max() <= 1e-5
+    out = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True).stdout
+    assert "reusing model" in out
