@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -99,14 +99,22 @@ class Encoder(nn.Module):
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of :func:`train_encoder` (names as on the estimator)."""
+    """Hyper-parameters of :func:`train_encoder` (names as on the estimator).
+
+    Beyond the estimator's parameters: ``negative_pool`` (uniform vertices drawn per step
+    that the negatives come from; default ``batch_size``), ``lr_schedule`` ("linear" decay
+    to 0, "cosine" or "constant"), ``init_steps`` (steps of pre-training on the initial
+    layout), ``num_threads`` (torch threads; None picks by step size), ``weight_decay``
+    (AdamW) and ``virtual_rate`` (virtual points on edges per positive edge; see
+    :func:`_virtual_point_loss`), ``log_every`` (epochs between log lines; 0: none).
+    """
 
     n_components: int = 2
     hidden_layers: tuple = (128, 64, 32)
     n_projection: int = 0
-    learning_rate: float = 3e-3
-    n_epochs: int = 30
-    batch_size: int = 4096
+    learning_rate: float = 1e-2
+    n_epochs: int = 100
+    batch_size: int = 16384
     negative_sample_rate: int = 5
     negative_pool: int | None = None
     correlation_weight: float = 0.0
@@ -120,7 +128,6 @@ class TrainConfig:
     num_threads: int | None = None
     weight_decay: float = 0.0
     virtual_rate: float = 0.0
-    history: list = field(default_factory=list)
 
 
 def umap_loss(d2: torch.Tensor, positive: bool, a: float, b: float) -> torch.Tensor:
