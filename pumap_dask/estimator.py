@@ -8,6 +8,7 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from . import graph as graph_stage
@@ -293,6 +294,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         from .graph_dask import build_edge_store
         from .partition import nearest_neighbors
 
+        if self.work_dir is None:
+            _require_local_workers()
         work_dir = self.work_dir or tempfile.mkdtemp(prefix="pumap_dask-")
         try:
             t0 = time.perf_counter()
@@ -308,7 +311,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
                                      local_connectivity=self.local_connectivity,
                                      tolerance=self.tolerance, n_epochs=200)
             edges = store.read()
-            graph = store.to_csr()
+            n = as_dask(X, key=key).shape[0]
+            graph = sp.csr_matrix((edges[2], (edges[0], edges[1])), shape=(n, n))
             timings["graph"] = time.perf_counter() - t0
         finally:
             if self.work_dir is None:
@@ -423,6 +427,31 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         tags.non_deterministic = knn_stage.resolve_device(self.device) != "cpu"
         tags.transformer_tags.preserves_dtype = ["float32"]  # embeddings are always float32
         return tags
+
+
+def _require_local_workers() -> None:
+    """A temporary work_dir lives on this machine: refuse when workers run elsewhere."""
+    import socket
+
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        return
+    hosts = {addr.split("://")[-1].rsplit(":", 1)[0]
+             for addr in client.scheduler_info().get("workers", {})}
+    local = {"127.0.0.1", "localhost", socket.gethostname()}
+    try:
+        local.add(socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        pass
+    remote = hosts - local
+    if remote:
+        raise InputError(
+            f"Dask workers run on other machines ({sorted(remote)[:3]}); a partitioned fit "
+            "writes kNN and graph shards that every worker must see: pass work_dir= on a "
+            "file system shared by the client and all workers")
 
 
 def _feature_stats(X: np.ndarray) -> dict[str, np.ndarray]:

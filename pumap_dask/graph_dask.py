@@ -299,6 +299,10 @@ def build_edge_store(
         elif meta.get("complete"):
             logger.info("graph reused from %s", gdir)
             return EdgeStore(gdir)
+    if meta is None:
+        # shards without a meta.json have no known parameters or threshold: never reuse them
+        for old in glob.glob(os.path.join(gdir, "shard-*")):
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
     _cleanup(gdir, B)
 
     t0 = time.perf_counter()
@@ -321,7 +325,8 @@ def build_edge_store(
         sym = list(dask.persist(*sym, **sched))
         maxima = dask.compute(*[delayed(_block_max)(g) for g in sym], **sched)
         max_w = float(max(maxima, default=0.0))
-        threshold = max_w / float(n_epochs) if n_epochs else 0.0
+        # float32 like the in-memory path, so an edge at the threshold is kept the same way
+        threshold = float(np.float32(max_w) / np.float32(n_epochs)) if n_epochs else 0.0
         meta = {"params": params, "max_weight": max_w, "threshold": threshold,
                 "complete": False}
         _write_json_atomic(meta_path, meta)

@@ -474,7 +474,27 @@ def _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_ro
             "n_neighbors": int(n_neighbors), "method": method, "overlap": int(overlap),
             "n_partitions": n_partitions, "partition_rows": partition_rows,
             "refine": bool(refine), "random_state": random_state, "source": source,
-            "token": darr.name}
+            "token": darr.name, "content": _store_fingerprint(source)}
+
+
+def _store_fingerprint(path: str | None) -> str | None:
+    """Sizes and modification times of a local Zarr store's files, hashed.
+
+    Dask names a Zarr-backed array by its path, so data rewritten in place would otherwise
+    hit the cache of the old data. Reading only file metadata keeps this cheap.
+    """
+    if path is None or not os.path.isdir(path):
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            h.update(f"{os.path.relpath(os.path.join(root, name), path)}:{st.st_size}:"
+                     f"{st.st_mtime_ns};".encode())
+    return h.hexdigest()
 
 
 def _write_json_atomic(path: str, doc: dict) -> None:

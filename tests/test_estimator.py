@@ -219,3 +219,17 @@ def test_sklearn_estimator_checks():
     failed = [(r["check_name"], str(r["exception"])[:300]) for r in results
               if r["status"] == "failed"]
     assert not failed
+
+
+def test_partitioned_fit_needs_shared_work_dir_with_remote_workers(monkeypatch):
+    import distributed
+
+    from pumap_dask.estimator import _require_local_workers
+
+    class FakeClient:
+        def scheduler_info(self):
+            return {"workers": {"tcp://10.9.9.9:40000": {}, "tcp://127.0.0.1:40001": {}}}
+
+    monkeypatch.setattr(distributed, "get_client", lambda: FakeClient())
+    with pytest.raises(InputError, match="pass work_dir= on a file system shared"):
+        _require_local_workers()

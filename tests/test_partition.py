@@ -155,3 +155,24 @@ def test_work_dir_irregular_chunks_and_other_input(cells, tmp_path):
                                recall_samples=0)
     assert r2.timings != {"cached": 0.0}
     assert knn_recall(i1, exact_ind) > 0.95
+
+
+def test_work_dir_cache_sees_zarr_rewritten_in_place(cells, tmp_path):
+    """Dask names Zarr arrays by path: new data at the same path must not reuse the cache."""
+    import zarr
+
+    X = cells[0]
+    path = str(tmp_path / "x.zarr")
+    z = zarr.create_array(path, shape=X.shape, chunks=(2000, 30), dtype="float32")
+    z[:] = X
+    with dask.config.set(scheduler="threads"):
+        r1 = nearest_neighbors(path, K, "partitioned", n_partitions=3,
+                               work_dir=tmp_path / "w", recall_samples=0)
+        first = r1[0].compute()
+        z[:] = X[::-1]  # same shape and path, different data
+        r2 = nearest_neighbors(path, K, "partitioned", n_partitions=3,
+                               work_dir=tmp_path / "w", recall_samples=0)
+    assert r2.timings != {"cached": 0.0}
+    n = len(X)
+    # reversed rows: row i's neighbours are the old neighbours of row n-1-i, mirrored
+    assert knn_recall(r2[0].compute()[::-1], n - 1 - first) > 0.99
