@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 import numpy as np
+from dask.base import tokenize
 
 from .io import InputError, as_dask, check_array, checked_finite, is_lazy
 from . import knn as knn_stage
@@ -397,7 +398,8 @@ def partitioned_knn(darr, n_neighbors: int, *, overlap: int = 2, n_partitions: i
         min_rows = 4 * (n_neighbors + 1)
         target = min(partition_rows or DEFAULT_PARTITION_ROWS, ceiling)
         C = fit_partitions(sample, P, overlap, n, min(ceiling, 2 * target), min_rows, seed)
-        tag = f"{_token(darr)}-{n_neighbors}-{overlap}-{r}-{seed}"
+        # the centroids' token keeps runs with other partitionings from sharing task keys
+        tag = f"{_token(darr)}-{n_neighbors}-{overlap}-{r}-{seed}-{tokenize(C)[:12]}"
         pb = _partition_pass(darr, n_neighbors, C, overlap, device, seed, tag)
         per_block = pb if per_block is None else [a + b for a, b in zip(per_block, pb)]
         P_used = C.shape[0]
@@ -455,7 +457,7 @@ def lazy_sample_recall(darr, indices, n_samples: int = 1000, random_state: int |
     sched = {"scheduler": client} if client is not None else {}
     Q, approx = dask.compute(darr[rows], indices[rows], **sched)
     bounds = _block_bounds(darr.chunks[0])
-    Qd = delayed(Q, name=f"recall-queries-{_token(darr)}-{len(rows)}")
+    Qd = delayed(Q, name=f"recall-queries-{_token(darr)}-{tokenize(rows)[:12]}")
     tops = [delayed(_block_topk, pure=True)(blk, int(bounds[b]), Qd, k + 1, device)
             for b, blk in enumerate(darr.to_delayed().ravel())]
     tops = dask.compute(*tops, **sched)
@@ -683,7 +685,9 @@ def nearest_neighbors(
     recall = None
     if recall_samples and recall_samples > 0:
         t0 = time.perf_counter()
-        recall = lazy_sample_recall(darr, ind, recall_samples, random_state, dev, client=client)
+        # the raw device: each worker resolves "auto" to its own CUDA or CPU
+        recall = lazy_sample_recall(darr, ind, recall_samples, random_state, device,
+                                    client=client)
         timings["recall"] = time.perf_counter() - t0
         logger.info("kNN recall@%d on %d sampled rows: %.4f (%.2fs)", n_neighbors,
                     min(n, recall_samples), recall, timings["recall"])
