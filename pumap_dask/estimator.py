@@ -14,7 +14,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from . import graph as graph_stage
 from . import knn as knn_stage
 from . import model as model_stage
-from .io import InputError, as_dask, check_array, checked_finite, is_lazy
+from .io import InputError, as_dask, check_array, check_n_features, checked_finite, is_lazy
 from .init import INIT_METHODS, initial_layout
 from .train import TrainConfig, build_encoder, encode, find_ab_params, train_encoder
 
@@ -311,7 +311,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
                                      local_connectivity=self.local_connectivity,
                                      tolerance=self.tolerance, n_epochs=200)
             edges = store.read()
-            n = as_dask(X, key=key).shape[0]
+            n = res.indices.shape[0]
             graph = sp.csr_matrix((edges[2], (edges[0], edges[1])), shape=(n, n))
             timings["graph"] = time.perf_counter() - t0
         finally:
@@ -351,10 +351,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
 
             return lazy_transform(X, self, key=key, batch_size=batch_size)
         X = check_array(X, what="X")
-        if X.shape[1] != self.n_features_in_:
-            raise InputError(f"X has {X.shape[1]} features, but ParametricUMAP is expecting "
-                             f"{self.n_features_in_} features as input (the number it was "
-                             "fitted on)")
+        check_n_features(X.shape[1], self.n_features_in_)
         return encode(self.encoder_, X, batch_size=batch_size)
 
     # ------------------------------------------------------------------ persistence

@@ -102,6 +102,13 @@ def _check_shape_dtype(shape: tuple, dtype: np.dtype, what: str) -> None:
                          "is required.")
 
 
+def check_n_features(n_features: int, expected: int) -> None:
+    """Fail, before any compute, when input and model disagree on the number of features."""
+    if n_features != expected:
+        raise InputError(f"X has {n_features} features, but ParametricUMAP is expecting "
+                         f"{expected} features as input (the number it was fitted on)")
+
+
 def check_array(X: Any, *, what: str = "X", min_samples: int = 1) -> np.ndarray:
     """Validate an in-memory array and return it as C-contiguous float32.
 
@@ -129,7 +136,8 @@ def check_array(X: Any, *, what: str = "X", min_samples: int = 1) -> np.ndarray:
     if not finite.all():
         bad = np.flatnonzero(~finite.all(axis=1))
         raise InputError(
-            f"{what} contains NaN or infinite values in {bad.size} rows (first: {bad[:5].tolist()}); "
+            f"{what} contains NaN or infinite values in {bad.size} rows "
+            f"(first: {bad[:5].tolist()}); "
             "impute or drop them first"
         )
     return arr
@@ -202,4 +210,5 @@ def _finite_block(block: np.ndarray, block_info=None, what: str = "X") -> np.nda
 
 def checked_finite(darr, what: str = "X"):
     """Return ``darr`` with a per-block finiteness check that runs when blocks are computed."""
-    return darr.map_blocks(_finite_block, what=what, dtype=darr.dtype, meta=np.empty((0, 0), darr.dtype))
+    return darr.map_blocks(_finite_block, what=what, dtype=darr.dtype,
+                           meta=np.empty((0, 0), darr.dtype))

@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 KNN_METHODS = ("auto", "exact", "nndescent", "partitioned")
 
 # Work (n^2 * d) up to which "auto" uses exact search on the CPU: about 25k x 784 or
-# 100k x 50 (measured on 2 cores: 7k x 784 exact in 0.7 s; pynndescent on 100k x 50 in
-# ~10 s, where exact would take ~20 s).
+# 100k x 50. Measured on 2 cores: 7k x 784 exact in 0.7 s; pynndescent on 100k x 50 took
+# 1.6 s on an idle machine (10 s on a loaded one), so for low-dimensional data this limit
+# keeps exact search longer than speed alone would.
 EXACT_WORK_LIMIT = 5e11
 
 
@@ -100,9 +101,8 @@ def exact_knn(
                         idx = torch.arange(lo, hi, device=dev)
                         d2[idx - q0, idx - r0] = float("inf")
                 cand_d = torch.cat([best_d, d2], 1)
-                cand_i = torch.cat(
-                    [best_i, torch.arange(r0, r0 + r.shape[0], device=dev).expand(q.shape[0], -1)], 1
-                )
+                ref_ids = torch.arange(r0, r0 + r.shape[0], device=dev).expand(q.shape[0], -1)
+                cand_i = torch.cat([best_i, ref_ids], 1)
                 best_d, pos = torch.topk(cand_d, k, dim=1, largest=False, sorted=True)
                 best_i = torch.gather(cand_i, 1, pos)
             out_i[q0:q0 + q.shape[0]] = best_i.cpu().numpy()

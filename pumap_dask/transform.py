@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import InputError, as_dask
+from .io import InputError, as_dask, check_n_features
 from .model import WEIGHTS, ModelFileError, file_sha256, load_encoder, read_config
 
 logger = logging.getLogger(__name__)
@@ -48,13 +48,22 @@ class ModelBlob:
 
 
 def model_source(model: Any) -> ModelRef | ModelBlob:
-    """Describe ``model`` (a fitted estimator or a saved-model path) for shipping to workers."""
+    """Describe ``model`` (a fitted estimator or a saved-model path) for shipping to workers.
+
+    A model loaded from disk travels as its path; a source built earlier is returned as is,
+    so callers that need the source themselves hash or serialise the weights only once.
+    """
     import hashlib
 
     import torch
 
     from .model import encoder_spec
 
+    if isinstance(model, (ModelRef, ModelBlob)):
+        return model
+    loaded_from = getattr(model, "model_path_", None)
+    if loaded_from and getattr(model, "model_sha256_", None) and os.path.exists(loaded_from):
+        model = loaded_from  # a loaded model: ship its path, not its weights
     if isinstance(model, (str, os.PathLike)):
         doc = read_config(model)
         spec = doc["encoder"]
@@ -170,7 +179,8 @@ def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | N
     X
         numpy array, dask array, ``zarr.Array``, or a path to a Zarr array / AnnData store.
     model
-        A fitted :class:`~pumap_dask.ParametricUMAP` or the path of a saved model.
+        A fitted :class:`~pumap_dask.ParametricUMAP`, the path of a saved model, or what
+        :func:`model_source` made of either.
     key
         Array inside a Zarr group (AnnData default ``obsm/X_pca``).
     batch_size
@@ -194,18 +204,9 @@ def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | N
 
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-    if model is not None and not isinstance(model, (str, os.PathLike)) and \
-            getattr(model, "model_path_", None) and getattr(model, "model_sha256_", None):
-        # a loaded model: ship its path, not its weights, when the file is unchanged
-        path = model.model_path_
-        if os.path.exists(path):
-            model = path
     source = model_source(model)
     darr = as_dask(X, key=key)
-    if darr.shape[1] != source.n_features:
-        raise InputError(f"X has {darr.shape[1]} features, but ParametricUMAP is expecting "
-                         f"{source.n_features} features as input (the number it was fitted "
-                         "on)")
+    check_n_features(darr.shape[1], source.n_features)
     src = dask.delayed(source, pure=True, traverse=False)
     emb = da.map_blocks(
         transform_block, darr, src,
@@ -258,9 +259,7 @@ def ood_mask(X: Any, model: Any, *, key: str | None = None, margin: float = 0.25
     span = hi - lo
     low, high = lo - margin * span, hi + margin * span
     darr = as_dask(X, key=key)
-    if darr.shape[1] != lo.shape[0]:
-        raise InputError(f"X has {darr.shape[1]} features, but ParametricUMAP is expecting "
-                         f"{lo.shape[0]} features as input (the number it was fitted on)")
+    check_n_features(darr.shape[1], lo.shape[0])
     bounds = dask.delayed((low, high), pure=True, traverse=False)
     return da.map_blocks(lambda b, lh: _ood_block(b, *lh), darr, bounds, drop_axis=1,
                          chunks=(darr.chunks[0],), dtype=bool, meta=np.empty((0,), bool))

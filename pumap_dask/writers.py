@@ -133,7 +133,7 @@ def transform_to_zarr(
     out_path = os.path.abspath(os.fspath(out_path))
     darr = _regular_rows(as_dask(X, key=key), chunk_rows)
     source = model_source(model)
-    emb = transform(darr, model, batch_size=batch_size, device=device, nan_policy=nan_policy)
+    emb = transform(darr, source, batch_size=batch_size, device=device, nan_policy=nan_policy)
     rows = darr.chunks[0]
     block_rows = rows[0]
     attrs = {"model_sha256": source.sha256, "block_rows": block_rows,
