@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import dask
+    import distributed  # noqa: F401  (sets up its loggers on import; quiet them after)
+
+    dask.config.set({"logging.distributed": "warning"})
     for noisy in ("distributed", "numba", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args.func(args)
