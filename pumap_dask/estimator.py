@@ -14,8 +14,9 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from . import graph as graph_stage
 from . import knn as knn_stage
 from . import model as model_stage
+from .init import initial_layout
 from .io import InputError, as_dask, check_array, check_n_features, checked_finite, is_lazy
-from .init import INIT_METHODS, initial_layout
+from .params import check_estimator_params, check_transform_args
 from .train import TrainConfig, build_encoder, encode, find_ab_params, train_encoder
 
 logger = logging.getLogger(__name__)
@@ -144,30 +145,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ checks
     def _check_params(self) -> None:
-        def positive_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-        for name in ("n_components", "n_neighbors", "batch_size"):
-            positive_int(name)
-        if self.n_epochs is not None:
-            positive_int("n_epochs")
-        if self.negative_sample_rate < 0:
-            raise ValueError("negative_sample_rate must be >= 0")
-        if not 0.0 <= self.set_op_mix_ratio <= 1.0:
-            raise ValueError(f"set_op_mix_ratio must lie in [0, 1], got {self.set_op_mix_ratio}")
-        if self.local_connectivity < 0:
-            raise ValueError("local_connectivity must be >= 0")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.knn_method not in knn_stage.KNN_METHODS:
-            raise ValueError(f"knn_method must be one of {knn_stage.KNN_METHODS}, got "
-                             f"{self.knn_method!r}")
-        if self.init not in INIT_METHODS:
-            raise ValueError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
-        if any(int(h) < 1 for h in self.hidden_layers):
-            raise ValueError(f"hidden_layers must be positive widths, got {self.hidden_layers}")
+        """Validate every parameter (see :mod:`pumap_dask.params`) before any work."""
+        check_estimator_params(self)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "encoder_"):
@@ -210,14 +189,15 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         edges = None
+        if is_lazy(X):
+            n_rows = as_dask(X, key=key).shape[0]
+            _check_enough_rows(n_rows, self.n_neighbors)
         if knn is None and is_lazy(X) and self._lazy_method(X, key) == "partitioned":
             edges = self._partitioned_graph(X, key, timings)
             t0 = time.perf_counter()
         X = self._load_training_data(X, key)
         n, d = X.shape
-        if n < self.n_neighbors + 1:
-            raise InputError(f"X has {n} samples but n_neighbors={self.n_neighbors} needs at "
-                             f"least {self.n_neighbors + 1}; lower n_neighbors or add samples")
+        _check_enough_rows(n, self.n_neighbors)
         device = knn_stage.resolve_device(self.device)
         timings["input"] = time.perf_counter() - t0
 
@@ -346,6 +326,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         (see :func:`pumap_dask.transform`).
         """
         self._check_fitted()
+        check_transform_args(batch_size=batch_size)
         if is_lazy(X):
             from .transform import transform as lazy_transform
 
@@ -356,17 +337,35 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, include_embedding: bool = True) -> str:
-        """Save to a directory (JSON config + torch weights, no pickle); returns the path."""
+        """Save to a directory (JSON config + torch weights, no pickle); returns the path.
+
+        Parameters
+        ----------
+        path
+            Target directory; an existing model there is replaced atomically.
+        include_embedding
+            Also store the training embedding (``embedding_``).
+
+        Returns
+        -------
+        str
+            The absolute path of the model directory. Every file in it is checksummed, so
+            :meth:`load` detects any later edit (see :mod:`pumap_dask.model`).
+        """
         self._check_fitted()
+        params = _jsonable(self.get_params())
+        params["hidden_layers"] = [int(h) for h in self.hidden_layers]
         config = {
-            "params": _jsonable(self.get_params()),
+            "params": params,
             "fitted": {
-                "a": self.a_, "b": self.b_, "n_features_in": self.n_features_in_,
-                "n_samples_fit": self.n_samples_fit_, "n_epochs": self.n_epochs_,
-                "knn_method": self.knn_method_, "n_edges": self.n_edges_,
+                "a": float(self.a_), "b": float(self.b_),
+                "n_features_in": int(self.n_features_in_),
+                "n_samples_fit": int(self.n_samples_fit_), "n_epochs": int(self.n_epochs_),
+                "knn_method": self.knn_method_, "n_edges": int(self.n_edges_),
                 "loss_history": list(map(float, self.loss_history_)),
-                "feature_stats": {k: v.tolist() for k, v in self.feature_stats_.items()},
-                "timings": self.timings_,
+                "feature_stats": {k: np.asarray(v, dtype=np.float32).tolist()
+                                  for k, v in self.feature_stats_.items()},
+                "timings": {k: float(v) for k, v in self.timings_.items()},
                 "knn_recall": getattr(self, "knn_recall_", None),
             },
         }
@@ -375,11 +374,32 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ParametricUMAP":
-        """Load a model saved by :meth:`save`."""
-        encoder, doc = model_stage.load_encoder(path)
-        params = doc.get("params", {})
+        """Load a model saved by :meth:`save`.
+
+        Parameters
+        ----------
+        path
+            The model directory.
+
+        Returns
+        -------
+        ParametricUMAP
+            Fitted, with ``model_path_`` and ``model_sha256_`` (the weights' hash) set.
+
+        Raises
+        ------
+        ModelFileError
+            When the directory is missing, incomplete, of an unreadable format version, or
+            any of its files was modified or corrupted since it was saved.
+        """
+        encoder, doc = model_stage.load_encoder(path)  # config verified and validated
+        params = dict(doc["params"])
         params["hidden_layers"] = tuple(params.get("hidden_layers", DEFAULT_HIDDEN))
         valid = cls().get_params()
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            logger.warning("ignoring parameters %s of the model at %s (saved by another "
+                           "pumap_dask version?)", unknown, path)
         m = cls(**{k: v for k, v in params.items() if k in valid})
         f = doc["fitted"]
         m.encoder_ = encoder
@@ -389,10 +409,10 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         m.n_epochs_ = f["n_epochs"]
         m.knn_method_ = f["knn_method"]
         m.n_edges_ = f["n_edges"]
-        m.loss_history_ = f["loss_history"]
+        m.loss_history_ = list(f["loss_history"])
         m.feature_stats_ = {k: np.asarray(v, dtype=np.float32)
                             for k, v in f["feature_stats"].items()}
-        m.timings_ = f.get("timings", {})
+        m.timings_ = dict(f.get("timings") or {})
         if f.get("knn_recall") is not None:
             m.knn_recall_ = f["knn_recall"]
         emb = model_stage.load_embedding(path, doc)
@@ -424,6 +444,12 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         tags.non_deterministic = knn_stage.resolve_device(self.device) != "cpu"
         tags.transformer_tags.preserves_dtype = ["float32"]  # embeddings are always float32
         return tags
+
+
+def _check_enough_rows(n: int, n_neighbors: int) -> None:
+    if n < n_neighbors + 1:
+        raise InputError(f"X has {n} samples but n_neighbors={n_neighbors} needs at least "
+                         f"{n_neighbors + 1}; lower n_neighbors or add samples")
 
 
 def _require_local_workers() -> None:

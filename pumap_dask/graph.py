@@ -159,6 +159,9 @@ def fuzzy_simplicial_set(
     scipy.sparse.csr_matrix
         Symmetric, weights in (0, 1], no self loops.
     """
+    from .params import check_graph_params
+
+    check_graph_params(set_op_mix_ratio, local_connectivity, tolerance)
     n, k = indices.shape
     sigma, rho = smooth_knn_dist(distances, local_connectivity=local_connectivity,
                                  tolerance=tolerance)

@@ -266,6 +266,12 @@ def build_edge_store(
     import dask.array as da
     from dask import delayed
 
+    from .params import check_graph_params, optional_positive_int, work_dir as check_work_dir
+
+    check_graph_params(set_op_mix_ratio, local_connectivity, tolerance)
+    optional_positive_int("n_epochs", n_epochs or None)
+    if check_work_dir(work_dir) is None:
+        raise ValueError("work_dir is required: the edge shards are written there")
     if not isinstance(indices, da.Array):
         indices = da.from_array(np.asarray(indices), chunks=(min(len(indices), 100_000), -1))
     if not isinstance(distances, da.Array):

@@ -17,6 +17,10 @@ logger = logging.getLogger(__name__)
 
 INIT_METHODS = ("spectral", "pca", "random")
 LAYOUT_SCALE = 10.0
+# Rows of the spectral layout. Up to this many rows the full graph's spectral layout is
+# used; above it, the layout of a kNN graph among this many sampled rows (landmarks), so the
+# cost stays bounded at any n (benchmarks/init_scale.py measures both at 200k rows).
+N_LANDMARKS = 20_000
 
 
 def _rescale(layout: np.ndarray) -> np.ndarray:
@@ -70,6 +74,53 @@ def spectral_layout(graph: sp.spmatrix, n_components: int, random_state: int | N
         return None
     order = np.argsort(vals)[::-1]
     return _rescale(vecs[:, order[1:k]])
+
+
+def landmark_rows(n: int, n_landmarks: int = N_LANDMARKS,
+                  random_state: int | None = 0) -> np.ndarray:
+    """Sorted row ids of a uniform sample of ``min(n, n_landmarks)`` rows."""
+    if n <= n_landmarks:
+        return np.arange(n)
+    rng = np.random.default_rng(random_state)
+    return np.sort(rng.choice(n, size=n_landmarks, replace=False))
+
+
+def landmark_layout(X_landmarks: np.ndarray, n_components: int, n_neighbors: int = 15, *,
+                    random_state: int | None = 0, device: str = "cpu",
+                    set_op_mix_ratio: float = 1.0,
+                    local_connectivity: float = 1.0) -> np.ndarray:
+    """Spectral layout of a sample of rows, from a fuzzy kNN graph among the sample itself.
+
+    The spectral layout of a uniform sample approximates the global arrangement of the full
+    data (as Nystrom methods rely on), at a cost set by the sample size, not by n. Falls back
+    to the sample's PCA layout when the sample's graph is disconnected.
+
+    Parameters
+    ----------
+    X_landmarks
+        (m, d) sampled rows, in memory.
+    n_components
+        Layout dimension.
+    n_neighbors
+        k of the sample's kNN graph.
+
+    Returns
+    -------
+    ndarray (m, n_components), float32, scaled to [-10, 10].
+    """
+    from .graph import fuzzy_simplicial_set
+    from .knn import nearest_neighbors_numpy
+
+    X_landmarks = np.ascontiguousarray(X_landmarks, dtype=np.float32)
+    k = min(n_neighbors, X_landmarks.shape[0] - 1)
+    ind, dist = nearest_neighbors_numpy(X_landmarks, k, "auto", random_state=random_state,
+                                        device=device)
+    graph = fuzzy_simplicial_set(ind, dist, set_op_mix_ratio=set_op_mix_ratio,
+                                 local_connectivity=local_connectivity)
+    layout = spectral_layout(graph, n_components, random_state)
+    if layout is None:
+        layout = pca_layout(X_landmarks, n_components, random_state=random_state)
+    return layout
 
 
 def initial_layout(method: str, X: np.ndarray, graph: sp.spmatrix | None, n_components: int,

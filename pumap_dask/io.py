@@ -69,6 +69,10 @@ def open_zarr(path: str | os.PathLike, key: str | None = None):
         except KeyError:
             continue
         if isinstance(arr, zarr.Array):
+            if key is None and k != DEFAULT_ANNDATA_KEY:
+                logger.warning("%s has no %r; using its %r array (%d x %d). Pass key= (CLI: "
+                               "--key) to choose another array", path, DEFAULT_ANNDATA_KEY, k,
+                               *(tuple(arr.shape) + (0, 0))[:2])
             return arr
         if k == "X":
             raise InputError(

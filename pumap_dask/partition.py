@@ -631,10 +631,17 @@ def nearest_neighbors(
     import dask
     import dask.array as da
 
-    if isinstance(n_neighbors, bool) or int(n_neighbors) < 1:
-        raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}")
-    if int(overlap) < 1:
-        raise ValueError(f"overlap must be >= 1, got {overlap!r}")
+    from . import params as P
+
+    P.positive_int("n_neighbors", n_neighbors)
+    P.positive_int("overlap", overlap)
+    P.optional_positive_int("n_partitions", n_partitions)
+    P.optional_positive_int("partition_rows", partition_rows)
+    P.positive_int("recall_samples", recall_samples, minimum=0)
+    P.choice("method", method, knn_stage.KNN_METHODS)
+    P.device(device)
+    P.random_state(random_state)
+    P.work_dir(work_dir)
     timings: dict[str, float] = {}
     lazy = is_lazy(X)
     darr = as_dask(X, key=key)

@@ -18,12 +18,12 @@ import numpy as np
 
 from .io import InputError, as_dask, check_n_features
 from .model import WEIGHTS, ModelFileError, file_sha256, load_encoder, read_config
+from .params import check_transform_args
 
 logger = logging.getLogger(__name__)
 
 _CACHE: dict[tuple[str, str], Any] = {}
 _CACHE_LOCK = threading.Lock()
-NAN_POLICIES = ("raise", "nan")
 
 
 @dataclass(frozen=True)
@@ -202,8 +202,7 @@ def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | N
     import dask
     import dask.array as da
 
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    check_transform_args(batch_size=batch_size, device_=device, nan_policy=nan_policy)
     source = model_source(model)
     darr = as_dask(X, key=key)
     check_n_features(darr.shape[1], source.n_features)

@@ -17,12 +17,15 @@ from typing import Any
 import numpy as np
 
 from .io import InputError, as_dask
+from .params import check_transform_args, check_writer_args
 from .transform import model_source, ood_mask, report_ood, transform
 
 logger = logging.getLogger(__name__)
 
 DONE_DIR = ".pumap_done"
 ANNDATA_OBSM_KEY = "X_pumap"
+OWNER_KEY = "pumap_dask"  # attribute that marks an array as written by us
+LOCK_SUFFIX = ".pumap-lock"
 
 
 def _regular_rows(darr, chunk_rows: int | None):
@@ -55,25 +58,221 @@ def _write_block(emb: np.ndarray, ood: np.ndarray, out_path: str, start: int,
     return int(np.isnan(emb[:, 0]).sum()), int(ood.sum())
 
 
+def _node_kind(path: str) -> str | None:
+    """``"array"`` or ``"group"`` for a Zarr (v2 or v3) node directory, else None."""
+    zj = os.path.join(path, "zarr.json")
+    if os.path.isfile(zj):
+        try:
+            with open(zj) as f:
+                kind = json.load(f).get("node_type")
+        except (OSError, ValueError, AttributeError):
+            return "group"  # unreadable metadata: treat as foreign, never as ours
+        return kind if kind in ("array", "group") else "group"
+    if os.path.isfile(os.path.join(path, ".zarray")):
+        return "array"
+    if os.path.isfile(os.path.join(path, ".zgroup")):
+        return "group"
+    return None
+
+
+def _node_attrs(path: str) -> dict:
+    """The attributes of a Zarr node directory, read from its metadata files."""
+    try:
+        if os.path.isfile(os.path.join(path, "zarr.json")):
+            with open(os.path.join(path, "zarr.json")) as f:
+                attrs = json.load(f).get("attributes", {})
+        elif os.path.isfile(os.path.join(path, ".zattrs")):
+            with open(os.path.join(path, ".zattrs")) as f:
+                attrs = json.load(f)
+        else:
+            attrs = {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def is_pumap_output(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a Zarr array written by :func:`transform_to_zarr`."""
+    path = os.fspath(path)
+    return _node_kind(path) == "array" and isinstance(_node_attrs(path).get(OWNER_KEY), dict)
+
+
+def _input_root(X: Any) -> str | None:
+    """The local directory holding the input, when it has one."""
+    if isinstance(X, (str, os.PathLike)):
+        return os.path.realpath(os.fspath(X))
+    root = getattr(getattr(X, "store", None), "root", None)
+    if root is not None:
+        return os.path.realpath(os.path.join(os.fspath(root), getattr(X, "path", "") or ""))
+    return None
+
+
+def _contains(outer: str, inner: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def check_output_path(out_path: str | os.PathLike, X: Any = None, *, resume: bool = True,
+                      store: str | None = None) -> str:
+    """Refuse an output location that would overwrite or corrupt data pumap_dask did not write.
+
+    Parameters
+    ----------
+    out_path
+        The output array's directory.
+    X
+        The input (a path or a Zarr array is compared with ``out_path``).
+    resume
+        Whether an existing pumap output is to be resumed (else it is replaced).
+    store
+        The AnnData store an ``obsm`` write goes into (the only Zarr group an output may
+        live inside).
+
+    Returns
+    -------
+    str
+        ``"new"`` (nothing there), ``"resume"`` or ``"replace"`` (an existing pumap output).
+
+    Raises
+    ------
+    InputError
+        With a message that says what is at the path and what to do instead.
+    """
+    out = os.path.realpath(os.fspath(out_path))
+    src = _input_root(X)
+    if src is not None and (_contains(src, out) or _contains(out, src)):
+        raise InputError(f"the output {out} is the input {src} or overlaps it; writing there "
+                         "would destroy the input: choose an output path outside the input")
+    parent = os.path.dirname(out)
+    while parent and parent != os.path.dirname(parent):
+        if store is not None and _contains(os.path.realpath(store), parent):
+            break
+        kind = _node_kind(parent)
+        if kind is not None:
+            hint = (" (an AnnData store: write into it with write_anndata_obsm, CLI: --obsm NAME)"
+                    if _is_anndata(parent) else "")
+            raise InputError(f"the output {out} lies inside the Zarr {kind} {parent}{hint}; "
+                             "choose an output path outside it")
+        parent = os.path.dirname(parent)
+    if not os.path.exists(out):
+        return "new"
+    if not os.path.isdir(out):
+        raise InputError(f"the output {out} exists and is a file; choose another path")
+    if is_pumap_output(out):
+        return "resume" if resume else "replace"
+    kind = _node_kind(out)
+    if kind is not None and _is_anndata(out):
+        raise InputError(f"the output {out} is an AnnData store; write the embedding into it "
+                         "with write_anndata_obsm (CLI: --obsm NAME), never over it")
+    if kind is not None:
+        raise InputError(f"the output {out} is a Zarr {kind} not written by pumap_dask; it is "
+                         "never overwritten: choose another output path (or remove it yourself)")
+    if os.listdir(out):
+        raise InputError(f"the output {out} is a non-empty directory not written by "
+                         "pumap_dask; its files are never deleted: choose another output path")
+    return "new"
+
+
+def _is_anndata(path: str) -> bool:
+    return "encoding-type" in _node_attrs(path) and _node_kind(path) == "group"
+
+
+class OutputLock:
+    """An exclusive lock file beside an output, so two writers never interleave.
+
+    The lock is ``<parent>/.<name>.pumap-lock``, created with ``O_EXCL``; it records the
+    owner's host and pid. A lock left by a process that died on this host is taken over.
+    """
+
+    def __init__(self, out_path: str) -> None:
+        parent, name = os.path.split(os.path.realpath(out_path))
+        self.path = os.path.join(parent, f".{name}{LOCK_SUFFIX}")
+        self.held = False
+
+    def _owner(self) -> dict:
+        try:
+            with open(self.path) as f:
+                doc = json.load(f)
+            return doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "OutputLock":
+        import socket
+
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner.get("host") == me["host"] and not _pid_alive(owner.get("pid")):
+                    logger.warning("taking over the lock %s left by process %s, which is gone",
+                                   self.path, owner.get("pid"))
+                    try:
+                        os.remove(self.path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                since = time.strftime("%Y-%m-%d %H:%M:%S",
+                                      time.localtime(owner.get("since", 0) or 0))
+                raise InputError(
+                    f"another writer (pid {owner.get('pid', '?')} on {owner.get('host', '?')}, "
+                    f"since {since}) is writing {os.path.dirname(self.path)}/"
+                    f"{os.path.basename(self.path)[1:-len(LOCK_SUFFIX)]}; wait for it to finish, "
+                    f"or if that job is dead, delete {self.path}") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise InputError(f"could not take the lock {self.path}; delete it if no job runs")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _open_or_create(out_path: str, shape: tuple, chunk_rows: int, n_components: int,
-                    attrs: dict, resume: bool, sharded: bool, zarr_format: int):
+                    attrs: dict, state: str, sharded: bool, zarr_format: int):
     import zarr
 
-    if os.path.exists(os.path.join(out_path, "zarr.json")) or \
-            os.path.exists(os.path.join(out_path, ".zarray")):
-        if resume:
-            z = zarr.open_array(out_path, mode="r+")
-            old = dict(z.attrs).get("pumap_dask", {})
-            same = (tuple(z.shape) == shape and old.get("model_sha256") == attrs["model_sha256"]
-                    and old.get("block_rows") == chunk_rows)
-            if same:
-                return z
-            raise InputError(
-                f"{out_path} holds a different transform (shape {z.shape}, model "
-                f"{old.get('model_sha256', '?')[:12]}, block rows {old.get('block_rows')}); pass "
-                "resume=False to overwrite it or choose another out_path")
+    if state == "resume":
+        z = zarr.open_array(out_path, mode="r+")
+        old = dict(z.attrs).get(OWNER_KEY, {})
+        same = (tuple(z.shape) == shape and old.get("model_sha256") == attrs["model_sha256"]
+                and old.get("block_rows") == chunk_rows)
+        if same:
+            return z
+        raise InputError(
+            f"{out_path} holds a different transform (shape {z.shape}, model "
+            f"{str(old.get('model_sha256', '?'))[:12]}, block rows {old.get('block_rows')}); "
+            "pass resume=False (CLI: --overwrite) to replace it, or choose another output path")
+    if state == "replace":
         import shutil
 
+        logger.info("replacing the earlier pumap_dask output %s", out_path)
         shutil.rmtree(out_path)
     kwargs: dict[str, Any] = dict(shape=shape, dtype="float32", fill_value=np.nan,
                                   zarr_format=zarr_format)
@@ -85,8 +284,8 @@ def _open_or_create(out_path: str, shape: tuple, chunk_rows: int, n_components: 
         kwargs.update(chunks=(inner, n_components), shards=(chunk_rows, n_components))
     else:
         kwargs.update(chunks=(chunk_rows, n_components))
-    z = zarr.create_array(out_path, **kwargs)
-    z.attrs["pumap_dask"] = attrs
+    z = zarr.create_array(out_path, overwrite=os.path.exists(out_path), **kwargs)
+    z.attrs[OWNER_KEY] = attrs
     return z
 
 
@@ -103,8 +302,14 @@ def transform_to_zarr(
     nan_policy: str = "raise",
     sharded: bool = False,
     zarr_format: int = 3,
+    _store: str | None = None,
 ) -> "zarr.Array":  # noqa: F821
     """Embed ``X`` block by block into a Zarr array, resumably.
+
+    The output is owned: it carries a ``pumap_dask`` attribute, only such an array is ever
+    resumed or replaced, and an output equal to or overlapping the input, inside a Zarr
+    group, or over a foreign Zarr node or a non-empty directory is refused before any work.
+    A lock file beside the output makes a second concurrent writer fail at once.
 
     Parameters
     ----------
@@ -114,7 +319,8 @@ def transform_to_zarr(
         Directory of the output Zarr array (n_samples, n_components), float32.
     resume
         Reuse an existing output made by the same model and blocking, computing only blocks
-        not yet recorded as finished. ``False`` overwrites.
+        not yet recorded as finished. ``False`` replaces an earlier pumap_dask output (and
+        nothing else).
     chunk_rows
         Rows per block and output chunk (default: the input's row chunk size).
     sharded
@@ -127,19 +333,30 @@ def transform_to_zarr(
     zarr.Array
         The finished output array.
     """
+    check_writer_args(chunk_rows=chunk_rows, zarr_format=zarr_format, sharded=sharded)
+    check_transform_args(batch_size=batch_size, device_=device, nan_policy=nan_policy)
+    out_path = os.path.abspath(os.fspath(out_path))
+    darr = _regular_rows(as_dask(X, key=key), chunk_rows)
+    check_output_path(out_path, X, resume=resume, store=_store)
+    source = model_source(model)
+    emb = transform(darr, source, batch_size=batch_size, device=device, nan_policy=nan_policy)
+    with OutputLock(out_path):
+        # decided again under the lock: another writer may have finished in between
+        state = check_output_path(out_path, X, resume=resume, store=_store)
+        return _write_all(darr, emb, model, source, out_path, state, sharded, zarr_format)
+
+
+def _write_all(darr, emb, model, source, out_path: str, state: str, sharded: bool,
+               zarr_format: int):
     import dask
     import zarr
 
-    out_path = os.path.abspath(os.fspath(out_path))
-    darr = _regular_rows(as_dask(X, key=key), chunk_rows)
-    source = model_source(model)
-    emb = transform(darr, source, batch_size=batch_size, device=device, nan_policy=nan_policy)
     rows = darr.chunks[0]
     block_rows = rows[0]
     attrs = {"model_sha256": source.sha256, "block_rows": block_rows,
              "n_blocks": len(rows), "complete": False}
     z = _open_or_create(out_path, (darr.shape[0], source.n_components), block_rows,
-                        source.n_components, attrs, resume, sharded, zarr_format)
+                        source.n_components, attrs, state, sharded, zarr_format)
     os.makedirs(os.path.join(out_path, DONE_DIR), exist_ok=True)
     starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(int)
     todo = [i for i in range(len(rows)) if not os.path.exists(_done_path(out_path, i))]
@@ -157,9 +374,13 @@ def transform_to_zarr(
         report_ood(sum(c[1] for c in counts), sum(rows[i] for i in todo))
     if n_nan:
         logger.warning("%d rows had non-finite input and got NaN embeddings", n_nan)
-    attrs = dict(z.attrs["pumap_dask"])
+    missing = [i for i in range(len(rows)) if not os.path.exists(_done_path(out_path, i))]
+    if missing:
+        raise RuntimeError(f"{out_path}: {len(missing)} of {len(rows)} blocks have no "
+                           f"completion marker (first: {missing[:5]}); rerun to finish them")
+    attrs = dict(z.attrs[OWNER_KEY])
     attrs["complete"] = True
-    z.attrs["pumap_dask"] = attrs
+    z.attrs[OWNER_KEY] = attrs
     dt = time.perf_counter() - t0
     logger.info("transform_to_zarr wrote %d rows in %.1fs (%.0f rows/s)",
                 sum(rows[i] for i in todo), dt, sum(rows[i] for i in todo) / max(dt, 1e-9))
@@ -195,21 +416,33 @@ def write_anndata_obsm(
     """
     import zarr
 
-    store = os.path.abspath(os.fspath(store))
-    root = zarr.open_group(store, mode="r+")
-    fmt = root.metadata.zarr_format
-    if "obsm" not in root:
-        g = root.create_group("obsm")
-        g.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-    n_obs = _anndata_n_obs(root)
     from .io import open_zarr
 
+    store = os.path.abspath(os.fspath(store))
+    if not isinstance(obsm_key, str) or not obsm_key or "/" in obsm_key or \
+            obsm_key.startswith("."):
+        raise InputError(f"obsm_key must be a plain name such as 'X_pumap', got {obsm_key!r}")
+    if _node_kind(store) != "group":
+        raise InputError(f"{store} is not an AnnData .zarr store (no Zarr group there); "
+                         "write a plain Zarr array with transform_to_zarr (CLI: --out) instead")
+    out_path = os.path.join(store, "obsm", obsm_key)
+    if os.path.exists(out_path) and not is_pumap_output(out_path):
+        raise InputError(f"obsm[{obsm_key!r}] already exists in {store} and was not written by "
+                         "pumap_dask; it is never overwritten: pick another obsm_key (CLI: "
+                         "--obsm NAME) or delete it yourself")
     src = open_zarr(store, key=key)
+    root = zarr.open_group(store, mode="r")
+    n_obs = _anndata_n_obs(root)
     if n_obs is not None and src.shape[0] != n_obs:
         raise InputError(f"input array has {src.shape[0]} rows but the store has {n_obs} obs")
-    out = transform_to_zarr(src, model, os.path.join(store, "obsm", obsm_key), resume=resume,
-                            zarr_format=fmt, **kwargs)
-    arr = zarr.open_array(os.path.join(store, "obsm", obsm_key), mode="r+")
+    fmt = root.metadata.zarr_format
+    check_output_path(out_path, src, resume=resume, store=store)
+    if "obsm" not in root:
+        g = zarr.open_group(store, mode="r+").create_group("obsm")
+        g.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+    out = transform_to_zarr(src, model, out_path, resume=resume, zarr_format=fmt,
+                            _store=store, **kwargs)
+    arr = zarr.open_array(out_path, mode="r+")
     arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
     _drop_consolidated(store)
     return out

@@ -1,0 +1,196 @@
+"""Parameter validation: every public entry point checks its arguments here, up front.
+
+Each check runs in microseconds and before any cluster starts or stage runs, so a bad value
+fails at once with a message that names the parameter and its allowed range, never after
+the kNN of a large job.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import Any, Iterable
+
+DEVICES = ("auto", "cpu", "cuda")
+NAN_POLICIES = ("raise", "nan")
+ZARR_FORMATS = (2, 3)
+
+
+def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    """Return ``value`` as int when it is an integer >= ``minimum``, else raise ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        rng = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {rng}, got {value!r}")
+    return int(value)
+
+
+def optional_positive_int(name: str, value: Any) -> int | None:
+    """None, or a positive integer."""
+    return None if value is None else positive_int(name, value)
+
+
+def real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+         low_open: bool = False, high_open: bool = False) -> float:
+    """Return ``value`` as float when it is a finite real number within the given bounds.
+
+    Parameters
+    ----------
+    name
+        Parameter name, for the message.
+    value
+        The value to check.
+    low, high
+        Bounds (None: unbounded on that side).
+    low_open, high_open
+        Whether the bound itself is excluded.
+    """
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    allowed = f"{left}{lo}, {hi}{right}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number in {allowed}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number in {allowed}, got {value!r}")
+    if low is not None and (v < low or (low_open and v == low)):
+        raise ValueError(f"{name} must lie in {allowed}, got {value!r}")
+    if high is not None and (v > high or (high_open and v == high)):
+        raise ValueError(f"{name} must lie in {allowed}, got {value!r}")
+    return v
+
+
+def choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
+    """``value`` when it is one of ``allowed``, else a ValueError listing them."""
+    allowed = tuple(allowed)
+    try:
+        ok = not isinstance(value, bool) and any(value == a for a in allowed)
+    except (TypeError, ValueError):  # e.g. an array compared elementwise
+        ok = False
+    if not ok or isinstance(value, float):
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def device(value: Any, name: str = "device") -> str:
+    """``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    if isinstance(value, str) and (value in DEVICES or (
+            value.startswith("cuda:") and value[5:].isdigit())):
+        return value
+    raise ValueError(f"{name} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+
+
+def random_state(value: Any) -> int | None:
+    """None or a non-negative integer seed."""
+    if value is None:
+        return None
+    return positive_int("random_state", value, minimum=0)
+
+
+def layers(name: str, value: Any) -> tuple[int, ...]:
+    """A non-empty sequence of positive layer widths."""
+    try:
+        widths = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a non-empty sequence of positive integers, e.g. "
+                         f"(128, 64, 32), got {value!r}") from None
+    if not widths:
+        raise ValueError(f"{name} must hold at least one hidden layer width, e.g. (128, 64, 32); "
+                         "got an empty sequence")
+    for w in widths:
+        positive_int(f"each width in {name}", w)
+    return tuple(int(w) for w in widths)
+
+
+def min_dist_spread(min_dist: Any, spread: Any) -> tuple[float, float]:
+    """``spread`` > 0 and ``0 <= min_dist <= spread``, both finite."""
+    s = real("spread", spread, low=0.0, low_open=True)
+    m = real("min_dist", min_dist, low=0.0)
+    if m > s:
+        raise ValueError(f"min_dist must not exceed spread (min_dist={min_dist!r}, "
+                         f"spread={spread!r}); lower min_dist or raise spread")
+    return m, s
+
+
+def work_dir(value: Any, name: str = "work_dir") -> str | None:
+    """None, or a path that is (or can become) a writable directory."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"{name} must be a directory path or None, got {value!r}")
+    path = os.path.abspath(os.fspath(value))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name}={os.fspath(value)!r} exists and is not a directory")
+    writable_location(path, name)
+    return path
+
+
+def writable_location(path: str, name: str) -> None:
+    """Fail when ``path`` (existing or to be created) cannot be written by this process."""
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if os.path.isfile(probe) and probe != path:
+        raise ValueError(f"{name}={path!r} cannot be created: {probe!r} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}={path!r} is not writable (no write permission on "
+                         f"{probe!r}); choose another location")
+
+
+def check_graph_params(set_op_mix_ratio: Any, local_connectivity: Any, tolerance: Any) -> None:
+    """Validate the fuzzy-graph parameters shared by the graph stages and the estimator."""
+    real("local_connectivity", local_connectivity, low=0.0)
+    real("set_op_mix_ratio", set_op_mix_ratio, low=0.0, high=1.0)
+    real("tolerance", tolerance, low=0.0, low_open=True)
+
+
+def check_estimator_params(est: Any) -> None:
+    """Validate every constructor parameter of a :class:`~pumap_dask.ParametricUMAP`.
+
+    Raises
+    ------
+    ValueError
+        Naming the first bad parameter and its allowed values.
+    """
+    from .init import INIT_METHODS
+    from .knn import KNN_METHODS
+
+    for name in ("n_components", "n_neighbors", "batch_size", "negative_sample_rate"):
+        positive_int(name, getattr(est, name))
+    optional_positive_int("n_epochs", est.n_epochs)
+    positive_int("n_projection", est.n_projection, minimum=0)
+    positive_int("knn_overlap", est.knn_overlap)
+    min_dist_spread(est.min_dist, est.spread)
+    real("learning_rate", est.learning_rate, low=0.0, low_open=True)
+    check_graph_params(est.set_op_mix_ratio, est.local_connectivity, est.tolerance)
+    real("correlation_weight", est.correlation_weight, low=0.0)
+    choice("knn_method", est.knn_method, KNN_METHODS)
+    choice("init", est.init, INIT_METHODS)
+    layers("hidden_layers", est.hidden_layers)
+    device(est.device)
+    random_state(est.random_state)
+    if not isinstance(est.verbose, (bool, numbers.Integral)):
+        raise ValueError(f"verbose must be True or False, got {est.verbose!r}")
+    work_dir(est.work_dir)
+
+
+def check_transform_args(*, batch_size: Any = None, device_: Any = "auto",
+                         nan_policy: Any = "raise") -> None:
+    """Validate the shared arguments of the transform entry points."""
+    optional_positive_int("batch_size", batch_size)
+    device(device_)
+    choice("nan_policy", nan_policy, NAN_POLICIES)
+
+
+def check_writer_args(*, chunk_rows: Any = None, zarr_format: Any = 3,
+                      sharded: Any = False) -> None:
+    """Validate the arguments of :func:`pumap_dask.writers.transform_to_zarr`."""
+    optional_positive_int("chunk_rows", chunk_rows)
+    choice("zarr_format", zarr_format, ZARR_FORMATS)
+    if sharded and zarr_format != 3:
+        raise ValueError("sharded=True needs zarr_format=3 (Zarr v2 has no shards)")
