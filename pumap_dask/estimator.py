@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any, Sequence
 
 import numpy as np
-import scipy.sparse as sp
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from . import graph as graph_stage
 from . import knn as knn_stage
 from . import model as model_stage
-from .init import initial_layout
-from .io import InputError, as_dask, check_array, check_n_features, checked_finite, is_lazy
+from . import pipeline
+from .io import check_array, check_n_features, is_lazy
 from .params import check_estimator_params, check_transform_args
-from .train import TrainConfig, build_encoder, encode, find_ab_params, train_encoder
+from .train import encode
 
 logger = logging.getLogger(__name__)
 
 # Chosen by benchmarks/quality.py (see benchmarks/RESULTS.md).
 DEFAULT_HIDDEN = (128, 64, 32)
 DEFAULT_PROJECTION = 64
-# The total number of optimiser steps is what buys quality; an epoch (one pass over the
-# edges) is few steps for large batches, so the default epoch count targets a step count.
-TARGET_STEPS = 1000
 
 
 class NotFittedError(RuntimeError, AttributeError):
@@ -90,7 +84,11 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
     embedding_ : ndarray (n_samples, n_components)
     encoder_ : torch.nn.Module
     graph_ : scipy.sparse.csr_matrix
-        The fuzzy graph (after a partitioned fit: the pruned graph rebuilt from the edges).
+        The fuzzy graph, for in-memory fits only (a partitioned fit keeps its edges in
+        ``work_dir/graph`` and builds no (n, n) matrix on the client).
+    init_ : str
+        The initial layout used: "spectral" (full graph), "landmark-spectral" (kNN graph of
+        a sample of rows, above ``pumap_dask.init.N_LANDMARKS`` rows), "pca" or "random".
     knn_recall_ : float
         Sampled recall@k of the kNN, set when it was measured (partitioned fits).
     loss_history_ : list of float
@@ -153,17 +151,10 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             raise NotFittedError("this ParametricUMAP is not fitted yet; call fit(X) or "
                                  "pumap_dask.load(path) first")
 
-    def _load_training_data(self, X: Any, key: str | None) -> np.ndarray:
-        if is_lazy(X):
-            darr = checked_finite(as_dask(X, key=key))
-            logger.info("loading %s x %s input into memory for single-machine fit", *darr.shape)
-            X = darr.compute()
-        return check_array(X, what="X", min_samples=1)
-
     # ------------------------------------------------------------------ fit
     def fit(self, X: Any, y: Any = None, *, key: str | None = None,
             knn: tuple[np.ndarray, np.ndarray] | None = None) -> "ParametricUMAP":
-        """Fit the encoder to X.
+        """Fit the encoder to X (see :func:`pumap_dask.pipeline.fit` for the stages).
 
         Parameters
         ----------
@@ -184,135 +175,26 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         self._check_params()
         if self.verbose:
             logging.getLogger("pumap_dask").setLevel(logging.INFO)
-        for stale in ("model_path_", "model_sha256_", "knn_recall_"):
+        for stale in ("model_path_", "model_sha256_", "knn_recall_", "graph_"):
             self.__dict__.pop(stale, None)
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        edges = None
-        if is_lazy(X):
-            n_rows = as_dask(X, key=key).shape[0]
-            _check_enough_rows(n_rows, self.n_neighbors)
-        if knn is None and is_lazy(X) and self._lazy_method(X, key) == "partitioned":
-            edges = self._partitioned_graph(X, key, timings)
-            t0 = time.perf_counter()
-        X = self._load_training_data(X, key)
-        n, d = X.shape
-        _check_enough_rows(n, self.n_neighbors)
-        device = knn_stage.resolve_device(self.device)
-        timings["input"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        if edges is not None:
-            method = "partitioned"
-        elif knn is not None:
-            ind, dist = knn_stage.check_precomputed(knn, n, self.n_neighbors)
-            method = "precomputed"
-        else:
-            method = self.knn_method
-            if method == "auto":
-                method = knn_stage.choose_method(n, d, device)
-            if method == "partitioned":
-                method = "nndescent"  # in-memory input: one partition
-            ind, dist = knn_stage.nearest_neighbors_numpy(
-                X, self.n_neighbors, method, random_state=self.random_state, device=device)
-        if edges is not None:
-            self.graph_, (head, tail, weight) = edges
-        else:
-            timings["knn"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            self.graph_ = graph_stage.fuzzy_simplicial_set(
-                ind, dist, set_op_mix_ratio=self.set_op_mix_ratio,
-                local_connectivity=self.local_connectivity, tolerance=self.tolerance)
-            head, tail, weight = graph_stage.graph_to_edges(self.graph_, n_epochs=200)
-            timings["graph"] = time.perf_counter() - t0
-        if len(head) == 0:
-            raise InputError("the kNN graph has no edges (all points identical?); the data "
-                             "needs some spread to embed")
-
-        t0 = time.perf_counter()
-        self.a_, self.b_ = find_ab_params(self.spread, self.min_dist)
-        cfg = self._train_config(len(head), d, device)
-        encoder = build_encoder(d, cfg, X)
-        layout = initial_layout(self.init, X, self.graph_, self.n_components,
-                                random_state=self.random_state)
-        timings["init"] = time.perf_counter() - t0
-        cb = None
-        if self.verbose:
-            log_every = max(1, cfg.n_epochs // 10)
-
-            def cb(epoch, loss):
-                if (epoch + 1) % log_every == 0:
-                    logger.info("epoch %d/%d loss %.4f", epoch + 1, cfg.n_epochs, loss)
-        self.encoder_, self.loss_history_ = train_encoder(X, head, tail, weight, cfg, encoder, cb,
-                                                            init_embedding=layout)
-        timings["train"] = time.perf_counter() - t0 - timings["init"]
-
-        self.embedding_ = encode(self.encoder_, X)
-        self.n_features_in_ = d
-        self.n_samples_fit_ = n
-        self.n_epochs_ = cfg.n_epochs
-        self.knn_method_ = method
-        self.n_edges_ = int(len(head))
-        self.feature_stats_ = _feature_stats(X)
-        self.timings_ = timings
-        logger.info("fitted %d x %d: %s", n, d,
-                    ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+        res = pipeline.fit(self.get_params(), X, key=key, knn=knn)
+        self.encoder_ = res.trained.encoder
+        self.loss_history_ = res.trained.loss_history
+        self.n_epochs_ = res.trained.config.n_epochs
+        self.embedding_ = res.embedding
+        self.feature_stats_ = res.feature_stats
+        self.n_features_in_ = res.n_features
+        self.n_samples_fit_ = res.n_samples
+        self.knn_method_ = res.knn_method
+        self.n_edges_ = res.n_edges
+        self.a_, self.b_ = res.a, res.b
+        self.init_ = res.init
+        self.timings_ = res.timings
+        if res.graph is not None:
+            self.graph_ = res.graph
+        if res.knn_recall is not None:
+            self.knn_recall_ = res.knn_recall
         return self
-
-    def _lazy_method(self, X: Any, key: str | None) -> str:
-        from .partition import resolve_method
-
-        shape = as_dask(X, key=key).shape
-        return resolve_method(self.knn_method, X, shape[0], shape[1],
-                              knn_stage.resolve_device(self.device))
-
-    def _partitioned_graph(self, X: Any, key: str | None, timings: dict) -> tuple:
-        """Partitioned kNN and distributed graph; returns (pruned graph, edges)."""
-        import shutil
-        import tempfile
-
-        from .graph_dask import build_edge_store
-        from .partition import nearest_neighbors
-
-        if self.work_dir is None:
-            _require_local_workers()
-        work_dir = self.work_dir or tempfile.mkdtemp(prefix="pumap_dask-")
-        try:
-            t0 = time.perf_counter()
-            res = nearest_neighbors(X, self.n_neighbors, "partitioned", overlap=self.knn_overlap,
-                                    random_state=self.random_state, device=self.device,
-                                    key=key, work_dir=work_dir)
-            timings["knn"] = time.perf_counter() - t0
-            if res.recall is not None:
-                self.knn_recall_ = float(res.recall)
-            t0 = time.perf_counter()
-            store = build_edge_store(res.indices, res.distances, work_dir,
-                                     set_op_mix_ratio=self.set_op_mix_ratio,
-                                     local_connectivity=self.local_connectivity,
-                                     tolerance=self.tolerance, n_epochs=200)
-            edges = store.read()
-            n = res.indices.shape[0]
-            graph = sp.csr_matrix((edges[2], (edges[0], edges[1])), shape=(n, n))
-            timings["graph"] = time.perf_counter() - t0
-        finally:
-            if self.work_dir is None:
-                shutil.rmtree(work_dir, ignore_errors=True)
-        return graph, edges
-
-    def _train_config(self, n_edges: int, n_features: int, device: str) -> TrainConfig:
-        batch = min(self.batch_size, n_edges)
-        n_epochs = self.n_epochs
-        if n_epochs is None:
-            steps_per_epoch = -(-n_edges // batch)
-            n_epochs = max(10, -(-TARGET_STEPS // steps_per_epoch))
-        n_proj = self.n_projection if 0 < self.n_projection < n_features else 0
-        return TrainConfig(
-            n_components=self.n_components, hidden_layers=tuple(self.hidden_layers),
-            n_projection=n_proj, learning_rate=self.learning_rate, n_epochs=n_epochs,
-            batch_size=batch, negative_sample_rate=self.negative_sample_rate,
-            correlation_weight=self.correlation_weight, a=self.a_, b=self.b_,
-            random_state=self.random_state, device=device,
-        )
 
     def fit_transform(self, X: Any, y: Any = None, **fit_params) -> np.ndarray:
         """Fit and return the training embedding."""
@@ -342,7 +224,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         Parameters
         ----------
         path
-            Target directory; an existing model there is replaced atomically.
+            Target directory; an existing model there is replaced atomically (anything else
+            there is refused).
         include_embedding
             Also store the training embedding (``embedding_``).
 
@@ -353,24 +236,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             :meth:`load` detects any later edit (see :mod:`pumap_dask.model`).
         """
         self._check_fitted()
-        params = _jsonable(self.get_params())
-        params["hidden_layers"] = [int(h) for h in self.hidden_layers]
-        config = {
-            "params": params,
-            "fitted": {
-                "a": float(self.a_), "b": float(self.b_),
-                "n_features_in": int(self.n_features_in_),
-                "n_samples_fit": int(self.n_samples_fit_), "n_epochs": int(self.n_epochs_),
-                "knn_method": self.knn_method_, "n_edges": int(self.n_edges_),
-                "loss_history": list(map(float, self.loss_history_)),
-                "feature_stats": {k: np.asarray(v, dtype=np.float32).tolist()
-                                  for k, v in self.feature_stats_.items()},
-                "timings": {k: float(v) for k, v in self.timings_.items()},
-                "knn_recall": getattr(self, "knn_recall_", None),
-            },
-        }
-        return model_stage.save_model(
-            path, self.encoder_, config, self.embedding_ if include_embedding else None)
+        return model_stage.save_estimator(path, self, include_embedding=include_embedding)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ParametricUMAP":
@@ -392,34 +258,10 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             When the directory is missing, incomplete, of an unreadable format version, or
             any of its files was modified or corrupted since it was saved.
         """
-        encoder, doc = model_stage.load_encoder(path)  # config verified and validated
-        params = dict(doc["params"])
+        params, fitted = model_stage.load_estimator_state(path, cls().get_params())
         params["hidden_layers"] = tuple(params.get("hidden_layers", DEFAULT_HIDDEN))
-        valid = cls().get_params()
-        unknown = sorted(set(params) - set(valid))
-        if unknown:
-            logger.warning("ignoring parameters %s of the model at %s (saved by another "
-                           "pumap_dask version?)", unknown, path)
-        m = cls(**{k: v for k, v in params.items() if k in valid})
-        f = doc["fitted"]
-        m.encoder_ = encoder
-        m.a_, m.b_ = f["a"], f["b"]
-        m.n_features_in_ = f["n_features_in"]
-        m.n_samples_fit_ = f["n_samples_fit"]
-        m.n_epochs_ = f["n_epochs"]
-        m.knn_method_ = f["knn_method"]
-        m.n_edges_ = f["n_edges"]
-        m.loss_history_ = list(f["loss_history"])
-        m.feature_stats_ = {k: np.asarray(v, dtype=np.float32)
-                            for k, v in f["feature_stats"].items()}
-        m.timings_ = dict(f.get("timings") or {})
-        if f.get("knn_recall") is not None:
-            m.knn_recall_ = f["knn_recall"]
-        emb = model_stage.load_embedding(path, doc)
-        if emb is not None:
-            m.embedding_ = emb
-        m.model_path_ = os.path.abspath(os.fspath(path))
-        m.model_sha256_ = doc["weights_sha256"]
+        m = cls(**params)
+        m.__dict__.update(fitted)
         return m
 
     # ------------------------------------------------------------------ display
@@ -444,56 +286,6 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         tags.non_deterministic = knn_stage.resolve_device(self.device) != "cpu"
         tags.transformer_tags.preserves_dtype = ["float32"]  # embeddings are always float32
         return tags
-
-
-def _check_enough_rows(n: int, n_neighbors: int) -> None:
-    if n < n_neighbors + 1:
-        raise InputError(f"X has {n} samples but n_neighbors={n_neighbors} needs at least "
-                         f"{n_neighbors + 1}; lower n_neighbors or add samples")
-
-
-def _require_local_workers() -> None:
-    """A temporary work_dir lives on this machine: refuse when workers run elsewhere."""
-    import socket
-
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
-        return
-    hosts = {addr.split("://")[-1].rsplit(":", 1)[0]
-             for addr in client.scheduler_info().get("workers", {})}
-    local = {"127.0.0.1", "localhost", socket.gethostname()}
-    try:
-        local.add(socket.gethostbyname(socket.gethostname()))
-    except OSError:
-        pass
-    remote = hosts - local
-    if remote:
-        raise InputError(
-            f"Dask workers run on other machines ({sorted(remote)[:3]}); a partitioned fit "
-            "writes kNN and graph shards that every worker must see: pass work_dir= on a "
-            "file system shared by the client and all workers")
-
-
-def _feature_stats(X: np.ndarray) -> dict[str, np.ndarray]:
-    return {
-        "min": X.min(0), "max": X.max(0),
-        "mean": X.mean(0, dtype=np.float64).astype(np.float32),
-        "std": X.std(0, dtype=np.float64).astype(np.float32),
-    }
-
-
-def _jsonable(params: dict) -> dict:
-    out = {}
-    for k, v in params.items():
-        if isinstance(v, tuple):
-            v = list(v)
-        if isinstance(v, np.generic):
-            v = v.item()
-        out[k] = v
-    return out
 
 
 def load(path: str | os.PathLike) -> ParametricUMAP:

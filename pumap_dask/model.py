@@ -550,3 +550,90 @@ def load_embedding(path: str | os.PathLike, doc: dict[str, Any]) -> np.ndarray |
                              f"{CONFIG} describes a float embedding of shape {expected}; the "
                              f"model directory is inconsistent: {_FIX}")
     return emb
+
+
+# --------------------------------------------------------------------------- estimators
+# fitted attribute of the estimator -> key of the config's "fitted" block
+FITTED_ATTRS = {"a_": "a", "b_": "b", "n_features_in_": "n_features_in",
+                "n_samples_fit_": "n_samples_fit", "n_epochs_": "n_epochs",
+                "knn_method_": "knn_method", "n_edges_": "n_edges",
+                "loss_history_": "loss_history", "feature_stats_": "feature_stats",
+                "timings_": "timings", "knn_recall_": "knn_recall", "init_": "init"}
+
+
+def _plain(v: Any) -> Any:
+    """JSON-ready copies of numpy scalars/arrays, tuples and dicts."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return v.astype(np.float32).tolist() if v.dtype.kind == "f" else v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def save_estimator(path: str | os.PathLike, est: Any, *, include_embedding: bool = True) -> str:
+    """Save a fitted :class:`~pumap_dask.ParametricUMAP` as a model directory.
+
+    Parameters
+    ----------
+    path
+        Target directory (see :func:`save_model`).
+    est
+        The fitted estimator.
+    include_embedding
+        Also store ``est.embedding_``.
+
+    Returns
+    -------
+    str
+        The model directory.
+    """
+    params = _plain(est.get_params())
+    fitted = {key: _plain(getattr(est, attr, None)) for attr, key in FITTED_ATTRS.items()}
+    fitted["loss_history"] = [float(x) for x in fitted["loss_history"]]
+    embedding = est.embedding_ if include_embedding else None
+    return save_model(path, est.encoder_, {"params": params, "fitted": fitted}, embedding)
+
+
+def load_estimator_state(path: str | os.PathLike,
+                         valid_params: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Constructor parameters and fitted attributes of a saved estimator.
+
+    Parameters
+    ----------
+    path
+        The model directory.
+    valid_params
+        The estimator's parameter names (others are ignored with a warning).
+
+    Returns
+    -------
+    params, attributes
+        ``attributes`` holds ``encoder_``, the fitted ``*_`` attributes, ``embedding_`` when
+        saved, ``model_path_`` and ``model_sha256_``.
+    """
+    encoder, doc = load_encoder(path)  # config verified and validated
+    params = dict(doc["params"])
+    unknown = sorted(set(params) - set(valid_params))
+    if unknown:
+        logger.warning("ignoring parameters %s of the model at %s (saved by another "
+                       "pumap_dask version?)", unknown, path)
+    params = {k: v for k, v in params.items() if k in valid_params}
+    f = doc["fitted"]
+    attrs: dict[str, Any] = {"encoder_": encoder}
+    for attr, key in FITTED_ATTRS.items():
+        if f.get(key) is not None:
+            attrs[attr] = f[key]
+    attrs["loss_history_"] = list(f["loss_history"])
+    attrs["feature_stats_"] = {k: np.asarray(v, dtype=np.float32)
+                               for k, v in f["feature_stats"].items()}
+    attrs["timings_"] = dict(f.get("timings") or {})
+    emb = load_embedding(path, doc)
+    if emb is not None:
+        attrs["embedding_"] = emb
+    attrs["model_path_"] = os.path.abspath(os.fspath(path))
+    attrs["model_sha256_"] = doc["weights_sha256"]
+    return params, attrs

@@ -4,7 +4,8 @@ Positive edges are drawn in proportion to their weight on the fly (inverse-CDF s
 the cumulative weights), so memory is bounded by the graph, never by epochs x edges.
 Negatives are uniform vertices: a pool of ``negative_pool`` vertices per step, each head
 paired with ``negative_sample_rate`` of them. Every distinct point of a step is encoded
-once (heads, tails and negatives share one forward pass).
+once (heads, tails and negatives share one forward pass). On the CPU a fixed ``random_state``
+gives bitwise the same encoder from run to run at any thread count (see :class:`_GatherRows`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -130,6 +131,18 @@ class TrainConfig:
     virtual_rate: float = 0.0
 
 
+# Default training budget (see default_epochs); chosen by benchmarks (RESULTS.md).
+TARGET_STEPS = 1000
+MIN_EPOCHS = 10
+
+
+def default_epochs(n_edges: int, batch_size: int) -> int:
+    """Epochs (passes over the edges) when the user gives none: enough for
+    :data:`TARGET_STEPS` optimiser steps, and at least :data:`MIN_EPOCHS`."""
+    steps_per_epoch = -(-n_edges // max(1, batch_size))
+    return max(MIN_EPOCHS, -(-TARGET_STEPS // steps_per_epoch))
+
+
 def umap_loss(d2: torch.Tensor, positive: bool, a: float, b: float) -> torch.Tensor:
     """Cross-entropy of q = 1/(1 + a d^(2b)) against 1 (positive) or 0 (negative).
 
@@ -169,7 +182,7 @@ def train_encoder(
     cfg: TrainConfig,
     encoder: Encoder | None = None,
     callback: Callable[[int, float], None] | None = None,
-    init_embedding: np.ndarray | None = None,
+    init_embedding: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Encoder, list[float]]:
     """Train an encoder with the UMAP loss on a weighted edge list.
 
@@ -186,6 +199,9 @@ def train_encoder(
         Start from this encoder (default: a new one built from ``cfg``).
     callback
         Called as ``callback(epoch, mean_loss)`` after each epoch.
+    init_embedding
+        Layout the encoder is pre-trained to reproduce first: (n, n_components) for every
+        row, or ``(rows, positions)`` for some rows (landmarks). None: no pre-training.
 
     Returns
     -------
@@ -271,8 +287,10 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
             xb = Xt[uniq.to(Xt.device)].to(device, non_blocking=True)
             emb = net(xb)
             inv = inv.to(device)
-            eh, et, ep = emb[inv[:B]], emb[inv[B:2 * B]], emb[inv[2 * B:]]
-            en = ep[pick.to(device)]
+            # Gathers with a deterministic backward: autograd's own backward of
+            # ``emb[idx]`` (index_put_ with accumulate) is not, with several CPU threads.
+            eh, et = _gather_rows(emb, inv[:B]), _gather_rows(emb, inv[B:2 * B])
+            en = _gather_rows(emb, inv[2 * B:][pick.to(device)])
             d_pos = (eh - et).pow(2).sum(-1)
             d_neg = (eh.unsqueeze(1) - en).pow(2).sum(-1)
             loss = (umap_loss(d_pos, True, a, b).sum()
@@ -300,6 +318,49 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
     return encoder.cpu().eval(), history
 
 
+class _GatherRows(torch.autograd.Function):
+    """``src[index]`` along the first axis, with a backward that is deterministic on the CPU.
+
+    Autograd's backward of advanced indexing, ``index_put_(..., accumulate=True)``, adds the
+    gradients of repeated rows with concurrent (atomic) float adds when torch runs several
+    CPU threads, so their order, and the rounding of the sum, changes from run to run. Here
+    the backward is ``index_add_``, which on the CPU adds in index order whatever the
+    thread count (documented nondeterministic on CUDA only) and measured as fast.
+    """
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        flat = index.reshape(-1)
+        ctx.save_for_backward(flat)
+        ctx.src_shape = src.shape
+        return src.index_select(0, flat).view(*index.shape, *src.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (flat,) = ctx.saved_tensors
+        rows = grad.reshape(flat.shape[0], *ctx.src_shape[1:])
+        return grad.new_zeros(ctx.src_shape).index_add_(0, flat, rows), None
+
+
+def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``src`` at an integer ``index`` of any shape, as ``src[index]``.
+
+    Parameters
+    ----------
+    src
+        Tensor (n, ...) to gather from.
+    index
+        Integer tensor of row numbers in ``[0, n)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``index.shape + src.shape[1:]``; its gradient reaches ``src`` bitwise the same from
+        run to run on the CPU, whatever the number of torch threads.
+    """
+    return _GatherRows.apply(src, index)
+
+
 def _virtual_point_loss(encoder, xb, inv, eh, et, en, B, R, cfg, gen):
     """UMAP loss of virtual points drawn on sampled edges.
 
@@ -321,18 +382,28 @@ def _virtual_point_loss(encoder, xb, inv, eh, et, en, B, R, cfg, gen):
     return (pos.sum() + umap_loss(d_n, False, cfg.a, cfg.b).sum()) / (V * (1 + R))
 
 
-def pretrain_to_layout(encoder: nn.Module, Xt: torch.Tensor, layout: np.ndarray,
+def pretrain_to_layout(encoder: nn.Module, Xt: torch.Tensor, layout: Any,
                        cfg: TrainConfig, gen: torch.Generator) -> None:
     """Regress the encoder onto an initial layout (e.g. spectral) so UMAP training starts
-    from the global arrangement rather than from a random function."""
+    from the global arrangement rather than from a random function.
+
+    ``layout`` is an (n, n_components) array for every row of ``Xt``, or a pair
+    ``(rows, positions)`` giving positions for some rows only (landmarks).
+    """
     device = next(encoder.parameters()).device
-    target = torch.as_tensor(np.asarray(layout, dtype=np.float32))
-    n = Xt.shape[0]
+    if isinstance(layout, tuple):
+        rows, positions = layout
+        rows_t = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+    else:
+        positions, rows_t = layout, None
+    target = torch.as_tensor(np.asarray(positions, dtype=np.float32))
+    n = target.shape[0]
     B = min(n, 4096)
     opt = torch.optim.Adam(encoder.parameters(), lr=cfg.learning_rate, **_adam_kwargs(device))
     for _ in range(cfg.init_steps):
         idx = torch.randint(n, (B,), generator=gen)
-        pred = encoder(Xt[idx.to(Xt.device)].to(device))
+        src = idx if rows_t is None else rows_t[idx]
+        pred = encoder(Xt[src.to(Xt.device)].to(device))
         loss = (pred - target[idx].to(device)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -224,7 +224,7 @@ def test_sklearn_estimator_checks():
 def test_partitioned_fit_needs_shared_work_dir_with_remote_workers(monkeypatch):
     import distributed
 
-    from pumap_dask.estimator import _require_local_workers
+    from pumap_dask.pipeline import require_local_workers
 
     class FakeClient:
         def scheduler_info(self):
@@ -232,4 +232,4 @@ def test_partitioned_fit_needs_shared_work_dir_with_remote_workers(monkeypatch):
 
     monkeypatch.setattr(distributed, "get_client", lambda: FakeClient())
     with pytest.raises(InputError, match="pass work_dir= on a file system shared"):
-        _require_local_workers()
+        require_local_workers()

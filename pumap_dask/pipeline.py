@@ -1,0 +1,421 @@
+"""The fit pipeline: the stages in order, each handing a typed result to the next.
+
+::
+
+    open_input  -> InputHandle     validated lazily, opened once
+    run_knn     -> Neighbors       in memory, or partitioned on the Dask workers
+    run_graph   -> Edges           fuzzy graph as a weighted edge list (edge shards for
+                                   partitioned fits; no (n, n) matrix on the client)
+    run_init    -> Layout          spectral layout of the graph (small n) or of landmarks
+    run_train   -> Trained         the encoder trained on the edges
+    fit         -> FitResult       all of the above plus the embedding and timings
+
+The estimator and the command line are thin faces over :func:`fit`: parameters arrive
+validated (:mod:`pumap_dask.params`), the work directory of the distributed stages is managed
+here, and nothing is gathered on the client for lazy input except the training matrix (within
+``train_memory_budget``), the edge list and the (n, n_components) embedding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import scipy.sparse as sp
+
+from . import graph as graph_stage
+from . import knn as knn_stage
+from .init import N_LANDMARKS, landmark_layout, landmark_rows, pca_layout, spectral_layout
+from .io import InputError, as_dask, check_array, checked_finite, is_lazy
+from .train import TrainConfig, build_encoder, find_ab_params, train_encoder
+
+logger = logging.getLogger(__name__)
+
+# Largest training matrix (bytes, float32) loaded into the training process for lazy input.
+TRAIN_MEMORY_BUDGET = 4 << 30
+# Edges below max(w) / PRUNE_EPOCHS are dropped, as umap-learn prunes for 200 epochs.
+PRUNE_EPOCHS = 200
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class InputHandle:
+    """The validated input, opened once.
+
+    Attributes
+    ----------
+    darr
+        Lazy float32 dask array (features in one chunk), nothing computed.
+    data
+        The rows in memory (numpy input, or lazy input once loaded), else None.
+    lazy
+        Whether the input came as a dask/Zarr array or a path.
+    source
+        The input, as given (a path stays a path, so the stages reopen nothing else).
+    key
+        Array inside a Zarr group.
+    """
+
+    darr: Any
+    data: np.ndarray | None
+    lazy: bool
+    source: Any
+    key: str | None
+
+    @property
+    def n(self) -> int:
+        return int(self.darr.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.darr.shape[1])
+
+    def load(self, budget: int = TRAIN_MEMORY_BUDGET) -> np.ndarray:
+        """The rows in memory (loaded block by block, NaN-checked, once)."""
+        if self.data is None:
+            need = self.n * self.d * 4
+            if need > budget:
+                raise InputError(
+                    f"the training matrix needs {need / 2**30:.1f} GiB, above "
+                    f"train_memory_budget={budget / 2**30:.1f} GiB; raise the budget, or reduce "
+                    "the features first (e.g. PCA to 50 components, as single-cell pipelines do)")
+            logger.info("loading %d x %d input into memory for training", self.n, self.d)
+            self.data = check_array(checked_finite(self.darr).compute(), what="X")
+        return self.data
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Some rows (sorted ids) in memory, read from the input without loading the rest."""
+        if self.data is not None:
+            return self.data[ids]
+        return check_array(checked_finite(self.darr)[ids].compute(), what="X")
+
+
+@dataclass
+class Neighbors:
+    """kNN of every row, self excluded: numpy, or dask arrays for partitioned fits."""
+
+    indices: Any
+    distances: Any
+    method: str
+    recall: float | None = None
+
+
+@dataclass
+class Edges:
+    """The pruned symmetric fuzzy graph as an edge list (both directions of each edge).
+
+    ``graph`` is the CSR matrix when the graph was built in memory (small fits), else None.
+    """
+
+    head: np.ndarray
+    tail: np.ndarray
+    weight: np.ndarray
+    n_vertices: int
+    graph: sp.csr_matrix | None = None
+
+    def __len__(self) -> int:
+        return int(len(self.head))
+
+
+@dataclass
+class Layout:
+    """Target positions for ``rows`` that the encoder is pre-trained to reproduce."""
+
+    rows: np.ndarray
+    positions: np.ndarray
+    method: str
+
+
+@dataclass
+class Trained:
+    """The trained encoder and its loss per epoch."""
+
+    encoder: Any
+    loss_history: list
+    config: TrainConfig
+
+
+@dataclass
+class FitResult:
+    """Everything a fit produced; the estimator copies it onto itself."""
+
+    trained: Trained
+    embedding: np.ndarray
+    feature_stats: dict
+    n_samples: int
+    n_features: int
+    knn_method: str
+    knn_recall: float | None
+    n_edges: int
+    a: float
+    b: float
+    init: str
+    graph: sp.csr_matrix | None
+    timings: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- stages
+def open_input(X: Any, key: str | None = None) -> InputHandle:
+    """Validate ``X`` lazily (shape, dtype, chunks; NaN for numpy) and open it once."""
+    lazy = is_lazy(X)
+    if lazy:
+        return InputHandle(as_dask(X, key=key), None, True, X, key)
+    data = check_array(X, what="X", min_samples=1)
+    return InputHandle(as_dask(data), data, False, X, key)
+
+
+def check_sizes(handle: InputHandle, n_neighbors: int) -> None:
+    """Fail before any stage when there are too few rows for ``n_neighbors``."""
+    if handle.n < n_neighbors + 1:
+        raise InputError(f"X has {handle.n} samples but n_neighbors={n_neighbors} needs at "
+                         f"least {n_neighbors + 1}; lower n_neighbors or add samples")
+
+
+def knn_plan(handle: InputHandle, params: dict, device: str) -> str:
+    """The kNN method a fit of ``handle`` will use (resolves ``"auto"``)."""
+    from .partition import resolve_method
+
+    method = params["knn_method"]
+    if handle.lazy:
+        method = resolve_method(method, handle.source, handle.n, handle.d, device)
+    elif method == "auto":
+        method = knn_stage.choose_method(handle.n, handle.d, device)
+    if method == "partitioned" and not handle.lazy:
+        method = "nndescent"  # in-memory input: one partition
+    return method
+
+
+def run_knn(handle: InputHandle, params: dict, device: str, *, work_dir: str | None = None,
+            knn: tuple | None = None) -> Neighbors:
+    """The kNN stage: precomputed, in memory, or partitioned across the Dask workers."""
+    k = params["n_neighbors"]
+    if knn is not None:
+        ind, dist = knn_stage.check_precomputed(knn, handle.n, k)
+        return Neighbors(ind, dist, "precomputed")
+    method = knn_plan(handle, params, device)
+    if method == "partitioned":
+        from .partition import nearest_neighbors
+
+        res = nearest_neighbors(handle.source, k, "partitioned", overlap=params["knn_overlap"],
+                                random_state=params["random_state"], device=params["device"],
+                                key=handle.key, work_dir=work_dir)
+        return Neighbors(res.indices, res.distances, "partitioned",
+                         None if res.recall is None else float(res.recall))
+    X = handle.load(params.get("train_memory_budget", TRAIN_MEMORY_BUDGET))
+    ind, dist = knn_stage.nearest_neighbors_numpy(X, k, method,
+                                                  random_state=params["random_state"],
+                                                  device=device)
+    return Neighbors(ind, dist, method)
+
+
+def run_graph(neighbors: Neighbors, params: dict, *, work_dir: str | None = None) -> Edges:
+    """The graph stage: in memory for numpy kNN, edge shards on the workers otherwise."""
+    graph_kw = dict(set_op_mix_ratio=params["set_op_mix_ratio"],
+                    local_connectivity=params["local_connectivity"],
+                    tolerance=params["tolerance"])
+    if neighbors.method == "partitioned":
+        from .graph_dask import build_edge_store
+
+        store = build_edge_store(neighbors.indices, neighbors.distances, work_dir,
+                                 n_epochs=PRUNE_EPOCHS, **graph_kw)
+        head, tail, weight = read_edges(store)
+        edges = Edges(head, tail, weight, store.n_vertices)
+    else:
+        graph = graph_stage.fuzzy_simplicial_set(neighbors.indices, neighbors.distances,
+                                                 **graph_kw)
+        head, tail, weight = graph_stage.graph_to_edges(graph, n_epochs=PRUNE_EPOCHS)
+        edges = Edges(head, tail, weight, graph.shape[0], graph)
+    if len(edges) == 0:
+        raise InputError("the kNN graph has no edges (all points identical?); the data "
+                         "needs some spread to embed")
+    return edges
+
+
+def read_edges(store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All edges of an edge store, shard by shard, with the narrowest index type.
+
+    Memory is 12 bytes per edge below 2^31 vertices (int32 ids, float32 weights).
+    """
+    itype = np.int32 if store.n_vertices < 2**31 else np.int64
+    head = np.empty(store.n_edges, itype)
+    tail = np.empty(store.n_edges, itype)
+    weight = np.empty(store.n_edges, np.float32)
+    at = 0
+    for h, t, w in store.iter_shards():
+        head[at:at + len(h)] = h
+        tail[at:at + len(h)] = t
+        weight[at:at + len(h)] = w
+        at += len(h)
+    return head, tail, weight
+
+
+def run_init(handle: InputHandle, edges: Edges, params: dict, device: str) -> Layout | None:
+    """The initial layout: spectral of the full graph up to :data:`N_LANDMARKS` rows, else of a
+    kNN graph among that many sampled rows (landmarks); PCA when the graph is disconnected."""
+    method = params["init"]
+    n, seed = handle.n, params["random_state"]
+    if method == "random":
+        return None
+    rows = landmark_rows(n, N_LANDMARKS, seed)
+    if method == "spectral" and edges.graph is not None and len(rows) == n:
+        pos = spectral_layout(edges.graph, params["n_components"], seed)
+        if pos is not None:
+            return Layout(rows, pos, "spectral")
+    sample = handle.rows(rows)
+    if method == "spectral":
+        pos = landmark_layout(sample, params["n_components"], params["n_neighbors"],
+                              random_state=seed, device=device,
+                              set_op_mix_ratio=params["set_op_mix_ratio"],
+                              local_connectivity=params["local_connectivity"])
+        return Layout(rows, pos, "spectral" if len(rows) == n else "landmark-spectral")
+    return Layout(rows, pca_layout(sample, params["n_components"], random_state=seed), "pca")
+
+
+def train_config(params: dict, n_edges: int, n_features: int, device: str, a: float,
+                 b: float) -> TrainConfig:
+    """The trainer's configuration from the estimator's parameters."""
+    from .train import default_epochs
+
+    batch = min(params["batch_size"], n_edges)
+    n_epochs = params["n_epochs"] or default_epochs(n_edges, batch)
+    n_proj = params["n_projection"] if 0 < params["n_projection"] < n_features else 0
+    return TrainConfig(
+        n_components=params["n_components"], hidden_layers=tuple(params["hidden_layers"]),
+        n_projection=n_proj, learning_rate=params["learning_rate"], n_epochs=n_epochs,
+        batch_size=batch, negative_sample_rate=params["negative_sample_rate"],
+        correlation_weight=params["correlation_weight"], a=a, b=b,
+        random_state=params["random_state"], device=device,
+    )
+
+
+def run_train(X: np.ndarray, edges: Edges, layout: Layout | None, cfg: TrainConfig,
+              verbose: bool = False) -> Trained:
+    """The training stage: build the encoder from the data, pre-train it on the layout,
+    then train it with the UMAP loss on the edges."""
+    encoder = build_encoder(X.shape[1], cfg, X)
+    cb = None
+    if verbose:
+        log_every = max(1, cfg.n_epochs // 10)
+
+        def cb(epoch, loss):
+            if (epoch + 1) % log_every == 0:
+                logger.info("epoch %d/%d loss %.4f", epoch + 1, cfg.n_epochs, loss)
+    init = None if layout is None else (layout.rows, layout.positions)
+    encoder, history = train_encoder(X, edges.head, edges.tail, edges.weight, cfg, encoder, cb,
+                                     init_embedding=init)
+    return Trained(encoder, history, cfg)
+
+
+def feature_stats(X: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-feature min, max, mean and std of the training data (float32)."""
+    return {
+        "min": X.min(0), "max": X.max(0),
+        "mean": X.mean(0, dtype=np.float64).astype(np.float32),
+        "std": X.std(0, dtype=np.float64).astype(np.float32),
+    }
+
+
+# --------------------------------------------------------------------------- driver
+@contextlib.contextmanager
+def work_directory(work_dir: str | None) -> Iterator[str]:
+    """The given work directory, or a temporary one (local workers only) removed after."""
+    if work_dir is not None:
+        os.makedirs(work_dir, exist_ok=True)
+        yield os.fspath(work_dir)
+        return
+    require_local_workers()
+    tmp = tempfile.mkdtemp(prefix="pumap_dask-")
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = None) -> FitResult:
+    """Run every stage of a fit; ``params`` are a validated estimator's ``get_params()``.
+
+    Parameters
+    ----------
+    params
+        The estimator's parameters (validated by :mod:`pumap_dask.params`).
+    X
+        numpy array, dask array, ``zarr.Array`` or a path to a Zarr array / AnnData store.
+    key
+        Array inside a Zarr group.
+    knn
+        Precomputed ``(indices, distances)``, self excluded.
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    handle = open_input(X, key)
+    check_sizes(handle, params["n_neighbors"])
+    device = knn_stage.resolve_device(params["device"])
+    a, b = find_ab_params(params["spread"], params["min_dist"])
+    partitioned = knn is None and knn_plan(handle, params, device) == "partitioned"
+    timings["input"] = time.perf_counter() - t0
+    with (work_directory(params.get("work_dir")) if partitioned
+          else contextlib.nullcontext()) as wdir:
+        t0 = time.perf_counter()
+        neighbors = run_knn(handle, params, device, work_dir=wdir, knn=knn)
+        timings["knn"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        edges = run_graph(neighbors, params, work_dir=wdir)
+        timings["graph"] = time.perf_counter() - t0
+    knn_method, knn_recall = neighbors.method, neighbors.recall
+    del neighbors  # the kNN arrays are not needed past the graph
+    t0 = time.perf_counter()
+    Xtr = handle.load(params.get("train_memory_budget", TRAIN_MEMORY_BUDGET))
+    timings["load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    layout = run_init(handle, edges, params, device)
+    timings["init"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cfg = train_config(params, len(edges), handle.d, device, a, b)
+    trained = run_train(Xtr, edges, layout, cfg, verbose=bool(params.get("verbose")))
+    timings["train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    from .train import encode
+
+    embedding = encode(trained.encoder, Xtr)
+    stats = feature_stats(Xtr)
+    timings["embed"] = time.perf_counter() - t0
+    logger.info("fitted %d x %d: %s", handle.n, handle.d,
+                ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return FitResult(trained=trained, embedding=embedding, feature_stats=stats,
+                     n_samples=handle.n, n_features=handle.d,
+                     knn_method=knn_method, knn_recall=knn_recall, n_edges=len(edges),
+                     a=a, b=b,
+                     init="random" if layout is None else layout.method, graph=edges.graph,
+                     timings=timings)
+
+
+def require_local_workers() -> None:
+    """A temporary work_dir lives on this machine: refuse when workers run elsewhere."""
+    import socket
+
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        return
+    hosts = {addr.split("://")[-1].rsplit(":", 1)[0]
+             for addr in client.scheduler_info().get("workers", {})}
+    local = {"127.0.0.1", "localhost", socket.gethostname()}
+    try:
+        local.add(socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        pass
+    remote = hosts - local
+    if remote:
+        raise InputError(
+            f"Dask workers run on other machines ({sorted(remote)[:3]}); a partitioned fit "
+            "writes kNN and graph shards that every worker must see: pass work_dir= on a "
+            "file system shared by the client and all workers")
