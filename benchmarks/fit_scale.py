@@ -96,12 +96,17 @@ def prepare(n: int, tmp: str, seed: int = 0) -> dict:
     return paths
 
 
-def child_pumap(paths: dict, out: str, params: dict, workers: int) -> None:
+def child_pumap(paths: dict, out: str, params: dict, workers: int,
+                landmarks: int | None) -> None:
     import logging
 
     import distributed
 
     import pumap_dask
+    import pumap_dask.pipeline
+
+    if landmarks is not None:
+        pumap_dask.pipeline.N_LANDMARKS = landmarks
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -167,6 +172,9 @@ def main() -> None:
                     help="run umap-learn up to this size (0: never)")
     ap.add_argument("--params", default="{}", help="extra ParametricUMAP params as JSON")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--landmarks", type=int, default=None,
+                    help="rows of the spectral init's landmark sample (pumap_dask.pipeline."
+                         "N_LANDMARKS); a value >= n gives the full-graph spectral init")
     ap.add_argument("--json", help="append the rows to this JSON file")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "PATHS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -174,7 +182,7 @@ def main() -> None:
         kind, pjson, out = args.child
         paths = json.loads(pjson)
         if kind == "pumap":
-            child_pumap(paths, out, json.loads(args.params), args.workers)
+            child_pumap(paths, out, json.loads(args.params), args.workers, args.landmarks)
         else:
             child_umap(paths, out)
         return
@@ -188,13 +196,16 @@ def main() -> None:
                 out = os.path.join(tmp, kind)
                 cmd = [sys.executable, os.path.abspath(__file__), "--params", args.params,
                        "--workers", str(args.workers), "--child", kind, json.dumps(paths), out]
+                if args.landmarks is not None:
+                    cmd[2:2] = ["--landmarks", str(args.landmarks)]
                 t0 = time.perf_counter()
                 subprocess.run(cmd, check=True)
                 wall = time.perf_counter() - t0
                 with open(out + ".json") as f:
                     row = json.load(f)
                 row.update(quality(paths, out), n=n, method=kind, process_wall_s=wall,
-                           params=args.params if kind == "pumap" else "")
+                           params=args.params if kind == "pumap" else "",
+                           landmarks=args.landmarks if kind == "pumap" else None)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         finally:

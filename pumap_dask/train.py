@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .model import Encoder, encode  # noqa: F401  (encode re-exported for callers)
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,64 +40,6 @@ def find_ab_params(spread: float = 1.0, min_dist: float = 0.1) -> tuple[float, f
     yv = np.where(xv < min_dist, 1.0, np.exp(-(xv - min_dist) / spread))
     (a, b), _ = curve_fit(curve, xv, yv)
     return float(a), float(b)
-
-
-class Encoder(nn.Module):
-    """Input normalisation (+ optional fixed linear projection) followed by an MLP.
-
-    The normalisation and projection are buffers, part of the saved state, so a loaded
-    encoder reproduces the original exactly and transform stays one forward pass.
-    """
-
-    def __init__(self, n_features: int, n_components: int = 2,
-                 hidden_layers: Sequence[int] = (128, 64, 32), n_projection: int = 0,
-                 negative_slope: float = 0.1) -> None:
-        super().__init__()
-        self.n_features = n_features
-        self.n_components = n_components
-        self.hidden_layers = tuple(int(h) for h in hidden_layers)
-        self.n_projection = int(n_projection)
-        self.register_buffer("center", torch.zeros(n_features))
-        self.register_buffer("scale", torch.ones(()))
-        width = n_features
-        if self.n_projection:
-            self.register_buffer("projection", torch.zeros(n_features, self.n_projection))
-            width = self.n_projection
-        layers: list[nn.Module] = []
-        for h in self.hidden_layers:
-            layers += [nn.Linear(width, h), nn.LeakyReLU(negative_slope, inplace=True)]
-            width = h
-        layers.append(nn.Linear(width, n_components))
-        self.mlp = nn.Sequential(*layers)
-
-    def prepare(self, X: np.ndarray, max_rows: int = 20000, seed: int = 0) -> None:
-        """Set the centring, scale and (when n_projection > 0) PCA projection from data."""
-        rng = np.random.default_rng(seed)
-        rows = rng.choice(X.shape[0], size=min(X.shape[0], max_rows), replace=False)
-        S = torch.as_tensor(np.asarray(X[np.sort(rows)], dtype=np.float32), dtype=torch.float64)
-        mean = S.mean(0)
-        Z = S - mean
-        if self.n_projection:
-            p = min(self.n_projection, *Z.shape)
-            _, _, Vh = torch.linalg.svd(Z, full_matrices=False)
-            P = torch.zeros(Z.shape[1], self.n_projection, dtype=torch.float64)
-            P[:, :p] = Vh[:p].T
-            Z = Z @ P
-            self.projection.copy_(P.float())
-        # one global scale keeps relative feature variances (and so distances) intact
-        rms = Z.pow(2).mean().sqrt().clamp_min(1e-12)
-        self.center.copy_(mean.float())
-        self.scale.copy_(rms.float())
-
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """The fixed part: centre, project, scale (no trainable parameters)."""
-        z = x - self.center
-        if self.n_projection:
-            z = z @ self.projection
-        return z / self.scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.preprocess(x))
 
 
 @dataclass
@@ -408,23 +352,6 @@ def pretrain_to_layout(encoder: nn.Module, Xt: torch.Tensor, layout: Any,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-
-
-def encode(encoder: Encoder, X: np.ndarray, batch_size: int = 65536,
-           device: str = "cpu") -> np.ndarray:
-    """Forward pass in batches under ``inference_mode``; returns float32 (n, n_components).
-
-    Each row's output depends only on that row, so the result does not depend on the batch
-    size.
-    """
-    dev = torch.device(device)
-    enc = encoder.to(dev).eval()
-    out = np.empty((X.shape[0], encoder.n_components), dtype=np.float32)
-    with torch.inference_mode():
-        for i in range(0, X.shape[0], batch_size):
-            xb = torch.as_tensor(np.ascontiguousarray(X[i:i + batch_size], dtype=np.float32))
-            out[i:i + batch_size] = enc(xb.to(dev)).float().cpu().numpy()
-    return out
 
 
 def _adam_kwargs(device: torch.device) -> dict:

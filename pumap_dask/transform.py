@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .io import InputError, as_dask, check_n_features
-from .model import WEIGHTS, ModelFileError, file_sha256, load_encoder, read_config
+from .model import WEIGHTS, ModelFileError, encode, file_sha256, load_encoder, read_config
 from .params import check_transform_args
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _get_encoder(source: ModelRef | ModelBlob, device: str):
     """Load (once per process and device) the encoder described by ``source``."""
     import torch
 
-    from .train import Encoder
+    from .model import Encoder
 
     key = (source.sha256, device)
     enc = _CACHE.get(key)
@@ -145,8 +145,6 @@ def transform_block(block: np.ndarray, source: ModelRef | ModelBlob, batch_size:
                     device: str = "auto", nan_policy: str = "raise",
                     block_info: dict | None = None) -> np.ndarray:
     """Embed one row block (runs on a worker)."""
-    import torch
-
     dev = _resolve_worker_device(device)
     enc = _get_encoder(source, dev)
     block = np.asarray(block, dtype=np.float32)
@@ -160,11 +158,7 @@ def transform_block(block: np.ndarray, source: ModelRef | ModelBlob, batch_size:
                 f"[{loc[0]}, {loc[1]}) (first: {first.tolist()}); impute them or pass "
                 "nan_policy='nan' to get NaN embeddings for those rows")
         block = np.where(bad[:, None], 0.0, block).astype(np.float32)
-    out = np.empty((block.shape[0], source.n_components), dtype=np.float32)
-    with torch.inference_mode():
-        for i in range(0, block.shape[0], batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(block[i:i + batch_size])).to(dev)
-            out[i:i + batch_size] = enc(xb).float().cpu().numpy()
+    out = encode(enc, block, batch_size=batch_size, device=dev)
     if bad.any():
         out[bad] = np.nan
     return out
