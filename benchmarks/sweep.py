@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     from sklearn.neighbors import KNeighborsClassifier
 
     from pumap_dask.graph import fuzzy_simplicial_set, graph_to_edges
-    from pumap_dask.init import initial_layout
+    from pumap_dask import pipeline
     from pumap_dask.knn import exact_knn
     from pumap_dask.train import TrainConfig, encode, find_ab_params, train_encoder
     from quality import load_dataset, split
@@ -50,7 +50,11 @@ def main(argv=None) -> None:
         kw = {**BASE, **json.loads(text)}
         init = kw.pop("init", "spectral")
         if init not in layouts:
-            layouts[init] = initial_layout(init, X[tr], graph, 2)
+            lay = pipeline.run_init(
+                pipeline.open_input(X[tr]), pipeline.Edges(head, tail, weight, len(tr), graph),
+                {"init": init, "n_components": 2, "random_state": 0, "n_neighbors": 15,
+                 "set_op_mix_ratio": 1.0, "local_connectivity": 1.0}, "cpu")
+            layouts[init] = None if lay is None else (lay.rows, lay.positions)
         t0 = time.perf_counter()
         enc, _ = train_encoder(X[tr], head, tail, weight, TrainConfig(a=a, b=b, **kw),
                                init_embedding=layouts[init])

@@ -52,7 +52,6 @@ def spectral_layout(graph: sp.spmatrix, n_components: int, random_state: int | N
     caller falls back to PCA.
     """
     from scipy.sparse.csgraph import connected_components
-    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
     n = graph.shape[0]
     if n <= n_components + 2:
@@ -61,6 +60,15 @@ def spectral_layout(graph: sp.spmatrix, n_components: int, random_state: int | N
     if n_comp > 1:
         logger.info("graph has %d connected components; using the PCA layout", n_comp)
         return None
+    return _connected_spectral(graph, n_components, random_state, maxiter)
+
+
+def _connected_spectral(graph: sp.spmatrix, n_components: int, random_state: int | None,
+                        maxiter: int | None = None) -> np.ndarray | None:
+    """Spectral layout of a connected graph, or None when the eigensolver fails."""
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+    n = graph.shape[0]
     deg = np.asarray(graph.sum(axis=1)).ravel()
     dinv = sp.diags(1.0 / np.sqrt(np.maximum(deg, 1e-12)))
     A = (dinv @ graph @ dinv).tocsr()
@@ -74,6 +82,44 @@ def spectral_layout(graph: sp.spmatrix, n_components: int, random_state: int | N
         return None
     order = np.argsort(vals)[::-1]
     return _rescale(vecs[:, order[1:k]])
+
+
+def component_layout(graph: sp.spmatrix, X: np.ndarray, n_components: int,
+                     random_state: int | None = 0) -> np.ndarray:
+    """Spectral layout of a graph with several connected components, as UMAP lays them out.
+
+    The components' centres are placed by PCA of their mean rows in data space (so the
+    global arrangement follows the data); each component gets its own spectral layout
+    (PCA for components too small for an eigensolve) scaled to half the distance to the
+    nearest other centre.
+    """
+    from scipy.sparse.csgraph import connected_components
+
+    n_comp, labels = connected_components(graph, directed=False)
+    graph = sp.csr_matrix(graph)
+    means = np.stack([X[labels == c].mean(0) for c in range(n_comp)]).astype(np.float64)
+    if n_comp > n_components:
+        centers = pca_layout(means, n_components, random_state=random_state).astype(np.float64)
+    else:  # too few components for a PCA: spread them on the axes
+        centers = np.zeros((n_comp, n_components))
+        centers[np.arange(n_comp), np.arange(n_comp) % n_components] = LAYOUT_SCALE
+        centers -= centers.mean(0)
+    gaps = np.sqrt(((centers[:, None] - centers[None]) ** 2).sum(-1))
+    np.fill_diagonal(gaps, np.inf)
+    radius = np.minimum(gaps.min(1) / 2, LAYOUT_SCALE)
+    out = np.empty((graph.shape[0], n_components), np.float64)
+    for c in range(n_comp):
+        idx = np.flatnonzero(labels == c)
+        local = None
+        if len(idx) > n_components + 2:
+            local = _connected_spectral(graph[idx][:, idx], n_components, random_state)
+        if local is None:
+            local = (pca_layout(X[idx], n_components, random_state=random_state)
+                     if len(idx) > n_components else np.zeros((len(idx), n_components)))
+        local = np.asarray(local, np.float64)
+        span = np.abs(local).max()
+        out[idx] = centers[c] + radius[c] * local / (span if span > 0 else 1.0)
+    return _rescale(out)
 
 
 def landmark_rows(n: int, n_landmarks: int = N_LANDMARKS,
@@ -92,8 +138,8 @@ def landmark_layout(X_landmarks: np.ndarray, n_components: int, n_neighbors: int
     """Spectral layout of a sample of rows, from a fuzzy kNN graph among the sample itself.
 
     The spectral layout of a uniform sample approximates the global arrangement of the full
-    data (as Nystrom methods rely on), at a cost set by the sample size, not by n. Falls back
-    to the sample's PCA layout when the sample's graph is disconnected.
+    data (as Nystrom methods rely on), at a cost set by the sample size, not by n. A
+    disconnected sample graph is laid out component by component (:func:`component_layout`).
 
     Parameters
     ----------
@@ -119,19 +165,5 @@ def landmark_layout(X_landmarks: np.ndarray, n_components: int, n_neighbors: int
                                  local_connectivity=local_connectivity)
     layout = spectral_layout(graph, n_components, random_state)
     if layout is None:
-        layout = pca_layout(X_landmarks, n_components, random_state=random_state)
+        layout = component_layout(graph, X_landmarks, n_components, random_state)
     return layout
-
-
-def initial_layout(method: str, X: np.ndarray, graph: sp.spmatrix | None, n_components: int,
-                   random_state: int | None = 0) -> np.ndarray | None:
-    """The layout for ``method`` ("spectral" falls back to "pca"); None for "random"."""
-    if method not in INIT_METHODS:
-        raise ValueError(f"init must be one of {INIT_METHODS}, got {method!r}")
-    if method == "random":
-        return None
-    if method == "spectral" and graph is not None:
-        layout = spectral_layout(graph, n_components, random_state)
-        if layout is not None:
-            return layout
-    return pca_layout(X, n_components, random_state=random_state)

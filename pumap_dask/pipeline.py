@@ -32,7 +32,8 @@ import scipy.sparse as sp
 
 from . import graph as graph_stage
 from . import knn as knn_stage
-from .init import N_LANDMARKS, landmark_layout, landmark_rows, pca_layout, spectral_layout
+from .init import (N_LANDMARKS, component_layout, landmark_layout, landmark_rows, pca_layout,
+                   spectral_layout)
 from .io import InputError, as_dask, check_array, checked_finite, is_lazy
 from .train import TrainConfig, build_encoder, find_ab_params, train_encoder
 
@@ -266,8 +267,9 @@ def run_init(handle: InputHandle, edges: Edges, params: dict, device: str) -> La
     rows = landmark_rows(n, N_LANDMARKS, seed)
     if method == "spectral" and edges.graph is not None and len(rows) == n:
         pos = spectral_layout(edges.graph, params["n_components"], seed)
-        if pos is not None:
-            return Layout(rows, pos, "spectral")
+        if pos is None:
+            pos = component_layout(edges.graph, handle.load(), params["n_components"], seed)
+        return Layout(rows, pos, "spectral")
     sample = handle.rows(rows)
     if method == "spectral":
         pos = landmark_layout(sample, params["n_components"], params["n_neighbors"],

@@ -51,7 +51,8 @@ class TrainConfig:
     to 0, "cosine" or "constant"), ``init_steps`` (steps of pre-training on the initial
     layout), ``num_threads`` (torch threads; None picks by step size), ``weight_decay``
     (AdamW) and ``virtual_rate`` (virtual points on edges per positive edge; see
-    :func:`_virtual_point_loss`), ``log_every`` (epochs between log lines; 0: none).
+    :func:`_virtual_point_loss`), ``log_every`` (epochs between log lines; 0: none),
+    ``negatives`` (see :data:`NEGATIVE_MODES`).
     """
 
     n_components: int = 2
@@ -73,8 +74,12 @@ class TrainConfig:
     num_threads: int | None = None
     weight_decay: float = 0.0
     virtual_rate: float = 0.0
+    negatives: str = "batch"
 
 
+# "batch": negatives drawn from the step's own heads and tails (2B rows encoded per step);
+# "pool": from ``negative_pool`` extra uniform rows (3B rows).
+NEGATIVE_MODES = ("batch", "pool")
 # Default training budget (see default_epochs); chosen by benchmarks (RESULTS.md).
 TARGET_STEPS = 1000
 MIN_EPOCHS = 10
@@ -85,6 +90,22 @@ def default_epochs(n_edges: int, batch_size: int) -> int:
     :data:`TARGET_STEPS` optimiser steps, and at least :data:`MIN_EPOCHS`."""
     steps_per_epoch = -(-n_edges // max(1, batch_size))
     return max(MIN_EPOCHS, -(-TARGET_STEPS // steps_per_epoch))
+
+
+def sample_edges(cum: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Edge ids drawn with probability proportional to weight (inverse CDF).
+
+    Parameters
+    ----------
+    cum
+        Cumulative weights (float64), as ``torch.cumsum(weight)``.
+    size
+        Number of edges to draw.
+    gen
+        The trainer's random generator.
+    """
+    r = torch.rand(size, generator=gen, dtype=torch.float64) * cum[-1]
+    return torch.searchsorted(cum, r, right=True).clamp_(max=len(cum) - 1)
 
 
 def umap_loss(d2: torch.Tensor, positive: bool, a: float, b: float) -> torch.Tensor:
@@ -193,12 +214,15 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
     head_t = torch.as_tensor(head, dtype=torch.int64)
     tail_t = torch.as_tensor(tail, dtype=torch.int64)
     cum = torch.cumsum(torch.as_tensor(weight, dtype=torch.float64), 0)
-    total_w = float(cum[-1])
     gen = _seed_everything_local(cfg.random_state)
 
     B = int(min(cfg.batch_size, len(head)))
     R = int(cfg.negative_sample_rate)
     M = int(cfg.negative_pool or B)
+    in_batch = cfg.negatives == "batch"
+    if cfg.negatives not in NEGATIVE_MODES:
+        raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {cfg.negatives!r}")
+    dedupe = (2 if in_batch else 3) * B > n // 2
     steps_per_epoch = max(1, math.ceil(len(head) / B))
     total_steps = cfg.n_epochs * steps_per_epoch
     opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate,
@@ -221,20 +245,32 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
     for epoch in range(cfg.n_epochs):
         ep_loss = 0.0
         for _ in range(steps_per_epoch):
-            r = torch.rand(B, generator=gen, dtype=torch.float64) * total_w
-            e = torch.searchsorted(cum, r, right=True).clamp_(max=len(head) - 1)
+            e = sample_edges(cum, B, gen)
             h, t = head_t[e], tail_t[e]
-            pool = torch.randint(n, (M,), generator=gen)
-            pick = torch.randint(M, (B, R), generator=gen)
-            ids = torch.cat([h, t, pool])
-            uniq, inv = torch.unique(ids, return_inverse=True)
-            xb = Xt[uniq.to(Xt.device)].to(device, non_blocking=True)
-            emb = net(xb)
-            inv = inv.to(device)
-            # Gathers with a deterministic backward: autograd's own backward of
-            # ``emb[idx]`` (index_put_ with accumulate) is not, with several CPU threads.
-            eh, et = _gather_rows(emb, inv[:B]), _gather_rows(emb, inv[B:2 * B])
-            en = _gather_rows(emb, inv[2 * B:][pick.to(device)])
+            if in_batch:
+                # negatives among the step's own heads and tails: 2B rows encoded, not 3B
+                ids = torch.cat([h, t])
+                pick = torch.randint(2 * B, (B, R), generator=gen)
+            else:
+                pool = torch.randint(n, (M,), generator=gen)
+                ids = torch.cat([h, t, pool])
+                pick = torch.randint(M, (B, R), generator=gen) + 2 * B
+            if dedupe:
+                # small n: many repeated rows per step, so encode each distinct row once
+                uniq, inv = torch.unique(ids, return_inverse=True)
+                xb = Xt[uniq.to(Xt.device)].to(device, non_blocking=True)
+                emb = net(xb)
+                inv = inv.to(device)
+                # Gathers with a deterministic backward: autograd's own backward of
+                # ``emb[idx]`` (index_put_ with accumulate) is not, with several CPU threads.
+                eh, et = _gather_rows(emb, inv[:B]), _gather_rows(emb, inv[B:2 * B])
+                en = _gather_rows(emb, inv[pick.to(device)])
+            else:
+                xb = Xt[ids.to(Xt.device)].to(device, non_blocking=True)
+                emb = net(xb)
+                inv = torch.arange(len(ids), device=device)
+                eh, et = emb[:B], emb[B:2 * B]
+                en = _gather_rows(emb, pick.to(device))
             d_pos = (eh - et).pow(2).sum(-1)
             d_neg = (eh.unsqueeze(1) - en).pow(2).sum(-1)
             loss = (umap_loss(d_pos, True, a, b).sum()
@@ -243,7 +279,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
                 loss = loss + _virtual_point_loss(net, xb, inv, eh, et, en, B, R, cfg, gen)
             if cfg.correlation_weight:
                 x_h, x_t = xb[inv[:B]], xb[inv[B:2 * B]]
-                x_n = xb[inv[2 * B:]][pick[:, 0].to(device)]
+                x_n = xb[inv[pick[:, 0].to(device)]]
                 dx = torch.cat([(x_h - x_t).norm(dim=1), (x_h - x_n).norm(dim=1)])
                 de = torch.cat([d_pos.sqrt(), d_neg[:, 0].clamp_min(1e-12).sqrt()])
                 loss = loss - cfg.correlation_weight * _pearson(dx, de)

@@ -1,0 +1,119 @@
+"""The fit pipeline's stages: typed results, bounded initial layout, weighted edge sampling."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from pumap_dask import ParametricUMAP, pipeline
+from pumap_dask.datasets import clusters
+from pumap_dask.init import component_layout, landmark_rows
+
+from .conftest import FAST
+
+PARAMS = {**ParametricUMAP(random_state=0).get_params(), "device": "cpu"}
+
+
+def test_stages_hand_typed_results(blobs):
+    X = blobs[0]
+    handle = pipeline.open_input(X)
+    assert (handle.n, handle.d) == X.shape and not handle.lazy
+    nb = pipeline.run_knn(handle, PARAMS, "cpu")
+    assert nb.indices.shape == (len(X), 15) and nb.method == "exact"
+    edges = pipeline.run_graph(nb, PARAMS)
+    assert 0 < len(edges) <= edges.graph.nnz and edges.n_vertices == len(X)  # pruned
+    layout = pipeline.run_init(handle, edges, PARAMS, "cpu")
+    assert layout.method == "spectral" and layout.positions.shape == (len(X), 2)
+    assert np.array_equal(layout.rows, np.arange(len(X)))
+
+
+def test_landmark_layout_above_the_threshold(monkeypatch, blobs):
+    """Above N_LANDMARKS rows the layout covers a sample only, and the fit still separates
+    the clusters as well as the full-graph layout does."""
+    X, Xte, y, yte = blobs
+    from sklearn.neighbors import KNeighborsClassifier
+
+    full = ParametricUMAP(random_state=0, **FAST).fit(X)
+    monkeypatch.setattr(pipeline, "N_LANDMARKS", 200)
+    m = ParametricUMAP(random_state=0, **FAST).fit(X)
+    assert full.init_ == "spectral" and m.init_ == "landmark-spectral"
+    for model in (full, m):
+        acc = KNeighborsClassifier(15).fit(model.embedding_, y).score(model.transform(Xte), yte)
+        assert acc > 0.95
+    handle = pipeline.open_input(X)
+    lay = pipeline.run_init(handle, pipeline.Edges(*[np.zeros(1)] * 3, len(X)), PARAMS, "cpu")
+    assert lay.positions.shape == (200, 2) and len(np.unique(lay.rows)) == 200
+
+
+def test_seed_reaches_the_landmarks_and_the_layout():
+    a, b = landmark_rows(10_000, 100, random_state=1), landmark_rows(10_000, 100, random_state=1)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, landmark_rows(10_000, 100, random_state=2))
+    X, _ = clusters(400, 8, 4, random_state=0)
+    handle = pipeline.open_input(X)
+    edges = pipeline.run_graph(pipeline.run_knn(handle, PARAMS, "cpu"), PARAMS)
+    p1 = pipeline.run_init(handle, edges, PARAMS, "cpu").positions
+    p2 = pipeline.run_init(handle, edges, PARAMS, "cpu").positions
+    np.testing.assert_array_equal(p1, p2)
+
+
+def test_component_layout_keeps_components_apart():
+    """A disconnected graph gets one region per component (not a PCA fallback)."""
+    X, y = clusters(600, 16, 3, random_state=5)
+    handle = pipeline.open_input(X)
+    nb = pipeline.run_knn(handle, {**PARAMS, "n_neighbors": 5}, "cpu")
+    order = np.argsort(y, kind="stable")
+    # keep only edges inside a cluster: one component per cluster
+    G = pipeline.run_graph(nb, PARAMS).graph.tocoo()
+    keep = y[G.row] == y[G.col]
+    G = sp.csr_matrix((G.data[keep], (G.row[keep], G.col[keep])), shape=G.shape)
+    pos = component_layout(G, X, 2, random_state=0)
+    assert pos.shape == (600, 2) and np.isfinite(pos).all()
+    centers = np.stack([pos[y == c].mean(0) for c in range(3)])
+    spread = max(np.abs(pos[y == c] - centers[c]).max() for c in range(3))
+    gaps = [np.linalg.norm(centers[i] - centers[j]) for i in range(3) for j in range(i)]
+    assert min(gaps) > spread  # regions do not overlap
+    assert len(order) == 600
+
+
+def test_edges_are_sampled_in_proportion_to_weight():
+    """The trainer's positive edges follow the weights (inverse-CDF sampling)."""
+    import torch
+
+    from pumap_dask.train import sample_edges
+
+    weight = np.array([1.0, 3.0, 0.0, 6.0], np.float32)
+    cum = torch.cumsum(torch.as_tensor(weight, dtype=torch.float64), 0)
+    gen = torch.Generator().manual_seed(0)
+    e = sample_edges(cum, 200_000, gen)
+    freq = np.bincount(e.numpy(), minlength=4) / 200_000
+    np.testing.assert_allclose(freq, weight / weight.sum(), atol=0.005)
+    assert freq[2] == 0
+
+
+def test_train_budget_grows_with_edges():
+    from pumap_dask.train import default_epochs
+
+    small, large = default_epochs(10_000, 16384), default_epochs(10_000_000, 16384)
+    assert small * 10_000 < large * 10_000_000  # more edge samples for more edges
+    assert large >= 1 and small >= 1
+
+
+@pytest.mark.parametrize("negatives", ["batch", "pool"])
+def test_negative_modes_train(blobs, negatives):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, Xte, y, yte = blobs
+    m = ParametricUMAP(random_state=0, **FAST)
+    m.fit(X)
+    handle = pipeline.open_input(X)
+    edges = pipeline.run_graph(pipeline.run_knn(handle, PARAMS, "cpu"), PARAMS)
+    import dataclasses
+
+    cfg = pipeline.train_config({**PARAMS, **FAST}, len(edges), X.shape[1], "cpu", m.a_, m.b_)
+    cfg = dataclasses.replace(cfg, negatives=negatives)
+    trained = pipeline.run_train(X, edges, None, cfg)
+    from pumap_dask.train import encode
+
+    acc = KNeighborsClassifier(15).fit(encode(trained.encoder, X), y).score(
+        encode(trained.encoder, Xte), yte)
+    assert acc > 0.9
