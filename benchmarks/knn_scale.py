@@ -80,7 +80,7 @@ def run_size(n: int, args, client, data_dir: str) -> dict:
     from pumap_dask.datasets import write_cell_like_zarr
     from pumap_dask.graph_dask import build_edge_store
     from pumap_dask.knn import knn_recall, nndescent_knn
-    from pumap_dask.partition import nearest_neighbors
+    from pumap_dask.knn_dask import nearest_neighbors
 
     k = args.k
     path = os.path.join(data_dir, f"cells_{n}x{args.n_features}.zarr")

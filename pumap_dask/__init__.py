@@ -12,7 +12,7 @@ from .estimator import NotFittedError, ParametricUMAP, load
 from .graph import fuzzy_simplicial_set
 from .io import InputError
 from .model import ModelFileError
-from .partition import nearest_neighbors
+from .knn_dask import nearest_neighbors
 from .train import find_ab_params
 from .transform import ood_mask, transform
 

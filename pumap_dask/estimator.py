@@ -41,7 +41,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
     knn_method
         ``"auto"``, ``"exact"`` (blockwise torch), ``"nndescent"`` (pynndescent) or
         ``"partitioned"`` (Dask, for chunked input). With ``"auto"``, lazy input (dask,
-        Zarr, paths) of more than ``pumap_dask.partition.PARTITION_THRESHOLD`` rows uses
+        Zarr, paths) of more than ``pumap_dask.knn_dask.PARTITION_THRESHOLD`` rows uses
         ``"partitioned"``; numpy input never does.
     hidden_layers
         Widths of the encoder's hidden layers (LeakyReLU(0.1) after each).

@@ -33,94 +33,16 @@ import os
 import shutil
 import time
 import uuid
-from typing import Iterator
 
 import numpy as np
 import scipy.sparse as sp
 
+from .edges import META, EdgeStore
 from .graph import SMOOTH_K_TOLERANCE, membership_strengths, smooth_knn_dist
 
 logger = logging.getLogger(__name__)
 
 GRAPH_DIR = "graph"
-META = "meta.json"
-
-
-# --------------------------------------------------------------------------- edge store
-class EdgeStore:
-    """Read access to an edge list persisted as shards by :func:`build_edge_store`.
-
-    Parameters
-    ----------
-    path
-        The graph directory (``work_dir/graph``).
-
-    Attributes
-    ----------
-    n_vertices, n_edges, threshold, max_weight, params
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = os.fspath(path)
-        with open(os.path.join(self.path, META)) as fh:
-            meta = json.load(fh)
-        if not meta.get("complete"):
-            raise RuntimeError(f"the edge store in {self.path} is incomplete; rerun the graph "
-                               "stage with the same work_dir to finish it")
-        self.meta = meta
-        self.params = meta["params"]
-        self.n_vertices = int(meta["params"]["n"])
-        self.threshold = float(meta["threshold"])
-        self.max_weight = float(meta["max_weight"])
-        self.shards = [s["name"] for s in meta["shards"]]
-        self.n_edges = int(sum(s["n_edges"] for s in meta["shards"]))
-
-    def __repr__(self) -> str:
-        return (f"EdgeStore({self.path!r}, n_vertices={self.n_vertices}, n_edges={self.n_edges}, "
-                f"shards={len(self.shards)})")
-
-    def __len__(self) -> int:
-        return len(self.shards)
-
-    def read_shard(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Edges of shard ``i`` as (head int64, tail int64, weight float32)."""
-        return _read_shard(os.path.join(self.path, self.shards[i]))
-
-    def iter_shards(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Yield each shard's (head, tail, weight) in row order."""
-        for i in range(len(self.shards)):
-            yield self.read_shard(i)
-
-    __iter__ = iter_shards
-
-    def read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All edges in memory: (head int64, tail int64, weight float32)."""
-        parts = list(self.iter_shards())
-        if not parts:
-            return (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
-        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
-
-    def to_csr(self) -> sp.csr_matrix:
-        """The (pruned) symmetric graph as an (n, n) CSR matrix."""
-        h, t, w = self.read()
-        n = self.n_vertices
-        return sp.csr_matrix((w, (h, t)), shape=(n, n))
-
-    def nbytes_on_disk(self) -> int:
-        """Bytes used by the shards on disk."""
-        total = 0
-        for name in self.shards:
-            for root, _, files in os.walk(os.path.join(self.path, name)):
-                total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-        return total
-
-
-def _read_shard(path: str):
-    import zarr
-
-    g = zarr.open_group(path, mode="r")
-    return (np.asarray(g["head"][:], dtype=np.int64), np.asarray(g["tail"][:], dtype=np.int64),
-            np.asarray(g["weight"][:], dtype=np.float32))
 
 
 def _shard_name(b: int) -> str:

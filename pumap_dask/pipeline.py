@@ -181,7 +181,7 @@ def check_sizes(handle: InputHandle, n_neighbors: int) -> None:
 
 def knn_plan(handle: InputHandle, params: dict, device: str) -> str:
     """The kNN method a fit of ``handle`` will use (resolves ``"auto"``)."""
-    from .partition import resolve_method
+    from .knn_dask import resolve_method
 
     method = params["knn_method"]
     if handle.lazy:
@@ -202,7 +202,7 @@ def run_knn(handle: InputHandle, params: dict, device: str, *, work_dir: str | N
         return Neighbors(ind, dist, "precomputed")
     method = knn_plan(handle, params, device)
     if method == "partitioned":
-        from .partition import nearest_neighbors
+        from .knn_dask import nearest_neighbors
 
         res = nearest_neighbors(handle.source, k, "partitioned", overlap=params["knn_overlap"],
                                 random_state=params["random_state"], device=params["device"],
@@ -226,7 +226,7 @@ def run_graph(neighbors: Neighbors, params: dict, *, work_dir: str | None = None
 
         store = build_edge_store(neighbors.indices, neighbors.distances, work_dir,
                                  n_epochs=PRUNE_EPOCHS, **graph_kw)
-        head, tail, weight = read_edges(store)
+        head, tail, weight = store.read_compact()
         edges = Edges(head, tail, weight, store.n_vertices)
     else:
         graph = graph_stage.fuzzy_simplicial_set(neighbors.indices, neighbors.distances,
@@ -237,24 +237,6 @@ def run_graph(neighbors: Neighbors, params: dict, *, work_dir: str | None = None
         raise InputError("the kNN graph has no edges (all points identical?); the data "
                          "needs some spread to embed")
     return edges
-
-
-def read_edges(store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All edges of an edge store, shard by shard, with the narrowest index type.
-
-    Memory is 12 bytes per edge below 2^31 vertices (int32 ids, float32 weights).
-    """
-    itype = np.int32 if store.n_vertices < 2**31 else np.int64
-    head = np.empty(store.n_edges, itype)
-    tail = np.empty(store.n_edges, itype)
-    weight = np.empty(store.n_edges, np.float32)
-    at = 0
-    for h, t, w in store.iter_shards():
-        head[at:at + len(h)] = h
-        tail[at:at + len(h)] = t
-        weight[at:at + len(h)] = w
-        at += len(h)
-    return head, tail, weight
 
 
 def run_init(handle: InputHandle, edges: Edges, params: dict, device: str) -> Layout | None:

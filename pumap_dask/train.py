@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -80,16 +80,25 @@ class TrainConfig:
 # "batch": negatives drawn from the step's own heads and tails (2B rows encoded per step);
 # "pool": from ``negative_pool`` extra uniform rows (3B rows).
 NEGATIVE_MODES = ("batch", "pool")
-# Default training budget (see default_epochs); chosen by benchmarks (RESULTS.md).
+# Default training budget (see default_epochs), from benchmarks/train_budget.py on cell-like
+# data (RESULTS.md): held-out accuracy saturates near 10 epochs (about 200 positive samples
+# per row) at 50k and 200k rows; small data needs a floor in steps, and large data a cap
+# so time grows no faster than the kNN (the encoder generalises across rows, so per-row
+# samples can fall as n grows: 1M rows at the cap get about 6 epochs).
 TARGET_STEPS = 1000
 MIN_EPOCHS = 10
+MAX_STEPS = 6000
 
 
 def default_epochs(n_edges: int, batch_size: int) -> int:
-    """Epochs (passes over the edges) when the user gives none: enough for
-    :data:`TARGET_STEPS` optimiser steps, and at least :data:`MIN_EPOCHS`."""
+    """Epochs (passes over the edges) when the user gives none.
+
+    At least :data:`MIN_EPOCHS` epochs and :data:`TARGET_STEPS` optimiser steps, but no more
+    epochs than fit in :data:`MAX_STEPS` steps (and at least one).
+    """
     steps_per_epoch = -(-n_edges // max(1, batch_size))
-    return max(MIN_EPOCHS, -(-TARGET_STEPS // steps_per_epoch))
+    epochs = max(MIN_EPOCHS, -(-TARGET_STEPS // steps_per_epoch))
+    return max(1, min(epochs, MAX_STEPS // steps_per_epoch))
 
 
 def sample_edges(cum: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -211,8 +220,9 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
     if device.type != "cpu" and Xt.numel() * 4 < (2 << 30):
         Xt = Xt.to(device)
     net = encoder.mlp
-    head_t = torch.as_tensor(head, dtype=torch.int64)
-    tail_t = torch.as_tensor(tail, dtype=torch.int64)
+    # ids stay in their (often int32) dtype: 4 bytes per edge end, widened per batch
+    head_t = torch.as_tensor(np.asarray(head))
+    tail_t = torch.as_tensor(np.asarray(tail))
     cum = torch.cumsum(torch.as_tensor(weight, dtype=torch.float64), 0)
     gen = _seed_everything_local(cfg.random_state)
 
@@ -246,7 +256,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
         ep_loss = 0.0
         for _ in range(steps_per_epoch):
             e = sample_edges(cum, B, gen)
-            h, t = head_t[e], tail_t[e]
+            h, t = head_t[e].long(), tail_t[e].long()
             if in_batch:
                 # negatives among the step's own heads and tails: 2B rows encoded, not 3B
                 ids = torch.cat([h, t])

@@ -9,8 +9,8 @@ import dask.array as da
 from pumap_dask.datasets import cell_like, write_cell_like_zarr
 from pumap_dask.io import InputError
 from pumap_dask.knn import exact_knn, knn_recall
-from pumap_dask import partition
-from pumap_dask.partition import merge_candidates, nearest_neighbors
+from pumap_dask import knn_dask
+from pumap_dask.knn_dask import merge_candidates, nearest_neighbors
 
 K = 15
 
@@ -50,7 +50,7 @@ def test_partitioned_threaded(cells):
 
 def test_partitioned_nndescent_local(cells, monkeypatch):
     # force pynndescent inside the partitions (normally used for partitions > ~20k rows)
-    monkeypatch.setattr(partition, "LOCAL_EXACT_WORK", 0.0)
+    monkeypatch.setattr(knn_dask, "LOCAL_EXACT_WORK", 0.0)
     X, exact_ind = cells
     dX = da.from_array(X, chunks=(2500, 30))
     with dask.config.set(scheduler="threads"):
@@ -100,7 +100,7 @@ def test_auto_rules(cells, monkeypatch):
     with dask.config.set(scheduler="threads"):
         res = nearest_neighbors(X[:1000], K, recall_samples=100)
         assert res.method == "exact" and res[0].shape == (1000, K)
-        monkeypatch.setattr(partition, "PARTITION_THRESHOLD", 3000)
+        monkeypatch.setattr(knn_dask, "PARTITION_THRESHOLD", 3000)
         dX = da.from_array(X, chunks=(3000, 30))
         res = nearest_neighbors(dX, K, recall_samples=0, n_partitions=6)
         assert res.method == "partitioned"
