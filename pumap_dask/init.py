@@ -48,8 +48,8 @@ def spectral_layout(graph: sp.spmatrix, n_components: int, random_state: int | N
                     maxiter: int | None = None) -> np.ndarray | None:
     """Eigenvectors of the normalised graph Laplacian (skipping the trivial one).
 
-    Returns None when the graph is disconnected or the eigensolver does not converge; the
-    caller falls back to PCA.
+    Returns None when the graph is disconnected (see :func:`component_layout`) or the
+    eigensolver does not converge.
     """
     from scipy.sparse.csgraph import connected_components
 
@@ -58,7 +58,8 @@ def spectral_layout(graph: sp.spmatrix, n_components: int, random_state: int | N
         return None
     n_comp, _ = connected_components(graph, directed=False)
     if n_comp > 1:
-        logger.info("graph has %d connected components; using the PCA layout", n_comp)
+        logger.info("graph has %d connected components; the caller lays them out one by one",
+                    n_comp)
         return None
     return _connected_spectral(graph, n_components, random_state, maxiter)
 

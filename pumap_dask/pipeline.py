@@ -78,15 +78,20 @@ class InputHandle:
     def d(self) -> int:
         return int(self.darr.shape[1])
 
+    def check_budget(self, budget: int = TRAIN_MEMORY_BUDGET) -> None:
+        """Fail (before any stage) when the training matrix would not fit ``budget`` bytes."""
+        need = self.n * self.d * 4
+        if self.data is None and need > budget:
+            raise InputError(
+                f"the training matrix needs {need / 2**30:.1f} GiB, above the training "
+                f"memory budget of {budget / 2**30:.1f} GiB "
+                "(pumap_dask.pipeline.TRAIN_MEMORY_BUDGET); raise it, or reduce the features "
+                "first (e.g. PCA to 50 components, as single-cell pipelines do)")
+
     def load(self, budget: int = TRAIN_MEMORY_BUDGET) -> np.ndarray:
         """The rows in memory (loaded block by block, NaN-checked, once)."""
         if self.data is None:
-            need = self.n * self.d * 4
-            if need > budget:
-                raise InputError(
-                    f"the training matrix needs {need / 2**30:.1f} GiB, above "
-                    f"train_memory_budget={budget / 2**30:.1f} GiB; raise the budget, or reduce "
-                    "the features first (e.g. PCA to 50 components, as single-cell pipelines do)")
+            self.check_budget(budget)
             logger.info("loading %d x %d input into memory for training", self.n, self.d)
             self.data = check_array(checked_finite(self.darr).compute(), what="X")
         return self.data
@@ -209,7 +214,7 @@ def run_knn(handle: InputHandle, params: dict, device: str, *, work_dir: str | N
                                 key=handle.key, work_dir=work_dir)
         return Neighbors(res.indices, res.distances, "partitioned",
                          None if res.recall is None else float(res.recall))
-    X = handle.load(params.get("train_memory_budget", TRAIN_MEMORY_BUDGET))
+    X = handle.load(params.get("train_memory_budget") or TRAIN_MEMORY_BUDGET)
     ind, dist = knn_stage.nearest_neighbors_numpy(X, k, method,
                                                   random_state=params["random_state"],
                                                   device=device)
@@ -340,6 +345,7 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
     t0 = time.perf_counter()
     handle = open_input(X, key)
     check_sizes(handle, params["n_neighbors"])
+    handle.check_budget(params.get("train_memory_budget") or TRAIN_MEMORY_BUDGET)
     device = knn_stage.resolve_device(params["device"])
     a, b = find_ab_params(params["spread"], params["min_dist"])
     partitioned = knn is None and knn_plan(handle, params, device) == "partitioned"
@@ -355,7 +361,7 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
     knn_method, knn_recall = neighbors.method, neighbors.recall
     del neighbors  # the kNN arrays are not needed past the graph
     t0 = time.perf_counter()
-    Xtr = handle.load(params.get("train_memory_budget", TRAIN_MEMORY_BUDGET))
+    Xtr = handle.load(params.get("train_memory_budget") or TRAIN_MEMORY_BUDGET)
     timings["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     layout = run_init(handle, edges, params, device)

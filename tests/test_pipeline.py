@@ -117,3 +117,18 @@ def test_negative_modes_train(blobs, negatives):
     acc = KNeighborsClassifier(15).fit(encode(trained.encoder, X), y).score(
         encode(trained.encoder, Xte), yte)
     assert acc > 0.9
+
+
+def test_training_memory_budget_fails_before_any_stage(monkeypatch):
+    import time
+
+    import dask.array as da
+
+    from pumap_dask.io import InputError
+
+    X = da.random.random((2_000_000, 50), chunks=(100_000, 50)).astype(np.float32)
+    monkeypatch.setattr(pipeline, "TRAIN_MEMORY_BUDGET", 100 << 20)
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match="training memory budget"):
+        ParametricUMAP().fit(X)
+    assert time.perf_counter() - t0 < 2
