@@ -78,6 +78,10 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         temporary directory removed after the fit.
     knn_overlap
         Partitions each row joins in the partitioned kNN (its nearest k-means centroids).
+    train_world_size
+        Training processes (torch DDP, one rank per Dask worker; see
+        :mod:`pumap_dask.ddp`). None: every worker of the active distributed client when
+        the fit is partitioned, else one process; 1: always one process.
 
     Attributes
     ----------
@@ -118,6 +122,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         verbose: bool = False,
         work_dir: str | None = None,
         knn_overlap: int = 2,
+        train_world_size: int | None = None,
     ) -> None:
         self.n_components = n_components
         self.n_neighbors = n_neighbors
@@ -140,6 +145,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         self.verbose = verbose
         self.work_dir = work_dir
         self.knn_overlap = knn_overlap
+        self.train_world_size = train_world_size
 
     # ------------------------------------------------------------------ checks
     def _check_params(self) -> None:
@@ -189,6 +195,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         self.n_edges_ = res.n_edges
         self.a_, self.b_ = res.a, res.b
         self.init_ = res.init
+        self.train_world_size_ = res.world_size
         self.timings_ = res.timings
         if res.graph is not None:
             self.graph_ = res.graph

@@ -38,6 +38,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .edges import META, EdgeStore
+from .io import write_json_atomic
 from .graph import SMOOTH_K_TOLERANCE, membership_strengths, smooth_knn_dist
 
 logger = logging.getLogger(__name__)
@@ -55,13 +56,6 @@ def _marker(gdir: str, b: int) -> str:
 
 def _shard_complete(gdir: str, b: int) -> bool:
     return os.path.exists(_marker(gdir, b)) and os.path.isdir(os.path.join(gdir, _shard_name(b)))
-
-
-def _write_json_atomic(path: str, doc: dict) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=1)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -127,7 +121,7 @@ def _write_shard(G: sp.csr_matrix, gdir: str, b: int, offset: int, threshold: fl
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _write_json_atomic(_marker(gdir, b), {"n_edges": int(len(w))})
+    write_json_atomic(_marker(gdir, b), {"n_edges": int(len(w))})
     return int(len(w))
 
 
@@ -257,7 +251,7 @@ def build_edge_store(
         threshold = float(np.float32(max_w) / np.float32(n_epochs)) if n_epochs else 0.0
         meta = {"params": params, "max_weight": max_w, "threshold": threshold,
                 "complete": False}
-        _write_json_atomic(meta_path, meta)
+        write_json_atomic(meta_path, meta)
     threshold = float(meta["threshold"])
     logger.info("graph: symmetrised %d rows in %d blocks (max weight %.4g, threshold %.4g) "
                 "in %.2fs", n, B, meta["max_weight"], threshold, time.perf_counter() - t0)
@@ -274,7 +268,7 @@ def build_edge_store(
         shards.append({"name": _shard_name(b), "rows": [int(bounds[b]), int(bounds[b + 1])],
                        "n_edges": int(n_edges)})
     meta.update(shards=shards, complete=True)
-    _write_json_atomic(meta_path, meta)
+    write_json_atomic(meta_path, meta)
     store = EdgeStore(gdir)
     logger.info("graph: wrote %d of %d shards, %d edges in total, in %.2fs", len(todo), B,
                 store.n_edges, time.perf_counter() - t0)

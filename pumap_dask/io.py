@@ -216,3 +216,17 @@ def checked_finite(darr, what: str = "X"):
     """Return ``darr`` with a per-block finiteness check that runs when blocks are computed."""
     return darr.map_blocks(_finite_block, what=what, dtype=darr.dtype,
                            meta=np.empty((0, 0), darr.dtype))
+
+
+def write_json_atomic(path: str, doc: dict) -> None:
+    """Write a JSON document so readers see the old file or the whole new one, never a part.
+
+    Used for every metadata file and completion marker of the resumable stages.
+    """
+    import json
+    import uuid
+
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=1)
+    os.replace(tmp, path)

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from .io import InputError
+from .params import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -23,20 +24,6 @@ KNN_METHODS = ("auto", "exact", "nndescent", "partitioned")
 # 1.6 s on an idle machine (10 s on a loaded one), so for low-dimensional data this limit
 # keeps exact search longer than speed alone would.
 EXACT_WORK_LIMIT = 5e11
-
-
-def resolve_device(device: str = "auto") -> str:
-    """Map ``"auto" | "cpu" | "cuda"`` to a torch device string, falling back to CPU."""
-    import torch
-
-    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("device=%r requested but CUDA is not available; using the CPU", device)
-        return "cpu"
-    return str(device)
 
 
 def exact_knn(

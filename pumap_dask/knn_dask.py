@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from dask.base import tokenize
 
-from .io import InputError, as_dask, check_array, checked_finite, is_lazy
+from .io import InputError, as_dask, check_array, checked_finite, is_lazy, write_json_atomic
 from . import knn as knn_stage
 
 logger = logging.getLogger(__name__)
@@ -414,15 +414,12 @@ def _token(darr) -> str:
 def _wait(*collections) -> None:
     """Block until persisted collections are in memory on the workers; raise their errors."""
     try:
-        from distributed import futures_of, wait
+        from distributed import futures_of
     except ImportError:
         return
-    futures = [f for c in collections for f in futures_of(c)]
-    if futures:
-        wait(futures)
-        for f in futures:
-            if f.status == "error":
-                f.result()
+    for f in (f for c in collections for f in futures_of(c)):
+        if f.exception() is not None:  # waits through the future's own client
+            f.result()
 
 
 def _compute(x, client=None):
@@ -499,13 +496,6 @@ def _store_fingerprint(path: str | None) -> str | None:
     return h.hexdigest()
 
 
-def _write_json_atomic(path: str, doc: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=1)
-    os.replace(tmp, path)
-
-
 def _load_cached(knn_dir: str, params: dict, darr):
     import dask.array as da
 
@@ -544,7 +534,7 @@ def _store(knn_dir: str, ind, dist, params: dict, info: dict, client=None):
     dask.compute(w1, w2, **sched)
     import uuid
 
-    _write_json_atomic(meta_path, {"complete": True, "params": params,
+    write_json_atomic(meta_path, {"complete": True, "params": params,
                                    "run_id": uuid.uuid4().hex, **info})
 
 
@@ -703,6 +693,6 @@ def nearest_neighbors(
             with open(meta_path) as fh:
                 meta = json.load(fh)
             meta["recall"] = recall
-            _write_json_atomic(meta_path, meta)
+            write_json_atomic(meta_path, meta)
     return KNNResult(ind, dist, recall=recall, method=method, n_partitions=n_parts,
                      timings=timings)

@@ -638,7 +638,8 @@ FITTED_ATTRS = {"a_": "a", "b_": "b", "n_features_in_": "n_features_in",
                 "n_samples_fit_": "n_samples_fit", "n_epochs_": "n_epochs",
                 "knn_method_": "knn_method", "n_edges_": "n_edges",
                 "loss_history_": "loss_history", "feature_stats_": "feature_stats",
-                "timings_": "timings", "knn_recall_": "knn_recall", "init_": "init"}
+                "timings_": "timings", "knn_recall_": "knn_recall", "init_": "init",
+                "train_world_size_": "train_world_size"}
 
 
 def _plain(v: Any) -> Any:

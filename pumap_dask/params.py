@@ -82,6 +82,24 @@ def device(value: Any, name: str = "device") -> str:
     raise ValueError(f"{name} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
 
 
+def resolve_device(value: str = "auto", *, warn: bool = True) -> str:
+    """Map ``"auto" | "cpu" | "cuda[:N]"`` to the torch device to use here, falling back to
+    the CPU (with a warning when ``warn``) where CUDA is absent."""
+    import logging
+
+    import torch
+
+    device(value)
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        if warn:
+            logging.getLogger(__name__).warning(
+                "device=%r requested but CUDA is not available; using the CPU", value)
+        return "cpu"
+    return value
+
+
 def random_state(value: Any) -> int | None:
     """None or a non-negative integer seed."""
     if value is None:
@@ -165,6 +183,7 @@ def check_estimator_params(est: Any) -> None:
     optional_positive_int("n_epochs", est.n_epochs)
     positive_int("n_projection", est.n_projection, minimum=0)
     positive_int("knn_overlap", est.knn_overlap)
+    optional_positive_int("train_world_size", est.train_world_size)
     min_dist_spread(est.min_dist, est.spread)
     real("learning_rate", est.learning_rate, low=0.0, low_open=True)
     check_graph_params(est.set_op_mix_ratio, est.local_connectivity, est.tolerance)

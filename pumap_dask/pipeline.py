@@ -19,6 +19,7 @@ here, and nothing is gathered on the client for lazy input except the training m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -164,6 +165,7 @@ class FitResult:
     b: float
     init: str
     graph: sp.csr_matrix | None
+    world_size: int = 1
     timings: dict = field(default_factory=dict)
 
 
@@ -358,18 +360,31 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
         t0 = time.perf_counter()
         edges = run_graph(neighbors, params, work_dir=wdir)
         timings["graph"] = time.perf_counter() - t0
-    knn_method, knn_recall = neighbors.method, neighbors.recall
-    del neighbors  # the kNN arrays are not needed past the graph
-    t0 = time.perf_counter()
-    Xtr = handle.load(params.get("train_memory_budget") or TRAIN_MEMORY_BUDGET)
-    timings["load"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    layout = run_init(handle, edges, params, device)
-    timings["init"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cfg = train_config(params, len(edges), handle.d, device, a, b)
-    trained = run_train(Xtr, edges, layout, cfg, verbose=bool(params.get("verbose")))
-    timings["train"] = time.perf_counter() - t0
+        knn_method, knn_recall = neighbors.method, neighbors.recall
+        del neighbors  # the kNN arrays are not needed past the graph
+        t0 = time.perf_counter()
+        Xtr = handle.load(params.get("train_memory_budget") or TRAIN_MEMORY_BUDGET)
+        timings["load"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        layout = run_init(handle, edges, params, device)
+        timings["init"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cfg = train_config(params, len(edges), handle.d, device, a, b)
+        if params.get("work_dir"):  # checkpoints beside the kNN and graph: a rerun resumes
+            cfg = dataclasses.replace(
+                cfg, checkpoint_dir=os.path.join(params["work_dir"], "train"))
+        client, world = ddp_plan(params, partitioned, handle)
+        if world > 1:
+            from .ddp import train_on_dask
+
+            init = None if layout is None else (layout.rows, layout.positions)
+            encoder, history, world = train_on_dask(
+                client, handle.source, handle.key, os.path.join(wdir, "graph"), cfg, init,
+                world_size=world)
+            trained = Trained(encoder, history, cfg)
+        else:
+            trained = run_train(Xtr, edges, layout, cfg, verbose=bool(params.get("verbose")))
+        timings["train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     from .train import encode
 
@@ -383,7 +398,35 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                      knn_method=knn_method, knn_recall=knn_recall, n_edges=len(edges),
                      a=a, b=b,
                      init="random" if layout is None else layout.method, graph=edges.graph,
-                     timings=timings)
+                     world_size=world, timings=timings)
+
+
+def ddp_plan(params: dict, partitioned: bool, handle: InputHandle):
+    """(client, world size) for training: DDP over the active distributed client's workers
+    for partitioned fits of a Zarr input (edge shards and rows every worker can read), else
+    (None, 1)."""
+    wanted = params.get("train_world_size")
+    readable = isinstance(handle.source, (str, os.PathLike)) or \
+        type(handle.source).__module__.startswith("zarr")
+    if wanted == 1 or not partitioned or not readable:
+        if wanted and wanted > 1:
+            logger.warning("train_world_size=%d ignored: DDP training needs a partitioned fit "
+                           "of a Zarr array or path; training in one process", wanted)
+        return None, 1
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        if wanted:
+            raise InputError(f"train_world_size={wanted} needs an active distributed.Client "
+                             "(DDP runs one rank per Dask worker)") from None
+        return None, 1
+    from .ddp import eligible_workers
+
+    n_workers = len(eligible_workers(client))
+    world = min(wanted or n_workers, n_workers)
+    return (client, world) if world > 1 else (None, 1)
 
 
 def require_local_workers() -> None:

@@ -52,7 +52,8 @@ class TrainConfig:
     layout), ``num_threads`` (torch threads; None picks by step size), ``weight_decay``
     (AdamW) and ``virtual_rate`` (virtual points on edges per positive edge; see
     :func:`_virtual_point_loss`), ``log_every`` (epochs between log lines; 0: none),
-    ``negatives`` (see :data:`NEGATIVE_MODES`).
+    ``negatives`` (see :data:`NEGATIVE_MODES`), ``checkpoint_dir`` and ``checkpoint_every``
+    (epochs between checkpoints; see :class:`Checkpoint`).
     """
 
     n_components: int = 2
@@ -75,6 +76,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     virtual_rate: float = 0.0
     negatives: str = "batch"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1
 
 
 # "batch": negatives drawn from the step's own heads and tails (2B rows encoded per step);
@@ -220,20 +223,23 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
     if device.type != "cpu" and Xt.numel() * 4 < (2 << 30):
         Xt = Xt.to(device)
     net = encoder.mlp
+    rank, world = _world()
+    n_edges_total = _global_edge_count(len(head), world)
     # ids stay in their (often int32) dtype: 4 bytes per edge end, widened per batch
     head_t = torch.as_tensor(np.asarray(head))
     tail_t = torch.as_tensor(np.asarray(tail))
     cum = torch.cumsum(torch.as_tensor(weight, dtype=torch.float64), 0)
     gen = _seed_everything_local(cfg.random_state)
 
-    B = int(min(cfg.batch_size, len(head)))
+    B = int(min(cfg.batch_size, n_edges_total))
     R = int(cfg.negative_sample_rate)
     M = int(cfg.negative_pool or B)
     in_batch = cfg.negatives == "batch"
     if cfg.negatives not in NEGATIVE_MODES:
         raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {cfg.negatives!r}")
     dedupe = (2 if in_batch else 3) * B > n // 2
-    steps_per_epoch = max(1, math.ceil(len(head) / B))
+    # every rank runs the same number of steps; an epoch is one pass over all ranks' edges
+    steps_per_epoch = max(1, math.ceil(n_edges_total / B))
     total_steps = cfg.n_epochs * steps_per_epoch
     opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate,
                             weight_decay=cfg.weight_decay, **_adam_kwargs(device))
@@ -247,12 +253,26 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
     else:
         raise ValueError(f"lr_schedule must be 'linear', 'cosine' or 'constant', "
                          f"got {cfg.lr_schedule!r}")
-    if init_embedding is not None:
-        pretrain_to_layout(net, Xt, init_embedding, cfg, gen)
+    ckpt = Checkpoint(cfg.checkpoint_dir,
+                      _fingerprint(cfg, n, X.shape[1], n_edges_total, _global_sum(weight, world),
+                                   world))
+    start, history = ckpt.restore(encoder, opt, sched, gen, rank) if ckpt.enabled else (0, [])
+    if start == 0 and init_embedding is not None:
+        pretrain_to_layout(net, Xt, init_embedding, cfg, gen)  # the same on every rank
+    if world > 1:
+        # Each rank samples B / world of the global batch from its own edges with its own
+        # RNG stream (seed, rank); DDP averages the gradients, so a step equals a
+        # single-process step of batch B at the same learning rate.
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(net)
+        B = max(1, B // world)
+        if start == 0:
+            gen = _seed_everything_local(None if cfg.random_state is None
+                                         else cfg.random_state * 7919 + rank + 1)
     a, b = cfg.a, cfg.b
-    history: list[float] = []
     t0 = time.perf_counter()
-    for epoch in range(cfg.n_epochs):
+    for epoch in range(start, cfg.n_epochs):
         ep_loss = 0.0
         for _ in range(steps_per_epoch):
             e = sample_edges(cum, B, gen)
@@ -305,7 +325,115 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
         if cfg.log_every and (epoch + 1) % cfg.log_every == 0:
             logger.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.n_epochs, history[-1],
                         time.perf_counter() - t0)
+        if ckpt.enabled and ((epoch + 1) % cfg.checkpoint_every == 0
+                             or epoch + 1 == cfg.n_epochs):
+            ckpt.save(epoch + 1, encoder, opt, sched, gen, history, rank, world)
     return encoder.cpu().eval(), history
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the active torch.distributed group, or (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _global_edge_count(n_local: int, world: int) -> int:
+    """Edges over all ranks (each rank holds its own subset)."""
+    if world == 1:
+        return n_local
+    import torch.distributed as dist
+
+    t = torch.tensor([n_local], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def _global_sum(weight: np.ndarray, world: int) -> float:
+    total = torch.tensor([float(np.asarray(weight).sum(dtype=np.float64))], dtype=torch.float64)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(total)
+    return float(total.item())
+
+
+def _fingerprint(cfg: TrainConfig, n: int, d: int, n_edges: int, w_sum: float,
+                 world: int) -> str:
+    """What a checkpoint must match to be resumed: configuration, data shape, world size."""
+    import hashlib
+    import json
+
+    fields = {k: v for k, v in vars(cfg).items()
+              if k not in ("checkpoint_dir", "checkpoint_every", "log_every")}
+    doc = json.dumps({"cfg": fields, "n": n, "d": d, "n_edges": n_edges,
+                      "w_sum": round(w_sum, 3), "world": world}, sort_keys=True, default=str)
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+class Checkpoint:
+    """Atomic training checkpoints (encoder, optimiser, schedule, RNG, loss history).
+
+    Written to ``<dir>/train.pt`` at epoch ends; a rerun with the same configuration and
+    data resumes after the last finished epoch and ends bitwise equal to an uninterrupted
+    run. A checkpoint of another configuration is ignored (and replaced).
+    """
+
+    NAME = "train.pt"
+
+    def __init__(self, directory: str | None, fingerprint: str) -> None:
+        import os
+
+        self.enabled = directory is not None
+        self.path = os.path.join(directory, self.NAME) if directory else None
+        self.fingerprint = fingerprint
+
+    def restore(self, encoder, opt, sched, gen, rank: int = 0) -> tuple[int, list[float]]:
+        """Load a matching checkpoint; returns (next epoch, history) or (0, [])."""
+        import os
+
+        if not os.path.exists(self.path):
+            return 0, []
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a torn or foreign file: start over, never crash
+            logger.warning("ignoring unreadable training checkpoint %s (%s)", self.path, exc)
+            return 0, []
+        if state.get("fingerprint") != self.fingerprint:
+            logger.info("training checkpoint %s is of another configuration; starting over",
+                        self.path)
+            return 0, []
+        encoder.load_state_dict(state["encoder"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["rng"][rank])
+        logger.info("resuming training from %s after epoch %d", self.path, state["epoch"])
+        return int(state["epoch"]), [float(x) for x in state["history"]]
+
+    def save(self, epoch: int, encoder, opt, sched, gen, history: list[float], rank: int = 0,
+             world: int = 1) -> None:
+        """Write the checkpoint (rank 0; every rank contributes its RNG state)."""
+        import os
+
+        rngs = [gen.get_state()]
+        if world > 1:
+            import torch.distributed as dist
+
+            rngs = [None] * world
+            dist.all_gather_object(rngs, gen.get_state())
+        if rank != 0:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        state = {"fingerprint": self.fingerprint, "epoch": epoch,
+                 "encoder": encoder.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": None if sched is None else sched.state_dict(),
+                 "rng": rngs, "history": list(history)}
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
 
 
 class _GatherRows(torch.autograd.Function):

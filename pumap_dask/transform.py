@@ -18,7 +18,7 @@ import numpy as np
 
 from .io import InputError, as_dask, check_n_features
 from .model import WEIGHTS, ModelFileError, encode, file_sha256, load_encoder, read_config
-from .params import check_transform_args
+from .params import check_transform_args, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -131,21 +131,11 @@ def _limit_threads_to_worker() -> None:
         torch.set_num_threads(max(1, nthreads))
 
 
-def _resolve_worker_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return "cpu"
-    return device
-
-
 def transform_block(block: np.ndarray, source: ModelRef | ModelBlob, batch_size: int = 65536,
                     device: str = "auto", nan_policy: str = "raise",
                     block_info: dict | None = None) -> np.ndarray:
     """Embed one row block (runs on a worker)."""
-    dev = _resolve_worker_device(device)
+    dev = resolve_device(device, warn=False)
     enc = _get_encoder(source, dev)
     block = np.asarray(block, dtype=np.float32)
     bad = ~np.isfinite(block).all(axis=1)

@@ -35,11 +35,26 @@ def fitted(blobs, tmp_path_factory):
 def cluster_client():
     """A real distributed.LocalCluster of 2 single-threaded worker processes (per module).
 
-    While it is open it is dask's default scheduler; tests meant for the threaded scheduler
-    say so with ``dask.config.set(scheduler="threads")``.
+    It is never dask's default scheduler: a test uses it by passing ``client=`` or through
+    the ``scheduler`` fixture, so no later test runs on it by accident.
     """
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=":0", memory_limit="2GiB") as cluster:
-        with distributed.Client(cluster) as client:
+        with distributed.Client(cluster, set_as_default=False) as client:
+            yield client
+
+
+@pytest.fixture(params=["threads", "distributed"])
+def scheduler(request):
+    """Run the test under a named scheduler: dask's threads, or a LocalCluster's client
+    (made current and dask's scheduler for the test only). Yields the client or None."""
+    import dask
+
+    if request.param == "threads":
+        with dask.config.set(scheduler="threads"):
+            yield None
+    else:
+        client = request.getfixturevalue("cluster_client")
+        with client.as_current(), dask.config.set(scheduler=client):
             yield client

@@ -124,32 +124,40 @@ def test_other_parameters_rebuild(knn, tmp_path):
     assert b.nbytes_on_disk() > 0
 
 
-def test_estimator_partitioned_fit(tmp_path):
-    from pumap_dask import ParametricUMAP
+def test_estimator_partitioned_fit(tmp_path, scheduler, monkeypatch):
+    """A partitioned fit on both schedulers: reproducible, reusing its work_dir, and never
+    building the (n, n) graph on the client (edges are read from the shards, the initial
+    layout comes from landmarks)."""
+    from pumap_dask import ParametricUMAP, pipeline
     from pumap_dask.datasets import write_cell_like_zarr
 
     from .conftest import FAST
 
+    def no_csr(self):
+        raise AssertionError("the client built the full graph")
+
+    monkeypatch.setattr(EdgeStore, "to_csr", no_csr)
+    monkeypatch.setattr(EdgeStore, "read", no_csr)
+    monkeypatch.setattr(pipeline, "N_LANDMARKS", 500)
     path = str(tmp_path / "x.zarr")
     write_cell_like_zarr(path, 3000, n_features=20, chunk_rows=1000, random_state=4)
     work = tmp_path / "work"
-    with dask.config.set(scheduler="threads"):
-        m = ParametricUMAP(knn_method="partitioned", work_dir=str(work), random_state=0,
-                           **FAST).fit(path)
-        assert m.knn_method_ == "partitioned"
-        assert m.knn_recall_ >= 0.95
-        assert m.embedding_.shape == (3000, 2) and np.isfinite(m.embedding_).all()
-        store = EdgeStore(work / "graph")
-        assert m.n_edges_ == store.n_edges
-        assert not hasattr(m, "graph_")  # no (n, n) matrix is built on the client
-        assert m.init_ == "spectral"
-        shard = os.path.join(store.path, store.shards[0], "zarr.json")
-        before = os.stat(shard).st_mtime_ns
-        m2 = ParametricUMAP(knn_method="partitioned", work_dir=str(work), random_state=0,
-                            **FAST).fit(path)  # reuses kNN and shards
-        assert os.stat(shard).st_mtime_ns == before
-        assert m2.knn_recall_ == m.knn_recall_
-        np.testing.assert_array_equal(m2.embedding_, m.embedding_)  # reproducible
-        # no work_dir: a temporary one, removed afterwards
-        m3 = ParametricUMAP(knn_method="partitioned", random_state=0, **FAST).fit(path)
-        assert m3.n_edges_ == m.n_edges_
+    m = ParametricUMAP(knn_method="partitioned", work_dir=str(work), random_state=0,
+                       **FAST).fit(path)
+    assert m.knn_method_ == "partitioned"
+    assert m.knn_recall_ >= 0.95
+    assert m.embedding_.shape == (3000, 2) and np.isfinite(m.embedding_).all()
+    store = EdgeStore(work / "graph")
+    assert m.n_edges_ == store.n_edges
+    assert not hasattr(m, "graph_")  # no (n, n) matrix is built on the client
+    assert m.init_ == "landmark-spectral"
+    shard = os.path.join(store.path, store.shards[0], "zarr.json")
+    before = os.stat(shard).st_mtime_ns
+    m2 = ParametricUMAP(knn_method="partitioned", work_dir=str(work), random_state=0,
+                        **FAST).fit(path)  # reuses kNN and shards
+    assert os.stat(shard).st_mtime_ns == before
+    assert m2.knn_recall_ == m.knn_recall_
+    np.testing.assert_array_equal(m2.embedding_, m.embedding_)  # reproducible
+    # no work_dir: a temporary one, removed afterwards
+    m3 = ParametricUMAP(knn_method="partitioned", random_state=0, **FAST).fit(path)
+    assert m3.n_edges_ == m.n_edges_

@@ -65,10 +65,12 @@ def test_partitioned_zarr_distributed(cells, cluster_client, tmp_path):
     # small partitions are searched exactly: no numba compilation in fresh worker processes
     res = nearest_neighbors(path, K, "partitioned", n_partitions=8, recall_samples=300,
                             client=cluster_client)
-    _check(res, X, (2000, 2000, 2000), exact_ind)
+    with dask.config.set(scheduler=cluster_client):  # the results live on the workers
+        _check(res, X, (2000, 2000, 2000), exact_ind)
     # the active client is picked up without passing it
-    res2 = nearest_neighbors(path, K, "partitioned", n_partitions=8, recall_samples=0)
-    np.testing.assert_array_equal(res2[0].compute(), res[0].compute())
+    with cluster_client.as_current(), dask.config.set(scheduler=cluster_client):
+        res2 = nearest_neighbors(path, K, "partitioned", n_partitions=8, recall_samples=0)
+        np.testing.assert_array_equal(res2[0].compute(), res[0].compute())
 
 
 def test_refine_and_overlap_one(cells):

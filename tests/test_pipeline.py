@@ -132,3 +132,48 @@ def test_training_memory_budget_fails_before_any_stage(monkeypatch):
     with pytest.raises(InputError, match="training memory budget"):
         ParametricUMAP().fit(X)
     assert time.perf_counter() - t0 < 2
+
+
+def test_training_resumes_from_its_checkpoint_bitwise(blobs, tmp_path):
+    """A training run killed after some epochs, rerun, ends equal to an uninterrupted one."""
+    import dataclasses
+
+    from pumap_dask.train import encode, train_encoder
+
+    X = blobs[0]
+    handle = pipeline.open_input(X)
+    edges = pipeline.run_graph(pipeline.run_knn(handle, PARAMS, "cpu"), PARAMS)
+    layout = pipeline.run_init(handle, edges, PARAMS, "cpu")
+    cfg = pipeline.train_config({**PARAMS, **FAST, "n_epochs": 6}, len(edges), X.shape[1],
+                                "cpu", 1.58, 0.9)
+    init = (layout.rows, layout.positions)
+    full, hist = train_encoder(X, edges.head, edges.tail, edges.weight, cfg,
+                               init_embedding=init)
+    ck = dataclasses.replace(cfg, checkpoint_dir=str(tmp_path / "train"))
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(epoch, loss):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_encoder(X, edges.head, edges.tail, edges.weight, ck, callback=kill_at_3,
+                      init_embedding=init)
+    seen = []
+    resumed, hist2 = train_encoder(X, edges.head, edges.tail, edges.weight, ck,
+                                   callback=lambda e, loss: seen.append(e),
+                                   init_embedding=init)
+    assert seen == [2, 3, 4, 5]  # epochs 0 and 1 came from the checkpoint
+    np.testing.assert_array_equal(encode(resumed, X), encode(full, X))
+    assert hist2 == hist
+    # a finished checkpoint makes a rerun free; another configuration starts over
+    again, _ = train_encoder(X, edges.head, edges.tail, edges.weight, ck, init_embedding=init,
+                             callback=lambda e, loss: seen.append(("again", e)))
+    assert not any(isinstance(s, tuple) for s in seen)
+    np.testing.assert_array_equal(encode(again, X), encode(full, X))
+    other = dataclasses.replace(ck, learning_rate=0.02)
+    train_encoder(X, edges.head, edges.tail, edges.weight, other, init_embedding=init,
+                  callback=lambda e, loss: seen.append(("other", e)))
+    assert ("other", 0) in seen

@@ -131,7 +131,7 @@ def test_transform_to_zarr_resumes(fitted, saved, blobs, tmp_path, caplog):
     assert z.chunks == (50, 2)
 
 
-def test_transform_to_zarr_sharded_and_cluster(fitted, saved, blobs, tmp_path, cluster_client):
+def test_transform_to_zarr_sharded(fitted, saved, blobs, tmp_path, scheduler):
     X = np.repeat(blobs[1], 2, axis=0)
     ref = fitted.transform(X)
     z = transform_to_zarr(da.from_array(X, chunks=(160, 16)), saved, tmp_path / "s.zarr",

@@ -1,0 +1,267 @@
+"""Training across processes: torch DDP on Dask workers, or under ``torchrun``/``srun``.
+
+Every rank runs :func:`train_rank`: it joins the process group (Gloo on CPUs, NCCL when the
+ranks have CUDA) with an explicit timeout, reads the training rows from the input (a Zarr
+path every rank sees) and *its own* edge shards (shard ``i`` belongs to rank
+``i % world_size``) from the edge store, and trains with
+:func:`pumap_dask.train.train_encoder`, which under an initialised group wraps the MLP in
+``DistributedDataParallel``. Each rank samples ``batch_size / world_size`` positive edges
+per step in proportion to weight from its own RNG stream (seeded from the run's seed and
+the rank), with negatives among its step's rows; DDP averages the gradients, so one step
+equals a single-process step of ``batch_size`` edges at the same learning rate (the
+learning-rate rule: the global batch is fixed, the rate is unchanged). Every rank runs the
+same number of steps; for a fixed world size and seed the result is reproducible.
+
+Launchers:
+
+* :func:`train_on_dask`: one rank per worker of a sorted snapshot of the scheduler's
+  workers; rank 0's host and a free port are chosen on rank 0's worker at run time; each
+  rank is one task pinned to its worker with no retries. When a rank fails, the others
+  fail at the group's timeout at the latest, and the whole group is started again (from
+  the last checkpoint when ``checkpoint_dir`` is set), up to ``max_restarts`` times.
+* ``python -m pumap_dask.ddp`` under ``torchrun --nproc-per-node N`` (or ``srun``, ranks
+  from ``SLURM_PROCID``/``SLURM_NTASKS``): the same :func:`train_rank`, ranks from the
+  environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import logging
+import os
+import socket
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def own_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
+    """The edge shards rank ``rank`` trains on: a pure function of its arguments."""
+    return [i for i in range(n_shards) if i % world_size == rank]
+
+
+def _read_own_edges(edge_dir: str, rank: int, world_size: int):
+    from .edges import EdgeStore
+
+    store = EdgeStore(edge_dir)
+    mine = own_shards(len(store), rank, world_size)
+    if not mine:
+        raise ValueError(f"the edge store has {len(store)} shards, fewer than the "
+                         f"{world_size} training ranks; use at most {len(store)} ranks")
+    parts = [store.read_shard(i) for i in mine]
+    itype = np.int32 if store.n_vertices < 2**31 else np.int64
+    return (np.concatenate([p[0] for p in parts]).astype(itype),
+            np.concatenate([p[1] for p in parts]).astype(itype),
+            np.concatenate([p[2] for p in parts]))
+
+
+def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
+               init: tuple[np.ndarray, np.ndarray] | None, rank: int, world_size: int,
+               init_method: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict | None:
+    """One rank of a DDP training run (runs in a Dask task or a torchrun process).
+
+    Parameters
+    ----------
+    source, key
+        The training input, as :func:`pumap_dask.pipeline.open_input` takes it (a path
+        every rank can read).
+    edge_dir
+        The edge store directory (``work_dir/graph``) on a shared file system.
+    cfg
+        :class:`pumap_dask.train.TrainConfig`.
+    init
+        ``(rows, positions)`` of the initial layout, or None.
+    rank, world_size, init_method
+        Process-group membership (``init_method`` like ``tcp://host:port``).
+    timeout_s
+        Seconds a rank waits for the others (joining, and at every collective).
+
+    Returns
+    -------
+    dict or None
+        On rank 0: ``{"state": bytes of the encoder's state_dict, "history": [...],
+        "seconds": float}``; None on the other ranks.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from .pipeline import open_input
+    from .train import build_encoder, train_encoder
+
+    _limit_threads_to_worker()
+    cuda = str(cfg.device) in ("auto",) or str(cfg.device).startswith("cuda")
+    cuda = cuda and torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
+        torch.cuda.set_device(local)
+        cfg = dataclasses.replace(cfg, device=f"cuda:{local}")
+    else:
+        cfg = dataclasses.replace(cfg, device="cpu")
+    dist.init_process_group(backend, init_method=init_method, rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    try:
+        t0 = time.perf_counter()
+        X = open_input(source, key).load()
+        head, tail, weight = _read_own_edges(edge_dir, rank, world_size)
+        encoder = build_encoder(X.shape[1], cfg, X)  # identical on every rank
+        encoder, history = train_encoder(X, head, tail, weight, cfg, encoder,
+                                         init_embedding=init)
+        if rank != 0:
+            return None
+        buf = io.BytesIO()
+        torch.save(encoder.state_dict(), buf)
+        return {"state": buf.getvalue(), "history": history,
+                "seconds": time.perf_counter() - t0}
+    finally:
+        dist.destroy_process_group()
+
+
+def _limit_threads_to_worker() -> None:
+    from .transform import _limit_threads_to_worker as limit
+
+    limit()
+
+
+def _free_port() -> tuple[str, int]:
+    """This machine's address and a port free right now (asked for on rank 0's worker)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    host = socket.gethostname()
+    try:
+        host = socket.gethostbyname(host)
+    except OSError:
+        host = "127.0.0.1"
+    return host, port
+
+
+def eligible_workers(client) -> list[str]:
+    """A sorted snapshot of the scheduler's worker addresses (one rank each)."""
+    return sorted(client.scheduler_info().get("workers", {}))
+
+
+def train_on_dask(client, source: Any, key: str | None, edge_dir: str, cfg: Any,
+                  init: tuple[np.ndarray, np.ndarray] | None = None, *,
+                  world_size: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                  max_restarts: int = 2):
+    """Train with one DDP rank per Dask worker; returns (encoder, history, world_size).
+
+    Parameters
+    ----------
+    client
+        A ``distributed.Client``.
+    source, key, edge_dir, cfg, init
+        As for :func:`train_rank`.
+    world_size
+        Ranks (default: every worker, at most one per edge shard).
+    timeout_s
+        Group timeout: a rank that never starts or dies makes the others fail within it.
+    max_restarts
+        Times the whole group is started again after a failure (resuming from
+        ``cfg.checkpoint_dir`` when set) before the error is raised.
+    """
+    import torch
+
+    from .edges import EdgeStore
+    from .model import Encoder
+
+    last_exc: BaseException | None = None
+    for attempt in range(max_restarts + 1):
+        workers = eligible_workers(client)
+        world = min(world_size or len(workers), len(workers), len(EdgeStore(edge_dir)))
+        if world < 1:
+            raise RuntimeError("no Dask workers to train on")
+        ranks = workers[:world]
+        host, port = client.run(_free_port, workers=[ranks[0]])[ranks[0]]
+        init_method = f"tcp://{host}:{port}"
+        run = uuid.uuid4().hex[:8]
+        logger.info("DDP training on %d ranks (%s), attempt %d", world, init_method,
+                    attempt + 1)
+        futures = [client.submit(train_rank, source, key, edge_dir, cfg, init, r, world,
+                                 init_method, timeout_s, workers=[w],
+                                 allow_other_workers=False, retries=0, pure=False,
+                                 key=f"pumap-ddp-{run}-rank{r}")
+                   for r, w in enumerate(ranks)]
+        try:
+            out = client.gather(futures)[0]
+        except Exception as exc:  # a rank failed or its worker died: restart the group
+            last_exc = exc
+            client.cancel(futures)
+            logger.warning("DDP attempt %d failed (%s: %s)%s", attempt + 1,
+                           type(exc).__name__, exc,
+                           "; restarting all ranks" if attempt < max_restarts else "")
+            continue
+        state = torch.load(io.BytesIO(out["state"]), weights_only=True)
+        enc = Encoder(int(state["center"].shape[0]), cfg.n_components, cfg.hidden_layers,
+                      cfg.n_projection)
+        enc.load_state_dict(state)
+        return enc.eval(), out["history"], world
+    raise RuntimeError(f"DDP training failed after {max_restarts + 1} attempts; last error: "
+                       f"{type(last_exc).__name__}: {last_exc}") from last_exc
+
+
+# --------------------------------------------------------------------------- torchrun
+def env_ranks() -> tuple[int, int]:
+    """(rank, world size) from torchrun (RANK/WORLD_SIZE) or SLURM (SLURM_PROCID/NTASKS)."""
+    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if r in os.environ and w in os.environ:
+            return int(os.environ[r]), int(os.environ[w])
+    raise RuntimeError("no rank in the environment: run under torchrun (RANK, WORLD_SIZE) "
+                       "or srun (SLURM_PROCID, SLURM_NTASKS)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pumap_dask.ddp INPUT WORK_DIR OUT`` under torchrun/srun.
+
+    Trains on the edge store a fit left in ``WORK_DIR/graph`` and writes the encoder's
+    state_dict to ``OUT`` (rank 0).
+    """
+    from .train import TrainConfig, find_ab_params
+
+    ap = argparse.ArgumentParser(prog="python -m pumap_dask.ddp")
+    ap.add_argument("input", help="training Zarr array / AnnData store (every rank reads it)")
+    ap.add_argument("work_dir", help="work_dir of a fit (its graph/ holds the edge shards)")
+    ap.add_argument("out", help="where rank 0 writes the encoder state_dict (.pt)")
+    ap.add_argument("--key", default=None)
+    ap.add_argument("--n-epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=16384)
+    ap.add_argument("--min-dist", type=float, default=0.1)
+    ap.add_argument("--random-state", type=int, default=42)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    rank, world = env_ranks()
+    if "MASTER_ADDR" in os.environ:
+        init_method = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', 29500)}"
+    else:  # srun without torchrun: a port derived from the job id, as Lightning does
+        job = int(os.environ.get("SLURM_JOB_ID", "0"))
+        host = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+        init_method = f"tcp://{host}:{15000 + job % 20000}"
+    a, b = find_ab_params(1.0, args.min_dist)
+    cfg = TrainConfig(n_epochs=args.n_epochs, batch_size=args.batch_size, a=a, b=b,
+                      random_state=args.random_state, device=args.device,
+                      checkpoint_dir=os.path.join(args.work_dir, "train-ddp"))
+    out = train_rank(args.input, args.key, os.path.join(args.work_dir, "graph"), cfg, None,
+                     rank, world, init_method, args.timeout)
+    if out is not None:
+        tmp = f"{args.out}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(out["state"])
+        os.replace(tmp, args.out)
+        logger.info("rank 0 wrote %s (%.1fs)", args.out, out["seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
