@@ -92,7 +92,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         ``work_dir/graph`` and builds no (n, n) matrix on the client).
     init_ : str
         The initial layout used: "spectral" (full graph), "landmark-spectral" (kNN graph of
-        a sample of rows, above ``pumap_dask.init.N_LANDMARKS`` rows), "pca" or "random".
+        a sample of rows, above ``pumap_dask.init.N_LANDMARKS`` rows), "pca" or
+        "landmark-pca" (PCA, when that graph is disconnected) or "random".
     knn_recall_ : float
         Sampled recall@k of the kNN, set when it was measured (partitioned fits).
     loss_history_ : list of float

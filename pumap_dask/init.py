@@ -48,8 +48,8 @@ def spectral_layout(graph: sp.spmatrix, n_components: int, random_state: int | N
                     maxiter: int | None = None) -> np.ndarray | None:
     """Eigenvectors of the normalised graph Laplacian (skipping the trivial one).
 
-    Returns None when the graph is disconnected (see :func:`component_layout`) or the
-    eigensolver does not converge.
+    Returns None when the graph is disconnected or the eigensolver does not converge; the
+    caller falls back to PCA.
     """
     from scipy.sparse.csgraph import connected_components
 
@@ -58,8 +58,7 @@ def spectral_layout(graph: sp.spmatrix, n_components: int, random_state: int | N
         return None
     n_comp, _ = connected_components(graph, directed=False)
     if n_comp > 1:
-        logger.info("graph has %d connected components; the caller lays them out one by one",
-                    n_comp)
+        logger.info("graph has %d connected components; using the PCA layout", n_comp)
         return None
     return _connected_spectral(graph, n_components, random_state, maxiter)
 
@@ -85,44 +84,6 @@ def _connected_spectral(graph: sp.spmatrix, n_components: int, random_state: int
     return _rescale(vecs[:, order[1:k]])
 
 
-def component_layout(graph: sp.spmatrix, X: np.ndarray, n_components: int,
-                     random_state: int | None = 0) -> np.ndarray:
-    """Spectral layout of a graph with several connected components, as UMAP lays them out.
-
-    The components' centres are placed by PCA of their mean rows in data space (so the
-    global arrangement follows the data); each component gets its own spectral layout
-    (PCA for components too small for an eigensolve) scaled to half the distance to the
-    nearest other centre.
-    """
-    from scipy.sparse.csgraph import connected_components
-
-    n_comp, labels = connected_components(graph, directed=False)
-    graph = sp.csr_matrix(graph)
-    means = np.stack([X[labels == c].mean(0) for c in range(n_comp)]).astype(np.float64)
-    if n_comp > n_components:
-        centers = pca_layout(means, n_components, random_state=random_state).astype(np.float64)
-    else:  # too few components for a PCA: spread them on the axes
-        centers = np.zeros((n_comp, n_components))
-        centers[np.arange(n_comp), np.arange(n_comp) % n_components] = LAYOUT_SCALE
-        centers -= centers.mean(0)
-    gaps = np.sqrt(((centers[:, None] - centers[None]) ** 2).sum(-1))
-    np.fill_diagonal(gaps, np.inf)
-    radius = np.minimum(gaps.min(1) / 2, LAYOUT_SCALE)
-    out = np.empty((graph.shape[0], n_components), np.float64)
-    for c in range(n_comp):
-        idx = np.flatnonzero(labels == c)
-        local = None
-        if len(idx) > n_components + 2:
-            local = _connected_spectral(graph[idx][:, idx], n_components, random_state)
-        if local is None:
-            local = (pca_layout(X[idx], n_components, random_state=random_state)
-                     if len(idx) > n_components else np.zeros((len(idx), n_components)))
-        local = np.asarray(local, np.float64)
-        span = np.abs(local).max()
-        out[idx] = centers[c] + radius[c] * local / (span if span > 0 else 1.0)
-    return _rescale(out)
-
-
 def landmark_rows(n: int, n_landmarks: int = N_LANDMARKS,
                   random_state: int | None = 0) -> np.ndarray:
     """Sorted row ids of a uniform sample of ``min(n, n_landmarks)`` rows."""
@@ -135,12 +96,13 @@ def landmark_rows(n: int, n_landmarks: int = N_LANDMARKS,
 def landmark_layout(X_landmarks: np.ndarray, n_components: int, n_neighbors: int = 15, *,
                     random_state: int | None = 0, device: str = "cpu",
                     set_op_mix_ratio: float = 1.0,
-                    local_connectivity: float = 1.0) -> np.ndarray:
+                    local_connectivity: float = 1.0) -> tuple[np.ndarray, str]:
     """Spectral layout of a sample of rows, from a fuzzy kNN graph among the sample itself.
 
     The spectral layout of a uniform sample approximates the global arrangement of the full
     data (as Nystrom methods rely on), at a cost set by the sample size, not by n. A
-    disconnected sample graph is laid out component by component (:func:`component_layout`).
+    disconnected sample graph gets the sample's PCA layout (measured better than laying the
+    components out one by one: benchmarks/RESULTS.md).
 
     Parameters
     ----------
@@ -153,7 +115,8 @@ def landmark_layout(X_landmarks: np.ndarray, n_components: int, n_neighbors: int
 
     Returns
     -------
-    ndarray (m, n_components), float32, scaled to [-10, 10].
+    layout, method
+        (m, n_components) float32 scaled to [-10, 10], and "spectral" or "pca".
     """
     from .graph import fuzzy_simplicial_set
     from .knn import nearest_neighbors_numpy
@@ -166,5 +129,5 @@ def landmark_layout(X_landmarks: np.ndarray, n_components: int, n_neighbors: int
                                  local_connectivity=local_connectivity)
     layout = spectral_layout(graph, n_components, random_state)
     if layout is None:
-        layout = component_layout(graph, X_landmarks, n_components, random_state)
-    return layout
+        return pca_layout(X_landmarks, n_components, random_state=random_state), "pca"
+    return layout, "spectral"

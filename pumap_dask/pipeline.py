@@ -33,8 +33,7 @@ import scipy.sparse as sp
 
 from . import graph as graph_stage
 from . import knn as knn_stage
-from .init import (N_LANDMARKS, component_layout, landmark_layout, landmark_rows, pca_layout,
-                   spectral_layout)
+from .init import N_LANDMARKS, landmark_layout, landmark_rows, pca_layout, spectral_layout
 from .io import InputError, as_dask, check_array, checked_finite, is_lazy
 from .train import TrainConfig, build_encoder, find_ab_params, train_encoder
 
@@ -256,16 +255,17 @@ def run_init(handle: InputHandle, edges: Edges, params: dict, device: str) -> La
     rows = landmark_rows(n, N_LANDMARKS, seed)
     if method == "spectral" and edges.graph is not None and len(rows) == n:
         pos = spectral_layout(edges.graph, params["n_components"], seed)
-        if pos is None:
-            pos = component_layout(edges.graph, handle.load(), params["n_components"], seed)
-        return Layout(rows, pos, "spectral")
+        if pos is not None:
+            return Layout(rows, pos, "spectral")
+        return Layout(rows, pca_layout(handle.load(), params["n_components"],
+                                       random_state=seed), "pca")
     sample = handle.rows(rows)
     if method == "spectral":
-        pos = landmark_layout(sample, params["n_components"], params["n_neighbors"],
-                              random_state=seed, device=device,
-                              set_op_mix_ratio=params["set_op_mix_ratio"],
-                              local_connectivity=params["local_connectivity"])
-        return Layout(rows, pos, "spectral" if len(rows) == n else "landmark-spectral")
+        pos, how = landmark_layout(sample, params["n_components"], params["n_neighbors"],
+                                   random_state=seed, device=device,
+                                   set_op_mix_ratio=params["set_op_mix_ratio"],
+                                   local_connectivity=params["local_connectivity"])
+        return Layout(rows, pos, how if len(rows) == n else f"landmark-{how}")
     return Layout(rows, pca_layout(sample, params["n_components"], random_state=seed), "pca")
 
 
