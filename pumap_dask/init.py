@@ -101,8 +101,8 @@ def landmark_layout(X_landmarks: np.ndarray, n_components: int, n_neighbors: int
 
     The spectral layout of a uniform sample approximates the global arrangement of the full
     data (as Nystrom methods rely on), at a cost set by the sample size, not by n. A
-    disconnected sample graph gets the sample's PCA layout (measured better than laying the
-    components out one by one: benchmarks/RESULTS.md).
+    disconnected sample graph gets the sample's PCA layout (a component-by-component layout
+    measured no better: benchmarks/RESULTS.md).
 
     Parameters
     ----------
