@@ -29,48 +29,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class PeakSampler:
-    """Largest RSS of this process and of the active client's workers, polled in a thread."""
-
-    def __init__(self, client=None, every: float = 0.25) -> None:
-        self.client, self.every = client, every
-        self.client_peak = 0
-        self.worker_peak: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        pids = {}
-        if self.client is not None:
-            pids = self.client.run(os.getpid)
-        procs = {a: psutil.Process(p) for a, p in pids.items()}
-        while not self._stop.is_set():
-            self.client_peak = max(self.client_peak, me.memory_info().rss)
-            for a, p in procs.items():
-                try:
-                    self.worker_peak[a] = max(self.worker_peak.get(a, 0), p.memory_info().rss)
-                except psutil.Error:
-                    pass
-            time.sleep(self.every)
-
-    def __enter__(self) -> "PeakSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+sys.path.insert(0, HERE)
+from knn_scale import PeakSampler  # noqa: E402  (polls the client's and workers' RSS)
 
 
 def prepare(n: int, tmp: str, seed: int = 0) -> dict:
@@ -126,8 +91,8 @@ def child_pumap(paths: dict, out: str, params: dict, workers: int,
     np.save(out + ".train.npy", emb_train)
     np.save(out + ".test.npy", emb_test)
     info = {"fit_s": fit_s, "transform_s": tr_s, "timings": m.timings_,
-            "client_peak_gib": peaks.client_peak / 2**30,
-            "worker_peak_gib": max(peaks.worker_peak.values(), default=0) / 2**30,
+            "client_peak_gib": peaks.local_peak / 2**30,
+            "worker_peak_gib": max(peaks.peaks.values(), default=0) / 2**30,
             "n_epochs": m.n_epochs_, "n_edges": m.n_edges_, "init": getattr(m, "init_", None),
             "knn_method": m.knn_method_, "knn_recall": getattr(m, "knn_recall_", None)}
     with open(out + ".json", "w") as f:

@@ -96,8 +96,9 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
 
     from .pipeline import open_input
     from .train import build_encoder, train_encoder
+    from .transform import limit_threads_to_worker
 
-    _limit_threads_to_worker()
+    limit_threads_to_worker()
     cuda = str(cfg.device) in ("auto",) or str(cfg.device).startswith("cuda")
     cuda = cuda and torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
@@ -124,12 +125,6 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
                 "seconds": time.perf_counter() - t0}
     finally:
         dist.destroy_process_group()
-
-
-def _limit_threads_to_worker() -> None:
-    from .transform import _limit_threads_to_worker as limit
-
-    limit()
 
 
 def _free_port() -> tuple[str, int]:

@@ -13,7 +13,7 @@
 The estimator and the command line are thin faces over :func:`fit`: parameters arrive
 validated (:mod:`pumap_dask.params`), the work directory of the distributed stages is managed
 here, and nothing is gathered on the client for lazy input except the training matrix (within
-``train_memory_budget``), the edge list and the (n, n_components) embedding.
+:data:`TRAIN_MEMORY_BUDGET`), the edge list and the (n, n_components) embedding.
 """
 
 from __future__ import annotations
@@ -78,8 +78,10 @@ class InputHandle:
     def d(self) -> int:
         return int(self.darr.shape[1])
 
-    def check_budget(self, budget: int = TRAIN_MEMORY_BUDGET) -> None:
-        """Fail (before any stage) when the training matrix would not fit ``budget`` bytes."""
+    def check_budget(self) -> None:
+        """Fail (before any stage) when the training matrix would not fit
+        :data:`TRAIN_MEMORY_BUDGET` bytes."""
+        budget = TRAIN_MEMORY_BUDGET
         need = self.n * self.d * 4
         if self.data is None and need > budget:
             raise InputError(
@@ -88,10 +90,10 @@ class InputHandle:
                 "(pumap_dask.pipeline.TRAIN_MEMORY_BUDGET); raise it, or reduce the features "
                 "first (e.g. PCA to 50 components, as single-cell pipelines do)")
 
-    def load(self, budget: int = TRAIN_MEMORY_BUDGET) -> np.ndarray:
+    def load(self) -> np.ndarray:
         """The rows in memory (loaded block by block, NaN-checked, once)."""
         if self.data is None:
-            self.check_budget(budget)
+            self.check_budget()
             logger.info("loading %d x %d input into memory for training", self.n, self.d)
             self.data = check_array(checked_finite(self.darr).compute(), what="X")
         return self.data
@@ -200,13 +202,16 @@ def knn_plan(handle: InputHandle, params: dict, device: str) -> str:
 
 
 def run_knn(handle: InputHandle, params: dict, device: str, *, work_dir: str | None = None,
-            knn: tuple | None = None) -> Neighbors:
-    """The kNN stage: precomputed, in memory, or partitioned across the Dask workers."""
+            knn: tuple | None = None, method: str | None = None) -> Neighbors:
+    """The kNN stage: precomputed, in memory, or partitioned across the Dask workers.
+
+    ``method`` is :func:`knn_plan`'s answer when the caller has it already.
+    """
     k = params["n_neighbors"]
     if knn is not None:
         ind, dist = knn_stage.check_precomputed(knn, handle.n, k)
         return Neighbors(ind, dist, "precomputed")
-    method = knn_plan(handle, params, device)
+    method = method or knn_plan(handle, params, device)
     if method == "partitioned":
         from .knn_dask import nearest_neighbors
 
@@ -215,7 +220,7 @@ def run_knn(handle: InputHandle, params: dict, device: str, *, work_dir: str | N
                                 key=handle.key, work_dir=work_dir)
         return Neighbors(res.indices, res.distances, "partitioned",
                          None if res.recall is None else float(res.recall))
-    X = handle.load(params.get("train_memory_budget") or TRAIN_MEMORY_BUDGET)
+    X = handle.load()
     ind, dist = knn_stage.nearest_neighbors_numpy(X, k, method,
                                                   random_state=params["random_state"],
                                                   device=device)
@@ -347,15 +352,16 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
     t0 = time.perf_counter()
     handle = open_input(X, key)
     check_sizes(handle, params["n_neighbors"])
-    handle.check_budget(params.get("train_memory_budget") or TRAIN_MEMORY_BUDGET)
+    handle.check_budget()
     device = knn_stage.resolve_device(params["device"])
     a, b = find_ab_params(params["spread"], params["min_dist"])
-    partitioned = knn is None and knn_plan(handle, params, device) == "partitioned"
+    method = None if knn is not None else knn_plan(handle, params, device)
+    partitioned = method == "partitioned"
     timings["input"] = time.perf_counter() - t0
     with (work_directory(params.get("work_dir")) if partitioned
           else contextlib.nullcontext()) as wdir:
         t0 = time.perf_counter()
-        neighbors = run_knn(handle, params, device, work_dir=wdir, knn=knn)
+        neighbors = run_knn(handle, params, device, work_dir=wdir, knn=knn, method=method)
         timings["knn"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         edges = run_graph(neighbors, params, work_dir=wdir)
@@ -363,7 +369,7 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
         knn_method, knn_recall = neighbors.method, neighbors.recall
         del neighbors  # the kNN arrays are not needed past the graph
         t0 = time.perf_counter()
-        Xtr = handle.load(params.get("train_memory_budget") or TRAIN_MEMORY_BUDGET)
+        Xtr = handle.load()
         timings["load"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         layout = run_init(handle, edges, params, device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -87,7 +88,7 @@ NEGATIVE_MODES = ("batch", "pool")
 # data (RESULTS.md): held-out accuracy saturates near 10 epochs (about 200 positive samples
 # per row) at 50k and 200k rows; small data needs a floor in steps, and large data a cap
 # so time grows no faster than the kNN (the encoder generalises across rows, so per-row
-# samples can fall as n grows: 1M rows at the cap get about 6 epochs).
+# samples can fall as n grows: 900k training rows at the cap get 4 epochs).
 TARGET_STEPS = 1000
 MIN_EPOCHS = 10
 MAX_STEPS = 6000
@@ -224,7 +225,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
         Xt = Xt.to(device)
     net = encoder.mlp
     rank, world = _world()
-    n_edges_total = _global_edge_count(len(head), world)
+    n_edges_total = int(_all_sum(len(head), world, torch.int64))  # each rank holds a subset
     # ids stay in their (often int32) dtype: 4 bytes per edge end, widened per batch
     head_t = torch.as_tensor(np.asarray(head))
     tail_t = torch.as_tensor(np.asarray(tail))
@@ -254,8 +255,9 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
         raise ValueError(f"lr_schedule must be 'linear', 'cosine' or 'constant', "
                          f"got {cfg.lr_schedule!r}")
     ckpt = Checkpoint(cfg.checkpoint_dir,
-                      _fingerprint(cfg, n, X.shape[1], n_edges_total, _global_sum(weight, world),
-                                   world))
+                      _fingerprint(cfg, n, X.shape[1], n_edges_total,
+                                   _all_sum(float(np.asarray(weight).sum(dtype=np.float64)),
+                                            world), world))
     start, history = ckpt.restore(encoder, opt, sched, gen, rank) if ckpt.enabled else (0, [])
     if start == 0 and init_embedding is not None:
         pretrain_to_layout(net, Xt, init_embedding, cfg, gen)  # the same on every rank
@@ -340,24 +342,14 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _global_edge_count(n_local: int, world: int) -> int:
-    """Edges over all ranks (each rank holds its own subset)."""
-    if world == 1:
-        return n_local
-    import torch.distributed as dist
-
-    t = torch.tensor([n_local], dtype=torch.int64)
-    dist.all_reduce(t)
-    return int(t.item())
-
-
-def _global_sum(weight: np.ndarray, world: int) -> float:
-    total = torch.tensor([float(np.asarray(weight).sum(dtype=np.float64))], dtype=torch.float64)
+def _all_sum(value: float, world: int, dtype: torch.dtype = torch.float64) -> float:
+    """``value`` summed over all ranks (itself when there is one)."""
+    t = torch.tensor([value], dtype=dtype)
     if world > 1:
         import torch.distributed as dist
 
-        dist.all_reduce(total)
-    return float(total.item())
+        dist.all_reduce(t)
+    return t.item()
 
 
 def _fingerprint(cfg: TrainConfig, n: int, d: int, n_edges: int, w_sum: float,
@@ -384,16 +376,12 @@ class Checkpoint:
     NAME = "train.pt"
 
     def __init__(self, directory: str | None, fingerprint: str) -> None:
-        import os
-
         self.enabled = directory is not None
         self.path = os.path.join(directory, self.NAME) if directory else None
         self.fingerprint = fingerprint
 
     def restore(self, encoder, opt, sched, gen, rank: int = 0) -> tuple[int, list[float]]:
         """Load a matching checkpoint; returns (next epoch, history) or (0, [])."""
-        import os
-
         if not os.path.exists(self.path):
             return 0, []
         try:
@@ -416,8 +404,6 @@ class Checkpoint:
     def save(self, epoch: int, encoder, opt, sched, gen, history: list[float], rank: int = 0,
              world: int = 1) -> None:
         """Write the checkpoint (rank 0; every rank contributes its RNG state)."""
-        import os
-
         rngs = [gen.get_state()]
         if world > 1:
             import torch.distributed as dist

@@ -108,12 +108,12 @@ def _get_encoder(source: ModelRef | ModelBlob, device: str):
                               s.get("n_projection", 0))
                 enc.load_state_dict(torch.load(io.BytesIO(source.state), weights_only=True))
             enc = enc.to(device).eval()
-            _limit_threads_to_worker()
+            limit_threads_to_worker()
             _CACHE[key] = enc
     return enc
 
 
-def _limit_threads_to_worker() -> None:
+def limit_threads_to_worker() -> None:
     """Inside a Dask worker, use no more torch threads than the worker has task threads.
 
     Each worker process would otherwise start one torch thread per core, and several
