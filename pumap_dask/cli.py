@@ -94,7 +94,7 @@ def _fit_params(args) -> dict:
 
     params = dict(n_components=args.n_components, n_neighbors=args.n_neighbors,
                   min_dist=args.min_dist, random_state=args.random_state, device=args.device,
-                  verbose=True)
+                  verbose=not args.quiet)
     if args.params:
         try:
             extra = json.loads(args.params)
@@ -211,7 +211,7 @@ def cmd_demo(args) -> None:
     try:
         t0 = time.perf_counter()
         model = ParametricUMAP(min_dist=0.5, random_state=args.random_state, device="cpu",
-                               verbose=True).fit(os.path.join(out, "train.zarr"))
+                               verbose=not args.quiet).fit(os.path.join(out, "train.zarr"))
         logger.info("fit in %.1fs", time.perf_counter() - t0)
         model_dir = model.save(os.path.join(out, "model"))
         emb = transform_to_zarr(os.path.join(out, "test.zarr"), model_dir,
