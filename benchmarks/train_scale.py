@@ -14,6 +14,17 @@ and the peak RSS of each rank, at two epoch counts (memory should be flat in epo
 Usage::
 
     python benchmarks/train_scale.py --n 50000 --epochs 5 20 --ranks 1 2
+
+With ``--accuracy DATASET ...`` (``mnist``: the MNIST test set in ``../shared/data``;
+``cells``: cell-like data of ``--n`` rows, 50 features) it measures quality instead: a
+random 90/10 split, the 90% written to Zarr and fitted twice with the same ``work_dir``
+(partitioned kNN and graph built once) on a 2-worker LocalCluster, once with
+``train_world_size=1`` (training in this process) and once with 2 DDP ranks (one Gloo rank
+per worker), at the same epochs and batch, so the same number of positive-edge samples;
+reported: 15-NN accuracy on the held-out 10% (classifier on the training embedding) and
+trustworthiness, per seed::
+
+    python benchmarks/train_scale.py --accuracy mnist cells --n 200000 --seeds 0 1
 """
 
 from __future__ import annotations
@@ -45,6 +56,103 @@ def _peak_rss_of_children(proc, stop, peaks):
         time.sleep(0.2)
 
 
+MNIST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                         "data", "mnist10k")
+
+
+def _load(name: str, n: int):
+    import gzip
+
+    import numpy as np
+
+    if name == "mnist":
+        def idx(path):
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+            ndim = data[3]
+            shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+            return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+        X = idx(os.path.join(MNIST_DIR, "t10k-images-idx3-ubyte.gz"))
+        X = X.reshape(len(X), -1).astype(np.float32) / 255.0
+        y = idx(os.path.join(MNIST_DIR, "t10k-labels-idx1-ubyte.gz")).astype(np.int64)
+        return X, y
+    from pumap_dask.datasets import cell_like
+
+    return cell_like(n, 50, random_state=0)
+
+
+def accuracy_main(args) -> None:
+    """1 process vs 2 DDP ranks: held-out 15-NN accuracy at equal edge samples."""
+    import logging
+
+    import distributed
+    import numpy as np
+    import zarr
+    from sklearn.manifold import trustworthiness
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from pumap_dask import ParametricUMAP
+
+    logging.basicConfig(level=logging.WARNING)
+    rows = []
+    for name in args.accuracy:
+        X, y = _load(name, args.n)
+        rng = np.random.default_rng(0)
+        test = np.zeros(len(X), bool)
+        test[rng.choice(len(X), size=len(X) // 10, replace=False)] = True
+        tmp = tempfile.mkdtemp(prefix=f"train_acc-{name}-")
+        try:
+            path = os.path.join(tmp, "train.zarr")
+            Xtr, ytr, Xte, yte = X[~test], y[~test], X[test], y[test]
+            z = zarr.create_array(path, shape=Xtr.shape, dtype="float32",
+                                  chunks=(max(1000, -(-len(Xtr) // 8)), Xtr.shape[1]))
+            z[:] = Xtr
+            tr = rng.choice(len(ytr), size=min(20_000, len(ytr)), replace=False)
+            te = rng.choice(len(yte), size=min(5_000, len(yte)), replace=False)
+            with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                          memory_limit="4GiB", dashboard_address=":0") as cl, \
+                    distributed.Client(cl):
+                for seed in args.seeds:
+                    work = os.path.join(tmp, f"work-{seed}")
+                    for world in (1, 2):
+                        params = dict(knn_method="partitioned", work_dir=work, min_dist=0.5,
+                                      random_state=seed, train_world_size=world,
+                                      n_epochs=args.n_epochs, batch_size=args.batch_size)
+                        t0 = time.perf_counter()
+                        m = ParametricUMAP(**params).fit(path)
+                        fit_s = time.perf_counter() - t0
+                        ete = m.transform(Xte)
+                        acc = KNeighborsClassifier(15).fit(m.embedding_[tr], ytr[tr]).score(
+                            ete[te], yte[te])
+                        trust = trustworthiness(Xte[te], ete[te], n_neighbors=15)
+                        steps = m.n_epochs_ * -(-m.n_edges_ // min(args.batch_size,
+                                                                   m.n_edges_))
+                        row = {"data": name, "n": len(X), "seed": seed,
+                               "ranks": m.train_world_size_, "epochs": m.n_epochs_,
+                               "steps": steps, "edge_samples": steps * min(args.batch_size,
+                                                                           m.n_edges_),
+                               "train_s": m.timings_.get("train"), "fit_s": fit_s,
+                               "acc": float(acc), "trust": float(trust)}
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print("\n| data | seed | ranks | epochs | steps | edge samples | train (s) | held-out "
+          "15-NN acc | trust |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['data']} {r['n']:,} | {r['seed']} | {r['ranks']} | {r['epochs']} | "
+              f"{r['steps']} | {r['edge_samples']:,} | {r['train_s']:.1f} | {r['acc']:.3f} | "
+              f"{r['trust']:.3f} |")
+    for name in args.accuracy:
+        for seed in args.seeds:
+            pair = {r["ranks"]: r["acc"] for r in rows if r["data"] == name and
+                    r["seed"] == seed}
+            if 1 in pair and 2 in pair:
+                print(f"{name} seed {seed}: 2 ranks - 1 process = {pair[2] - pair[1]:+.3f}")
+
+
 def main() -> None:
     import dask
 
@@ -57,7 +165,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, nargs="+", default=[5, 20])
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch-size", type=int, default=16384)
+    ap.add_argument("--accuracy", nargs="+", choices=("mnist", "cells"),
+                    help="measure held-out accuracy of 1 process vs 2 DDP ranks instead")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--n-epochs", type=int, default=None,
+                    help="epochs of the --accuracy fits (default: the estimator's)")
     args = ap.parse_args()
+    if args.accuracy:
+        accuracy_main(args)
+        return
     tmp = tempfile.mkdtemp(prefix="train_scale-")
     try:
         path = os.path.join(tmp, "x.zarr")

@@ -1,4 +1,10 @@
-"""Command line for batch jobs: ``pumap-dask fit | transform | demo``."""
+"""Command line for batch jobs: ``pumap-dask fit | transform | info | report | export |
+demo``.
+
+Every command checks its input, parameters, paths and job file before any cluster starts,
+prints one line on stderr when it fails and exits with a code a scheduler can act on
+(``EXIT_*``).
+"""
 
 from __future__ import annotations
 
@@ -44,57 +50,59 @@ def _name_flags(message: str) -> str:
 
 
 def _client(args):
-    """A distributed client: the scheduler given, a LocalCluster, or None (threads)."""
-    if args.scheduler == "threads":
-        return None
-    from distributed import Client, LocalCluster
+    """A distributed client for the resolved cluster settings, or None (threads)."""
+    from .cluster import ClusterError, connect
 
-    if args.scheduler == "local":
-        try:
-            # the client re-raises a task's error (reported once, on one line); the workers'
-            # own "Compute Failed" tracebacks are shown only with --debug
-            quiet = logging.ERROR if getattr(args, "debug", False) else logging.CRITICAL
-            cluster = LocalCluster(n_workers=args.workers, threads_per_worker=args.threads,
-                                   processes=True, dashboard_address=None, silence_logs=quiet)
-        except Exception as exc:
-            raise CLIError(f"cannot start a local Dask cluster ({type(exc).__name__}: {exc}); "
-                           "check --workers/--threads", EXIT_CLUSTER) from exc
-        client = Client(cluster)
-        client._pumap_cluster = cluster  # closed with the client
-        return client
     try:
-        return Client(args.scheduler, timeout=f"{args.connect_timeout}s")
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise CLIError(f"cannot reach the Dask scheduler at {args.scheduler} within "
-                       f"{args.connect_timeout:g} s ({type(exc).__name__}); check --scheduler "
-                       "or raise --connect-timeout", EXIT_CLUSTER) from exc
+        return connect(args.cluster, debug=getattr(args, "debug", False))
+    except ClusterError as exc:
+        raise CLIError(str(exc), EXIT_CLUSTER) from exc
 
 
 def _close(client) -> None:
-    if client is None:
-        return
-    cluster = getattr(client, "_pumap_cluster", None)
+    from .cluster import close
+
+    close(client)
+
+
+CLUSTER_FLAGS = {"scheduler": "--scheduler", "scheduler_file": "--scheduler-file",
+                 "workers": "--workers", "threads": "--threads", "memory": "--memory",
+                 "connect_timeout": "--connect-timeout"}
+
+
+def _resolve_cluster(args, doc: dict) -> None:
+    """``args.cluster``: defaults < the job file's [cluster] < the flags given."""
+    from .config import ConfigError, cluster_settings
+
+    given = {k: getattr(args, k, None) for k in CLUSTER_FLAGS}
     try:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-    except Exception:  # shutting down after a failure: the failure is what matters
-        logger.debug("error while closing the Dask cluster", exc_info=True)
+        args.cluster = cluster_settings(doc, given)
+    except ConfigError as exc:
+        msg = str(exc)
+        for key, flag in CLUSTER_FLAGS.items():
+            msg = msg.replace(f"[cluster] {key} ", f"{flag} ({key}) ")
+        raise CLIError(msg) from None
 
 
-def _cluster_args_ok(args) -> None:
-    if args.scheduler not in ("local", "threads") and ":" not in args.scheduler:
-        raise CLIError(f"--scheduler must be 'local', 'threads' or a scheduler address such as "
-                       f"tcp://host:8786, got {args.scheduler!r}")
+def _read_config(args) -> dict:
+    from .config import ConfigError, read_file
+
+    if not getattr(args, "config", None):
+        return {}
+    try:
+        return read_file(args.config)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
 
 
-def _fit_params(args) -> dict:
-    """The estimator parameters from the flags and --params (which wins)."""
+def _fit_params(args, table: dict | None = None) -> dict:
+    """Estimator parameters: the job file's [fit] < --params < named flags."""
+    from .config import FIT_KEYS
     from .estimator import ParametricUMAP
 
-    params = dict(n_components=args.n_components, n_neighbors=args.n_neighbors,
-                  min_dist=args.min_dist, random_state=args.random_state, device=args.device,
-                  verbose=not args.quiet)
+    params = {k: v for k, v in (table or {}).items() if k not in FIT_KEYS}
+    if isinstance(params.get("hidden_layers"), list):
+        params["hidden_layers"] = tuple(params["hidden_layers"])
     if args.params:
         try:
             extra = json.loads(args.params)
@@ -108,6 +116,11 @@ def _fit_params(args) -> dict:
         if unknown:
             raise CLIError(f"--params: unknown parameter(s) {unknown}; valid: {sorted(valid)}")
         params.update(extra)
+    for name in (*FLAGS, "work_dir"):
+        value = getattr(args, name, None)
+        if value is not None:
+            params[name] = value
+    params["verbose"] = logging.getLogger("pumap_dask").isEnabledFor(logging.INFO)
     return params
 
 
@@ -123,27 +136,107 @@ def _check_model_out(path: str, input_path: str) -> None:
         raise CLIError(str(exc)) from None
 
 
+def _positionals(args, table: dict, names: tuple[str, ...]) -> None:
+    """Fill positional arguments (and --key) left out from the job file's table."""
+    for name in names:
+        if getattr(args, name, None) is None:
+            setattr(args, name, table.get(name))
+        if getattr(args, name) is None:
+            where = f" or {name} = ... in [{args.command}] of {args.config}" if args.config \
+                else f" (or {name} = ... in the [{args.command}] table of a --config file)"
+            raise CLIError(f"{args.command} needs {name.upper()}{where}")
+    if getattr(args, "key", None) is None:
+        args.key = table.get("key")
+
+
+WORK_MARKER = ".pumap-work"
+
+
+def _work_dir(args, params: dict) -> tuple[str, bool]:
+    """The fit's work directory (kNN, graph shards, training checkpoints) and whether this
+    command made it (then it is removed after success unless --keep-work).
+
+    Given (flag or job file): used as is and never removed. Otherwise ``MODEL_DIR.work``, so
+    a killed job rerun with the same command resumes the finished stages.
+    """
+    if params.get("work_dir"):
+        return params["work_dir"], False
+    path = os.path.abspath(args.model.rstrip("/\\") + ".work")
+    if os.path.exists(path) and not os.path.exists(os.path.join(path, WORK_MARKER)):
+        raise CLIError(f"{path} exists and is not a pumap-dask work directory; pass "
+                       "--work-dir PATH (on a file system every worker sees)")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, WORK_MARKER), "w") as f:
+        f.write("pumap-dask fit work directory; removed after a successful fit\n")
+    params["work_dir"] = path
+    return path, True
+
+
+def _dry_run(args, resolved: dict) -> None:
+    from .cluster import ClusterError, describe
+
+    print(json.dumps(resolved, indent=2, default=str))
+    try:
+        print(describe(args.cluster))
+    except ClusterError as exc:
+        raise CLIError(str(exc), EXIT_CLUSTER) from None
+
+
+def _write_run_record(model_dir: str, args, resolved: dict) -> None:
+    from .config import run_record, to_json
+    from .io import write_json_atomic
+
+    doc = run_record(args.command, to_json(resolved), args.config, sys.argv[1:])
+    write_json_atomic(os.path.join(model_dir, "run_config.json"), doc)
+
+
 def cmd_fit(args) -> None:
+    import shutil
+
     from .estimator import ParametricUMAP
     from .io import as_dask
 
-    params = _fit_params(args)
+    doc = _read_config(args)
+    table = dict(doc.get("fit", {}))
+    _positionals(args, table, ("input", "model"))
+    _resolve_cluster(args, doc)
+    params = _fit_params(args, table)
     model = ParametricUMAP(**params)
     try:
         model._check_params()
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise CLIError(_name_flags(str(exc))) from None
     darr = as_dask(args.input, key=args.key)  # opened and checked before any cluster starts
     if darr.shape[0] < model.n_neighbors + 1:
         raise CLIError(f"the input has {darr.shape[0]} rows; --n-neighbors "
                        f"{model.n_neighbors} needs at least {model.n_neighbors + 1}")
     _check_model_out(args.model, args.input)
+    resolved = {"input": args.input, "model": args.model, "key": args.key,
+                "params": {k: v for k, v in model.get_params().items()
+                           if k not in ("verbose", "callbacks")},
+                "cluster": args.cluster}
+    if args.dry_run:
+        _dry_run(args, resolved)
+        return
+    work_dir, owned = _work_dir(args, params)
+    model.set_params(work_dir=work_dir)
+    resolved["params"]["work_dir"] = work_dir
+    logger.info("work directory %s (a rerun of this command resumes from it)", work_dir)
     client = _client(args)
     try:
+        from .cluster import ClusterError, check_shared_directory
+
+        try:
+            check_shared_directory(client, work_dir)
+        except ClusterError as exc:
+            raise CLIError(str(exc), EXIT_CLUSTER) from None
         model.fit(args.input, key=args.key)
     finally:
         _close(client)
     model.save(args.model)
+    _write_run_record(args.model, args, resolved)
+    if owned and not args.keep_work:
+        shutil.rmtree(work_dir, ignore_errors=True)
     print(model)
     logger.info("model saved to %s", args.model)
 
@@ -154,6 +247,15 @@ def cmd_transform(args) -> None:
     from .transform import model_source
     from .writers import check_output_path, transform_to_zarr, write_anndata_obsm
 
+    doc = _read_config(args)
+    table = dict(doc.get("transform", {}))
+    _positionals(args, table, ("input", "model"))
+    for name in ("out", "obsm", "device"):
+        if getattr(args, name) is None:
+            setattr(args, name, table.get(name))
+    args.device = args.device or "auto"
+    args.overwrite = args.overwrite or bool(table.get("overwrite", False))
+    _resolve_cluster(args, doc)
     if bool(args.obsm) == bool(args.out):
         raise CLIError("transform needs exactly one of --out PATH.zarr (a new Zarr array) or "
                        "--obsm NAME (into the input AnnData store)")
@@ -166,6 +268,11 @@ def cmd_transform(args) -> None:
     check_n_features(darr.shape[1], source.n_features)
     if args.out:
         check_output_path(args.out, args.input, resume=not args.overwrite)
+    if args.dry_run:
+        _dry_run(args, {"input": args.input, "model": args.model, "key": args.key,
+                        "out": args.out, "obsm": args.obsm, "device": args.device,
+                        "overwrite": args.overwrite, "cluster": args.cluster})
+        return
     client = _client(args)
     try:
         if args.obsm:
@@ -178,6 +285,42 @@ def cmd_transform(args) -> None:
             logger.info("embedding written to %s", args.out)
     finally:
         _close(client)
+
+
+def cmd_info(args) -> None:
+    from .report import format_info, model_summary
+
+    print(format_info(model_summary(args.model)))
+
+
+def cmd_export(args) -> None:
+    from .estimator import load
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise CLIError(f"{args.out} exists; pass --overwrite to replace it")
+    model = load(args.model)
+    try:
+        path = model.export_onnx(args.out)
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"wrote {path}")
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    if args.labels and not args.data and not args.labels.endswith(".npy"):
+        raise CLIError("--labels KEY names an array inside --data; pass --data INPUT too "
+                       "(or --labels FILE.npy)")
+    if args.data:
+        from .io import as_dask
+
+        as_dask(args.data, key=args.key)  # checked before any work
+    doc = write_report(args.model, args.out, data=args.data, key=args.key,
+                       labels=args.labels, n_sample=args.sample)
+    out = args.out or args.model
+    print(f"wrote {os.path.join(out, 'report.html')} and {os.path.join(out, 'report.json')}")
+    logger.debug("report: %s", sorted(doc))
 
 
 def cmd_demo(args) -> None:
@@ -198,6 +341,7 @@ def cmd_demo(args) -> None:
     os.makedirs(out, exist_ok=True)
     with open(marker, "w") as f:
         f.write("written by pumap-dask demo; the demo may overwrite this directory\n")
+    _resolve_cluster(args, {})
     X, labels = clusters(args.n_samples, 32, 10, random_state=args.random_state)
     rng = np.random.default_rng(args.random_state)
     order = rng.permutation(len(X))
@@ -211,7 +355,7 @@ def cmd_demo(args) -> None:
     try:
         t0 = time.perf_counter()
         model = ParametricUMAP(min_dist=0.5, random_state=args.random_state, device="cpu",
-                               verbose=not args.quiet).fit(os.path.join(out, "train.zarr"))
+                               verbose=_verbose()).fit(os.path.join(out, "train.zarr"))
         logger.info("fit in %.1fs", time.perf_counter() - t0)
         model_dir = model.save(os.path.join(out, "model"))
         emb = transform_to_zarr(os.path.join(out, "test.zarr"), model_dir,
@@ -254,63 +398,161 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _add_cluster_args(p):
-    p.add_argument("--scheduler", default="local",
-                   help="'local' (LocalCluster, default), 'threads', or a scheduler address")
-    p.add_argument("--workers", type=_positive_int, default=2,
+def _verbose() -> bool:
+    return logging.getLogger("pumap_dask").isEnabledFor(logging.INFO)
+
+
+def _scheduler(text: str) -> str:
+    from .config import scheduler_name
+
+    try:
+        return scheduler_name("--scheduler", text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _memory(text: str) -> str:
+    from .config import _memory as check
+
+    try:
+        return check("--memory", text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_cluster_args(p, *, config: bool = True) -> None:
+    g = p.add_argument_group("cluster (flags override the job file's [cluster] table)")
+    g.add_argument("--scheduler", type=_scheduler, default=None,
+                   help="'local' (LocalCluster, default), 'threads', 'slurm' (dask-jobqueue, "
+                        "[slurm] table of --config), 'mpi' (dask-mpi) or a scheduler address")
+    g.add_argument("--scheduler-file", default=None,
+                   help="connect to the scheduler that `dask scheduler --scheduler-file "
+                        "FILE` started (waits up to --connect-timeout for the file)")
+    g.add_argument("--workers", type=_positive_int, default=None,
                    help="LocalCluster workers (default 2)")
-    p.add_argument("--threads", type=_positive_int, default=1,
+    g.add_argument("--threads", type=_positive_int, default=None,
                    help="threads per worker (default 1)")
-    p.add_argument("--connect-timeout", type=_positive_float, default=10.0,
+    g.add_argument("--memory", type=_memory, default=None,
+                   help="memory limit per LocalCluster worker, e.g. 8GiB (default auto)")
+    g.add_argument("--connect-timeout", type=_positive_float, default=None,
                    help="seconds to wait for a remote scheduler (default 10)")
+    if config:
+        p.add_argument("--config", default=None,
+                       help="job file (TOML, or YAML with PyYAML): [fit]/[transform], "
+                            "[cluster], [slurm] tables; flags override it")
+        p.add_argument("--dry-run", action="store_true",
+                       help="check everything, print the resolved job (and the SLURM job "
+                            "script) and exit without running")
+
+
+def _add_global_args(p: argparse.ArgumentParser, default) -> None:
+    """-q, --log-level, --debug; ``default`` SUPPRESS on the commands, so the value given
+    before the command is kept when the command's parser does not see the flag."""
+    unset = {} if default is None else {"default": default}
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="only warnings (--log-level warning)", **unset)
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="log level (default info; the job file's log_level)",
+                   **({"default": None} if default is None else unset))
+    p.add_argument("--debug", action="store_true", help="print tracebacks of errors", **unset)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pumap-dask", description="Parametric UMAP at scale")
-    ap.add_argument("-q", "--quiet", action="store_true", help="only warnings")
-    ap.add_argument("--debug", action="store_true", help="print tracebacks of errors")
+    ap = argparse.ArgumentParser(
+        prog="pumap-dask", description="Parametric UMAP at scale",
+        epilog="exit codes: 0 success, 1 a stage failed, 2 bad input/config/model, "
+               "3 cluster not reachable, 130 interrupted")
+    _add_global_args(ap, None)
     sub = ap.add_subparsers(dest="command", required=True)
+    # the global options are accepted after the command too (pumap-dask fit ... -q)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_args(common, argparse.SUPPRESS)
+    real_add = sub.add_parser
+    sub.add_parser = lambda *a, **k: real_add(*a, parents=[common], **k)
 
     p = sub.add_parser("fit", help="fit a model on a Zarr array / AnnData store")
-    p.add_argument("input", help="Zarr array path or AnnData .zarr store")
-    p.add_argument("model", help="output model directory")
+    p.add_argument("input", nargs="?", help="Zarr array path or AnnData .zarr store")
+    p.add_argument("model", nargs="?", help="output model directory")
     p.add_argument("--key", default=None, help="array inside the store (default obsm/X_pca)")
-    p.add_argument("--n-components", type=int, default=2)
-    p.add_argument("--n-neighbors", type=int, default=15)
-    p.add_argument("--min-dist", type=float, default=0.1)
-    p.add_argument("--random-state", type=int, default=42)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--n-components", type=int, default=None)
+    p.add_argument("--n-neighbors", type=int, default=None)
+    p.add_argument("--min-dist", type=float, default=None)
+    p.add_argument("--random-state", type=int, default=None)
+    p.add_argument("--device", default=None)
     p.add_argument("--params", help="more ParametricUMAP parameters as JSON")
+    p.add_argument("--work-dir", default=None,
+                   help="kNN, graph shards and training checkpoints, on a file system every "
+                        "worker sees; a rerun resumes from it (default MODEL_DIR.work, "
+                        "removed after success)")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep the default work directory after success")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("transform", help="embed a Zarr array / AnnData store lazily")
-    p.add_argument("input")
-    p.add_argument("model", help="saved model directory")
+    p.add_argument("input", nargs="?")
+    p.add_argument("model", nargs="?", help="saved model directory")
     p.add_argument("--out", help="output Zarr array path")
     p.add_argument("--obsm", help="write into this obsm key of the AnnData store instead")
     p.add_argument("--key", default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=None)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier pumap-dask output instead of resuming it (never "
                         "anything pumap-dask did not write)")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_transform)
 
+    p = sub.add_parser("info", help="summary, parameters, versions and timings of a model")
+    p.add_argument("model", help="saved model directory")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("report", help="report.json + a self-contained report.html")
+    p.add_argument("model", help="saved model directory")
+    p.add_argument("--data", help="input to embed and score (Zarr array / AnnData store)")
+    p.add_argument("--key", default=None, help="array inside --data (default obsm/X_pca)")
+    p.add_argument("--labels", help="labels: an array inside --data (e.g. obs/cell_type) "
+                   "or a .npy file")
+    p.add_argument("--out", help="directory for the report (default MODEL_DIR)")
+    p.add_argument("--sample", type=_positive_int, default=5000,
+                   help="rows sampled for trustworthiness and kNN preservation (default 5000)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="the frozen encoder as ONNX (linear output)")
+    p.add_argument("model", help="saved model directory")
+    p.add_argument("out", help="the .onnx file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="the seed vignette on a local Dask cluster")
     p.add_argument("--out", default="pumap_demo")
     p.add_argument("--n-samples", type=int, default=1500)
     p.add_argument("--random-state", type=int, default=42)
-    _add_cluster_args(p)
+    _add_cluster_args(p, config=False)
     p.set_defaults(func=cmd_demo)
     return ap
+
+
+def _log_level(args) -> int:
+    """--log-level, else -q, else the job file's log_level, else INFO."""
+    name = args.log_level
+    if name is None and args.quiet:
+        name = "warning"
+    if name is None and getattr(args, "config", None):
+        try:
+            from .config import read_file
+
+            name = read_file(args.config).get("log_level")
+        except Exception:  # reported by the command itself
+            name = None
+    return getattr(logging, (name or "info").upper())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (see ``EXIT_*``)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    level = _log_level(args)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("pumap_dask").setLevel(level)
     import dask
     import distributed  # noqa: F401  (sets up its loggers on import; quiet them after)
 
@@ -319,10 +561,8 @@ def main(argv: list[str] | None = None) -> int:
 
     dask.config.set({"logging.distributed": "warning"})
     for noisy in ("distributed", "numba", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     try:
-        if hasattr(args, "scheduler"):
-            _cluster_args_ok(args)
         args.func(args)
     except KeyboardInterrupt:
         return _fail("interrupted", args, 130)

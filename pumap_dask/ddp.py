@@ -17,8 +17,12 @@ Launchers:
 * :func:`train_on_dask`: one rank per worker of a sorted snapshot of the scheduler's
   workers; rank 0's host and a free port are chosen on rank 0's worker at run time; each
   rank is one task pinned to its worker with no retries. When a rank fails, the others
-  fail at the group's timeout at the latest, and the whole group is started again (from
-  the last checkpoint when ``checkpoint_dir`` is set), up to ``max_restarts`` times.
+  fail at the group's timeout at the latest (at once when its process died: the broken
+  connection is reported by Gloo/NCCL, and the lost worker by the scheduler, which the
+  launcher watches), and the whole group is started again, after waiting for restarted
+  workers to rejoin, from the last checkpoint when ``checkpoint_dir`` is set (bitwise the
+  run an uninterrupted one would have been), up to ``max_restarts`` times; then a
+  RuntimeError names the last failure. A rerun with the same checkpoint directory resumes.
 * ``python -m pumap_dask.ddp`` under ``torchrun --nproc-per-node N`` (or ``srun``, ranks
   from ``SLURM_PROCID``/``SLURM_NTASKS``): the same :func:`train_rank`, ranks from the
   environment.
@@ -42,6 +46,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
+# Seconds a group restart waits for killed workers to be back (restarted by their nanny).
+RESTART_WAIT_S = 60.0
 
 
 def own_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
@@ -89,8 +95,10 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
     -------
     dict or None
         On rank 0: ``{"state": bytes of the encoder's state_dict, "history": [...],
-        "seconds": float}``; None on the other ranks.
+        "seconds": float, "start_epoch": int}`` (``start_epoch`` > 0 when training resumed
+        from a checkpoint in ``cfg.checkpoint_dir``); None on the other ranks.
     """
+    import dask
     import torch
     import torch.distributed as dist
 
@@ -112,7 +120,11 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
                             world_size=world_size, timeout=timedelta(seconds=timeout_s))
     try:
         t0 = time.perf_counter()
-        X = open_input(source, key).load()
+        # Each rank reads the rows itself, in this process: a compute on the cluster from
+        # inside a rank's task would wait for workers whose only thread holds another rank
+        # (and, after a restart, for keys of the failed attempt's lost tasks).
+        with dask.config.set(scheduler="threads", num_workers=torch.get_num_threads()):
+            X = open_input(source, key).load()
         head, tail, weight = _read_own_edges(edge_dir, rank, world_size)
         encoder = build_encoder(X.shape[1], cfg, X)  # identical on every rank
         encoder, history = train_encoder(X, head, tail, weight, cfg, encoder,
@@ -122,7 +134,8 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
         buf = io.BytesIO()
         torch.save(encoder.state_dict(), buf)
         return {"state": buf.getvalue(), "history": history,
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0,
+                "start_epoch": int(getattr(encoder, "start_epoch_", 0))}
     finally:
         dist.destroy_process_group()
 
@@ -141,14 +154,59 @@ def _free_port() -> tuple[str, int]:
 
 
 def eligible_workers(client) -> list[str]:
-    """A sorted snapshot of the scheduler's worker addresses (one rank each)."""
-    return sorted(client.scheduler_info().get("workers", {}))
+    """A sorted snapshot of the scheduler's worker addresses (one rank each).
+
+    Asked of the scheduler each time: ``client.scheduler_info()`` returns a cache that the
+    client's periodic refresh replaces with one holding no workers (distributed
+    2026.8 at least), so it can read as an empty cluster.
+    """
+    info = client.sync(client.scheduler.identity, n_workers=-1)
+    return sorted(info.get("workers", {}))
+
+
+class RankLost(RuntimeError):
+    """A rank's Dask worker left the cluster (killed, out of memory, lost) mid-training."""
+
+
+def _await_ranks(client, futures: list, ranks: list[str], poll_s: float = 0.5) -> dict:
+    """Rank 0's result, watching every rank: a rank's error, or its worker leaving the
+    cluster, fails the attempt at once (a worker's death makes Dask reschedule its task,
+    which the pinning to a dead worker would leave waiting for ever)."""
+    while True:
+        alive = set(eligible_workers(client))
+        lost = [f"rank {r} ({w})" for r, w in enumerate(ranks) if w not in alive]
+        bad = [(r, f) for r, f in enumerate(futures) if f.status in ("error", "lost",
+                                                                       "cancelled")]
+        if lost:
+            why = ""
+            if bad and bad[0][1].status == "error":
+                exc = bad[0][1].exception()
+                why = f"; then rank {bad[0][0]} failed: {type(exc).__name__}: {exc}"[:600]
+            raise RankLost(f"the Dask worker of {', '.join(lost)} left the cluster during "
+                           f"training (killed, out of memory, or lost){why}")
+        if bad:
+            r, f = bad[0]
+            if f.status == "error":
+                f.result()  # raises the rank's own exception
+            raise RuntimeError(f"rank {r}'s task was {f.status} by the scheduler")
+        if all(f.status == "finished" for f in futures):
+            return futures[0].result()
+        time.sleep(poll_s)
+
+
+def _wait_for_workers(client, n: int, timeout_s: float) -> None:
+    """Give restarted workers (a nanny restarts a killed one) up to ``timeout_s`` to join."""
+    try:
+        client.wait_for_workers(n, timeout=timeout_s)
+    except (TimeoutError, OSError) as exc:
+        logger.warning("%d of the %d training workers are back after %.0fs (%s)",
+                       len(eligible_workers(client)), n, timeout_s, exc)
 
 
 def train_on_dask(client, source: Any, key: str | None, edge_dir: str, cfg: Any,
                   init: tuple[np.ndarray, np.ndarray] | None = None, *,
                   world_size: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                  max_restarts: int = 2):
+                  max_restarts: int = 2, rejoin_s: float = RESTART_WAIT_S):
     """Train with one DDP rank per Dask worker; returns (encoder, history, world_size).
 
     Parameters
@@ -160,10 +218,24 @@ def train_on_dask(client, source: Any, key: str | None, edge_dir: str, cfg: Any,
     world_size
         Ranks (default: every worker, at most one per edge shard).
     timeout_s
-        Group timeout: a rank that never starts or dies makes the others fail within it.
+        Group timeout: a rank that never starts, or hangs, makes the others fail within
+        it. A rank whose worker dies is noticed at once (Gloo/NCCL report the broken
+        connection, and the scheduler the lost worker).
     max_restarts
         Times the whole group is started again after a failure (resuming from
-        ``cfg.checkpoint_dir`` when set) before the error is raised.
+        ``cfg.checkpoint_dir`` when set) before a RuntimeError naming the last failure is
+        raised.
+    rejoin_s
+        Seconds a restart waits for the workers of the first attempt to be back (a
+        nanny restarts a killed worker, under a new address); past it the group restarts
+        on the workers there are (another world size: training starts over, since a
+        checkpoint holds one RNG stream per rank).
+
+    Returns
+    -------
+    encoder, history, world_size
+        The trained encoder (CPU, eval mode), the loss per epoch (from the first epoch,
+        also when resumed) and the number of ranks that finished it.
     """
     import torch
 
@@ -171,38 +243,51 @@ def train_on_dask(client, source: Any, key: str | None, edge_dir: str, cfg: Any,
     from .model import Encoder
 
     last_exc: BaseException | None = None
+    target = None
     for attempt in range(max_restarts + 1):
+        if attempt and target:
+            _wait_for_workers(client, target, rejoin_s)
         workers = eligible_workers(client)
         world = min(world_size or len(workers), len(workers), len(EdgeStore(edge_dir)))
         if world < 1:
             raise RuntimeError("no Dask workers to train on")
+        target = target or world
         ranks = workers[:world]
         host, port = client.run(_free_port, workers=[ranks[0]])[ranks[0]]
         init_method = f"tcp://{host}:{port}"
         run = uuid.uuid4().hex[:8]
-        logger.info("DDP training on %d ranks (%s), attempt %d", world, init_method,
-                    attempt + 1)
+        logger.info("DDP training on %d ranks (%s), attempt %d of %d", world, init_method,
+                    attempt + 1, max_restarts + 1)
         futures = [client.submit(train_rank, source, key, edge_dir, cfg, init, r, world,
                                  init_method, timeout_s, workers=[w],
                                  allow_other_workers=False, retries=0, pure=False,
                                  key=f"pumap-ddp-{run}-rank{r}")
                    for r, w in enumerate(ranks)]
         try:
-            out = client.gather(futures)[0]
+            out = _await_ranks(client, futures, ranks)
         except Exception as exc:  # a rank failed or its worker died: restart the group
             last_exc = exc
             client.cancel(futures)
-            logger.warning("DDP attempt %d failed (%s: %s)%s", attempt + 1,
-                           type(exc).__name__, exc,
-                           "; restarting all ranks" if attempt < max_restarts else "")
+            logger.warning("DDP attempt %d of %d failed (%s: %s)%s", attempt + 1,
+                           max_restarts + 1, type(exc).__name__, exc,
+                           "; restarting all ranks" + (" from the last checkpoint"
+                                                       if cfg.checkpoint_dir else "")
+                           if attempt < max_restarts else "")
             continue
+        if out.get("start_epoch"):
+            logger.info("DDP training resumed from the checkpoint in %s after epoch %d",
+                        cfg.checkpoint_dir, out["start_epoch"])
         state = torch.load(io.BytesIO(out["state"]), weights_only=True)
         enc = Encoder(int(state["center"].shape[0]), cfg.n_components, cfg.hidden_layers,
                       cfg.n_projection)
         enc.load_state_dict(state)
+        enc.start_epoch_ = int(out.get("start_epoch", 0))
         return enc.eval(), out["history"], world
-    raise RuntimeError(f"DDP training failed after {max_restarts + 1} attempts; last error: "
-                       f"{type(last_exc).__name__}: {last_exc}") from last_exc
+    raise RuntimeError(
+        f"DDP training failed after {max_restarts + 1} attempt(s) (max_restarts="
+        f"{max_restarts}); last error: {type(last_exc).__name__}: {last_exc}"
+        + (f"; a rerun with the same checkpoint directory ({cfg.checkpoint_dir}) resumes "
+           "from the last finished epoch" if cfg.checkpoint_dir else "")) from last_exc
 
 
 # --------------------------------------------------------------------------- torchrun
@@ -233,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-dist", type=float, default=0.1)
     ap.add_argument("--random-state", type=int, default=42)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                    help="bf16: autocast the network's forward pass on CUDA")
     ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -246,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     a, b = find_ab_params(1.0, args.min_dist)
     cfg = TrainConfig(n_epochs=args.n_epochs, batch_size=args.batch_size, a=a, b=b,
                       random_state=args.random_state, device=args.device,
+                      precision=args.precision,
                       checkpoint_dir=os.path.join(args.work_dir, "train-ddp"))
     out = train_rank(args.input, args.key, os.path.join(args.work_dir, "graph"), cfg, None,
                      rank, world, init_method, args.timeout)

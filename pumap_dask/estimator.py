@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -81,7 +81,30 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
     train_world_size
         Training processes (torch DDP, one rank per Dask worker; see
         :mod:`pumap_dask.ddp`). None: every worker of the active distributed client when
-        the fit is partitioned, else one process; 1: always one process.
+        the fit is partitioned (one process when ``callbacks`` are given), else one
+        process; 1: always one process.
+    metric
+        Input-space distance of the kNN graph: ``"euclidean"`` or ``"cosine"``
+        (``1 - cos``; every kNN back-end supports both). Under cosine a zero-norm row lies
+        at distance 1 from every row.
+    callbacks
+        None or a list of callables, each called after every training epoch as
+        ``callback(epoch, loss, model)``: ``epoch`` counts from 0, ``loss`` is the epoch's
+        mean loss, ``model`` the encoder being trained (a ``torch.nn.Module``; evaluate it
+        under ``torch.no_grad()``, do not modify it). A callback returning True stops
+        training after that epoch (all callbacks still run for it). See
+        :class:`pumap_dask.train.EarlyStopping`. Not saved with the model; not allowed with
+        ``train_world_size > 1``.
+    target_weight
+        For ``fit(X, y)`` with labels: how strongly labels shape the graph, in [0, 1]
+        (umap-learn's name and rule: edges between different labels are scaled by
+        ``exp(-2.5 / (1 - target_weight))``, edges to unknown labels by ``exp(-1)``).
+        Ignored without ``y``.
+    precision
+        Training arithmetic: ``"fp32"`` (default) or ``"bf16"``, which runs the encoder's
+        hidden layers under ``torch.autocast("cuda", dtype=torch.bfloat16)`` on CUDA (its
+        last layer and the loss stay float32). On the CPU ``"bf16"`` logs a warning and
+        trains in float32. The saved weights are float32 either way.
 
     Attributes
     ----------
@@ -97,7 +120,13 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
     knn_recall_ : float
         Sampled recall@k of the kNN, set when it was measured (partitioned fits).
     loss_history_ : list of float
-    n_features_in_, n_samples_fit_, a_, b_, knn_method_, timings_
+        Mean loss per epoch run (shorter than ``n_epochs_`` when a callback stopped early).
+    n_epochs_run_ : int
+        Epochs actually run (``len(loss_history_)``); ``n_epochs_`` is the number planned.
+    timings_, peak_memory_, worker_peak_memory_ : dict
+        Wall seconds, this process's peak RSS and the largest Dask worker's peak memory
+        (bytes; distributed fits) per stage.
+    n_features_in_, n_samples_fit_, a_, b_, knn_method_
     """
 
     def __init__(
@@ -124,6 +153,10 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         work_dir: str | None = None,
         knn_overlap: int = 2,
         train_world_size: int | None = None,
+        metric: str = "euclidean",
+        callbacks: Sequence[Callable[..., bool | None]] | None = None,
+        target_weight: float = 0.5,
+        precision: str = "fp32",
     ) -> None:
         self.n_components = n_components
         self.n_neighbors = n_neighbors
@@ -147,6 +180,10 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         self.work_dir = work_dir
         self.knn_overlap = knn_overlap
         self.train_world_size = train_world_size
+        self.metric = metric
+        self.callbacks = callbacks
+        self.target_weight = target_weight
+        self.precision = precision
 
     # ------------------------------------------------------------------ checks
     def _check_params(self) -> None:
@@ -169,7 +206,10 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             numpy array, dask array, ``zarr.Array``, or a path to a Zarr array or AnnData
             ``.zarr`` store.
         y
-            Ignored.
+            Optional labels, one per row, for a semi-supervised fit (as umap-learn's
+            ``fit(X, y)``): -1 (or NaN) marks an unknown label. The labels are mixed into
+            the fuzzy graph with weight ``target_weight``. In-memory fits only (not
+            ``knn_method="partitioned"``). None: unsupervised.
         key
             Array inside a Zarr group (default ``obsm/X_pca``, then ``X``).
         knn
@@ -184,9 +224,10 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             logging.getLogger("pumap_dask").setLevel(logging.INFO)
         for stale in ("model_path_", "model_sha256_", "knn_recall_", "graph_"):
             self.__dict__.pop(stale, None)
-        res = pipeline.fit(self.get_params(), X, key=key, knn=knn)
+        res = pipeline.fit(self.get_params(), X, key=key, knn=knn, y=y)
         self.encoder_ = res.trained.encoder
         self.loss_history_ = res.trained.loss_history
+        self.n_epochs_run_ = len(self.loss_history_)
         self.n_epochs_ = res.trained.config.n_epochs
         self.embedding_ = res.embedding
         self.feature_stats_ = res.feature_stats
@@ -198,6 +239,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         self.init_ = res.init
         self.train_world_size_ = res.world_size
         self.timings_ = res.timings
+        self.peak_memory_ = res.peak_memory
+        self.worker_peak_memory_ = res.worker_peak_memory
         if res.graph is not None:
             self.graph_ = res.graph
         if res.knn_recall is not None:
@@ -224,6 +267,39 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         X = check_array(X, what="X")
         check_n_features(X.shape[1], self.n_features_in_)
         return encode(self.encoder_, X, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ export
+    def export_onnx(self, path: str | os.PathLike, *, opset_version: int | None = None) -> str:
+        """Export the frozen encoder to ONNX (see :mod:`pumap_dask.export`).
+
+        The graph holds the encoder's fixed preprocessing (centring, PCA projection, scale)
+        and the MLP, with a linear output layer and a dynamic batch dimension: input
+        ``"X"`` (batch, n_features) float32, output ``"embedding"`` (batch, n_components).
+        onnxruntime reproduces :meth:`transform` to float rounding (about 1e-6).
+
+        Parameters
+        ----------
+        path
+            The ``.onnx`` file to write.
+        opset_version
+            ONNX opset (None: torch's default).
+
+        Returns
+        -------
+        str
+            The absolute path written.
+
+        Raises
+        ------
+        ImportError
+            When the optional ``onnx`` package is missing (``pip install 'pumap_dask[onnx]'``).
+        """
+        self._check_fitted()
+        from .export import export_encoder
+
+        meta = {"metric": getattr(self, "metric", "euclidean"),
+                "n_neighbors": self.n_neighbors, "min_dist": self.min_dist}
+        return export_encoder(self.encoder_, path, opset_version=opset_version, metadata=meta)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, include_embedding: bool = True) -> str:
@@ -270,6 +346,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         params["hidden_layers"] = tuple(params.get("hidden_layers", DEFAULT_HIDDEN))
         m = cls(**params)
         m.__dict__.update(fitted)
+        m.n_epochs_run_ = len(m.loss_history_)
         return m
 
     # ------------------------------------------------------------------ display

@@ -189,3 +189,84 @@ def graph_to_edges(
         thresh = w.max(initial=0.0) / float(n_epochs)
     keep = w >= thresh if thresh > 0 else w > 0
     return coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64), w[keep]
+
+
+# ----------------------------------------------------------------------- labels (semi-supervised)
+UNKNOWN_LABEL_DIST = 1.0
+
+
+def far_label_distance(target_weight: float) -> float:
+    """Distance between different labels for a ``target_weight`` in [0, 1] (umap-learn's
+    rule: ``2.5 / (1 - target_weight)``, effectively infinite at 1)."""
+    return 2.5 / (1.0 - target_weight) if target_weight < 1.0 else 1e12
+
+
+def label_codes(y: np.ndarray) -> np.ndarray:
+    """Integer codes of a label vector; -1 marks unknown labels.
+
+    Integer labels keep -1 as unknown; float labels treat -1 and NaN as unknown; other
+    labels (strings, ...) are all known.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be a 1-d vector of labels, got shape {y.shape}")
+    unknown = np.zeros(y.shape, dtype=bool)
+    if y.dtype.kind in "iub":
+        unknown = y == -1
+    elif y.dtype.kind == "f":
+        unknown = np.isnan(y) | (y == -1)
+    codes = np.full(y.shape, -1, dtype=np.int64)
+    if (~unknown).any():
+        _, inv = np.unique(y[~unknown], return_inverse=True)
+        codes[~unknown] = inv
+    return codes
+
+
+def categorical_intersection(
+    graph: sp.spmatrix, y: np.ndarray, target_weight: float = 0.5, *,
+    unknown_dist: float = UNKNOWN_LABEL_DIST,
+) -> sp.csr_matrix:
+    """Mix categorical labels into a fuzzy graph (semi-supervised UMAP).
+
+    The semantics of umap-learn's categorical target with ``target_weight``: each edge
+    weight is multiplied by ``exp(-unknown_dist)`` when either end has an unknown label,
+    by ``exp(-far_dist)`` when the labels differ (:func:`far_label_distance`), and kept
+    when they agree; each row is then rescaled so its largest weight is 1 (every point
+    keeps full confidence in one neighbour) and the result is symmetrised with the fuzzy
+    union ``A + A^T - A * A^T``.
+
+    Parameters
+    ----------
+    graph
+        Symmetric fuzzy graph (n, n).
+    y
+        (n,) labels; -1 (or NaN for float labels) is unknown. See :func:`label_codes`.
+    target_weight
+        In [0, 1]: 0 lets labels barely matter (far_dist 2.5), 1 cuts edges between
+        different labels.
+    unknown_dist
+        Label distance of an unknown label to any point.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        Symmetric, weights in (0, 1], no explicit zeros.
+    """
+    codes = label_codes(y)
+    if codes.shape[0] != graph.shape[0]:
+        raise ValueError(f"y has {codes.shape[0]} labels for a graph of {graph.shape[0]} "
+                         "points")
+    coo = sp.coo_matrix(graph)
+    ci, cj = codes[coo.row], codes[coo.col]
+    unknown = (ci < 0) | (cj < 0)
+    factor = np.where(unknown, np.exp(-unknown_dist),
+                      np.where(ci != cj, np.exp(-far_label_distance(target_weight)), 1.0))
+    w = (coo.data * factor).astype(np.float32)
+    A = sp.csr_matrix((w, (coo.row, coo.col)), shape=graph.shape)
+    A.eliminate_zeros()
+    # rescale rows to a maximum of 1, then the fuzzy union of the now directed weights
+    row_max = np.asarray(A.max(axis=1).todense()).ravel()
+    scale = np.divide(1.0, row_max, out=np.zeros_like(row_max, dtype=np.float64),
+                      where=row_max > 0)
+    A = sp.diags(scale.astype(np.float32)) @ A
+    return symmetrize(A, 1.0)

@@ -96,7 +96,8 @@ def landmark_rows(n: int, n_landmarks: int = N_LANDMARKS,
 def landmark_layout(X_landmarks: np.ndarray, n_components: int, n_neighbors: int = 15, *,
                     random_state: int | None = 0, device: str = "cpu",
                     set_op_mix_ratio: float = 1.0,
-                    local_connectivity: float = 1.0) -> tuple[np.ndarray, str]:
+                    local_connectivity: float = 1.0,
+                    metric: str = "euclidean") -> tuple[np.ndarray, str]:
     """Spectral layout of a sample of rows, from a fuzzy kNN graph among the sample itself.
 
     The spectral layout of a uniform sample approximates the global arrangement of the full
@@ -112,6 +113,8 @@ def landmark_layout(X_landmarks: np.ndarray, n_components: int, n_neighbors: int
         Layout dimension.
     n_neighbors
         k of the sample's kNN graph.
+    metric
+        Its distance, ``"euclidean"`` or ``"cosine"``.
 
     Returns
     -------
@@ -124,7 +127,7 @@ def landmark_layout(X_landmarks: np.ndarray, n_components: int, n_neighbors: int
     X_landmarks = np.ascontiguousarray(X_landmarks, dtype=np.float32)
     k = min(n_neighbors, X_landmarks.shape[0] - 1)
     ind, dist = nearest_neighbors_numpy(X_landmarks, k, "auto", random_state=random_state,
-                                        device=device)
+                                        device=device, metric=metric)
     graph = fuzzy_simplicial_set(ind, dist, set_op_mix_ratio=set_op_mix_ratio,
                                  local_connectivity=local_connectivity)
     layout = spectral_layout(graph, n_components, random_state)

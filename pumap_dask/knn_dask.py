@@ -12,6 +12,10 @@
 Nothing gathers the data to one process: the client only sees the k-means sample, the
 centroids and (for the recall measurement) ``recall_samples`` rows.
 
+With ``metric="cosine"`` the k-means partitioning and the assignment of rows to centroids
+use the rows normalised to unit length (cosine neighbours are Euclidean neighbours of the
+unit rows), the local searches are cosine searches, and recall is measured in cosine.
+
 Partition size rule
 -------------------
 A partition of ``m`` rows and ``d`` features needs about ``m * bytes_per_row(d, k)`` bytes
@@ -187,10 +191,16 @@ def fit_partitions(sample: np.ndarray, n_partitions: int, overlap: int, n_total:
 
 
 # --------------------------------------------------------------------------- tasks
-def _split_block(block: np.ndarray, offset: int, centroids: np.ndarray, overlap: int) -> list:
-    """Rows of one block sent to each partition: list over partitions of (ids, rows)."""
+def _split_block(block: np.ndarray, offset: int, centroids: np.ndarray, overlap: int,
+                 metric: str = "euclidean") -> list:
+    """Rows of one block sent to each partition: list over partitions of (ids, rows).
+
+    The rows travel as given; with ``metric="cosine"`` they are assigned by their unit
+    vectors (``centroids`` are then centroids of unit rows).
+    """
     P = centroids.shape[0]
-    top = _nearest(block, centroids, min(overlap, P))
+    keyed = knn_stage.normalize_rows(block) if metric == "cosine" else block
+    top = _nearest(keyed, centroids, min(overlap, P))
     out = []
     for p in range(P):
         sel = np.flatnonzero((top == p).any(1))
@@ -199,7 +209,7 @@ def _split_block(block: np.ndarray, offset: int, centroids: np.ndarray, overlap:
 
 
 def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
-               random_state: int | None) -> list:
+               random_state: int | None, metric: str = "euclidean") -> list:
     """Local kNN of one partition, bucketed by destination row block.
 
     Returns a list over row blocks of ``(global ids, neighbour global ids, distances)``
@@ -218,9 +228,13 @@ def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
         dev = knn_stage.resolve_device(device)
         if dev.startswith("cuda") or float(m) * m * d <= LOCAL_EXACT_WORK or m < 4 * (k + 1):
             # centred: the expanded-form distances lose less to cancellation; then direct
-            # distances, so that copies of a pair from different partitions agree
-            a, _ = knn_stage.exact_knn(Xp - Xp.mean(0), k, device=dev)
-            b = _direct_distances(Xp, a)
+            # distances, so that copies of a pair from different partitions agree (cosine
+            # is not translation invariant: unit rows, never centred)
+            if metric == "cosine":
+                a, _ = knn_stage.exact_knn(Xp, k, device=dev, metric="cosine")
+            else:
+                a, _ = knn_stage.exact_knn(Xp - Xp.mean(0), k, device=dev)
+            b = _direct_distances(Xp, a, metric=metric)
             o = np.argsort(b, axis=1, kind="stable")
             a, b = np.take_along_axis(a, o, 1), np.take_along_axis(b, o, 1)
         else:
@@ -231,7 +245,7 @@ def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
             # searched in `overlap` partitions and merged (measured on cell-like data,
             # 50k-row partition: recall 0.999 either way, 30% less time).
             a, b = knn_stage.nndescent_knn(Xp, k, random_state=random_state, n_jobs=1,
-                                           **LOCAL_NNDESCENT)
+                                           metric=metric, **LOCAL_NNDESCENT)
         li[:, :k], ld[:, :k] = a, b
     gi = np.where(li >= 0, ids[np.clip(li, 0, None)], -1)
     dest = np.searchsorted(bounds, ids, side="right") - 1
@@ -245,8 +259,16 @@ def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
     return out
 
 
-def _direct_distances(X: np.ndarray, nbr: np.ndarray, rows: int = 8192) -> np.ndarray:
+def _direct_distances(X: np.ndarray, nbr: np.ndarray, rows: int = 8192,
+                      metric: str = "euclidean") -> np.ndarray:
+    """Distance of each row to its listed neighbours, computed pair by pair."""
     out = np.empty(nbr.shape, dtype=np.float32)
+    if metric == "cosine":
+        U = knn_stage.normalize_rows(X)  # zero rows stay zero: dot 0, distance 1
+        for a in range(0, len(U), rows):
+            dots = np.einsum("ik,ijk->ij", U[a:a + rows], U[nbr[a:a + rows]])
+            out[a:a + rows] = np.clip(1.0 - dots, 0.0, 2.0)
+        return out
     for a in range(0, len(X), rows):
         diff = X[a:a + rows, None, :] - X[nbr[a:a + rows]]
         out[a:a + rows] = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
@@ -334,7 +356,7 @@ def _block_bounds(chunks: tuple) -> np.ndarray:
 
 
 def _partition_pass(darr, n_neighbors: int, centroids: np.ndarray, overlap: int, device: str,
-                    random_state: int | None, tag: str) -> list:
+                    random_state: int | None, tag: str, metric: str = "euclidean") -> list:
     """Delayed per-block candidate triples of one partitioning (list over partitions of
     lists over blocks)."""
     from dask import delayed
@@ -344,12 +366,12 @@ def _partition_pass(darr, n_neighbors: int, centroids: np.ndarray, overlap: int,
     B, P = len(blocks), centroids.shape[0]
     cents = delayed(centroids, name=f"centroids-{tag}")
     splits = [delayed(_split_block, pure=True, name=f"split-{tag}-{b}")(
-        blk, int(bounds[b]), cents, overlap) for b, blk in enumerate(blocks)]
+        blk, int(bounds[b]), cents, overlap, metric) for b, blk in enumerate(blocks)]
     parts = []
     for p in range(P):
         pieces = [s[p] for s in splits]
         parts.append(delayed(_local_knn, pure=True, name=f"localknn-{tag}-{p}")(
-            pieces, n_neighbors, bounds, device, random_state))
+            pieces, n_neighbors, bounds, device, random_state, metric))
     return [[parts[p][b] for p in range(P)] for b in range(B)]
 
 
@@ -376,7 +398,8 @@ def _sample_rows(n: int, size: int, random_state: int | None) -> np.ndarray:
 
 def partitioned_knn(darr, n_neighbors: int, *, overlap: int = 2, n_partitions: int | None = None,
                     partition_rows: int | None = None, refine: bool = False,
-                    random_state: int | None = 0, device: str = "auto", client=None):
+                    random_state: int | None = 0, device: str = "auto", client=None,
+                    metric: str = "euclidean"):
     """Lazy partitioned kNN of a validated dask array; see :func:`nearest_neighbors`.
 
     Returns
@@ -395,12 +418,14 @@ def partitioned_knn(darr, n_neighbors: int, *, overlap: int = 2, n_partitions: i
         sample_idx = _sample_rows(n, min(KMEANS_MAX_SAMPLE,
                                          max(10_000, KMEANS_SAMPLE_PER_PARTITION * P)), seed)
         sample = _compute(darr[sample_idx], client=client)
+        if metric == "cosine":
+            sample = knn_stage.normalize_rows(sample)
         min_rows = 4 * (n_neighbors + 1)
         target = min(partition_rows or DEFAULT_PARTITION_ROWS, ceiling)
         C = fit_partitions(sample, P, overlap, n, min(ceiling, 2 * target), min_rows, seed)
         # the centroids' token keeps runs with other partitionings from sharing task keys
-        tag = f"{_token(darr)}-{n_neighbors}-{overlap}-{r}-{seed}-{tokenize(C)[:12]}"
-        pb = _partition_pass(darr, n_neighbors, C, overlap, device, seed, tag)
+        tag = f"{_token(darr)}-{n_neighbors}-{overlap}-{r}-{seed}-{metric}-{tokenize(C)[:12]}"
+        pb = _partition_pass(darr, n_neighbors, C, overlap, device, seed, tag, metric)
         per_block = pb if per_block is None else [a + b for a, b in zip(per_block, pb)]
         P_used = C.shape[0]
     ind, dist = _assemble(darr, per_block, n_neighbors)
@@ -431,15 +456,18 @@ def _compute(x, client=None):
 
 
 # --------------------------------------------------------------------------- recall
-def _block_topk(block: np.ndarray, offset: int, Q: np.ndarray, k: int, device: str):
+def _block_topk(block: np.ndarray, offset: int, Q: np.ndarray, k: int, device: str,
+                metric: str = "euclidean"):
     kk = min(k, block.shape[0])
-    i, dd = knn_stage.exact_knn(Q, kk, Y=block, device=device, exclude_self=False)
+    i, dd = knn_stage.exact_knn(Q, kk, Y=block, device=device, exclude_self=False,
+                                metric=metric)
     return i + offset, dd
 
 
 def lazy_sample_recall(darr, indices, n_samples: int = 1000, random_state: int | None = 0,
-                       device: str = "auto", client=None) -> float:
-    """Recall@k of ``indices`` on a random sample of rows, exact neighbours by streaming.
+                       device: str = "auto", client=None, metric: str = "euclidean") -> float:
+    """Recall@k of ``indices`` on a random sample of rows, exact neighbours (in ``metric``)
+    by streaming.
 
     Only the sampled rows are gathered; each row block of ``darr`` is searched on the
     workers against them and the per-block top lists are merged.
@@ -455,7 +483,7 @@ def lazy_sample_recall(darr, indices, n_samples: int = 1000, random_state: int |
     Q, approx = dask.compute(darr[rows], indices[rows], **sched)
     bounds = _block_bounds(darr.chunks[0])
     Qd = delayed(Q, name=f"recall-queries-{_token(darr)}-{tokenize(rows)[:12]}")
-    tops = [delayed(_block_topk, pure=True)(blk, int(bounds[b]), Qd, k + 1, device)
+    tops = [delayed(_block_topk, pure=True)(blk, int(bounds[b]), Qd, k + 1, device, metric)
             for b, blk in enumerate(darr.to_delayed().ravel())]
     tops = dask.compute(*tops, **sched)
     ci = np.concatenate([t[0] for t in tops], 1)
@@ -468,8 +496,12 @@ def lazy_sample_recall(darr, indices, n_samples: int = 1000, random_state: int |
 
 # --------------------------------------------------------------------------- cache
 def _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_rows, refine,
-                  random_state, source) -> dict:
-    return {"shape": list(map(int, darr.shape)), "chunks": [int(c) for c in darr.chunks[0]],
+                  random_state, source, metric="euclidean") -> dict:
+    # the metric is recorded only when not Euclidean, so caches written before it existed
+    # stay valid
+    extra = {} if metric == "euclidean" else {"metric": metric}
+    return {**extra, "shape": list(map(int, darr.shape)),
+            "chunks": [int(c) for c in darr.chunks[0]],
             "n_neighbors": int(n_neighbors), "method": method, "overlap": int(overlap),
             "n_partitions": n_partitions, "partition_rows": partition_rows,
             "refine": bool(refine), "random_state": random_state, "source": source,
@@ -565,6 +597,7 @@ def nearest_neighbors(
     client=None,
     key: str | None = None,
     work_dir: str | os.PathLike | None = None,
+    metric: str = "euclidean",
 ) -> KNNResult:
     """Approximate kNN of numpy, dask or Zarr input, as dask arrays row-aligned with X.
 
@@ -605,6 +638,9 @@ def nearest_neighbors(
         If given, the result is stored under ``work_dir/knn`` (Zarr) and reused by a rerun
         with the same input (path, or dask token of the array) and parameters. It must be
         on a file system all workers see.
+    metric
+        ``"euclidean"`` or ``"cosine"`` (``1 - cos``; zero-norm rows lie at distance 1 from
+        every row, see :mod:`pumap_dask.knn`). Every method, and the recall, uses it.
 
     Returns
     -------
@@ -629,6 +665,7 @@ def nearest_neighbors(
     P.optional_positive_int("partition_rows", partition_rows)
     P.positive_int("recall_samples", recall_samples, minimum=0)
     P.choice("method", method, knn_stage.KNN_METHODS)
+    P.choice("metric", metric, knn_stage.METRICS)
     P.device(device)
     P.random_state(random_state)
     P.work_dir(work_dir)
@@ -643,7 +680,7 @@ def nearest_neighbors(
     method = resolve_method(method, X, n, d, dev)
     source = os.path.abspath(os.fspath(X)) if isinstance(X, (str, os.PathLike)) else None
     params = _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_rows,
-                           refine, random_state, source)
+                           refine, random_state, source, metric)
     knn_dir = os.path.join(os.fspath(work_dir), "knn") if work_dir is not None else None
     if knn_dir is not None:
         cached = _load_cached(knn_dir, params, darr)
@@ -659,7 +696,7 @@ def nearest_neighbors(
         ind, dist, n_parts = partitioned_knn(
             checked, n_neighbors, overlap=overlap, n_partitions=n_partitions,
             partition_rows=partition_rows, refine=refine, random_state=random_state,
-            device=device, client=client)
+            device=device, client=client, metric=metric)
         if knn_dir is None:
             sched = {"scheduler": client} if client is not None else {}
             ind, dist = dask.persist(ind, dist, **sched)
@@ -668,14 +705,15 @@ def nearest_neighbors(
         Xm = X if not lazy else _compute(checked, client=client)
         Xm = check_array(Xm, what="X")
         i, dd = knn_stage.nearest_neighbors_numpy(Xm, n_neighbors, method,
-                                                  random_state=random_state, device=dev)
+                                                  random_state=random_state, device=dev,
+                                                  metric=metric)
         ind = da.from_array(i, chunks=(darr.chunks[0], n_neighbors))
         dist = da.from_array(dd, chunks=(darr.chunks[0], n_neighbors))
     if knn_dir is not None:
         _store(knn_dir, ind, dist, params, {"n_partitions": n_parts}, client=client)
         ind, dist, _ = _load_cached(knn_dir, params, darr)
     timings["knn"] = time.perf_counter() - t0
-    logger.info("kNN (%s, k=%d%s) of %d x %d in %.2fs", method, n_neighbors,
+    logger.info("kNN (%s, %s, k=%d%s) of %d x %d in %.2fs", method, metric, n_neighbors,
                 f", {n_parts} partitions, overlap {overlap}" if n_parts else "", n, d,
                 timings["knn"])
 
@@ -684,7 +722,7 @@ def nearest_neighbors(
         t0 = time.perf_counter()
         # the raw device: each worker resolves "auto" to its own CUDA or CPU
         recall = lazy_sample_recall(darr, ind, recall_samples, random_state, device,
-                                    client=client)
+                                    client=client, metric=metric)
         timings["recall"] = time.perf_counter() - t0
         logger.info("kNN recall@%d on %d sampled rows: %.4f (%.2fs)", n_neighbors,
                     min(n, recall_samples), recall, timings["recall"])

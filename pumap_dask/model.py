@@ -75,7 +75,11 @@ class Encoder(nn.Module):
         """Set the centring, scale and (when n_projection > 0) PCA projection from data."""
         rng = np.random.default_rng(seed)
         rows = rng.choice(X.shape[0], size=min(X.shape[0], max_rows), replace=False)
-        S = torch.as_tensor(np.asarray(X[np.sort(rows)], dtype=np.float32), dtype=torch.float64)
+        sample = X[np.sort(rows)]
+        if type(sample).__module__.split(".")[0] == "cupy":  # a GPU array: DLPack, no numpy
+            S = torch.from_dlpack(sample).to("cpu", torch.float32).to(torch.float64)
+        else:
+            S = torch.as_tensor(np.asarray(sample, dtype=np.float32), dtype=torch.float64)
         mean = S.mean(0)
         Z = S - mean
         if self.n_projection:
@@ -300,6 +304,12 @@ def validate_config(doc: Any, path: str | os.PathLike) -> dict[str, Any]:
         _require(params, key, _is_number, "a number", "params", cfg_path, optional=True)
     _require(params, "knn_method", lambda v: isinstance(v, str), "a string", "params",
              cfg_path, optional=True)
+    _require(params, "precision", lambda v: isinstance(v, str), "a string", "params",
+             cfg_path, optional=True)  # absent in models saved before it existed
+    from .knn import METRICS  # absent (models saved before metric existed): euclidean
+
+    _require(params, "metric", lambda v: v in METRICS, f"one of {list(METRICS)}", "params",
+             cfg_path, optional=True)
 
     fitted = _require(doc, "fitted", is_dict, "an object", "the config", cfg_path)
     n_in = _require(fitted, "n_features_in", _pos_int, "a positive integer", "fitted",
@@ -319,6 +329,9 @@ def validate_config(doc: Any, path: str | os.PathLike) -> dict[str, Any]:
              "an object of numbers", "fitted", cfg_path, optional=True)
     _require(fitted, "knn_recall", lambda v: v is None or _is_number(v), "a number or null",
              "fitted", cfg_path, optional=True)
+    for key in ("peak_memory", "worker_peak_memory"):  # bytes per stage (optional)
+        _require(fitted, key, lambda v: is_dict(v) and all(map(_is_number, v.values())),
+                 "an object of numbers", "fitted", cfg_path, optional=True)
     stats = _require(fitted, "feature_stats", is_dict, "an object", "fitted", cfg_path)
     for key in FEATURE_STATS:
         values = _require(stats, key, _number_list, "a list of numbers",
@@ -334,7 +347,10 @@ def validate_config(doc: Any, path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- save
-MODEL_FILES = (CONFIG, WEIGHTS, EMBEDDING)
+# files the CLI and the report write beside a saved model (the job's resolved config and the
+# run report); a save that replaces the model replaces them too, as they describe the old one
+COMPANION_FILES = ("run_config.json", "report.json", "report.html")
+MODEL_FILES = (CONFIG, WEIGHTS, EMBEDDING, *COMPANION_FILES)
 
 
 def check_model_path(path: str | os.PathLike) -> str:
@@ -639,7 +655,12 @@ FITTED_ATTRS = {"a_": "a", "b_": "b", "n_features_in_": "n_features_in",
                 "knn_method_": "knn_method", "n_edges_": "n_edges",
                 "loss_history_": "loss_history", "feature_stats_": "feature_stats",
                 "timings_": "timings", "knn_recall_": "knn_recall", "init_": "init",
-                "train_world_size_": "train_world_size"}
+                "train_world_size_": "train_world_size", "peak_memory_": "peak_memory",
+                "worker_peak_memory_": "worker_peak_memory"}
+
+
+# estimator parameters left out of config.json
+UNSAVED_PARAMS = ("callbacks",)
 
 
 def _plain(v: Any) -> Any:
@@ -672,7 +693,8 @@ def save_estimator(path: str | os.PathLike, est: Any, *, include_embedding: bool
     str
         The model directory.
     """
-    params = _plain(est.get_params())
+    # callbacks are arbitrary Python objects, never saved (a loaded model has none)
+    params = _plain({k: v for k, v in est.get_params().items() if k not in UNSAVED_PARAMS})
     fitted = {key: _plain(getattr(est, attr, None)) for attr, key in FITTED_ATTRS.items()}
     fitted["loss_history"] = [float(x) for x in fitted["loss_history"]]
     embedding = est.embedding_ if include_embedding else None

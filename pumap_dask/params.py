@@ -15,6 +15,7 @@ from typing import Any, Iterable
 DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("raise", "nan")
 ZARR_FORMATS = (2, 3)
+PRECISIONS = ("fp32", "bf16")  # as pumap_dask.train.PRECISIONS (kept import-light here)
 
 
 def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
@@ -176,7 +177,7 @@ def check_estimator_params(est: Any) -> None:
         Naming the first bad parameter and its allowed values.
     """
     from .init import INIT_METHODS
-    from .knn import KNN_METHODS
+    from .knn import KNN_METHODS, METRICS
 
     for name in ("n_components", "n_neighbors", "batch_size", "negative_sample_rate"):
         positive_int(name, getattr(est, name))
@@ -188,7 +189,9 @@ def check_estimator_params(est: Any) -> None:
     real("learning_rate", est.learning_rate, low=0.0, low_open=True)
     check_graph_params(est.set_op_mix_ratio, est.local_connectivity, est.tolerance)
     real("correlation_weight", est.correlation_weight, low=0.0)
+    real("target_weight", getattr(est, "target_weight", 0.5), low=0.0, high=1.0)
     choice("knn_method", est.knn_method, KNN_METHODS)
+    choice("metric", getattr(est, "metric", "euclidean"), METRICS)
     choice("init", est.init, INIT_METHODS)
     layers("hidden_layers", est.hidden_layers)
     device(est.device)
@@ -196,6 +199,32 @@ def check_estimator_params(est: Any) -> None:
     if not isinstance(est.verbose, (bool, numbers.Integral)):
         raise ValueError(f"verbose must be True or False, got {est.verbose!r}")
     work_dir(est.work_dir)
+    callbacks(getattr(est, "callbacks", None), est.train_world_size)
+    choice("precision", getattr(est, "precision", "fp32"), PRECISIONS)
+
+
+def callbacks(value: Any, train_world_size: Any = None) -> list:
+    """None, or a list/tuple of callables ``callback(epoch, loss, model)``.
+
+    Callbacks run in the training process, so an explicit ``train_world_size > 1`` (DDP
+    training on the Dask workers) is refused.
+    """
+    if value is None:
+        return []
+    if callable(value) or not isinstance(value, (list, tuple)):
+        raise ValueError("callbacks must be None or a list of callables "
+                         "callback(epoch, loss, model) -> bool | None, got "
+                         f"{type(value).__name__} {value!r}"[:200])
+    for i, cb in enumerate(value):
+        if not callable(cb):
+            raise ValueError(f"callbacks[{i}] must be callable as callback(epoch, loss, model), "
+                             f"got {cb!r}"[:200])
+    if value and train_world_size is not None and train_world_size > 1:
+        raise ValueError(f"callbacks cannot be used with train_world_size={train_world_size}: "
+                         "DDP training runs on the Dask workers, where the callbacks are not "
+                         "available; use train_world_size=1 (or None, which trains in one "
+                         "process when callbacks are given)")
+    return list(value)
 
 
 def check_transform_args(*, batch_size: Any = None, device_: Any = "auto",

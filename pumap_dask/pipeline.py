@@ -35,6 +35,7 @@ from . import graph as graph_stage
 from . import knn as knn_stage
 from .init import N_LANDMARKS, landmark_layout, landmark_rows, pca_layout, spectral_layout
 from .io import InputError, as_dask, check_array, checked_finite, is_lazy
+from .progress import Progress, stage
 from .train import TrainConfig, build_encoder, find_ab_params, train_encoder
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,8 @@ class FitResult:
     graph: sp.csr_matrix | None
     world_size: int = 1
     timings: dict = field(default_factory=dict)
+    peak_memory: dict = field(default_factory=dict)
+    worker_peak_memory: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- stages
@@ -217,13 +220,15 @@ def run_knn(handle: InputHandle, params: dict, device: str, *, work_dir: str | N
 
         res = nearest_neighbors(handle.source, k, "partitioned", overlap=params["knn_overlap"],
                                 random_state=params["random_state"], device=params["device"],
-                                key=handle.key, work_dir=work_dir)
+                                key=handle.key, work_dir=work_dir,
+                                metric=params.get("metric", "euclidean"))
         return Neighbors(res.indices, res.distances, "partitioned",
                          None if res.recall is None else float(res.recall))
     X = handle.load()
     ind, dist = knn_stage.nearest_neighbors_numpy(X, k, method,
                                                   random_state=params["random_state"],
-                                                  device=device)
+                                                  device=device,
+                                                  metric=params.get("metric", "euclidean"))
     return Neighbors(ind, dist, method)
 
 
@@ -250,6 +255,30 @@ def run_graph(neighbors: Neighbors, params: dict, *, work_dir: str | None = None
     return edges
 
 
+def check_labels(y: Any, n: int, partitioned: bool) -> np.ndarray:
+    """Validate the labels of a semi-supervised fit before any stage runs."""
+    if partitioned:
+        raise InputError("fit(X, y) with labels needs an in-memory graph; a partitioned fit "
+                         "keeps its graph as edge shards on the workers: use "
+                         "knn_method='exact' or 'nndescent' (or fit without y)")
+    y = np.asarray(y.compute() if hasattr(y, "compute") else y)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise InputError(f"y must be a 1-d vector of {n} labels (one per row of X; -1 for "
+                         f"unknown), got shape {y.shape}")
+    return y
+
+
+def apply_labels(edges: Edges, y: np.ndarray, target_weight: float) -> Edges:
+    """The graph with labels mixed in (:func:`pumap_dask.graph.categorical_intersection`,
+    umap-learn's categorical ``target_weight`` semantics), pruned again."""
+    graph = graph_stage.categorical_intersection(edges.graph, y, target_weight)
+    head, tail, weight = graph_stage.graph_to_edges(graph, n_epochs=PRUNE_EPOCHS)
+    n_known = int((graph_stage.label_codes(y) >= 0).sum())
+    logger.info("labels mixed into the graph (target_weight %.2f, %d of %d rows labelled): "
+                "%d edges kept of %d", target_weight, n_known, len(y), len(head), len(edges))
+    return Edges(head, tail, weight, graph.shape[0], graph)
+
+
 def run_init(handle: InputHandle, edges: Edges, params: dict, device: str) -> Layout | None:
     """The initial layout: spectral of the full graph up to :data:`N_LANDMARKS` rows, else of a
     kNN graph among that many sampled rows (landmarks); PCA when the graph is disconnected."""
@@ -269,7 +298,8 @@ def run_init(handle: InputHandle, edges: Edges, params: dict, device: str) -> La
         pos, how = landmark_layout(sample, params["n_components"], params["n_neighbors"],
                                    random_state=seed, device=device,
                                    set_op_mix_ratio=params["set_op_mix_ratio"],
-                                   local_connectivity=params["local_connectivity"])
+                                   local_connectivity=params["local_connectivity"],
+                                   metric=params.get("metric", "euclidean"))
         return Layout(rows, pos, how if len(rows) == n else f"landmark-{how}")
     return Layout(rows, pca_layout(sample, params["n_components"], random_state=seed), "pca")
 
@@ -288,24 +318,41 @@ def train_config(params: dict, n_edges: int, n_features: int, device: str, a: fl
         batch_size=batch, negative_sample_rate=params["negative_sample_rate"],
         correlation_weight=params["correlation_weight"], a=a, b=b,
         random_state=params["random_state"], device=device,
+        precision=params.get("precision", "fp32"),
     )
 
 
 def run_train(X: np.ndarray, edges: Edges, layout: Layout | None, cfg: TrainConfig,
-              verbose: bool = False) -> Trained:
+              verbose: bool = False, callbacks: list | None = None) -> Trained:
     """The training stage: build the encoder from the data, pre-train it on the layout,
-    then train it with the UMAP loss on the edges."""
-    encoder = build_encoder(X.shape[1], cfg, X)
-    cb = None
-    if verbose:
-        log_every = max(1, cfg.n_epochs // 10)
+    then train it with the UMAP loss on the edges.
 
-        def cb(epoch, loss):
-            if (epoch + 1) % log_every == 0:
-                logger.info("epoch %d/%d loss %.4f", epoch + 1, cfg.n_epochs, loss)
+    ``callbacks`` (the estimator's) are called after each epoch as
+    ``callback(epoch, loss, encoder)``; any returning True stops training after that epoch.
+    """
+    encoder = build_encoder(X.shape[1], cfg, X)
+    bar = Progress(cfg.n_epochs, "train", "epoch")  # shown at INFO (verbose / CLI)
+    bar.active = bar.active and verbose
+
+    def cb(epoch, loss):
+        bar.update(epoch + 1, postfix=f"loss {loss:.4f}")
+
+    user_cbs = list(callbacks or ())
+    model = encoder  # the module train_encoder trains in place
+
+    def epoch_end(epoch, loss):
+        if verbose:
+            cb(epoch, loss)
+        stops = [bool(c(epoch, loss, model)) for c in user_cbs]  # every callback runs
+        return any(stops)
+
     init = None if layout is None else (layout.rows, layout.positions)
-    encoder, history = train_encoder(X, edges.head, edges.tail, edges.weight, cfg, encoder, cb,
-                                     init_embedding=init)
+    try:
+        encoder, history = train_encoder(X, edges.head, edges.tail, edges.weight, cfg, encoder,
+                                         epoch_end if verbose or user_cbs else None,
+                                         init_embedding=init)
+    finally:
+        bar.close()
     return Trained(encoder, history, cfg)
 
 
@@ -334,7 +381,8 @@ def work_directory(work_dir: str | None) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = None) -> FitResult:
+def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = None,
+        y: Any = None) -> FitResult:
     """Run every stage of a fit; ``params`` are a validated estimator's ``get_params()``.
 
     Parameters
@@ -347,8 +395,17 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
         Array inside a Zarr group.
     knn
         Precomputed ``(indices, distances)``, self excluded.
+    y
+        Labels for a semi-supervised fit (-1: unknown; see :func:`apply_labels`); in-memory
+        graphs only.
     """
     timings: dict[str, float] = {}
+    peaks: dict[str, int] = {}  # this process's peak RSS per stage
+    wpeaks: dict[str, int] = {}  # the largest worker's peak per stage (distributed)
+
+    def timed(name: str):
+        return stage(name, timings, peaks, wpeaks)
+
     t0 = time.perf_counter()
     handle = open_input(X, key)
     check_sizes(handle, params["n_neighbors"])
@@ -357,46 +414,45 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
     a, b = find_ab_params(params["spread"], params["min_dist"])
     method = None if knn is not None else knn_plan(handle, params, device)
     partitioned = method == "partitioned"
+    if y is not None:
+        y = check_labels(y, handle.n, partitioned)
     timings["input"] = time.perf_counter() - t0
     with (work_directory(params.get("work_dir")) if partitioned
           else contextlib.nullcontext()) as wdir:
-        t0 = time.perf_counter()
-        neighbors = run_knn(handle, params, device, work_dir=wdir, knn=knn, method=method)
-        timings["knn"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        edges = run_graph(neighbors, params, work_dir=wdir)
-        timings["graph"] = time.perf_counter() - t0
+        with timed("knn"):
+            neighbors = run_knn(handle, params, device, work_dir=wdir, knn=knn, method=method)
+        with timed("graph"):
+            edges = run_graph(neighbors, params, work_dir=wdir)
+            if y is not None:
+                edges = apply_labels(edges, y, params.get("target_weight", 0.5))
         knn_method, knn_recall = neighbors.method, neighbors.recall
         del neighbors  # the kNN arrays are not needed past the graph
-        t0 = time.perf_counter()
-        Xtr = handle.load()
-        timings["load"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        layout = run_init(handle, edges, params, device)
-        timings["init"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        cfg = train_config(params, len(edges), handle.d, device, a, b)
-        if params.get("work_dir"):  # checkpoints beside the kNN and graph: a rerun resumes
-            cfg = dataclasses.replace(
-                cfg, checkpoint_dir=os.path.join(params["work_dir"], "train"))
-        client, world = ddp_plan(params, partitioned, handle)
-        if world > 1:
-            from .ddp import train_on_dask
+        with timed("load"):
+            Xtr = handle.load()
+        with timed("init"):
+            layout = run_init(handle, edges, params, device)
+        with timed("train"):
+            cfg = train_config(params, len(edges), handle.d, device, a, b)
+            if params.get("work_dir"):  # checkpoints beside the kNN and graph: a rerun resumes
+                cfg = dataclasses.replace(
+                    cfg, checkpoint_dir=os.path.join(params["work_dir"], "train"))
+            client, world = ddp_plan(params, partitioned, handle)
+            if world > 1:
+                from .ddp import train_on_dask
 
-            init = None if layout is None else (layout.rows, layout.positions)
-            encoder, history, world = train_on_dask(
-                client, handle.source, handle.key, os.path.join(wdir, "graph"), cfg, init,
-                world_size=world)
-            trained = Trained(encoder, history, cfg)
-        else:
-            trained = run_train(Xtr, edges, layout, cfg, verbose=bool(params.get("verbose")))
-        timings["train"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+                init = None if layout is None else (layout.rows, layout.positions)
+                encoder, history, world = train_on_dask(
+                    client, handle.source, handle.key, os.path.join(wdir, "graph"), cfg, init,
+                    world_size=world)
+                trained = Trained(encoder, history, cfg)
+            else:
+                trained = run_train(Xtr, edges, layout, cfg, verbose=bool(params.get("verbose")),
+                                    callbacks=params.get("callbacks"))
     from .train import encode
 
-    embedding = encode(trained.encoder, Xtr)
-    stats = feature_stats(Xtr)
-    timings["embed"] = time.perf_counter() - t0
+    with timed("embed"):
+        embedding = encode(trained.encoder, Xtr)
+        stats = feature_stats(Xtr)
     logger.info("fitted %d x %d: %s", handle.n, handle.d,
                 ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     return FitResult(trained=trained, embedding=embedding, feature_stats=stats,
@@ -404,7 +460,8 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                      knn_method=knn_method, knn_recall=knn_recall, n_edges=len(edges),
                      a=a, b=b,
                      init="random" if layout is None else layout.method, graph=edges.graph,
-                     world_size=world, timings=timings)
+                     world_size=world, timings=timings, peak_memory=peaks,
+                     worker_peak_memory=wpeaks)
 
 
 def ddp_plan(params: dict, partitioned: bool, handle: InputHandle):
@@ -412,6 +469,11 @@ def ddp_plan(params: dict, partitioned: bool, handle: InputHandle):
     for partitioned fits of a Zarr input (edge shards and rows every worker can read), else
     (None, 1)."""
     wanted = params.get("train_world_size")
+    if params.get("callbacks") and not wanted:
+        # DDP ranks run on the workers, without the callbacks (params refuses an explicit
+        # train_world_size > 1 with callbacks)
+        logger.info("callbacks given: training in one process, not DDP")
+        return None, 1
     readable = isinstance(handle.source, (str, os.PathLike)) or \
         type(handle.source).__module__.startswith("zarr")
     if wanted == 1 or not partitioned or not readable:
@@ -445,8 +507,9 @@ def require_local_workers() -> None:
         client = get_client()
     except (ImportError, ValueError):
         return
-    hosts = {addr.split("://")[-1].rsplit(":", 1)[0]
-             for addr in client.scheduler_info().get("workers", {})}
+    from .ddp import eligible_workers  # asks the scheduler (its cached info can be empty)
+
+    hosts = {addr.split("://")[-1].rsplit(":", 1)[0] for addr in eligible_workers(client)}
     local = {"127.0.0.1", "localhost", socket.gethostname()}
     try:
         local.add(socket.gethostbyname(socket.gethostname()))

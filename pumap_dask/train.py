@@ -54,7 +54,10 @@ class TrainConfig:
     (AdamW) and ``virtual_rate`` (virtual points on edges per positive edge; see
     :func:`_virtual_point_loss`), ``log_every`` (epochs between log lines; 0: none),
     ``negatives`` (see :data:`NEGATIVE_MODES`), ``checkpoint_dir`` and ``checkpoint_every``
-    (epochs between checkpoints; see :class:`Checkpoint`).
+    (epochs between checkpoints; see :class:`Checkpoint`), ``precision`` (see
+    :data:`PRECISIONS`: ``"bf16"`` runs the network's forward pass under
+    ``torch.autocast("cuda", dtype=torch.bfloat16)`` on CUDA, its last layer and the loss
+    in float32; on the CPU it falls back to float32 with a warning).
     """
 
     n_components: int = 2
@@ -79,8 +82,11 @@ class TrainConfig:
     negatives: str = "batch"
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
+    precision: str = "fp32"
 
 
+# Training precisions: "fp32", or "bf16" autocast of the network on CUDA.
+PRECISIONS = ("fp32", "bf16")
 # "batch": negatives drawn from the step's own heads and tails (2B rows encoded per step);
 # "pool": from ``negative_pool`` extra uniform rows (3B rows).
 NEGATIVE_MODES = ("batch", "pool")
@@ -159,7 +165,7 @@ def train_encoder(
     weight: np.ndarray,
     cfg: TrainConfig,
     encoder: Encoder | None = None,
-    callback: Callable[[int, float], None] | None = None,
+    callback: Callable[[int, float], bool | None] | None = None,
     init_embedding: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Encoder, list[float]]:
     """Train an encoder with the UMAP loss on a weighted edge list.
@@ -176,7 +182,9 @@ def train_encoder(
     encoder
         Start from this encoder (default: a new one built from ``cfg``).
     callback
-        Called as ``callback(epoch, mean_loss)`` after each epoch.
+        Called as ``callback(epoch, mean_loss)`` after each epoch; returning True stops
+        training after that epoch. Under DDP the return value of rank 0 decides, and every
+        rank stops after the same epoch.
     init_embedding
         Layout the encoder is pre-trained to reproduce first: (n, n_components) for every
         row, or ``(rows, positions)`` for some rows (landmarks). None: no pre-training.
@@ -184,7 +192,7 @@ def train_encoder(
     Returns
     -------
     encoder, history
-        The trained encoder (on the CPU, eval mode) and the mean loss per epoch.
+        The trained encoder (on the CPU, eval mode) and the mean loss per epoch run.
     """
     threads = torch.get_num_threads()
     try:
@@ -212,18 +220,22 @@ def _step_threads(cfg: TrainConfig, n: int, d: int) -> int:
 def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
     device = torch.device(cfg.device)
     n = X.shape[0]
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     if encoder is None:
         encoder = build_encoder(X.shape[1], cfg, X)
     encoder = encoder.to(device).train()
     # The fixed preprocessing (centre, project, scale) is applied once here, not per step:
-    # training runs the MLP alone on the preprocessed rows.
+    # training runs the MLP alone on the preprocessed rows. CuPy rows stay on their GPU
+    # (DLPack); they are kept there when they fit, as host rows are moved there.
+    on_gpu = is_cupy(X) and device.type == "cuda"
     with torch.no_grad():
-        Xt = torch.cat([encoder.preprocess(torch.as_tensor(
-            np.ascontiguousarray(X[i:i + 65536], dtype=np.float32)).to(device)).cpu()
-            for i in range(0, n, 65536)])
-    if device.type != "cpu" and Xt.numel() * 4 < (2 << 30):
+        parts = (encoder.preprocess(as_tensor(X[i:i + 65536], device))
+                 for i in range(0, n, 65536))
+        Xt = torch.cat([p if on_gpu else p.cpu() for p in parts])
+    if device.type != "cpu" and Xt.device.type == "cpu" and Xt.numel() * 4 < (2 << 30):
         Xt = Xt.to(device)
-    net = encoder.mlp
+    net = _amp_net(encoder.mlp, cfg.precision, device)
     rank, world = _world()
     n_edges_total = int(_all_sum(len(head), world, torch.int64))  # each rank holds a subset
     # ids stay in their (often int32) dtype: 4 bytes per edge end, widened per batch
@@ -259,6 +271,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
                                    _all_sum(float(np.asarray(weight).sum(dtype=np.float64)),
                                             world), world))
     start, history = ckpt.restore(encoder, opt, sched, gen, rank) if ckpt.enabled else (0, [])
+    encoder.start_epoch_ = start  # where this call began (> 0: resumed from a checkpoint)
     if start == 0 and init_embedding is not None:
         pretrain_to_layout(net, Xt, init_embedding, cfg, gen)  # the same on every rank
     if world > 1:
@@ -322,15 +335,71 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
                 sched.step()
             ep_loss += float(loss.detach())
         history.append(ep_loss / steps_per_epoch)
-        if callback is not None:
-            callback(epoch, history[-1])
+        stop = bool(callback(epoch, history[-1])) if callback is not None else False
+        if world > 1:  # rank 0 decides; every rank stops after the same epoch
+            stop = _all_sum(float(stop and rank == 0), world) > 0
         if cfg.log_every and (epoch + 1) % cfg.log_every == 0:
             logger.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.n_epochs, history[-1],
                         time.perf_counter() - t0)
         if ckpt.enabled and ((epoch + 1) % cfg.checkpoint_every == 0
-                             or epoch + 1 == cfg.n_epochs):
+                             or epoch + 1 == cfg.n_epochs or stop):
             ckpt.save(epoch + 1, encoder, opt, sched, gen, history, rank, world)
+        if stop:
+            logger.info("training stopped by a callback after epoch %d of %d", epoch + 1,
+                        cfg.n_epochs)
+            break
     return encoder.cpu().eval(), history
+
+
+class _AmpNet(nn.Module):
+    """The MLP with its hidden layers under bf16 autocast and its last layer in float32.
+
+    The hidden layers' matrix products are where bf16 pays; the last layer, a few columns
+    wide, stays float32 so embedding coordinates keep float32 resolution (bf16 rounds a
+    coordinate near 10 to steps of 0.06, coarser than ``min_dist``). Parameters are the
+    MLP's own (shared), so the encoder's state is unchanged.
+    """
+
+    def __init__(self, mlp: nn.Sequential, device_type: str) -> None:
+        super().__init__()
+        self.body = mlp[:-1]
+        self.head = mlp[-1]
+        self.device_type = device_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            h = self.body(x)
+        return self.head(h.float())
+
+
+def _amp_net(mlp: nn.Sequential, precision: str, device: torch.device) -> nn.Module:
+    """``mlp`` itself for float32, or wrapped for bf16 autocast on CUDA (see :class:`_AmpNet`)."""
+    if precision != "bf16":
+        return mlp
+    if device.type != "cuda":
+        logger.warning("precision='bf16' autocasts on CUDA only; training on %s in float32",
+                       device)
+        return mlp
+    return _AmpNet(mlp, device.type)
+
+
+def is_cupy(x: Any) -> bool:
+    """Whether ``x`` is a CuPy array (checked by type, without importing CuPy)."""
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def as_tensor(x: Any, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rows as a float32 torch tensor on ``device``.
+
+    A CuPy array is handed over through DLPack (``torch.from_dlpack``, zero copy, no host
+    round trip) and stays on its GPU unless ``device`` is the CPU; anything else goes
+    through numpy.
+    """
+    device = torch.device(device)
+    if is_cupy(x):  # a host copy only when asked for by a CPU device
+        return torch.from_dlpack(x).to(device=device, dtype=torch.float32).contiguous()
+    t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    return t.to(device) if device.type != "cpu" else t
 
 
 def _world() -> tuple[int, int]:
@@ -521,3 +590,72 @@ def _adam_kwargs(device: torch.device) -> dict:
         return {"fused": True}
     except (RuntimeError, TypeError, ValueError):
         return {}
+
+
+class EarlyStopping:
+    """Stop training when the epoch loss stops improving (a plateau).
+
+    An epoch improves when its loss is below ``best - min_delta * abs(best)`` (a
+    *relative* decrease of more than ``min_delta``; the UMAP loss has no natural scale, so
+    a relative threshold works the same for any data), where ``best`` is the lowest loss
+    seen so far. Training stops after ``patience`` consecutive epochs without an
+    improvement. Pass it in the estimator's ``callbacks``; one instance may be reused
+    across fits (its state resets at epoch 0).
+
+    Parameters
+    ----------
+    patience
+        Epochs without improvement tolerated before stopping (>= 1).
+    min_delta
+        Relative improvement that counts (>= 0); 0 counts any decrease.
+
+    Attributes
+    ----------
+    best_ : float
+        Lowest loss seen.
+    best_epoch_ : int
+        Epoch of ``best_``.
+    stopped_epoch_ : int or None
+        Epoch after which it asked training to stop, or None.
+
+    Examples
+    --------
+    >>> from pumap_dask import ParametricUMAP, EarlyStopping
+    >>> model = ParametricUMAP(n_epochs=200, callbacks=[EarlyStopping(patience=5)])
+    """
+
+    def __init__(self, patience: int = 5, min_delta: float = 1e-3) -> None:
+        from .params import positive_int, real
+
+        self.patience = positive_int("patience", patience)
+        self.min_delta = real("min_delta", min_delta, low=0.0)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.best_ = math.inf
+        self.best_epoch_ = -1
+        self.stopped_epoch_: int | None = None
+        self._wait = 0
+
+    def __call__(self, epoch: int, loss: float, model: Any = None) -> bool:
+        """Record one epoch's loss; True when training should stop."""
+        if epoch == 0 or self.stopped_epoch_ is not None:
+            self._reset()
+        if not math.isfinite(loss):
+            self.stopped_epoch_ = epoch
+            logger.warning("early stopping: loss is %s at epoch %d", loss, epoch + 1)
+            return True
+        if loss < self.best_ - self.min_delta * abs(self.best_) or self.best_epoch_ < 0:
+            self.best_, self.best_epoch_, self._wait = float(loss), epoch, 0
+            return False
+        self._wait += 1
+        if self._wait >= self.patience:
+            self.stopped_epoch_ = epoch
+            logger.info("early stopping after epoch %d: no relative loss decrease above "
+                        "%g for %d epochs (best %.5f at epoch %d)", epoch + 1, self.min_delta,
+                        self.patience, self.best_, self.best_epoch_ + 1)
+            return True
+        return False
+
+    def __repr__(self) -> str:
+        return f"EarlyStopping(patience={self.patience}, min_delta={self.min_delta})"

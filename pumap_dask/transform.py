@@ -131,27 +131,88 @@ def limit_threads_to_worker() -> None:
         torch.set_num_threads(max(1, nthreads))
 
 
-def transform_block(block: np.ndarray, source: ModelRef | ModelBlob, batch_size: int = 65536,
+def _cupy():
+    """The cupy module (only ever imported for CuPy data, so never where it is absent)."""
+    import cupy
+
+    return cupy
+
+
+def transform_block(block: Any, source: ModelRef | ModelBlob, batch_size: int = 65536,
                     device: str = "auto", nan_policy: str = "raise",
-                    block_info: dict | None = None) -> np.ndarray:
-    """Embed one row block (runs on a worker)."""
+                    block_info: dict | None = None) -> Any:
+    """Embed one row block (runs on a worker).
+
+    A CuPy block is embedded on its own GPU without a host round trip (DLPack both ways)
+    and a CuPy block comes back; a numpy block gives a numpy block.
+    """
+    from .train import is_cupy
+
     dev = resolve_device(device, warn=False)
+    if is_cupy(block):
+        return _transform_cupy_block(block, source, batch_size, dev, nan_policy, block_info)
     enc = _get_encoder(source, dev)
     block = np.asarray(block, dtype=np.float32)
     bad = ~np.isfinite(block).all(axis=1)
     if bad.any():
         if nan_policy == "raise":
-            loc = block_info[0]["array-location"][0] if block_info else ("?", "?")
-            first = np.flatnonzero(bad)[:5] + (loc[0] if loc[0] != "?" else 0)
-            raise InputError(
-                f"X has NaN or infinite values in {int(bad.sum())} rows of row block "
-                f"[{loc[0]}, {loc[1]}) (first: {first.tolist()}); impute them or pass "
-                "nan_policy='nan' to get NaN embeddings for those rows")
+            raise _bad_rows_error(int(bad.sum()), np.flatnonzero(bad)[:5].tolist(),
+                                  block_info)
         block = np.where(bad[:, None], 0.0, block).astype(np.float32)
     out = encode(enc, block, batch_size=batch_size, device=dev)
     if bad.any():
         out[bad] = np.nan
     return out
+
+
+def _bad_rows_error(n_bad: int, first: list[int], block_info: dict | None) -> InputError:
+    loc = block_info[0]["array-location"][0] if block_info else ("?", "?")
+    first = [r + (loc[0] if loc[0] != "?" else 0) for r in first]
+    return InputError(
+        f"X has NaN or infinite values in {n_bad} rows of row block [{loc[0]}, {loc[1]}) "
+        f"(first: {first}); impute them or pass nan_policy='nan' to get NaN embeddings for "
+        "those rows")
+
+
+def _transform_cupy_block(block: Any, source: ModelRef | ModelBlob, batch_size: int, dev: str,
+                          nan_policy: str, block_info: dict | None) -> Any:
+    """:func:`transform_block` for a CuPy block: torch reads it through DLPack (no copy)
+    on its own GPU, and the embedding goes back to CuPy the same way."""
+    import torch
+
+    from .train import as_tensor
+
+    cp = _cupy()
+    if dev == "cuda":  # "auto"/"cuda": the GPU the block lives on
+        dev = f"cuda:{block.device.id}"
+    enc = _get_encoder(source, dev)
+    with torch.no_grad():
+        x = as_tensor(block, dev)
+        bad = ~torch.isfinite(x).all(dim=1)
+        n_bad = int(bad.sum())
+        if n_bad:
+            if nan_policy == "raise":
+                first = torch.nonzero(bad)[:5, 0].tolist()
+                raise _bad_rows_error(n_bad, first, block_info)
+            x = torch.where(bad[:, None], torch.zeros((), device=x.device), x)
+        out = torch.empty((x.shape[0], enc.n_components), dtype=torch.float32,
+                          device=x.device)
+        for i in range(0, x.shape[0], batch_size):
+            out[i:i + batch_size] = enc(x[i:i + batch_size]).float()
+        if n_bad:
+            out[bad] = float("nan")
+    if out.device.type == "cpu":  # device="cpu" asked for: the only host copy
+        return cp.asarray(out.numpy())
+    return cp.from_dlpack(out)
+
+
+def _meta_like(darr, shape: tuple, dtype) -> Any:
+    """An empty block of the array type of ``darr``'s chunks (CuPy stays CuPy)."""
+    from .train import is_cupy
+
+    if is_cupy(getattr(darr, "_meta", None)):
+        return _cupy().empty(shape, dtype=dtype)
+    return np.empty(shape, dtype=dtype)
 
 
 def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | None = None,
@@ -181,7 +242,9 @@ def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | N
     -------
     dask.array.Array
         (n_samples, n_components) float32, one output block per input row block; nothing is
-        computed. With ``return_ood``, a pair (embedding, mask).
+        computed. With ``return_ood``, a pair (embedding, mask). Chunks that are CuPy arrays
+        (the RAPIDS convention) are embedded on their GPU without a host round trip and the
+        result's chunks are CuPy arrays too.
     """
     import dask
     import dask.array as da
@@ -195,7 +258,7 @@ def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | N
         transform_block, darr, src,
         batch_size=int(batch_size or 65536), device=device, nan_policy=nan_policy,
         chunks=(darr.chunks[0], (source.n_components,)),
-        dtype=np.float32, meta=np.empty((0, 0), dtype=np.float32),
+        dtype=np.float32, meta=_meta_like(darr, (0, 0), np.float32),
         name="pumap-transform-" + dask.base.tokenize(darr, source.sha256, batch_size, device,
                                                      nan_policy),
     )
@@ -217,7 +280,12 @@ def training_range(model: Any) -> tuple[np.ndarray, np.ndarray]:
     return stats["min"], stats["max"]
 
 
-def _ood_block(block: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+def _ood_block(block: Any, low: np.ndarray, high: np.ndarray) -> Any:
+    from .train import is_cupy
+
+    if is_cupy(block):  # compare on the GPU
+        cp = _cupy()
+        low, high = cp.asarray(low), cp.asarray(high)
     with np.errstate(invalid="ignore"):
         inside = (block >= low) & (block <= high)
     return ~inside.all(axis=1)
@@ -245,7 +313,8 @@ def ood_mask(X: Any, model: Any, *, key: str | None = None, margin: float = 0.25
     check_n_features(darr.shape[1], lo.shape[0])
     bounds = dask.delayed((low, high), pure=True, traverse=False)
     return da.map_blocks(lambda b, lh: _ood_block(b, *lh), darr, bounds, drop_axis=1,
-                         chunks=(darr.chunks[0],), dtype=bool, meta=np.empty((0,), bool))
+                         chunks=(darr.chunks[0],), dtype=bool,
+                         meta=_meta_like(darr, (0,), bool))
 
 
 def report_ood(n_flagged: int, n_total: int, warn_fraction: float = 0.01) -> float:

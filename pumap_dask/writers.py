@@ -18,6 +18,7 @@ import numpy as np
 
 from .io import InputError, as_dask
 from .params import check_transform_args, check_writer_args
+from .progress import stage
 from .transform import model_source, ood_mask, report_ood, transform
 
 logger = logging.getLogger(__name__)
@@ -368,7 +369,8 @@ def _write_all(darr, emb, model, source, out_path: str, state: str, sharded: boo
     tasks = [dask.delayed(_write_block, pure=False)(blocks[i], ood[i], out_path,
                                                     int(starts[i]), i)
              for i in todo]
-    counts = dask.compute(*tasks) if tasks else []
+    with stage("transform"):  # progress of the blocks' tasks (at INFO)
+        counts = dask.compute(*tasks) if tasks else []
     n_nan = sum(c[0] for c in counts)
     if counts:
         report_ood(sum(c[1] for c in counts), sum(rows[i] for i in todo))

@@ -67,7 +67,7 @@ def test_failing_ranks_restart_then_fail_clearly(cells, cluster_client):
                                 single.a_, single.b_)
     bad = dataclasses.replace(cfg, negatives="nonsense")  # every rank raises
     t0 = time.perf_counter()
-    with pytest.raises(RuntimeError, match="failed after 2 attempts.*negatives"):
+    with pytest.raises(RuntimeError, match="failed after 2 attempt.*negatives"):
         train_on_dask(cluster_client, path, None, os.path.join(work, "graph"), bad,
                       max_restarts=1, timeout_s=20)
     assert time.perf_counter() - t0 < 60
@@ -91,3 +91,146 @@ def test_torchrun_entry_point_with_two_processes(cells, tmp_path):
 
     emb = encode(enc, zarr.open_array(path, mode="r")[:])
     assert _acc(emb, y) > _acc(single.embedding_, y) - 0.05
+
+
+# --------------------------------------------------------------------------- failures
+@pytest.fixture(scope="module")
+def kill_cluster():
+    """A LocalCluster of 2 single-threaded worker processes of its own (its workers get
+    killed; their nannies restart them)."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0", memory_limit="2GiB") as cluster:
+        with distributed.Client(cluster, set_as_default=False) as client:
+            yield client
+
+
+def _kill_worker_when(client, rank, marker, deadline_s=120.0):
+    """Start a thread that SIGKILLs the process of rank ``rank``'s worker (workers sorted by
+    address, as the launcher ranks them) once the file ``marker`` exists; returns an Event
+    set when it did."""
+    import signal
+    import threading
+
+    client.wait_for_workers(2, timeout=60)
+    pids = client.run(os.getpid)
+    victim = pids[sorted(pids)[rank]]
+    killed = threading.Event()
+
+    def run():
+        end = time.monotonic() + deadline_s
+        while not os.path.exists(marker) and time.monotonic() < end:
+            time.sleep(0.02)
+        if os.path.exists(marker):
+            os.kill(victim, signal.SIGKILL)
+            killed.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return killed
+
+
+def _resumed_epoch(caplog):
+    import re
+
+    hits = [int(m.group(1)) for r in caplog.records
+            if (m := re.search(r"resumed from the checkpoint in .* after epoch (\d+)",
+                               r.getMessage()))]
+    return hits[-1] if hits else None
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(bool((sa[k] == sb[k]).all()) for k in sa)
+
+
+@pytest.mark.parametrize("rank", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_worker_killed_mid_training_restarts_the_group(cells, kill_cluster, tmp_path, caplog,
+                                                       rank):
+    """SIGKILL of one rank's worker process after the first checkpoint: the group restarts
+    on the nanny-restarted worker, resumes from the checkpoint, and ends bitwise equal to
+    an uninterrupted run; within a bounded time, never a hang."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pumap_dask")
+    path, _, work, single = cells
+    edge_dir = os.path.join(work, "graph")
+    kill_cluster.wait_for_workers(2, timeout=60)  # back from an earlier test's kill
+    cfg = pipeline.train_config({**single.get_params(), **FAST, "n_epochs": 8},
+                                single.n_edges_, 20, "cpu", single.a_, single.b_)
+    ref, ref_hist, _ = train_on_dask(kill_cluster, path, None, edge_dir, dataclasses.replace(
+        cfg, checkpoint_dir=str(tmp_path / "ref")), timeout_s=60)
+    ck = str(tmp_path / "ck")
+    killed = _kill_worker_when(kill_cluster, rank, os.path.join(ck, "train.pt"))
+    t0 = time.perf_counter()
+    enc, hist, world = train_on_dask(kill_cluster, path, None, edge_dir,
+                                     dataclasses.replace(cfg, checkpoint_dir=ck),
+                                     timeout_s=60, max_restarts=1)
+    elapsed = time.perf_counter() - t0
+    assert killed.is_set()
+    assert elapsed < 150, elapsed
+    text = caplog.text
+    assert "attempt 1 of 2 failed (RankLost" in text, text[-2000:]
+    assert world == 2 and len(hist) == 8
+    assert (_resumed_epoch(caplog) or 0) >= 1, text[-2000:]
+    assert _same_state(enc, ref), "the resumed DDP run differs from the uninterrupted one"
+    assert hist == ref_hist
+
+
+def test_worker_killed_without_restarts_fails_clearly(cells, kill_cluster, tmp_path):
+    """max_restarts=0: a killed worker gives a RuntimeError naming the lost rank, fast."""
+    path, _, work, single = cells
+    cfg = pipeline.train_config({**single.get_params(), **FAST, "n_epochs": 30},
+                                single.n_edges_, 20, "cpu", single.a_, single.b_)
+    ck = str(tmp_path / "ck")
+    killed = _kill_worker_when(kill_cluster, 1, os.path.join(ck, "train.pt"))
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"failed after 1 attempt.*RankLost: the Dask "
+                                           r"worker of rank 1 .* left the cluster"):
+        train_on_dask(kill_cluster, path, None, os.path.join(work, "graph"),
+                      dataclasses.replace(cfg, checkpoint_dir=ck), timeout_s=60,
+                      max_restarts=0)
+    assert killed.is_set()
+    assert time.perf_counter() - t0 < 60
+
+
+def test_killed_ddp_fit_resumes_from_its_checkpoint(cells, kill_cluster, tmp_path, caplog,
+                                                    monkeypatch):
+    """A 2-rank fit with work_dir killed mid-training (no restarts) fails; the same fit run
+    again resumes from the checkpoint (starting epoch > 0) and ends bitwise equal to an
+    uninterrupted fit."""
+    import logging
+    import shutil
+
+    from pumap_dask import ddp
+
+    caplog.set_level(logging.INFO, logger="pumap_dask")
+    path, y, work, _ = cells
+    dirs = {}
+    for name in ("ref", "run"):
+        dirs[name] = str(tmp_path / name)
+        shutil.copytree(work, dirs[name], ignore=shutil.ignore_patterns("train"))
+    kw = dict(knn_method="partitioned", random_state=0, **{**FAST, "n_epochs": 8})
+    kill_cluster.wait_for_workers(2, timeout=60)  # back from an earlier test's kill
+    # as_current alone (no dask.config scheduler=client): a nanny restarting a killed
+    # worker passes dask's config to it, and a Client object there cannot be pickled
+    with kill_cluster.as_current():
+        ref = ParametricUMAP(work_dir=dirs["ref"], **kw).fit(path)
+        assert ref.train_world_size_ == 2
+        real = ddp.train_on_dask
+
+        def interrupted(client, *a, **k):
+            _kill_worker_when(client, 1, os.path.join(dirs["run"], "train", "train.pt"))
+            return real(client, *a, **{**k, "max_restarts": 0})
+
+        monkeypatch.setattr(ddp, "train_on_dask", interrupted)
+        with pytest.raises(RuntimeError, match="failed after 1 attempt.*resumes from the last"):
+            ParametricUMAP(work_dir=dirs["run"], **kw).fit(path)
+        monkeypatch.setattr(ddp, "train_on_dask", real)
+        kill_cluster.wait_for_workers(2, timeout=60)
+        caplog.clear()
+        m = ParametricUMAP(work_dir=dirs["run"], **kw).fit(path)
+    assert m.train_world_size_ == 2
+    assert (_resumed_epoch(caplog) or 0) >= 1, caplog.text[-2000:]
+    assert abs(_acc(m.embedding_, y) - _acc(ref.embedding_, y)) < 0.01
+    assert _same_state(m.encoder_, ref.encoder_)
+    np.testing.assert_array_equal(m.embedding_, ref.embedding_)

@@ -226,10 +226,10 @@ def test_partitioned_fit_needs_shared_work_dir_with_remote_workers(monkeypatch):
 
     from pumap_dask.pipeline import require_local_workers
 
-    class FakeClient:
-        def scheduler_info(self):
-            return {"workers": {"tcp://10.9.9.9:40000": {}, "tcp://127.0.0.1:40001": {}}}
+    from pumap_dask import ddp
 
-    monkeypatch.setattr(distributed, "get_client", lambda: FakeClient())
+    monkeypatch.setattr(distributed, "get_client", lambda: object())
+    monkeypatch.setattr(ddp, "eligible_workers",
+                        lambda client: ["tcp://10.9.9.9:40000", "tcp://127.0.0.1:40001"])
     with pytest.raises(InputError, match="pass work_dir= on a file system shared"):
         require_local_workers()

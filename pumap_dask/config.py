@@ -1,0 +1,281 @@
+"""Job configuration: a TOML (or YAML) file for scheduled jobs, merged with the command line.
+
+A job file has one table per command and one for the cluster::
+
+    log_level = "info"
+
+    [fit]
+    input = "cells.zarr"          # the positional INPUT
+    model = "model_dir"           # the positional MODEL_DIR
+    key = "obsm/X_pca"
+    work_dir = "model_dir.work"   # kNN, graph shards and training checkpoints: a rerun resumes
+    n_neighbors = 30              # any ParametricUMAP parameter
+    min_dist = 0.3
+
+    [transform]
+    input = "new_cells.zarr"
+    model = "model_dir"
+    out = "emb.zarr"              # or obsm = "X_pumap"
+
+    [cluster]
+    scheduler = "local"           # local | threads | slurm | mpi | tcp://host:port
+    scheduler_file = "sched.json" # the file `dask scheduler --scheduler-file` writes
+    workers = 4
+    threads = 1
+    memory = "8GiB"
+
+    [slurm]                       # dask-jobqueue's SLURMCluster, with scheduler = "slurm"
+    jobs = 4
+    cores = 8
+    memory = "32GiB"
+    walltime = "02:00:00"
+
+Precedence: built-in defaults < the file < ``--params`` < named flags. Unknown keys and bad
+values fail before any work starts, naming the file, the table and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+from . import params as checks
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SCHEDULER_KINDS = ("local", "threads", "slurm", "mpi")
+
+# [cluster]: key -> (default, checker(name, value) -> value)
+CLUSTER_KEYS: dict[str, tuple[Any, Any]] = {
+    "scheduler": ("local", lambda n, v: scheduler_name(n, v)),
+    "scheduler_file": (None, lambda n, v: _optional_str(n, v)),
+    "workers": (2, checks.positive_int),
+    "threads": (1, checks.positive_int),
+    "memory": ("auto", lambda n, v: _memory(n, v)),
+    "connect_timeout": (10.0, lambda n, v: checks.real(n, v, low=0, low_open=True)),
+}
+
+# [slurm]: passed to dask_jobqueue.SLURMCluster (``jobs`` is how many jobs to start)
+SLURM_KEYS: dict[str, Any] = {
+    "jobs": checks.positive_int,
+    "cores": checks.positive_int,
+    "processes": checks.positive_int,
+    "memory": lambda n, v: _memory(n, v),
+    "walltime": lambda n, v: _str(n, v),
+    "queue": lambda n, v: _str(n, v),
+    "account": lambda n, v: _str(n, v),
+    "interface": lambda n, v: _str(n, v),
+    "local_directory": lambda n, v: _str(n, v),
+    "log_directory": lambda n, v: _str(n, v),
+    "python": lambda n, v: _str(n, v),
+    "job_extra_directives": lambda n, v: _str_list(n, v),
+    "job_script_prologue": lambda n, v: _str_list(n, v),
+    "worker_extra_args": lambda n, v: _str_list(n, v),
+}
+
+# per-command keys beside the estimator's parameters
+FIT_KEYS = ("input", "model", "key", "params")
+TRANSFORM_KEYS: dict[str, Any] = {
+    "input": lambda n, v: _str(n, v),
+    "model": lambda n, v: _str(n, v),
+    "out": lambda n, v: _optional_str(n, v),
+    "obsm": lambda n, v: _optional_str(n, v),
+    "key": lambda n, v: _optional_str(n, v),
+    "device": lambda n, v: checks.device(v, n),
+    "overwrite": lambda n, v: _bool(n, v),
+}
+TOP_KEYS = ("log_level", "fit", "transform", "cluster", "slurm")
+
+
+class ConfigError(ValueError):
+    """A job file or merged configuration is invalid (the message says where and why)."""
+
+
+def _str(name: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"{name} must be a non-empty string, got {v!r}")
+    return v
+
+
+def _optional_str(name: str, v: Any) -> str | None:
+    return None if v is None else _str(name, v)
+
+
+def _bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be true or false, got {v!r}")
+    return v
+
+
+def _str_list(name: str, v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise ValueError(f"{name} must be a list of strings, got {v!r}")
+    return v
+
+
+def _memory(name: str, v: Any) -> str | int:
+    """'auto', a byte count, or a size such as '8GiB' (as dask parses it)."""
+    if v == "auto":
+        return v
+    from dask.utils import parse_bytes
+
+    try:
+        if isinstance(v, bool):
+            raise ValueError
+        n = parse_bytes(v) if isinstance(v, str) else int(v)
+    except (ValueError, TypeError):
+        raise ValueError(f"{name} must be 'auto' or a size such as '8GiB', got {v!r}") from None
+    if n <= 0:
+        raise ValueError(f"{name} must be a positive size such as '8GiB', got {v!r}")
+    return v
+
+
+def scheduler_name(name: str, v: Any) -> str:
+    """``local``, ``threads``, ``slurm``, ``mpi`` or a scheduler address."""
+    if isinstance(v, str) and (v in SCHEDULER_KINDS or "://" in v or ":" in v):
+        return v
+    raise ValueError(f"{name} must be one of {SCHEDULER_KINDS} or a scheduler address such as "
+                     f"tcp://host:8786, got {v!r}")
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """Parse a job file: TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"{path}: YAML job files need PyYAML (pip install pyyaml), "
+                                  "or write the job file in TOML") from None
+            with open(path) as f:
+                doc = yaml.safe_load(f) or {}
+        elif ext == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover - Python 3.10
+                import tomli as tomllib
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        else:
+            raise ConfigError(f"config file {path} must end in .toml, .yaml or .yml")
+    except ConfigError:
+        raise
+    except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError
+        raise ConfigError(f"{path} is not valid {ext[1:].upper()}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must hold tables such as [fit] and [cluster], got "
+                          f"{type(doc).__name__}")
+    check_file(doc, path)
+    return doc
+
+
+def estimator_params() -> dict[str, Any]:
+    """The estimator's parameter names and defaults."""
+    from .estimator import ParametricUMAP
+
+    return ParametricUMAP().get_params()
+
+
+def check_file(doc: dict[str, Any], path: str) -> None:
+    """Refuse unknown tables and keys and values of the wrong kind, naming each."""
+    unknown = sorted(set(doc) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed at the top level: "
+                          f"{list(TOP_KEYS)}")
+    if "log_level" in doc:
+        _check(path, "", "log_level", lambda n, v: checks.choice(n, v, LOG_LEVELS),
+               doc["log_level"])
+    allowed = {"fit": set(FIT_KEYS) | set(estimator_params()),
+               "transform": set(TRANSFORM_KEYS), "cluster": set(CLUSTER_KEYS),
+               "slurm": set(SLURM_KEYS)}
+    for table, keys in allowed.items():
+        block = doc.get(table, {})
+        if not isinstance(block, dict):
+            raise ConfigError(f"{path}: [{table}] must be a table of key = value, got "
+                              f"{block!r}")
+        bad = sorted(set(block) - keys)
+        if bad:
+            raise ConfigError(f"{path}: unknown key(s) {bad} in [{table}]; allowed: "
+                              f"{sorted(keys)}")
+    for k, v in doc.get("cluster", {}).items():
+        _check(path, "cluster", k, CLUSTER_KEYS[k][1], v)
+    for k, v in doc.get("slurm", {}).items():
+        _check(path, "slurm", k, SLURM_KEYS[k], v)
+    for k, v in doc.get("transform", {}).items():
+        _check(path, "transform", k, TRANSFORM_KEYS[k], v)
+    fit = doc.get("fit", {})
+    for k in ("input", "model", "key"):
+        if k in fit:
+            _check(path, "fit", k, _str, fit[k])
+    if "params" in fit:
+        raise ConfigError(f"{path}: put estimator parameters directly in [fit] "
+                          "(e.g. n_neighbors = 30), not under params")
+    est = {k: v for k, v in fit.items() if k not in FIT_KEYS}
+    if "hidden_layers" in est and isinstance(est["hidden_layers"], list):
+        est["hidden_layers"] = tuple(est["hidden_layers"])
+    if est:
+        check_estimator(est, where=f"{path} [fit]")
+
+
+def _check(path: str, table: str, key: str, checker: Any, value: Any) -> Any:
+    where = f"[{table}] " if table else ""
+    try:
+        return checker(key, value)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {where}{exc}") from None
+
+
+def check_estimator(params: dict[str, Any], where: str) -> None:
+    """Validate estimator parameters as the estimator does, naming where they came from."""
+    from .estimator import ParametricUMAP
+
+    try:
+        ParametricUMAP(**params)._check_params()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def cluster_settings(doc: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Defaults < the file's [cluster] < the flags given (``None`` means not given)."""
+    out = {k: default for k, (default, _) in CLUSTER_KEYS.items()}
+    out.update(doc.get("cluster", {}))
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    for k, v in out.items():
+        if v is not None:
+            _check("the command line", "cluster", k, CLUSTER_KEYS[k][1], v)
+    out["slurm"] = dict(doc.get("slurm", {}))
+    return out
+
+
+def run_record(command: str, resolved: dict[str, Any], config_path: str | None,
+               argv: list[str]) -> dict[str, Any]:
+    """The resolved job, as written beside the results (``run_config.json``)."""
+    import dask
+    import numpy
+    import torch
+
+    from . import __version__
+
+    return {
+        "command": command,
+        "config_file": os.path.abspath(config_path) if config_path else None,
+        "argv": list(argv),
+        "resolved": resolved,
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"pumap_dask": __version__, "python": platform.python_version(),
+                     "numpy": numpy.__version__, "dask": dask.__version__,
+                     "torch": torch.__version__},
+    }
+
+
+def to_json(value: Any) -> Any:
+    """Plain JSON types for tuples and numpy scalars in a resolved config."""
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist")
+                                 else str(o)))

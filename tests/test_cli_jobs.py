@@ -1,0 +1,301 @@
+"""Scheduled jobs through the command line: job files, precedence, info/report, resume after a
+kill, exit codes. Most run ``pumap-dask`` as a subprocess, as a batch scheduler would."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+import pumap_dask
+from pumap_dask import cli
+from pumap_dask.cli import EXIT_CLUSTER, EXIT_OK, EXIT_USAGE, main
+
+FIT = {"n_epochs": 4, "batch_size": 1024, "hidden_layers": [16], "device": "cpu"}
+
+
+def _store(path, X, chunk=64):
+    z = zarr.create_array(str(path), shape=X.shape, chunks=(chunk, X.shape[1]),
+                          dtype="float32")
+    z[:] = X
+    return str(path)
+
+
+def _toml(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def _cli(*args, env=None, timeout=300):
+    """Run ``pumap-dask`` in a subprocess; returns (code, stdout, stderr)."""
+    env = {**os.environ, "PUMAP_PROGRESS_INTERVAL": "0.2", **(env or {})}
+    p = subprocess.run([sys.executable, "-m", "pumap_dask.cli", *map(str, args)],
+                       capture_output=True, text=True, env=env, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def _errline(err):
+    lines = [ln for ln in err.splitlines() if ln.startswith("pumap-dask: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture()
+def store(blobs, tmp_path):
+    return _store(tmp_path / "in.zarr", blobs[0])
+
+
+# ---------------------------------------------------------------- job files and precedence
+def test_precedence_defaults_file_params_flags(store, tmp_path, capsys):
+    job = _toml(tmp_path / "job.toml", f"""
+log_level = "warning"
+[fit]
+input = "{store}"
+model = "{tmp_path / 'm'}"
+n_neighbors = 10
+min_dist = 0.3
+spread = 2.0
+n_epochs = 7
+[cluster]
+scheduler = "threads"
+workers = 3
+""")
+    code = main(["fit", "--config", job, "--n-neighbors", "12", "--params",
+                 '{"min_dist": 0.2, "n_epochs": 9}', "--workers",
+                 "4", "--dry-run"])
+    assert code == EXIT_OK
+    out = capsys.readouterr().out
+    resolved = json.loads(out[:out.rindex("}") + 1])
+    p = resolved["params"]
+    assert p["n_neighbors"] == 12          # flag > file
+    assert p["min_dist"] == 0.2            # --params > file
+    assert p["spread"] == 2.0              # file > default
+    assert p["n_epochs"] == 9
+    assert p["n_components"] == 2          # default
+    assert resolved["cluster"]["workers"] == 4 and resolved["cluster"]["scheduler"] == "threads"
+    assert resolved["input"] == store
+    assert "threaded scheduler" in out
+    assert not os.path.exists(tmp_path / "m")  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[fit]\nn_neighbours = 5\n", "unknown key(s) ['n_neighbours'] in [fit]"),
+    ("[fitt]\nn_neighbors = 5\n", "unknown key(s) ['fitt']"),
+    ("[fit]\nmin_dist = -1.0\n", "[fit]: min_dist must lie in [0, inf)"),
+    ("[fit]\nknn_method = 'fast'\n", "knn_method"),
+    ("[cluster]\nworkers = 0\n", "[cluster] workers must be a positive integer"),
+    ("[cluster]\nscheduler = 'yarn'\n", "scheduler must be one of"),
+    ("[cluster]\nmemory = 'lots'\n", "memory must be 'auto' or a size"),
+    ("[slurm]\nwalltime = 5\n", "[slurm] walltime must be a non-empty string"),
+    ("[transform]\noverwrite = 'yes'\n", "overwrite must be true or false"),
+    ("log_level = 'loud'\n", "log_level must be one of"),
+    ("[fit\n", "is not valid TOML"),
+])
+def test_bad_job_files_fail_before_work(store, tmp_path, capsys, monkeypatch, text, needle):
+    monkeypatch.setattr(cli, "_client", lambda args: pytest.fail("cluster started"))
+    job = _toml(tmp_path / "job.toml", text)
+    code = main(["fit", store, str(tmp_path / "m"), "--config", job])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    line = _errline(err)
+    assert needle in line and "job.toml" in line
+    assert not os.path.exists(tmp_path / "m")
+
+
+def test_missing_or_unknown_config_files(store, tmp_path, capsys):
+    code = main(["fit", store, str(tmp_path / "m"), "--config", str(tmp_path / "nope.toml")])
+    assert code == EXIT_USAGE and "does not exist" in _errline(capsys.readouterr().err)
+    (tmp_path / "job.ini").write_text("[fit]\n")
+    code = main(["fit", store, str(tmp_path / "m"), "--config", str(tmp_path / "job.ini")])
+    assert code == EXIT_USAGE and ".toml, .yaml or .yml" in _errline(capsys.readouterr().err)
+    code = main(["fit"])  # neither positional nor a job file
+    assert code == EXIT_USAGE and "needs INPUT" in _errline(capsys.readouterr().err)
+
+
+def test_yaml_job_file(store, tmp_path, capsys):
+    pytest.importorskip("yaml")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"fit:\n  input: {store}\n  model: {tmp_path / 'm'}\n  n_neighbors: 8\n"
+                   "cluster:\n  scheduler: threads\n")
+    assert main(["-q", "fit", "--config", str(job), "--dry-run"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert json.loads(out[:out.rindex("}") + 1])["params"]["n_neighbors"] == 8
+
+
+def test_jobqueue_dry_run_prints_the_job_script(store, tmp_path, capsys):
+    pytest.importorskip("dask_jobqueue")
+    job = _toml(tmp_path / "job.toml", f"""
+[fit]
+input = "{store}"
+model = "{tmp_path / 'm'}"
+[cluster]
+scheduler = "slurm"
+[slurm]
+jobs = 3
+cores = 4
+memory = "8GiB"
+walltime = "01:00:00"
+queue = "short"
+""")
+    assert main(["-q", "fit", "--config", job, "--dry-run"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "submit 3 SLURM job(s)" in out
+    assert "#SBATCH -p short" in out and "#SBATCH -t 01:00:00" in out
+    assert "dask" in out and "--nthreads" in out
+
+
+# ---------------------------------------------------------------- end to end, subprocesses
+def test_fit_info_transform_report_end_to_end(blobs, store, tmp_path):
+    query = _store(tmp_path / "query.zarr", blobs[1])
+    labels = tmp_path / "labels.npy"
+    np.save(labels, blobs[3])
+    model = tmp_path / "model"
+    job = _toml(tmp_path / "job.toml", f"""
+[fit]
+input = "{store}"
+model = "{model}"
+n_epochs = 4
+batch_size = 1024
+hidden_layers = [16]
+device = "cpu"
+[transform]
+input = "{query}"
+model = "{model}"
+out = "{tmp_path / 'emb.zarr'}"
+[cluster]
+scheduler = "threads"
+""")
+    code, out, err = _cli("fit", "--config", job, "--random-state", "7")
+    assert code == 0, err
+    assert "train: 4/4 epochs" in err  # progress as log lines (stderr is not a terminal)
+    assert not os.path.exists(str(model) + ".work")  # default work dir removed after success
+    run = json.load(open(model / "run_config.json"))
+    assert run["resolved"]["params"]["random_state"] == 7 and run["config_file"] == job
+    code, out, err = _cli("info", model)
+    assert code == 0, err
+    assert "random_state" in out and "n_epochs" in out and str(len(blobs[0])) in out
+    code, out, err = _cli("transform", "--config", job)
+    assert code == 0, err
+    fitted = pumap_dask.load(model)
+    emb = zarr.open_array(str(tmp_path / "emb.zarr"), mode="r")[:]
+    assert np.abs(emb - fitted.transform(blobs[1])).max() <= 1e-5
+    code, out, err = _cli("report", model, "--data", query, "--labels", labels,
+                          "--sample", "300")
+    assert code == 0, err
+    rep = json.load(open(model / "report.json"))
+    html = (model / "report.html").read_text()
+    assert "data:image/png;base64" in html
+    assert json.dumps(rep)  # plain JSON
+    assert any("trust" in k.lower() for k in json.dumps(rep).split('"'))
+    # a refit replaces the model with its run config and report (never anything else)
+    code, out, err = _cli("fit", "--config", job, "-q")
+    assert code == 0, err
+    assert not (model / "report.html").exists() and (model / "run_config.json").exists()
+
+
+def _wait_for(pred, proc, timeout=120):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the job ended before it could be killed: {err[-2000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the job")
+        time.sleep(0.05)
+
+
+def test_killed_fit_resumes_from_its_work_directory(blobs, tmp_path):
+    from pumap_dask.datasets import clusters
+
+    X, _ = clusters(3000, 16, 5, random_state=1)
+    src = _store(tmp_path / "big.zarr", X, chunk=500)
+    work = tmp_path / "work"
+    params = json.dumps({"n_epochs": 40, "batch_size": 512, "hidden_layers": [32],
+                         "knn_method": "partitioned", "device": "cpu"})
+    cmd = [sys.executable, "-m", "pumap_dask.cli", "fit", src, str(tmp_path / "m"),
+           "--scheduler", "threads", "--work-dir", str(work), "--params", params]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = work / "train"
+    _wait_for(lambda: ckpt.exists() and any(ckpt.iterdir()), proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "m" / "config.json").exists()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "kNN reused" in p.stderr and "graph reused" in p.stderr
+    assert "resuming training from" in p.stderr
+    assert pumap_dask.load(tmp_path / "m").n_epochs_ == 40
+    assert work.exists()  # a work directory given by the user is never removed
+
+
+def test_killed_transform_resumes_unfinished_blocks(fitted, tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40000, 16)).astype(np.float32)
+    src = _store(tmp_path / "q.zarr", X, chunk=40)
+    model = fitted.save(str(tmp_path / "model"))
+    out = tmp_path / "emb.zarr"
+    cmd = [sys.executable, "-m", "pumap_dask.cli", "transform", src, model, "--out",
+           str(out), "--scheduler", "threads"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = out / ".pumap_done"
+
+    def some_blocks():
+        return done.exists() and len(os.listdir(done)) >= 5
+
+    _wait_for(some_blocks, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_done = len(os.listdir(done))
+    assert 0 < n_done < 1000
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert f"({n_done} already done)" in p.stderr or "already done" in p.stderr
+    emb = zarr.open_array(str(out), mode="r")[:]
+    assert np.abs(emb - fitted.transform(X)).max() <= 1e-5
+
+
+# ---------------------------------------------------------------- exit codes and messages
+def test_exit_codes_and_one_line_reasons(store, fitted, tmp_path):
+    code, _, err = _cli("fit", tmp_path / "missing.zarr", tmp_path / "m", "--scheduler",
+                        "threads")
+    assert code == EXIT_USAGE and "missing.zarr" in _errline(err)
+    anndata_like = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    anndata_like.create_array("obsm/X_pca", shape=(50, 4), dtype="float32")
+    code, _, err = _cli("fit", tmp_path / "g.zarr", tmp_path / "m", "--key", "obsm/X_umap",
+                        "--scheduler", "threads")
+    assert code == EXIT_USAGE and "X_umap" in _errline(err)
+    bad = _toml(tmp_path / "bad.toml", "[fit]\nn_neighbors = 'many'\n")
+    code, _, err = _cli("fit", store, tmp_path / "m", "--config", bad)
+    assert code == EXIT_USAGE and "n_neighbors" in _errline(err)
+    code, _, err = _cli("fit", store, tmp_path / "m", "--scheduler-file",
+                        tmp_path / "nowhere.json", "--connect-timeout", "1")
+    assert code == EXIT_CLUSTER and "did not appear within 1 s" in _errline(err)
+    model = fitted.save(str(tmp_path / "model"))
+    cfg = json.load(open(os.path.join(model, "config.json")))
+    cfg["format_version"] = 99
+    with open(os.path.join(model, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    for cmd in (("info", model), ("transform", store, model, "--out", tmp_path / "e.zarr",
+                                  "--scheduler", "threads")):
+        code, _, err = _cli(*cmd)
+        assert code == EXIT_USAGE, err
+        assert "version" in _errline(err)
+
+
+def test_work_dir_must_be_shared_by_the_workers(tmp_path):
+    from pumap_dask.cluster import ClusterError, check_shared_directory
+
+    class Blind:  # a client whose workers do not see this machine's files
+        def run(self, fn, path, token):
+            return {"tcp://node7:1234": False, "tcp://node8:1234": fn(path, token)}
+
+    with pytest.raises(ClusterError, match="not visible from 1 of 2 Dask workers"):
+        check_shared_directory(Blind(), str(tmp_path / "w"))
+    assert os.listdir(tmp_path / "w") == []  # the probe is removed

@@ -1,0 +1,114 @@
+"""pipelines/: the SLURM scripts' bodies run here without sbatch, against real ``dask
+scheduler`` and ``dask worker`` processes that meet through a scheduler file."""
+
+import os
+import shutil
+import subprocess
+import warnings
+
+import numpy as np
+import pytest
+
+import pumap_dask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PIPELINES = os.path.join(ROOT, "pipelines")
+
+anndata = pytest.importorskip("anndata")
+pytestmark = pytest.mark.skipif(shutil.which("dask") is None, reason="no `dask` command")
+
+
+def _adata_store(path, X, chunk=128):
+    """An AnnData store whose obsm/X_pca has several row chunks (one edge shard each)."""
+    import zarr
+
+    a = anndata.AnnData(X=np.zeros((len(X), 1), np.float32))
+    a.obsm["X_pca"] = X
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        a.write_zarr(path)
+    g = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    attrs = dict(g["obsm/X_pca"].attrs)
+    del g["obsm/X_pca"]
+    arr = g.create_array("obsm/X_pca", shape=X.shape, chunks=(chunk, X.shape[1]),
+                         dtype="float32")
+    arr[:] = X
+    arr.attrs.update(attrs)
+    zarr.consolidate_metadata(str(path))
+    return str(path)
+
+
+def _run(script, *args, cwd, env=None, timeout=600):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    full.update(env or {})
+    p = subprocess.run(["bash", os.path.join(PIPELINES, script), *map(str, args)], cwd=cwd,
+                       env=full, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{script} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def _job(tmp_path, store, extra=""):
+    text = open(os.path.join(PIPELINES, "job.toml")).read()
+    text = text.replace('"cells.zarr"', f'"{store}"')
+    text = text.replace('min_dist = 0.1', 'min_dist = 0.1\nn_epochs = 3\nbatch_size = 1024\n'
+                        'hidden_layers = [16]\ndevice = "cpu"\n' + extra)
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    return str(job)
+
+
+def test_slurm_allocation_script_with_a_scheduler_file(blobs, tmp_path):
+    """Scheduler + 2 workers through a scheduler file, fit (partitioned, DDP over the 2
+    workers) and transform from pipelines/job.toml, then the report."""
+    store = _adata_store(tmp_path / "cells.zarr", blobs[0])
+    job = _job(tmp_path, store)
+    p = _run("slurm_allocation.sh", job, cwd=tmp_path,
+             env={"PUMAP_WORKERS": "2", "PUMAP_RUN_DIR": str(tmp_path / "run")})
+    model = pumap_dask.load(tmp_path / "model")
+    assert model.knn_method_ == "partitioned" and model.train_world_size_ == 2
+    emb = anndata.read_zarr(store).obsm["X_pumap"]
+    np.testing.assert_allclose(emb, model.transform(blobs[0]), atol=1e-5)
+    assert os.path.exists(tmp_path / "model" / "report.html")
+    assert "done:" in p.stdout
+
+
+def test_job_array_projects_each_store(blobs, fitted, tmp_path):
+    stores = [_adata_store(tmp_path / f"s{i}.zarr", X) for i, X in enumerate(blobs[:2])]
+    (tmp_path / "stores.txt").write_text("\n".join(stores) + "\n")
+    model = fitted.save(str(tmp_path / "model"))
+    for task in range(2):
+        _run("job_array.sh", tmp_path / "stores.txt", model, cwd=tmp_path,
+             env={"SLURM_ARRAY_TASK_ID": str(task), "PUMAP_SCHEDULER": "threads"})
+    for store, X in zip(stores, blobs[:2]):
+        np.testing.assert_allclose(anndata.read_zarr(store).obsm["X_pumap"],
+                                   fitted.transform(X), atol=1e-5)
+
+
+def test_job_array_without_task_id_fails_clearly(tmp_path):
+    p = subprocess.run(["bash", os.path.join(PIPELINES, "job_array.sh"), "x.txt", "m"],
+                       cwd=tmp_path, capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if not k.startswith("SLURM")})
+    assert p.returncode != 0 and "SLURM_ARRAY_TASK_ID" in p.stderr
+
+
+@pytest.mark.slow
+def test_multi_gpu_script_on_cpu_workers(blobs, tmp_path):
+    """The multi-GPU allocation's body with 2 CPU workers: one Gloo rank per worker."""
+    store = _adata_store(tmp_path / "cells.zarr", blobs[0])
+    job = _job(tmp_path, store)
+    p = _run("multi_gpu.sh", job, cwd=tmp_path,
+             env={"PUMAP_WORKERS": "2", "PUMAP_DEVICE": "cpu",
+                  "PUMAP_RUN_DIR": str(tmp_path / "run")})
+    assert pumap_dask.load(tmp_path / "model").train_world_size_ == 2
+    assert "Parametric UMAP" in p.stdout or "train_world_size" in p.stdout
+
+
+def test_jobqueue_login_dry_run(blobs, tmp_path):
+    pytest.importorskip("dask_jobqueue")
+    store = _adata_store(tmp_path / "cells.zarr", blobs[0])
+    text = open(os.path.join(PIPELINES, "jobqueue.toml")).read().replace(
+        '"cells.zarr"', f'"{store}"')
+    (tmp_path / "jq.toml").write_text(text)
+    p = _run("jobqueue_login.sh", tmp_path / "jq.toml", "--dry-run", cwd=tmp_path)
+    assert "#SBATCH" in p.stdout and "submit 4 SLURM job(s)" in p.stdout
+    assert not os.path.exists(tmp_path / "model")
