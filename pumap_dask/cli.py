@@ -218,14 +218,14 @@ def cmd_fit(args) -> None:
     if args.dry_run:
         _dry_run(args, resolved)
         return
-    work_dir, owned = _work_dir(args, params)
-    model.set_params(work_dir=work_dir)
-    resolved["params"]["work_dir"] = work_dir
-    logger.info("work directory %s (a rerun of this command resumes from it)", work_dir)
     client = _client(args)
     try:
         from .cluster import ClusterError, check_shared_directory
 
+        work_dir, owned = _work_dir(args, params)
+        model.set_params(work_dir=work_dir)
+        resolved["params"]["work_dir"] = work_dir
+        logger.info("work directory %s (a rerun of this command resumes from it)", work_dir)
         try:
             check_shared_directory(client, work_dir)
         except ClusterError as exc:

@@ -299,3 +299,20 @@ def test_work_dir_must_be_shared_by_the_workers(tmp_path):
     with pytest.raises(ClusterError, match="not visible from 1 of 2 Dask workers"):
         check_shared_directory(Blind(), str(tmp_path / "w"))
     assert os.listdir(tmp_path / "w") == []  # the probe is removed
+
+
+def test_mpi_without_dask_mpi_says_how_to_install(store, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_dask_mpi(name, *a, **k):
+        if name.startswith("dask_mpi"):
+            raise ImportError("No module named 'dask_mpi'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_dask_mpi)
+    code = main(["-q", "fit", store, str(tmp_path / "m"), "--scheduler", "mpi"])
+    assert code == EXIT_CLUSTER
+    assert "pumap_dask[mpi]" in _errline(capsys.readouterr().err)
+    assert not os.path.exists(tmp_path / "m") and not os.path.exists(tmp_path / "m.work")
