@@ -39,8 +39,10 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
     min_dist, spread
         Shape of the low-dimensional similarity curve, fitted to a and b.
     knn_method
-        ``"auto"``, ``"exact"`` (blockwise torch), ``"nndescent"`` (pynndescent) or
-        ``"partitioned"`` (Dask, for chunked input). With ``"auto"``, lazy input (dask,
+        ``"auto"``, ``"exact"`` (blockwise torch), ``"nndescent"`` (pynndescent),
+        ``"hnsw"`` (hnswlib, optional extra ``pumap_dask[hnsw]``) or ``"partitioned"``
+        (Dask, for chunked input; ``knn_kwds={"local_method": "hnsw"}`` searches each
+        partition with hnswlib instead of pynndescent). With ``"auto"``, lazy input (dask,
         Zarr, paths) of more than ``pumap_dask.knn_dask.PARTITION_THRESHOLD`` rows uses
         ``"partitioned"``; numpy input never does.
     hidden_layers
@@ -78,6 +80,11 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         temporary directory removed after the fit.
     knn_overlap
         Partitions each row joins in the partitioned kNN (its nearest k-means centroids).
+    knn_kwds
+        Options of the kNN back-end, e.g. ``{"M": 16, "ef_construction": 100, "ef": 64}``
+        for hnsw (:func:`pumap_dask.knn.hnsw_knn`), pynndescent's arguments for nndescent,
+        and ``"local_method"`` (``"nndescent"`` or ``"hnsw"``) for the partitioned kNN.
+        Options of another back-end are ignored. None: the defaults.
     train_world_size
         Training processes (torch DDP, one rank per Dask worker; see
         :mod:`pumap_dask.ddp`). None: every worker of the active distributed client when
@@ -105,6 +112,37 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         hidden layers under ``torch.autocast("cuda", dtype=torch.bfloat16)`` on CUDA (its
         last layer and the loss stay float32). On the CPU ``"bf16"`` logs a warning and
         trains in float32. The saved weights are float32 either way.
+    landmark_loss_weight
+        Weight of the landmark loss when ``fit`` is given ``landmark_positions``
+        (umap-learn's name and default): the mean squared distance between the embedding of
+        landmark rows and their positions is added to the UMAP loss, times this weight (see
+        :mod:`pumap_dask.continued`). Ignored without landmarks.
+    encoder
+        None (the default MLP), a ``torch.nn.Module`` mapping (batch, n_features) (or
+        (batch, *dims) for n-D input) to (batch, n_components), a factory called with the
+        feature count (or the input's trailing shape) that returns one, or a
+        ``"package.module:function"`` string naming such a factory (umap-learn's
+        ``encoder``). A module given directly is copied, never trained in place. Saved as
+        state dict + factory name: a module not built by a named factory (see
+        :func:`pumap_dask.networks.build`) cannot be saved. The custom network sees the
+        input as given (no centring or projection). See :mod:`pumap_dask.networks`.
+    decoder
+        The decoder for ``parametric_reconstruction``, in the same forms, mapping
+        (batch, n_components) to the input's shape; its factory is called with the same
+        argument. None: the encoder's hidden layers mirrored, linear output.
+    parametric_reconstruction
+        Train a decoder jointly (umap-learn's name), for :meth:`inverse_transform`. Its
+        target is the raw input, so reconstructions are in input units.
+    parametric_reconstruction_loss_weight
+        Weight of the reconstruction loss (umap-learn's name), added to the UMAP loss of
+        each step (so ``loss_history_`` holds the total).
+    reconstruction_loss
+        ``"mse"`` (default; the default decoder's loss is in standardised units, so the
+        weight is scale-free) or ``"bce"`` (data in [0, 1]; the decoder outputs logits).
+        umap-learn's ``parametric_reconstruction_loss_fcn``, as a name.
+    autoencoder_loss
+        As umap-learn: False (default) trains the decoder on the detached embedding, so the
+        embedding is UMAP's alone; True lets the reconstruction loss shape the encoder too.
 
     Attributes
     ----------
@@ -116,7 +154,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
     init_ : str
         The initial layout used: "spectral" (full graph), "landmark-spectral" (kNN graph of
         a sample of rows, above ``pumap_dask.init.N_LANDMARKS`` rows), "pca" or
-        "landmark-pca" (PCA, when that graph is disconnected) or "random".
+        "landmark-pca" (PCA, when that graph is disconnected) or "random"; "model" when
+        training continued from ``init_model`` (or in :meth:`partial_fit`).
     knn_recall_ : float
         Sampled recall@k of the kNN, set when it was measured (partitioned fits).
     loss_history_ : list of float
@@ -127,6 +166,16 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         Wall seconds, this process's peak RSS and the largest Dask worker's peak memory
         (bytes; distributed fits) per stage.
     n_features_in_, n_samples_fit_, a_, b_, knn_method_
+    input_shape_ : tuple or None
+        The trailing shape of n-D training input (e.g. (8, 8)); None for 2-D input.
+    decoder_ : pumap_dask.networks.Decoder
+        With ``parametric_reconstruction``: the trained decoder.
+    reconstruction_history_ : list of float
+        With ``parametric_reconstruction``: the mean reconstruction loss per epoch (training
+        rows, in the loss's units).
+    validation_reconstruction_ : list of float
+        With ``fit(..., validation_data=)``: the held-out reconstruction error per epoch,
+        mean squared error in input units.
     """
 
     def __init__(
@@ -152,11 +201,19 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         verbose: bool = False,
         work_dir: str | None = None,
         knn_overlap: int = 2,
+        knn_kwds: dict | None = None,
         train_world_size: int | None = None,
         metric: str = "euclidean",
         callbacks: Sequence[Callable[..., bool | None]] | None = None,
         target_weight: float = 0.5,
         precision: str = "fp32",
+        landmark_loss_weight: float = 1.0,
+        encoder: Any = None,
+        decoder: Any = None,
+        parametric_reconstruction: bool = False,
+        parametric_reconstruction_loss_weight: float = 1.0,
+        reconstruction_loss: str = "mse",
+        autoencoder_loss: bool = False,
     ) -> None:
         self.n_components = n_components
         self.n_neighbors = n_neighbors
@@ -179,11 +236,19 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         self.verbose = verbose
         self.work_dir = work_dir
         self.knn_overlap = knn_overlap
+        self.knn_kwds = knn_kwds
         self.train_world_size = train_world_size
         self.metric = metric
         self.callbacks = callbacks
         self.target_weight = target_weight
         self.precision = precision
+        self.landmark_loss_weight = landmark_loss_weight
+        self.encoder = encoder
+        self.decoder = decoder
+        self.parametric_reconstruction = parametric_reconstruction
+        self.parametric_reconstruction_loss_weight = parametric_reconstruction_loss_weight
+        self.reconstruction_loss = reconstruction_loss
+        self.autoencoder_loss = autoencoder_loss
 
     # ------------------------------------------------------------------ checks
     def _check_params(self) -> None:
@@ -197,7 +262,9 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     def fit(self, X: Any, y: Any = None, *, key: str | None = None,
-            knn: tuple[np.ndarray, np.ndarray] | None = None) -> "ParametricUMAP":
+            knn: tuple[np.ndarray, np.ndarray] | None = None, init_model: Any = None,
+            landmark_positions: Any = None, landmarks: Any = None,
+            validation_data: Any = None, graph: Any = None) -> "ParametricUMAP":
         """Fit the encoder to X (see :func:`pumap_dask.pipeline.fit` for the stages).
 
         Parameters
@@ -214,17 +281,72 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             Array inside a Zarr group (default ``obsm/X_pca``, then ``X``).
         knn
             Precomputed ``(indices, distances)`` of shape (n, >= n_neighbors), self excluded.
+        graph
+            Precomputed fuzzy graph (umap-learn's ``graph_``, or
+            :func:`pumap_dask.fuzzy_simplicial_set`'s): a symmetric ``scipy.sparse``
+            (n, n) matrix with weights in (0, 1]. The kNN and graph stages are skipped and
+            training samples its edges (pruned as the pipeline prunes its own graph;
+            ``knn_method_`` is then ``"precomputed-graph"``). Not together with ``knn``.
+        init_model
+            Continue training from a fitted ``ParametricUMAP`` or the path of a saved model
+            directory: its encoder's weights are the starting point (copied; ``init_model``
+            is not changed), the initial layout pre-training is skipped, and its fixed
+            preprocessing (centring, PCA projection, scale) is kept, so embeddings stay
+            comparable with the old model's. Needs the same architecture (feature count,
+            ``n_components``, ``hidden_layers``, ``n_projection``), else ValueError before
+            any stage. The graph is of ``X`` alone: to keep old points in place, include
+            them in ``X`` with ``landmark_positions`` (see :meth:`partial_fit`).
+        landmark_positions
+            Array (n_samples, n_components): a position for each landmark row, NaN rows for
+            the others (umap-learn's argument). Training adds ``landmark_loss_weight`` times
+            the mean squared distance between the landmark rows' embedding and these
+            positions (a sample of landmark rows per step). All-NaN is the same as None.
+            Typical use, new data joining while old points stay put::
+
+                new = ParametricUMAP(**old.get_params()).fit(
+                    np.vstack([X_old, X_new]), init_model=old,
+                    landmark_positions=np.vstack([old.embedding_,
+                                                  np.full((len(X_new), 2), np.nan)]))
+
+            One training process only: refused with ``train_world_size > 1``.
+        landmarks
+            Alias of ``landmark_positions``.
+        validation_data
+            Held-out rows (numpy, samples shaped as X's) whose reconstruction error is
+            recorded after each epoch in ``validation_reconstruction_`` (umap-learn's
+            ``reconstruction_validation``). Needs ``parametric_reconstruction=True``.
 
         Returns
         -------
         self
         """
         self._check_params()
+        if landmarks is not None:
+            if landmark_positions is not None:
+                raise ValueError("give landmark_positions or its alias landmarks, not both")
+            landmark_positions = landmarks
+        wsize = self.train_world_size
+        if wsize is not None and wsize > 1:
+            for what, val in (("landmark_positions", landmark_positions),
+                              ("init_model", init_model)):
+                if val is not None:
+                    raise ValueError(
+                        f"{what} cannot be used with train_world_size={wsize}: continued "
+                        "training and landmarks train in one process; use train_world_size=1 "
+                        "(or None)")
+        init_encoder = None
+        if init_model is not None:
+            from .continued import resolve_init_model
+
+            init_encoder = resolve_init_model(init_model)
         if self.verbose:
             logging.getLogger("pumap_dask").setLevel(logging.INFO)
-        for stale in ("model_path_", "model_sha256_", "knn_recall_", "graph_"):
+        for stale in ("model_path_", "model_sha256_", "knn_recall_", "graph_", "decoder_",
+                      "reconstruction_history_", "validation_reconstruction_", "input_shape_"):
             self.__dict__.pop(stale, None)
-        res = pipeline.fit(self.get_params(), X, key=key, knn=knn, y=y)
+        res = pipeline.fit(self.get_params(), X, key=key, knn=knn, y=y,
+                           init_encoder=init_encoder, landmark_positions=landmark_positions,
+                           validation_data=validation_data, graph=graph)
         self.encoder_ = res.trained.encoder
         self.loss_history_ = res.trained.loss_history
         self.n_epochs_run_ = len(self.loss_history_)
@@ -245,28 +367,125 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             self.graph_ = res.graph
         if res.knn_recall is not None:
             self.knn_recall_ = res.knn_recall
+        self.input_shape_ = res.input_shape
+        if res.decoder is not None:
+            self.decoder_ = res.decoder
+            self.reconstruction_history_ = res.reconstruction_history
+        if res.validation_reconstruction is not None:
+            self.validation_reconstruction_ = res.validation_reconstruction
+        from .refine import keep_training_rows  # for transform(refine=True); lazy X: None
+
+        self._refine_rows = keep_training_rows(X, seed=self.random_state or 0)
         return self
 
     def fit_transform(self, X: Any, y: Any = None, **fit_params) -> np.ndarray:
         """Fit and return the training embedding."""
         return self.fit(X, y, **fit_params).embedding_
 
+    def partial_fit(self, X: Any, y: Any = None, **fit_params) -> "ParametricUMAP":
+        """Continue training this fitted model on new data.
+
+        Builds the fuzzy graph of ``X`` alone and trains the current encoder on it with the
+        UMAP loss, starting from its weights (no initial layout) and keeping its fixed
+        preprocessing from the first fit, as umap-learn's ParametricUMAP does when fitted
+        again. The graph is of ``X`` alone, not of the old and new data together: the
+        estimator keeps at most a sample of its training rows (for ``refine``; none for
+        lazy input at cluster scale), and the cost of a call then scales with the new data
+        only. To keep old points in place, pass some of
+        them in ``X`` with their old positions as ``landmark_positions`` (see :meth:`fit`),
+        or refit on both with ``fit(X_all, init_model=self, landmark_positions=...)``.
+        Fitted attributes describe the last call (``n_samples_fit_`` is ``len(X)``,
+        ``embedding_`` that of ``X``, ``loss_history_`` this call's epochs). On an unfitted
+        estimator the first call is a plain :meth:`fit` (scikit-learn's convention).
+
+        Parameters
+        ----------
+        X, y
+            As for :meth:`fit`.
+        **fit_params
+            ``key``, ``knn``, ``landmark_positions`` as for :meth:`fit`.
+
+        Returns
+        -------
+        self
+        """
+        if "init_model" in fit_params:
+            raise TypeError("partial_fit continues from this model; init_model is fit's")
+        if not hasattr(self, "encoder_"):
+            return self.fit(X, y, **fit_params)
+        return self.fit(X, y, init_model=self, **fit_params)
+
     # ------------------------------------------------------------------ transform
-    def transform(self, X: Any, *, key: str | None = None, batch_size: int = 65536):
+    def transform(self, X: Any, *, key: str | None = None, batch_size: int = 65536,
+                  refine: bool = False, refine_epochs: int | None = None,
+                  training_data: Any = None):
         """Embed new data with the frozen encoder.
 
         numpy in, numpy out; dask arrays, Zarr arrays and paths give a lazy dask array
-        (see :func:`pumap_dask.transform`).
+        (see :func:`pumap_dask.transform`). A model fitted on n-D input (n, *dims) takes
+        numpy input of that shape, or its flattened rows (n, prod(dims)) (lazy input: rows).
+
+        ``refine=True`` polishes the encoder's output against the frozen training
+        embedding as umap-learn's ``transform`` places new points (exact kNN among the
+        training rows, then ``refine_epochs`` (default 100) epochs of UMAP SGD on the new
+        points only; see :mod:`pumap_dask.refine`): held-out accuracy as umap-learn's
+        transform, at the cost of a kNN search against the training rows. It needs the
+        training rows: kept by a fit on in-memory data (a sample above 200,000 rows),
+        stored by ``save(..., include_training_data=True)``, or given as
+        ``training_data``. Lazy input stays lazy and chunk-independent.
         """
         self._check_fitted()
         check_transform_args(batch_size=batch_size)
+        ref = None
+        if refine:
+            from .refine import DEFAULT_REFINE_EPOCHS, reference_from_model, refine_transform
+
+            ref = reference_from_model(self, training_data)
+            epochs = DEFAULT_REFINE_EPOCHS if refine_epochs is None else int(refine_epochs)
         if is_lazy(X):
+            from .io import as_dask
             from .transform import transform as lazy_transform
 
-            return lazy_transform(X, self, key=key, batch_size=batch_size)
-        X = check_array(X, what="X")
+            emb = lazy_transform(X, self, key=key, batch_size=batch_size)
+            if ref is None:
+                return emb
+            return refine_transform(as_dask(X, key=key), emb, ref, n_epochs=epochs)
+        from .networks import flatten_input
+
+        X = check_array(flatten_input(X, getattr(self, "input_shape_", None)), what="X")
         check_n_features(X.shape[1], self.n_features_in_)
-        return encode(self.encoder_, X, batch_size=batch_size)
+        emb = encode(self.encoder_, X, batch_size=batch_size)
+        return emb if ref is None else refine_transform(X, emb, ref, n_epochs=epochs)
+
+    def inverse_transform(self, Z: Any, *, batch_size: int = 65536):
+        """Map embeddings back to input space with the decoder (umap-learn's name).
+
+        Needs a model fitted with ``parametric_reconstruction=True`` (else
+        :class:`NotFittedError` says so).
+
+        Parameters
+        ----------
+        Z
+            (n, n_components) embeddings: numpy (or anything numpy accepts), or a dask
+            array.
+        batch_size
+            Rows per forward pass.
+
+        Returns
+        -------
+        numpy.ndarray or dask.array.Array
+            (n, n_features), or (n, *dims) for a model fitted on n-D input, float32 in
+            input units; a lazy dask array (one block per row block of ``Z``, nothing
+            computed) for dask input.
+        """
+        self._check_fitted()
+        check_transform_args(batch_size=batch_size)
+        if getattr(self, "decoder_", None) is None:
+            raise NotFittedError("inverse_transform needs a decoder: fit with "
+                                 "parametric_reconstruction=True")
+        from .networks import inverse_transform
+
+        return inverse_transform(Z, self.decoder_, self.n_components, batch_size=batch_size)
 
     # ------------------------------------------------------------------ export
     def export_onnx(self, path: str | os.PathLike, *, opset_version: int | None = None) -> str:
@@ -302,7 +521,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         return export_encoder(self.encoder_, path, opset_version=opset_version, metadata=meta)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike, *, include_embedding: bool = True) -> str:
+    def save(self, path: str | os.PathLike, *, include_embedding: bool = True,
+             include_training_data: bool = False) -> str:
         """Save to a directory (JSON config + torch weights, no pickle); returns the path.
 
         Parameters
@@ -312,6 +532,10 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             there is refused).
         include_embedding
             Also store the training embedding (``embedding_``).
+        include_training_data
+            Also store the training rows the fit kept (``training_data.npy``, float32; a
+            fixed sample of 200,000 rows above that), so that the loaded model can
+            ``transform(..., refine=True)``. Off by default: it stores a copy of the data.
 
         Returns
         -------
@@ -320,7 +544,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             :meth:`load` detects any later edit (see :mod:`pumap_dask.model`).
         """
         self._check_fitted()
-        return model_stage.save_estimator(path, self, include_embedding=include_embedding)
+        return model_stage.save_estimator(path, self, include_embedding=include_embedding,
+                                          include_training_data=include_training_data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ParametricUMAP":

@@ -270,3 +270,69 @@ def categorical_intersection(
                       where=row_max > 0)
     A = sp.diags(scale.astype(np.float32)) @ A
     return symmetrize(A, 1.0)
+
+
+# ----------------------------------------------------------------------- precomputed graphs
+GRAPH_SYMMETRY_TOL = 1e-5
+
+
+def check_precomputed_graph(graph, n: int) -> sp.csr_matrix:
+    """Validate a user-supplied fuzzy graph and return it as canonical CSR (float32).
+
+    The graph must be a ``scipy.sparse`` (n, n) matrix, symmetric (to
+    :data:`GRAPH_SYMMETRY_TOL`), with finite weights in (0, 1] and at least one edge, as
+    :func:`fuzzy_simplicial_set` (or umap-learn's ``graph_``) returns. Explicitly stored
+    zeros are dropped; self loops (diagonal entries) are dropped with a warning, since
+    UMAP's graphs have none.
+
+    Parameters
+    ----------
+    graph
+        The fuzzy graph.
+    n
+        Rows of X.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        float32, sorted indices, no zeros, no self loops.
+
+    Raises
+    ------
+    InputError
+        Naming what is wrong.
+    """
+    import logging
+
+    from .io import InputError
+
+    if not sp.issparse(graph):
+        raise InputError("graph must be a scipy.sparse matrix (n, n) such as "
+                         "pumap_dask.fuzzy_simplicial_set's or umap-learn's graph_, got "
+                         f"{type(graph).__name__}")
+    if graph.ndim != 2 or graph.shape != (n, n):
+        raise InputError(f"graph must have shape ({n}, {n}) (one row and column per row of X), "
+                         f"got {graph.shape}")
+    G = sp.csr_matrix(graph, dtype=np.float32, copy=True)
+    G.sum_duplicates()
+    if not np.isfinite(G.data).all():
+        raise InputError("graph weights must be finite (found NaN or inf)")
+    if (G.data < 0).any() or (G.data > 1).any():
+        lo, hi = float(G.data.min()), float(G.data.max())
+        raise InputError(f"graph weights must lie in (0, 1] (fuzzy memberships), found values "
+                         f"in [{lo:g}, {hi:g}]")
+    G.eliminate_zeros()
+    diag = G.diagonal()
+    if diag.any():
+        logging.getLogger(__name__).warning(
+            "graph has %d self loops (diagonal entries); dropped", int((diag != 0).sum()))
+        G.setdiag(0)
+        G.eliminate_zeros()
+    if G.nnz == 0:
+        raise InputError("graph has no edges (off the diagonal); nothing to train on")
+    asym = abs(G - G.T)
+    if asym.nnz and asym.max() > GRAPH_SYMMETRY_TOL:
+        raise InputError(f"graph must be symmetric (largest |G - G.T| is {asym.max():.3g}); "
+                         "symmetrise it first, e.g. the fuzzy union G + G.T - G.multiply(G.T)")
+    G.sort_indices()
+    return G

@@ -3,9 +3,10 @@
 1. k-means on a random sample of rows gives ``P`` centroids.
 2. Every row block sends each of its rows to the ``overlap`` partitions with the nearest
    centroids (a shuffle keyed by partition: one small task per (block, partition) pair).
-3. Each partition builds a local kNN on a worker (pynndescent on CPU, exact blockwise
-   search when the partition is small or the worker has CUDA) and maps local ids back to
-   global int64 row ids; its results are bucketed by the row block they belong to.
+3. Each partition builds a local kNN on a worker (pynndescent on CPU, or hnswlib with
+   ``local_method="hnsw"``; exact blockwise search when the partition is small or the
+   worker has CUDA) and maps local ids back to global int64 row ids; its results are
+   bucketed by the row block they belong to.
 4. Each row block merges the lists it receives (one per partition holding the row): ids are
    deduplicated, self is excluded and the k nearest are kept.
 
@@ -60,6 +61,8 @@ PARTITION_MEMORY_FRACTION = 0.5
 # m = 3k rows at d = 50)
 LOCAL_EXACT_WORK = 5e8
 LOCAL_NNDESCENT = {"n_trees": 8, "max_candidates": 32}
+# hnswlib inside a partition: the single-machine defaults (pumap_dask.knn.HNSW_*)
+LOCAL_HNSW: dict = {}
 KMEANS_SAMPLE_PER_PARTITION = 256
 KMEANS_MAX_SAMPLE = 100_000
 
@@ -209,8 +212,13 @@ def _split_block(block: np.ndarray, offset: int, centroids: np.ndarray, overlap:
 
 
 def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
-               random_state: int | None, metric: str = "euclidean") -> list:
+               random_state: int | None, metric: str = "euclidean",
+               local_method: str = "nndescent", local_kwds: dict | None = None) -> list:
     """Local kNN of one partition, bucketed by destination row block.
+
+    ``local_method`` ("nndescent" or "hnsw") searches partitions too large for exact
+    search on a CPU worker; ``local_kwds`` override its defaults (:data:`LOCAL_NNDESCENT`,
+    :data:`LOCAL_HNSW`).
 
     Returns a list over row blocks of ``(global ids, neighbour global ids, distances)``
     (None where the partition has no rows of that block).
@@ -244,8 +252,13 @@ def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
             # Fewer trees and candidates than the single-machine default: each row is
             # searched in `overlap` partitions and merged (measured on cell-like data,
             # 50k-row partition: recall 0.999 either way, 30% less time).
-            a, b = knn_stage.nndescent_knn(Xp, k, random_state=random_state, n_jobs=1,
-                                           metric=metric, **LOCAL_NNDESCENT)
+            own = knn_stage.backend_kwds(local_method, local_kwds or {})
+            if local_method == "hnsw":  # one build and query thread per task, as above
+                a, b = knn_stage.hnsw_knn(Xp, k, random_state=random_state, n_jobs=1,
+                                          metric=metric, **{**LOCAL_HNSW, **own})
+            else:
+                a, b = knn_stage.nndescent_knn(Xp, k, random_state=random_state, n_jobs=1,
+                                               metric=metric, **{**LOCAL_NNDESCENT, **own})
         li[:, :k], ld[:, :k] = a, b
     gi = np.where(li >= 0, ids[np.clip(li, 0, None)], -1)
     dest = np.searchsorted(bounds, ids, side="right") - 1
@@ -356,7 +369,8 @@ def _block_bounds(chunks: tuple) -> np.ndarray:
 
 
 def _partition_pass(darr, n_neighbors: int, centroids: np.ndarray, overlap: int, device: str,
-                    random_state: int | None, tag: str, metric: str = "euclidean") -> list:
+                    random_state: int | None, tag: str, metric: str = "euclidean",
+                    local_method: str = "nndescent", local_kwds: dict | None = None) -> list:
     """Delayed per-block candidate triples of one partitioning (list over partitions of
     lists over blocks)."""
     from dask import delayed
@@ -371,7 +385,8 @@ def _partition_pass(darr, n_neighbors: int, centroids: np.ndarray, overlap: int,
     for p in range(P):
         pieces = [s[p] for s in splits]
         parts.append(delayed(_local_knn, pure=True, name=f"localknn-{tag}-{p}")(
-            pieces, n_neighbors, bounds, device, random_state, metric))
+            pieces, n_neighbors, bounds, device, random_state, metric, local_method,
+            local_kwds))
     return [[parts[p][b] for p in range(P)] for b in range(B)]
 
 
@@ -399,7 +414,8 @@ def _sample_rows(n: int, size: int, random_state: int | None) -> np.ndarray:
 def partitioned_knn(darr, n_neighbors: int, *, overlap: int = 2, n_partitions: int | None = None,
                     partition_rows: int | None = None, refine: bool = False,
                     random_state: int | None = 0, device: str = "auto", client=None,
-                    metric: str = "euclidean"):
+                    metric: str = "euclidean", local_method: str = "nndescent",
+                    local_kwds: dict | None = None):
     """Lazy partitioned kNN of a validated dask array; see :func:`nearest_neighbors`.
 
     Returns
@@ -424,8 +440,10 @@ def partitioned_knn(darr, n_neighbors: int, *, overlap: int = 2, n_partitions: i
         target = min(partition_rows or DEFAULT_PARTITION_ROWS, ceiling)
         C = fit_partitions(sample, P, overlap, n, min(ceiling, 2 * target), min_rows, seed)
         # the centroids' token keeps runs with other partitionings from sharing task keys
-        tag = f"{_token(darr)}-{n_neighbors}-{overlap}-{r}-{seed}-{metric}-{tokenize(C)[:12]}"
-        pb = _partition_pass(darr, n_neighbors, C, overlap, device, seed, tag, metric)
+        tag = (f"{_token(darr)}-{n_neighbors}-{overlap}-{r}-{seed}-{metric}-{local_method}-"
+               f"{tokenize(C, local_kwds)[:12]}")
+        pb = _partition_pass(darr, n_neighbors, C, overlap, device, seed, tag, metric,
+                             local_method, local_kwds)
         per_block = pb if per_block is None else [a + b for a, b in zip(per_block, pb)]
         P_used = C.shape[0]
     ind, dist = _assemble(darr, per_block, n_neighbors)
@@ -496,10 +514,15 @@ def lazy_sample_recall(darr, indices, n_samples: int = 1000, random_state: int |
 
 # --------------------------------------------------------------------------- cache
 def _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_rows, refine,
-                  random_state, source, metric="euclidean") -> dict:
-    # the metric is recorded only when not Euclidean, so caches written before it existed
-    # stay valid
+                  random_state, source, metric="euclidean", local_method="nndescent",
+                  method_kwds=None) -> dict:
+    # the metric, local method and back-end options are recorded only when not the
+    # defaults, so caches written before they existed stay valid
     extra = {} if metric == "euclidean" else {"metric": metric}
+    if method == "partitioned" and local_method != "nndescent":
+        extra["local_method"] = local_method
+    if method_kwds:
+        extra["method_kwds"] = {str(k): method_kwds[k] for k in sorted(method_kwds)}
     return {**extra, "shape": list(map(int, darr.shape)),
             "chunks": [int(c) for c in darr.chunks[0]],
             "n_neighbors": int(n_neighbors), "method": method, "overlap": int(overlap),
@@ -598,6 +621,8 @@ def nearest_neighbors(
     key: str | None = None,
     work_dir: str | os.PathLike | None = None,
     metric: str = "euclidean",
+    local_method: str = "nndescent",
+    method_kwds: dict | None = None,
 ) -> KNNResult:
     """Approximate kNN of numpy, dask or Zarr input, as dask arrays row-aligned with X.
 
@@ -608,7 +633,8 @@ def nearest_neighbors(
     n_neighbors
         k, not counting the point itself.
     method
-        ``"auto"``, ``"exact"``, ``"nndescent"`` or ``"partitioned"``. ``auto``: numpy input
+        ``"auto"``, ``"exact"``, ``"nndescent"``, ``"hnsw"`` (hnswlib, optional extra
+        ``pumap_dask[hnsw]``) or ``"partitioned"``. ``auto``: numpy input
         uses :func:`pumap_dask.knn.choose_method`; lazy input with more than
         :data:`PARTITION_THRESHOLD` rows uses ``"partitioned"``, smaller lazy input is loaded
         and handled like numpy.
@@ -641,6 +667,15 @@ def nearest_neighbors(
     metric
         ``"euclidean"`` or ``"cosine"`` (``1 - cos``; zero-norm rows lie at distance 1 from
         every row, see :mod:`pumap_dask.knn`). Every method, and the recall, uses it.
+    local_method
+        The search inside each partition of the partitioned method (partitions too large
+        for exact search): ``"nndescent"`` (pynndescent) or ``"hnsw"`` (hnswlib). Ignored
+        by the other methods.
+    method_kwds
+        Options of the search back-end: for ``"hnsw"`` (and ``local_method="hnsw"``) ``M``,
+        ``ef_construction``, ``ef`` (see :func:`pumap_dask.knn.hnsw_knn`); for
+        ``"nndescent"`` pynndescent's arguments; for ``"exact"`` ``block_size``. For the
+        partitioned method they reach every partition's local search.
 
     Returns
     -------
@@ -666,6 +701,8 @@ def nearest_neighbors(
     P.positive_int("recall_samples", recall_samples, minimum=0)
     P.choice("method", method, knn_stage.KNN_METHODS)
     P.choice("metric", metric, knn_stage.METRICS)
+    P.choice("local_method", local_method, knn_stage.LOCAL_METHODS)
+    method_kwds = P.knn_kwds(method_kwds, "method_kwds", local_method=False)
     P.device(device)
     P.random_state(random_state)
     P.work_dir(work_dir)
@@ -678,9 +715,12 @@ def nearest_neighbors(
                          f"got {n}")
     dev = knn_stage.resolve_device(device)
     method = resolve_method(method, X, n, d, dev)
+    if method == "hnsw" or (method == "partitioned" and local_method == "hnsw"):
+        knn_stage.require_hnswlib()  # the extra is missing: say so before any work
     source = os.path.abspath(os.fspath(X)) if isinstance(X, (str, os.PathLike)) else None
     params = _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_rows,
-                           refine, random_state, source, metric)
+                           refine, random_state, source, metric, local_method,
+                           method_kwds)
     knn_dir = os.path.join(os.fspath(work_dir), "knn") if work_dir is not None else None
     if knn_dir is not None:
         cached = _load_cached(knn_dir, params, darr)
@@ -696,7 +736,8 @@ def nearest_neighbors(
         ind, dist, n_parts = partitioned_knn(
             checked, n_neighbors, overlap=overlap, n_partitions=n_partitions,
             partition_rows=partition_rows, refine=refine, random_state=random_state,
-            device=device, client=client, metric=metric)
+            device=device, client=client, metric=metric, local_method=local_method,
+            local_kwds=method_kwds or None)
         if knn_dir is None:
             sched = {"scheduler": client} if client is not None else {}
             ind, dist = dask.persist(ind, dist, **sched)
@@ -706,7 +747,7 @@ def nearest_neighbors(
         Xm = check_array(Xm, what="X")
         i, dd = knn_stage.nearest_neighbors_numpy(Xm, n_neighbors, method,
                                                   random_state=random_state, device=dev,
-                                                  metric=metric)
+                                                  metric=metric, **(method_kwds or {}))
         ind = da.from_array(i, chunks=(darr.chunks[0], n_neighbors))
         dist = da.from_array(dd, chunks=(darr.chunks[0], n_neighbors))
     if knn_dir is not None:

@@ -10,6 +10,11 @@ A saved model is a directory::
                       of the embedding and of config.json itself
       weights.pt      the encoder's state_dict (tensors only; loaded with weights_only=True)
       embedding.npy   the training embedding (optional; loaded with allow_pickle=False)
+      decoder.pt      the decoder's state_dict (optional: parametric_reconstruction=True)
+
+A custom encoder or decoder (see :mod:`pumap_dask.networks`) is stored as its state_dict
+plus, in ``config.json``, its factory's importable name and the argument it was called
+with; loading imports the factory, calls it and loads the state dict (no pickle).
 
 The directory is written to a temporary sibling and renamed into place, so a crash never
 leaves a half-written model behind.
@@ -128,6 +133,7 @@ READABLE_VERSIONS = (1, 2)
 CONFIG = "config.json"
 WEIGHTS = "weights.pt"
 EMBEDDING = "embedding.npy"
+DECODER = "decoder.pt"
 CONFIG_HASH = "config_sha256"
 FEATURE_STATS = ("min", "max", "mean", "std")
 _FIX = ("re-save it from the fitted estimator (ParametricUMAP.save) or re-fit the model")
@@ -170,7 +176,14 @@ def config_sha256(doc: dict[str, Any]) -> str:
 
 
 def encoder_spec(encoder: Encoder) -> dict[str, Any]:
-    """The architecture fields needed to rebuild an encoder."""
+    """The architecture fields needed to rebuild an encoder.
+
+    A custom encoder (:class:`pumap_dask.networks.CustomEncoder`) gives its factory's name
+    and argument instead of the MLP's layers, and raises
+    :class:`pumap_dask.networks.NetworkError` when it has no factory name.
+    """
+    if hasattr(encoder, "spec"):
+        return encoder.spec()
     return {
         "n_features": encoder.n_features,
         "n_components": encoder.n_components,
@@ -240,6 +253,20 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _check_network_block(block: dict[str, Any], where: str, n_features: int,
+                         cfg_path: str) -> None:
+    """The factory fields of a custom encoder or decoder block."""
+    _require(block, "factory", lambda v: isinstance(v, str) and bool(v),
+             "a factory name 'package.module:function'", where, cfg_path)
+    _require(block, "factory_arg", lambda v: _dim(v) or (_dim_list(v) and bool(v)),
+             "a positive integer or a list of them", where, cfg_path)
+    shape = _require(block, "input_shape", lambda v: _dim_list(v) and bool(v),
+                     "a non-empty list of positive integers", where, cfg_path)
+    if int(np.prod(shape, dtype=np.int64)) != n_features:
+        _invalid(cfg_path, f"{where}['input_shape'] {shape} does not hold {n_features} "
+                           "features")
+
+
 def validate_config(doc: Any, path: str | os.PathLike) -> dict[str, Any]:
     """Check a model config's structure and internal consistency.
 
@@ -275,14 +302,19 @@ def validate_config(doc: Any, path: str | os.PathLike) -> dict[str, Any]:
              cfg_path)
     _require(doc, "embedding_sha256", _sha256_str, "a sha256 hex string", "the config",
              cfg_path, optional=True)
+    _require(doc, "training_data_sha256", _sha256_str, "a sha256 hex string", "the config",
+             cfg_path, optional=True)  # only with save(..., include_training_data=True)
 
     enc = _require(doc, "encoder", is_dict, "an object", "the config", cfg_path)
     n_features = _require(enc, "n_features", _dim, "a positive integer", "encoder",
                           cfg_path)
     n_components = _require(enc, "n_components", _dim, "a positive integer", "encoder",
                             cfg_path)
+    custom = "factory" in enc  # a custom network: its factory, not MLP layers
     hidden = _require(enc, "hidden_layers", _dim_list, "a list of positive integers",
-                      "encoder", cfg_path)
+                      "encoder", cfg_path, optional=custom)
+    if custom:
+        _check_network_block(enc, "encoder", n_features, cfg_path)
     _require(enc, "n_projection", lambda v: v == 0 or _dim(v), "a non-negative integer",
              "encoder", cfg_path, optional=True)
 
@@ -294,7 +326,7 @@ def validate_config(doc: Any, path: str | os.PathLike) -> dict[str, Any]:
                            f"{n_components} dimensions")
     p_hidden = _require(params, "hidden_layers", _pos_int_list, "a list of positive integers",
                         "params", cfg_path, optional=True)
-    if p_hidden is not None and p_hidden != hidden:
+    if p_hidden is not None and hidden is not None and p_hidden != hidden:
         _invalid(cfg_path, f"params['hidden_layers'] is {p_hidden} but the encoder has "
                            f"hidden layers {hidden}")
     for key in ("n_neighbors", "n_epochs", "batch_size"):
@@ -310,6 +342,33 @@ def validate_config(doc: Any, path: str | os.PathLike) -> dict[str, Any]:
 
     _require(params, "metric", lambda v: v in METRICS, f"one of {list(METRICS)}", "params",
              cfg_path, optional=True)
+
+    dec = _require(doc, "decoder", is_dict, "an object", "the config", cfg_path,
+                   optional=True)  # absent without parametric_reconstruction
+    dec_sha = _require(doc, "decoder_sha256", _sha256_str, "a sha256 hex string",
+                       "the config", cfg_path, optional=True)
+    if (dec is None) != (dec_sha is None):
+        _invalid(cfg_path, "'decoder' and 'decoder_sha256' must be both present or both "
+                           "absent")
+    if dec is not None:
+        d_comp = _require(dec, "n_components", _dim, "a positive integer", "decoder",
+                          cfg_path)
+        if d_comp != n_components:
+            _invalid(cfg_path, f"decoder['n_components'] is {d_comp} but the encoder outputs "
+                               f"{n_components} dimensions")
+        d_feat = _require(dec, "n_features", _dim, "a positive integer", "decoder", cfg_path)
+        if d_feat != n_features:
+            _invalid(cfg_path, f"decoder['n_features'] is {d_feat} but the encoder takes "
+                               f"{n_features} features")
+        _require(dec, "loss", lambda v: v in ("mse", "bce"), "'mse' or 'bce'", "decoder",
+                 cfg_path)
+        if "factory" in dec:
+            _check_network_block(dec, "decoder", n_features, cfg_path)
+        else:
+            _require(dec, "hidden_layers", _dim_list, "a list of positive integers",
+                     "decoder", cfg_path)
+            _require(dec, "input_shape", _dim_list, "a list of positive integers", "decoder",
+                     cfg_path)
 
     fitted = _require(doc, "fitted", is_dict, "an object", "the config", cfg_path)
     n_in = _require(fitted, "n_features_in", _pos_int, "a positive integer", "fitted",
@@ -329,6 +388,14 @@ def validate_config(doc: Any, path: str | os.PathLike) -> dict[str, Any]:
              "an object of numbers", "fitted", cfg_path, optional=True)
     _require(fitted, "knn_recall", lambda v: v is None or _is_number(v), "a number or null",
              "fitted", cfg_path, optional=True)
+    shape = _require(fitted, "input_shape", lambda v: v is None or (_dim_list(v) and bool(v)),
+                     "a list of positive integers or null", "fitted", cfg_path, optional=True)
+    if shape and int(np.prod(shape, dtype=np.int64)) != n_features:
+        _invalid(cfg_path, f"fitted['input_shape'] {shape} does not hold {n_features} "
+                           "features")
+    for key in ("reconstruction_history", "validation_reconstruction"):
+        _require(fitted, key, lambda v: v is None or _number_list(v), "a list of numbers",
+                 "fitted", cfg_path, optional=True)
     for key in ("peak_memory", "worker_peak_memory"):  # bytes per stage (optional)
         _require(fitted, key, lambda v: is_dict(v) and all(map(_is_number, v.values())),
                  "an object of numbers", "fitted", cfg_path, optional=True)
@@ -350,7 +417,8 @@ def validate_config(doc: Any, path: str | os.PathLike) -> dict[str, Any]:
 # files the CLI and the report write beside a saved model (the job's resolved config and the
 # run report); a save that replaces the model replaces them too, as they describe the old one
 COMPANION_FILES = ("run_config.json", "report.json", "report.html")
-MODEL_FILES = (CONFIG, WEIGHTS, EMBEDDING, *COMPANION_FILES)
+TRAINING_DATA = "training_data.npy"  # rows for transform(refine=True) (pumap_dask.refine)
+MODEL_FILES = (CONFIG, WEIGHTS, EMBEDDING, DECODER, TRAINING_DATA, *COMPANION_FILES)
 
 
 def check_model_path(path: str | os.PathLike) -> str:
@@ -398,7 +466,8 @@ def check_model_path(path: str | os.PathLike) -> str:
 
 
 def save_model(path: str | os.PathLike, encoder: Encoder, config: dict[str, Any],
-               embedding: np.ndarray | None = None, overwrite: bool = True) -> str:
+               embedding: np.ndarray | None = None, overwrite: bool = True,
+               decoder: Any = None, training_data: np.ndarray | None = None) -> str:
     """Write a model directory atomically; returns its path.
 
     Parameters
@@ -414,6 +483,12 @@ def save_model(path: str | os.PathLike, encoder: Encoder, config: dict[str, Any]
         Training embedding to store beside the weights.
     overwrite
         Replace an existing model (or empty directory) at ``path``.
+    decoder
+        A trained :class:`pumap_dask.networks.Decoder`, stored as ``decoder.pt`` with its
+        architecture and sha256 in the config (None: no decoder).
+    training_data
+        Training rows (float32, row-aligned with ``embedding``) stored as
+        ``training_data.npy`` for ``transform(..., refine=True)`` (None: not stored).
 
     Raises
     ------
@@ -437,9 +512,19 @@ def save_model(path: str | os.PathLike, encoder: Encoder, config: dict[str, Any]
         doc["format_version"] = FORMAT_VERSION
         doc["encoder"] = encoder_spec(encoder)
         doc["weights_sha256"] = file_sha256(os.path.join(tmp, WEIGHTS))
+        if decoder is not None:
+            dstate = {k: v.detach().cpu().contiguous()
+                      for k, v in decoder.state_dict().items()}
+            torch.save(dstate, os.path.join(tmp, DECODER))
+            doc["decoder"] = decoder.spec()
+            doc["decoder_sha256"] = file_sha256(os.path.join(tmp, DECODER))
         if embedding is not None:
             np.save(os.path.join(tmp, EMBEDDING), np.asarray(embedding), allow_pickle=False)
             doc["embedding_sha256"] = file_sha256(os.path.join(tmp, EMBEDDING))
+        if training_data is not None:
+            np.save(os.path.join(tmp, TRAINING_DATA),
+                    np.ascontiguousarray(training_data, dtype=np.float32), allow_pickle=False)
+            doc["training_data_sha256"] = file_sha256(os.path.join(tmp, TRAINING_DATA))
         # hash what a reader will parse (tuples become lists, keys strings, ...)
         doc = json.loads(json.dumps(doc))
         doc.pop(CONFIG_HASH, None)
@@ -534,6 +619,18 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return validate_config(doc, path)
 
 
+def _read_state(fpath: str, sha256: str, what: str, verify: bool) -> Any:
+    """A torch state dict from a model file, checked against its recorded sha256."""
+    if verify and file_sha256(fpath) != sha256:
+        raise ModelFileError(f"{fpath} does not match the sha256 recorded in {CONFIG}: the "
+                             f"{what} modified or corrupted; {_FIX}")
+    try:
+        return torch.load(fpath, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelFileError(f"cannot read {fpath} ({type(exc).__name__}: {exc}); the file is "
+                             f"corrupt: {_FIX}") from exc
+
+
 def load_encoder(path: str | os.PathLike, verify: bool = True) -> tuple[Encoder, dict[str, Any]]:
     """Rebuild the encoder of a saved model and check its weights against the stored hash.
 
@@ -560,26 +657,24 @@ def load_encoder(path: str | os.PathLike, verify: bool = True) -> tuple[Encoder,
     if not os.path.exists(wpath):
         raise ModelFileError(f"{path!r} has no {WEIGHTS}; the model directory is incomplete: "
                              f"{_FIX}")
-    if verify and file_sha256(wpath) != doc["weights_sha256"]:
-        raise ModelFileError(f"{wpath} does not match the sha256 recorded in {CONFIG}: the "
-                             f"weights were modified or corrupted; {_FIX}")
-    try:
-        state = torch.load(wpath, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelFileError(f"cannot read {wpath} ({type(exc).__name__}: {exc}); the file is "
-                             f"corrupt: {_FIX}") from exc
+    state = _read_state(wpath, doc["weights_sha256"], "weights were", verify)
     spec = doc["encoder"]
-    args = (spec["n_features"], spec["n_components"], spec["hidden_layers"],
-            spec.get("n_projection", 0))
-    # compare shapes on a storage-free skeleton first: a bad spec allocates nothing
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Encoder(*args).state_dict().items()}
+    if "factory" in spec:  # a custom network: its factory rebuilds it (no pickle)
+        custom = rebuild_network(spec, "encoder", path)
+        expected = {k: tuple(v.shape) for k, v in custom.state_dict().items()}
+    else:
+        custom = None
+        args = (spec["n_features"], spec["n_components"], spec["hidden_layers"],
+                spec.get("n_projection", 0))
+        # compare shapes on a storage-free skeleton first: a bad spec allocates nothing
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in Encoder(*args).state_dict().items()}
     problem = _state_mismatch(state, expected)
     if problem:
         raise ModelFileError(f"{wpath} does not fit the encoder described in {CONFIG} "
                              f"({problem}); the model directory is inconsistent (modified or "
                              f"corrupted): {_FIX}")
-    enc = Encoder(*args)
+    enc = custom if custom is not None else Encoder(*args)
     try:
         enc.load_state_dict(state)
     except Exception as exc:
@@ -587,6 +682,67 @@ def load_encoder(path: str | os.PathLike, verify: bool = True) -> tuple[Encoder,
                              f"({type(exc).__name__}: {exc}); the model directory is "
                              f"inconsistent (modified or corrupted): {_FIX}") from exc
     return enc.eval(), doc
+
+
+def rebuild_network(spec: dict[str, Any], what: str, path: str | os.PathLike) -> Any:
+    """An untrained custom encoder or decoder rebuilt from its config block.
+
+    Raises
+    ------
+    ModelFileError
+        When its factory cannot be imported, fails, or builds a network of another shape.
+    """
+    from . import networks
+
+    build = networks.encoder_from_spec if what == "encoder" else networks.decoder_from_spec
+    name = spec.get("factory", "the default decoder")
+    try:
+        with torch.random.fork_rng(devices=[]):  # weights are loaded next: keep the RNG
+            return build(spec)
+    except ImportError as exc:
+        raise ModelFileError(f"cannot load the model at {os.fspath(path)!r}: its {what} is "
+                             f"built by the factory {name!r}, which cannot be imported "
+                             f"({exc}); install or put on the Python path the package that "
+                             "defines it, under the same name") from None
+    except Exception as exc:
+        raise ModelFileError(f"cannot load the model at {os.fspath(path)!r}: the factory "
+                             f"{name!r} of its {what} failed when called with "
+                             f"{spec.get('factory_arg')!r} ({type(exc).__name__}: {exc})"
+                             ) from exc
+
+
+def load_decoder(path: str | os.PathLike, doc: dict[str, Any], verify: bool = True) -> Any:
+    """The trained decoder of a saved model, or None when it has none.
+
+    Parameters
+    ----------
+    path
+        The model directory.
+    doc
+        Its config, from :func:`read_config`.
+    verify
+        Check ``decoder.pt`` against the sha256 recorded in ``config.json``.
+
+    Raises
+    ------
+    ModelFileError
+        When ``decoder.pt`` is missing, does not match its checksum, cannot be read, its
+        factory cannot be imported, or it does not fit the recorded architecture.
+    """
+    if "decoder" not in doc:
+        return None
+    dpath = os.path.join(os.fspath(path), DECODER)
+    if not os.path.exists(dpath):
+        raise ModelFileError(f"{dpath} is missing although {CONFIG} records its sha256; the "
+                             f"model directory is incomplete: {_FIX}")
+    state = _read_state(dpath, doc["decoder_sha256"], "decoder was", verify)
+    dec = rebuild_network(doc["decoder"], "decoder", path)
+    problem = _state_mismatch(state, {k: tuple(v.shape) for k, v in dec.state_dict().items()})
+    if problem:
+        raise ModelFileError(f"{dpath} does not fit the decoder described in {CONFIG} "
+                             f"({problem}); the model directory is inconsistent: {_FIX}")
+    dec.load_state_dict(state)
+    return dec.eval()
 
 
 def _state_mismatch(state: Any, expected: dict[str, tuple[int, ...]]) -> str | None:
@@ -656,7 +812,11 @@ FITTED_ATTRS = {"a_": "a", "b_": "b", "n_features_in_": "n_features_in",
                 "loss_history_": "loss_history", "feature_stats_": "feature_stats",
                 "timings_": "timings", "knn_recall_": "knn_recall", "init_": "init",
                 "train_world_size_": "train_world_size", "peak_memory_": "peak_memory",
-                "worker_peak_memory_": "worker_peak_memory"}
+                "worker_peak_memory_": "worker_peak_memory",
+                # custom networks / reconstruction (pumap_dask.networks)
+                "input_shape_": "input_shape",
+                "reconstruction_history_": "reconstruction_history",
+                "validation_reconstruction_": "validation_reconstruction"}
 
 
 # estimator parameters left out of config.json
@@ -676,7 +836,8 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def save_estimator(path: str | os.PathLike, est: Any, *, include_embedding: bool = True) -> str:
+def save_estimator(path: str | os.PathLike, est: Any, *, include_embedding: bool = True,
+                   include_training_data: bool = False) -> str:
     """Save a fitted :class:`~pumap_dask.ParametricUMAP` as a model directory.
 
     Parameters
@@ -687,6 +848,9 @@ def save_estimator(path: str | os.PathLike, est: Any, *, include_embedding: bool
         The fitted estimator.
     include_embedding
         Also store ``est.embedding_``.
+    include_training_data
+        Also store the training rows kept for ``transform(..., refine=True)`` (see
+        :func:`pumap_dask.refine.stored_reference`; needs ``include_embedding``).
 
     Returns
     -------
@@ -694,11 +858,25 @@ def save_estimator(path: str | os.PathLike, est: Any, *, include_embedding: bool
         The model directory.
     """
     # callbacks are arbitrary Python objects, never saved (a loaded model has none)
-    params = _plain({k: v for k, v in est.get_params().items() if k not in UNSAVED_PARAMS})
+    raw = {k: v for k, v in est.get_params().items() if k not in UNSAVED_PARAMS}
+    decoder = getattr(est, "decoder_", None)
+    spec = encoder_spec(est.encoder_)  # a custom network without a factory name fails here,
+    if decoder is not None:            # before anything is written
+        decoder.spec()
+    # custom networks are saved as their factory's name (the trained weights are the files)
+    raw["encoder"] = spec.get("factory")
+    raw["decoder"] = None if decoder is None else decoder.spec().get("factory")
+    params = _plain(raw)
     fitted = {key: _plain(getattr(est, attr, None)) for attr, key in FITTED_ATTRS.items()}
     fitted["loss_history"] = [float(x) for x in fitted["loss_history"]]
     embedding = est.embedding_ if include_embedding else None
-    return save_model(path, est.encoder_, {"params": params, "fitted": fitted}, embedding)
+    training_data = None
+    if include_training_data:
+        from .refine import training_rows_for_save
+
+        embedding, training_data = training_rows_for_save(est, embedding)
+    return save_model(path, est.encoder_, {"params": params, "fitted": fitted}, embedding,
+                      decoder=decoder, training_data=training_data)
 
 
 def load_estimator_state(path: str | os.PathLike,
@@ -737,6 +915,11 @@ def load_estimator_state(path: str | os.PathLike,
     emb = load_embedding(path, doc)
     if emb is not None:
         attrs["embedding_"] = emb
+    dec = load_decoder(path, doc)
+    if dec is not None:
+        attrs["decoder_"] = dec
+    if attrs.get("input_shape_") is not None:
+        attrs["input_shape_"] = tuple(attrs["input_shape_"])
     attrs["model_path_"] = os.path.abspath(os.fspath(path))
     attrs["model_sha256_"] = doc["weights_sha256"]
     return params, attrs

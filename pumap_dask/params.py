@@ -161,6 +161,31 @@ def writable_location(path: str, name: str) -> None:
                          f"{probe!r}); choose another location")
 
 
+def knn_kwds(value: Any, name: str = "knn_kwds", *, local_method: bool = True) -> dict:
+    """None or a dict of kNN back-end options with string keys; returns a dict.
+
+    Known options are checked: ``M``, ``ef_construction``, ``ef``, ``n_trees``,
+    ``n_iters``, ``max_candidates``, ``block_size`` (positive integers) and, when
+    ``local_method``, ``local_method`` (``"nndescent"`` or ``"hnsw"``, the partitioned
+    back-end's per-partition search).
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{name} must be None or a dict with string keys, e.g. "
+                         f"{{'M': 16, 'ef': 64}}, got {value!r}"[:200])
+    for k, v in value.items():
+        if k in ("M", "ef_construction", "ef", "n_trees", "n_iters", "max_candidates",
+                 "block_size"):
+            positive_int(f"{name}[{k!r}]", v, minimum=2 if k == "M" else 1)
+        elif k == "local_method":
+            if not local_method:
+                raise ValueError(f"{name} cannot hold 'local_method'; pass local_method= "
+                                 "instead")
+            choice(f"{name}['local_method']", v, ("nndescent", "hnsw"))
+    return dict(value)
+
+
 def check_graph_params(set_op_mix_ratio: Any, local_connectivity: Any, tolerance: Any) -> None:
     """Validate the fuzzy-graph parameters shared by the graph stages and the estimator."""
     real("local_connectivity", local_connectivity, low=0.0)
@@ -192,6 +217,7 @@ def check_estimator_params(est: Any) -> None:
     real("target_weight", getattr(est, "target_weight", 0.5), low=0.0, high=1.0)
     choice("knn_method", est.knn_method, KNN_METHODS)
     choice("metric", getattr(est, "metric", "euclidean"), METRICS)
+    knn_kwds(getattr(est, "knn_kwds", None))
     choice("init", est.init, INIT_METHODS)
     layers("hidden_layers", est.hidden_layers)
     device(est.device)
@@ -201,6 +227,10 @@ def check_estimator_params(est: Any) -> None:
     work_dir(est.work_dir)
     callbacks(getattr(est, "callbacks", None), est.train_world_size)
     choice("precision", getattr(est, "precision", "fp32"), PRECISIONS)
+    from .networks import check_params as check_network_params
+
+    check_network_params(est)  # encoder, decoder, parametric_reconstruction and its loss
+    real("landmark_loss_weight", getattr(est, "landmark_loss_weight", 1.0), low=0.0)
 
 
 def callbacks(value: Any, train_world_size: Any = None) -> list:
@@ -225,6 +255,55 @@ def callbacks(value: Any, train_world_size: Any = None) -> list:
                          "available; use train_world_size=1 (or None, which trains in one "
                          "process when callbacks are given)")
     return list(value)
+
+
+def landmark_positions(value: Any, n_samples: int, n_components: int,
+                       name: str = "landmark_positions"):
+    """Validate landmark positions for a fit of ``n_samples`` rows.
+
+    ``value`` is None or an array-like of shape (n_samples, n_components): a finite
+    position for each landmark row, NaN in every coordinate of the other rows.
+
+    Returns
+    -------
+    tuple of ndarray or None
+        ``(rows, positions)``: the landmark rows (sorted int64 ids) and their float32
+        positions, or None when ``value`` is None or holds no landmark (all NaN).
+
+    Raises
+    ------
+    ValueError
+        On a wrong shape, a non-numeric value, an infinite coordinate, or a row that is
+        NaN in some coordinates only.
+    """
+    if value is None:
+        return None
+    import numpy as np
+
+    if hasattr(value, "compute"):  # a dask array: positions are (n, n_components), small
+        value = value.compute()
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a numeric array of shape ({n_samples}, "
+                         f"{n_components}) (NaN rows for points without a landmark), got "
+                         f"{type(value).__name__}") from None
+    if arr.shape != (n_samples, n_components):
+        raise ValueError(f"{name} must have shape ({n_samples}, {n_components}): one row per "
+                         f"row of X, one column per embedding dimension (NaN rows for points "
+                         f"without a landmark); got shape {arr.shape}")
+    nan = np.isnan(arr)
+    partial = nan.any(1) & ~nan.all(1)
+    if partial.any():
+        raise ValueError(f"{name} row {int(np.flatnonzero(partial)[0])} is NaN in some "
+                         "coordinates only; a row is either a full position or all NaN")
+    if np.isinf(arr).any():
+        raise ValueError(f"{name} must be finite (or NaN for rows without a landmark); row "
+                         f"{int(np.flatnonzero(np.isinf(arr).any(1))[0])} is infinite")
+    rows = np.flatnonzero(~nan.any(1)).astype(np.int64)
+    if len(rows) == 0:
+        return None
+    return rows, arr[rows].astype(np.float32)
 
 
 def check_transform_args(*, batch_size: Any = None, device_: Any = "auto",

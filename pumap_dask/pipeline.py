@@ -70,6 +70,7 @@ class InputHandle:
     lazy: bool
     source: Any
     key: str | None
+    input_shape: tuple | None = None  # trailing shape of n-D numpy input (rows flattened)
 
     @property
     def n(self) -> int:
@@ -171,16 +172,26 @@ class FitResult:
     timings: dict = field(default_factory=dict)
     peak_memory: dict = field(default_factory=dict)
     worker_peak_memory: dict = field(default_factory=dict)
+    decoder: Any = None  # parametric_reconstruction (see pumap_dask.networks)
+    input_shape: tuple | None = None
+    reconstruction_history: list | None = None
+    validation_reconstruction: list | None = None
 
 
 # --------------------------------------------------------------------------- stages
 def open_input(X: Any, key: str | None = None) -> InputHandle:
     """Validate ``X`` lazily (shape, dtype, chunks; NaN for numpy) and open it once."""
+    from .networks import flatten_input, input_shape_of
+
     lazy = is_lazy(X)
     if lazy:
+        flatten_input(X)  # n-D lazy input: a clear error
         return InputHandle(as_dask(X, key=key), None, True, X, key)
-    data = check_array(X, what="X", min_samples=1)
-    return InputHandle(as_dask(data), data, False, X, key)
+    # n-D numpy input (n, *dims): every stage sees flattened rows; the shape is kept for
+    # the networks (see pumap_dask.networks)
+    shape = input_shape_of(X)
+    data = check_array(flatten_input(X), what="X", min_samples=1)
+    return InputHandle(as_dask(data), data, False, X if shape is None else data, key, shape)
 
 
 def check_sizes(handle: InputHandle, n_neighbors: int) -> None:
@@ -200,7 +211,8 @@ def knn_plan(handle: InputHandle, params: dict, device: str) -> str:
     elif method == "auto":
         method = knn_stage.choose_method(handle.n, handle.d, device)
     if method == "partitioned" and not handle.lazy:
-        method = "nndescent"  # in-memory input: one partition
+        # in-memory input: one partition, searched with the partitions' local method
+        method = (params.get("knn_kwds") or {}).get("local_method", "nndescent")
     return method
 
 
@@ -215,20 +227,24 @@ def run_knn(handle: InputHandle, params: dict, device: str, *, work_dir: str | N
         ind, dist = knn_stage.check_precomputed(knn, handle.n, k)
         return Neighbors(ind, dist, "precomputed")
     method = method or knn_plan(handle, params, device)
+    kwds = dict(params.get("knn_kwds") or {})
+    local_method = kwds.pop("local_method", "nndescent")
     if method == "partitioned":
         from .knn_dask import nearest_neighbors
 
         res = nearest_neighbors(handle.source, k, "partitioned", overlap=params["knn_overlap"],
                                 random_state=params["random_state"], device=params["device"],
                                 key=handle.key, work_dir=work_dir,
-                                metric=params.get("metric", "euclidean"))
+                                metric=params.get("metric", "euclidean"),
+                                local_method=local_method, method_kwds=kwds or None)
         return Neighbors(res.indices, res.distances, "partitioned",
                          None if res.recall is None else float(res.recall))
     X = handle.load()
     ind, dist = knn_stage.nearest_neighbors_numpy(X, k, method,
                                                   random_state=params["random_state"],
                                                   device=device,
-                                                  metric=params.get("metric", "euclidean"))
+                                                  metric=params.get("metric", "euclidean"),
+                                                  **kwds)
     return Neighbors(ind, dist, method)
 
 
@@ -253,6 +269,15 @@ def run_graph(neighbors: Neighbors, params: dict, *, work_dir: str | None = None
         raise InputError("the kNN graph has no edges (all points identical?); the data "
                          "needs some spread to embed")
     return edges
+
+
+def precomputed_edges(graph: sp.csr_matrix) -> Edges:
+    """Edges of a validated precomputed graph
+    (:func:`pumap_dask.graph.check_precomputed_graph`), pruned as :func:`run_graph` prunes."""
+    head, tail, weight = graph_stage.graph_to_edges(graph, n_epochs=PRUNE_EPOCHS)
+    logger.info("precomputed graph: %d x %d, %d edges kept of %d", *graph.shape, len(head),
+                graph.nnz)
+    return Edges(head, tail, weight, graph.shape[0], graph)
 
 
 def check_labels(y: Any, n: int, partitioned: bool) -> np.ndarray:
@@ -323,14 +348,25 @@ def train_config(params: dict, n_edges: int, n_features: int, device: str, a: fl
 
 
 def run_train(X: np.ndarray, edges: Edges, layout: Layout | None, cfg: TrainConfig,
-              verbose: bool = False, callbacks: list | None = None) -> Trained:
+              verbose: bool = False, callbacks: list | None = None, *,
+              encoder: Any = None, landmarks: Any = None, network: Any = None,
+              reconstruction: Any = None, validation: np.ndarray | None = None) -> Trained:
     """The training stage: build the encoder from the data, pre-train it on the layout,
     then train it with the UMAP loss on the edges.
 
     ``callbacks`` (the estimator's) are called after each epoch as
     ``callback(epoch, loss, encoder)``; any returning True stops training after that epoch.
+    ``encoder``: a trained encoder to continue from (its preprocessing kept, no
+    pre-training); ``landmarks``: a :class:`pumap_dask.continued.Landmarks` (see
+    :mod:`pumap_dask.continued`). ``network``: a fresh custom encoder to train instead
+    of the default MLP; ``reconstruction``: a
+    :class:`pumap_dask.networks.ReconstructionTerm` (its decoder trained jointly), with
+    ``validation`` rows whose reconstruction error is appended to its ``validation`` list
+    after each epoch (see :mod:`pumap_dask.networks`).
     """
-    encoder = build_encoder(X.shape[1], cfg, X)
+    from_model = encoder is not None
+    if encoder is None:
+        encoder = network if network is not None else build_encoder(X.shape[1], cfg, X)
     bar = Progress(cfg.n_epochs, "train", "epoch")  # shown at INFO (verbose / CLI)
     bar.active = bar.active and verbose
 
@@ -343,14 +379,21 @@ def run_train(X: np.ndarray, edges: Edges, layout: Layout | None, cfg: TrainConf
     def epoch_end(epoch, loss):
         if verbose:
             cb(epoch, loss)
+        if validation is not None and reconstruction is not None:
+            from .networks import reconstruction_error
+
+            reconstruction.validation.append(
+                reconstruction_error(model, reconstruction.decoder, validation))
         stops = [bool(c(epoch, loss, model)) for c in user_cbs]  # every callback runs
         return any(stops)
 
     init = None if layout is None else (layout.rows, layout.positions)
     try:
         encoder, history = train_encoder(X, edges.head, edges.tail, edges.weight, cfg, encoder,
-                                         epoch_end if verbose or user_cbs else None,
-                                         init_embedding=init)
+                                         epoch_end if verbose or user_cbs
+                                         or validation is not None else None,
+                                         init_embedding=init, landmarks=landmarks,
+                                         from_model=from_model, reconstruction=reconstruction)
     finally:
         bar.close()
     return Trained(encoder, history, cfg)
@@ -382,7 +425,8 @@ def work_directory(work_dir: str | None) -> Iterator[str]:
 
 
 def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = None,
-        y: Any = None) -> FitResult:
+        y: Any = None, init_encoder: Any = None, landmark_positions: Any = None,
+        validation_data: Any = None, graph: Any = None) -> FitResult:
     """Run every stage of a fit; ``params`` are a validated estimator's ``get_params()``.
 
     Parameters
@@ -395,9 +439,27 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
         Array inside a Zarr group.
     knn
         Precomputed ``(indices, distances)``, self excluded.
+    graph
+        Precomputed fuzzy graph: a symmetric ``scipy.sparse`` (n, n) matrix, weights in
+        (0, 1] (see :func:`pumap_dask.graph.check_precomputed_graph`). The kNN and graph
+        stages are skipped; its edges are pruned as the pipeline prunes its own graph
+        (:data:`PRUNE_EPOCHS`). Not together with ``knn``.
     y
         Labels for a semi-supervised fit (-1: unknown; see :func:`apply_labels`); in-memory
         graphs only.
+    init_encoder
+        A trained :class:`pumap_dask.model.Encoder` to continue training (see
+        :mod:`pumap_dask.continued`): its architecture must match, the initial layout is
+        skipped (``init`` "model"), and its preprocessing is kept. It is trained in place:
+        pass a copy.
+    landmark_positions
+        (n, n_components) positions, NaN for rows without a landmark (see
+        :func:`pumap_dask.params.landmark_positions`), pulled with weight
+        ``params["landmark_loss_weight"]``. One training process only (no DDP).
+    validation_data
+        Held-out rows (numpy, same sample shape as X) whose reconstruction error (mean
+        squared error in input units) is recorded after each epoch; needs
+        ``params["parametric_reconstruction"]`` (see :mod:`pumap_dask.networks`).
     """
     timings: dict[str, float] = {}
     peaks: dict[str, int] = {}  # this process's peak RSS per stage
@@ -410,33 +472,75 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
     handle = open_input(X, key)
     check_sizes(handle, params["n_neighbors"])
     handle.check_budget()
+    input_shape = handle.input_shape or (handle.d,)
+    validation = None
+    if validation_data is not None:
+        from .networks import check_validation
+
+        if not params.get("parametric_reconstruction"):
+            raise InputError("validation_data measures the reconstruction error: it needs "
+                             "parametric_reconstruction=True")
+        validation = check_validation(validation_data, input_shape)
+    landmarks = None
+    if init_encoder is not None:
+        from .continued import check_architecture
+
+        check_architecture(init_encoder, handle.d, params)
+    if landmark_positions is not None:
+        from .continued import Landmarks
+        from .params import landmark_positions as check_landmarks
+
+        lm = check_landmarks(landmark_positions, handle.n, params["n_components"])
+        if lm is not None:
+            landmarks = Landmarks(lm[0], lm[1], params.get("landmark_loss_weight", 1.0))
     device = knn_stage.resolve_device(params["device"])
     a, b = find_ab_params(params["spread"], params["min_dist"])
-    method = None if knn is not None else knn_plan(handle, params, device)
+    if graph is not None:
+        if knn is not None:
+            raise InputError("pass either knn= (a precomputed kNN) or graph= (a precomputed "
+                             "fuzzy graph), not both")
+        graph = graph_stage.check_precomputed_graph(graph, handle.n)
+    method = None if knn is not None or graph is not None else knn_plan(handle, params, device)
     partitioned = method == "partitioned"
     if y is not None:
         y = check_labels(y, handle.n, partitioned)
     timings["input"] = time.perf_counter() - t0
     with (work_directory(params.get("work_dir")) if partitioned
           else contextlib.nullcontext()) as wdir:
-        with timed("knn"):
-            neighbors = run_knn(handle, params, device, work_dir=wdir, knn=knn, method=method)
+        if graph is not None:  # precomputed fuzzy graph: no kNN, no graph stage
+            neighbors = Neighbors(None, None, "precomputed-graph")
+        else:
+            with timed("knn"):
+                neighbors = run_knn(handle, params, device, work_dir=wdir, knn=knn,
+                                    method=method)
         with timed("graph"):
-            edges = run_graph(neighbors, params, work_dir=wdir)
+            edges = (run_graph(neighbors, params, work_dir=wdir) if graph is None
+                     else precomputed_edges(graph))
             if y is not None:
                 edges = apply_labels(edges, y, params.get("target_weight", 0.5))
         knn_method, knn_recall = neighbors.method, neighbors.recall
         del neighbors  # the kNN arrays are not needed past the graph
         with timed("load"):
             Xtr = handle.load()
-        with timed("init"):
-            layout = run_init(handle, edges, params, device)
+        with timed("init"):  # continued training starts from the given encoder instead
+            layout = None if init_encoder is not None else run_init(handle, edges, params,
+                                                                    device)
         with timed("train"):
             cfg = train_config(params, len(edges), handle.d, device, a, b)
             if params.get("work_dir"):  # checkpoints beside the kNN and graph: a rerun resumes
                 cfg = dataclasses.replace(
                     cfg, checkpoint_dir=os.path.join(params["work_dir"], "train"))
             client, world = ddp_plan(params, partitioned, handle)
+            if world > 1 and (landmarks is not None or init_encoder is not None):
+                logger.info("landmarks or init_model given: training in one process, not DDP")
+                client, world = None, 1
+            from .networks import build_for_fit, single_process_only
+
+            if world > 1 and single_process_only(params):
+                logger.info("custom networks or parametric_reconstruction: training in one "
+                            "process, not DDP")
+                client, world = None, 1
+            network, recon = build_for_fit(params, input_shape, cfg, Xtr)
             if world > 1:
                 from .ddp import train_on_dask
 
@@ -447,7 +551,9 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                 trained = Trained(encoder, history, cfg)
             else:
                 trained = run_train(Xtr, edges, layout, cfg, verbose=bool(params.get("verbose")),
-                                    callbacks=params.get("callbacks"))
+                                    callbacks=params.get("callbacks"), encoder=init_encoder,
+                                    landmarks=landmarks, network=network,
+                                    reconstruction=recon, validation=validation)
     from .train import encode
 
     with timed("embed"):
@@ -459,9 +565,15 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                      n_samples=handle.n, n_features=handle.d,
                      knn_method=knn_method, knn_recall=knn_recall, n_edges=len(edges),
                      a=a, b=b,
-                     init="random" if layout is None else layout.method, graph=edges.graph,
+                     init=("model" if init_encoder is not None else
+                           "random" if layout is None else layout.method), graph=edges.graph,
                      world_size=world, timings=timings, peak_memory=peaks,
-                     worker_peak_memory=wpeaks)
+                     worker_peak_memory=wpeaks,
+                     decoder=None if recon is None else recon.decoder,
+                     input_shape=handle.input_shape,
+                     reconstruction_history=None if recon is None else recon.history,
+                     validation_reconstruction=(None if validation is None
+                                                else recon.validation))
 
 
 def ddp_plan(params: dict, partitioned: bool, handle: InputHandle):

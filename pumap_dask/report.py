@@ -214,8 +214,12 @@ def format_info(summary: dict[str, Any]) -> str:
         memory), Versions and Run config.
     """
     enc, fitted, loss = summary["encoder"], summary["fitted"], summary["loss"]
-    arch = " -> ".join(str(x) for x in [enc["n_features"], *enc["hidden_layers"],
-                                        enc["n_components"]])
+    if "factory" in enc:  # a custom network (pumap_dask.networks)
+        arch = (f"{enc['n_features']} -> {enc['factory']}({enc.get('factory_arg')}) -> "
+                f"{enc['n_components']}")
+    else:
+        arch = " -> ".join(str(x) for x in [enc["n_features"], *enc["hidden_layers"],
+                                            enc["n_components"]])
     if enc.get("n_projection"):
         arch += f" (PCA projection to {enc['n_projection']} first)"
     lines = [f"pumap_dask model at {summary['model_dir']}", "", "Model"]

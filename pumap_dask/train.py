@@ -167,6 +167,9 @@ def train_encoder(
     encoder: Encoder | None = None,
     callback: Callable[[int, float], bool | None] | None = None,
     init_embedding: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None,
+    landmarks: Any = None,
+    from_model: bool = False,
+    reconstruction: Any = None,
 ) -> tuple[Encoder, list[float]]:
     """Train an encoder with the UMAP loss on a weighted edge list.
 
@@ -188,6 +191,18 @@ def train_encoder(
     init_embedding
         Layout the encoder is pre-trained to reproduce first: (n, n_components) for every
         row, or ``(rows, positions)`` for some rows (landmarks). None: no pre-training.
+    landmarks
+        :class:`pumap_dask.continued.Landmarks`: rows pinned to positions by an added loss
+        term (see :mod:`pumap_dask.continued`), or None. Not supported under DDP.
+    from_model
+        ``encoder`` holds trained weights to continue from (continued training): the
+        pre-training on ``init_embedding`` is skipped, and a checkpoint resumes only when
+        it started from the same weights.
+    reconstruction
+        A :class:`pumap_dask.networks.ReconstructionTerm`: its decoder is trained jointly
+        (its weighted loss on each step's head rows is added to the step's loss, so the
+        history holds the total) and its loss per epoch is kept in its ``history``. None:
+        no decoder. Not supported under DDP.
 
     Returns
     -------
@@ -197,7 +212,8 @@ def train_encoder(
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(_step_threads(cfg, X.shape[0], X.shape[1]))
-        return _train(X, head, tail, weight, cfg, encoder, callback, init_embedding)
+        return _train(X, head, tail, weight, cfg, encoder, callback, init_embedding,
+                      landmarks, from_model, reconstruction)
     finally:
         torch.set_num_threads(threads)
 
@@ -217,7 +233,8 @@ def _step_threads(cfg: TrainConfig, n: int, d: int) -> int:
     return torch.get_num_threads() if flops > 1e8 else 1
 
 
-def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
+def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landmarks=None,
+           from_model=False, reconstruction=None):
     device = torch.device(cfg.device)
     n = X.shape[0]
     if cfg.precision not in PRECISIONS:
@@ -225,6 +242,8 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
     if encoder is None:
         encoder = build_encoder(X.shape[1], cfg, X)
     encoder = encoder.to(device).train()
+    if reconstruction is not None:
+        reconstruction.to(device)
     # The fixed preprocessing (centre, project, scale) is applied once here, not per step:
     # training runs the MLP alone on the preprocessed rows. CuPy rows stay on their GPU
     # (DLPack); they are kept there when they fit, as host rows are moved there.
@@ -254,7 +273,10 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
     # every rank runs the same number of steps; an epoch is one pass over all ranks' edges
     steps_per_epoch = max(1, math.ceil(n_edges_total / B))
     total_steps = cfg.n_epochs * steps_per_epoch
-    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate,
+    trained = list(encoder.parameters())
+    if reconstruction is not None:  # the decoder learns with the encoder, one optimiser
+        trained += list(reconstruction.parameters())
+    opt = torch.optim.AdamW(trained, lr=cfg.learning_rate,
                             weight_decay=cfg.weight_decay, **_adam_kwargs(device))
     if cfg.lr_schedule == "linear":
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -266,13 +288,28 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
     else:
         raise ValueError(f"lr_schedule must be 'linear', 'cosine' or 'constant', "
                          f"got {cfg.lr_schedule!r}")
+    if landmarks is not None and world > 1:
+        raise ValueError("landmarks are not supported with DDP training (world size "
+                         f"{world}); train in one process (train_world_size=1)")
+    extra = None  # continued training and landmarks: a checkpoint must match them too
+    if cfg.checkpoint_dir is not None and (from_model or landmarks is not None):
+        extra = {"start": _state_digest(encoder) if from_model else None,
+                 "landmarks": landmarks.digest() if landmarks is not None else None}
+    saved: nn.Module = encoder  # what a checkpoint holds: with the decoder when one trains
+    if reconstruction is not None:
+        if world > 1:
+            raise ValueError("parametric_reconstruction is not supported with DDP training "
+                             f"(world size {world}); train in one process "
+                             "(train_world_size=1)")
+        extra = dict(extra or {}, reconstruction=reconstruction.fingerprint())
+        saved = nn.ModuleDict({"encoder": encoder, "decoder": reconstruction.decoder})
     ckpt = Checkpoint(cfg.checkpoint_dir,
                       _fingerprint(cfg, n, X.shape[1], n_edges_total,
                                    _all_sum(float(np.asarray(weight).sum(dtype=np.float64)),
-                                            world), world))
-    start, history = ckpt.restore(encoder, opt, sched, gen, rank) if ckpt.enabled else (0, [])
+                                            world), world, extra))
+    start, history = ckpt.restore(saved, opt, sched, gen, rank) if ckpt.enabled else (0, [])
     encoder.start_epoch_ = start  # where this call began (> 0: resumed from a checkpoint)
-    if start == 0 and init_embedding is not None:
+    if start == 0 and init_embedding is not None and not from_model:
         pretrain_to_layout(net, Xt, init_embedding, cfg, gen)  # the same on every rank
     if world > 1:
         # Each rank samples B / world of the global batch from its own edges with its own
@@ -286,6 +323,11 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
             gen = _seed_everything_local(None if cfg.random_state is None
                                          else cfg.random_state * 7919 + rank + 1)
     a, b = cfg.a, cfg.b
+    lm_term = None
+    if landmarks is not None and len(landmarks):
+        from .continued import LandmarkTerm
+
+        lm_term = LandmarkTerm(landmarks, B, device)
     t0 = time.perf_counter()
     for epoch in range(start, cfg.n_epochs):
         ep_loss = 0.0
@@ -328,6 +370,11 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
                 dx = torch.cat([(x_h - x_t).norm(dim=1), (x_h - x_n).norm(dim=1)])
                 de = torch.cat([d_pos.sqrt(), d_neg[:, 0].clamp_min(1e-12).sqrt()])
                 loss = loss - cfg.correlation_weight * _pearson(dx, de)
+            if lm_term is not None:  # landmark rows drawn last: no landmarks, same stream
+                loss = loss + lm_term(net, Xt, gen)
+            if reconstruction is not None:  # decode the step's rows back to raw rows,
+                # each distinct row once when rows repeat (small n), else the heads
+                loss = loss + (reconstruction(uniq, emb) if dedupe else reconstruction(h, eh))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -335,6 +382,8 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
                 sched.step()
             ep_loss += float(loss.detach())
         history.append(ep_loss / steps_per_epoch)
+        if reconstruction is not None:
+            reconstruction.end_epoch()
         stop = bool(callback(epoch, history[-1])) if callback is not None else False
         if world > 1:  # rank 0 decides; every rank stops after the same epoch
             stop = _all_sum(float(stop and rank == 0), world) > 0
@@ -343,11 +392,13 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding):
                         time.perf_counter() - t0)
         if ckpt.enabled and ((epoch + 1) % cfg.checkpoint_every == 0
                              or epoch + 1 == cfg.n_epochs or stop):
-            ckpt.save(epoch + 1, encoder, opt, sched, gen, history, rank, world)
+            ckpt.save(epoch + 1, saved, opt, sched, gen, history, rank, world)
         if stop:
             logger.info("training stopped by a callback after epoch %d of %d", epoch + 1,
                         cfg.n_epochs)
             break
+    if reconstruction is not None:
+        reconstruction.decoder.cpu().eval()
     return encoder.cpu().eval(), history
 
 
@@ -372,10 +423,26 @@ class _AmpNet(nn.Module):
         return self.head(h.float())
 
 
+class _AutocastNet(nn.Module):
+    """A custom network under bf16 autocast, its output cast back to float32."""
+
+    def __init__(self, net: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.net = net
+        self.device_type = device_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            out = self.net(x)
+        return out.float()
+
+
 def _amp_net(mlp: nn.Sequential, precision: str, device: torch.device) -> nn.Module:
     """``mlp`` itself for float32, or wrapped for bf16 autocast on CUDA (see :class:`_AmpNet`)."""
     if precision != "bf16":
         return mlp
+    if not isinstance(mlp, nn.Sequential):  # a custom network: autocast as a whole
+        return _AutocastNet(mlp, device.type) if device.type == "cuda" else mlp
     if device.type != "cuda":
         logger.warning("precision='bf16' autocasts on CUDA only; training on %s in float32",
                        device)
@@ -422,16 +489,31 @@ def _all_sum(value: float, world: int, dtype: torch.dtype = torch.float64) -> fl
 
 
 def _fingerprint(cfg: TrainConfig, n: int, d: int, n_edges: int, w_sum: float,
-                 world: int) -> str:
-    """What a checkpoint must match to be resumed: configuration, data shape, world size."""
+                 world: int, extra: dict | None = None) -> str:
+    """What a checkpoint must match to be resumed: configuration, data shape, world size
+    (and ``extra``: the starting weights of continued training, the landmarks)."""
     import hashlib
     import json
 
     fields = {k: v for k, v in vars(cfg).items()
               if k not in ("checkpoint_dir", "checkpoint_every", "log_every")}
-    doc = json.dumps({"cfg": fields, "n": n, "d": d, "n_edges": n_edges,
-                      "w_sum": round(w_sum, 3), "world": world}, sort_keys=True, default=str)
+    body = {"cfg": fields, "n": n, "d": d, "n_edges": n_edges,
+            "w_sum": round(w_sum, 3), "world": world}
+    if extra:
+        body["extra"] = extra
+    doc = json.dumps(body, sort_keys=True, default=str)
     return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def _state_digest(module: nn.Module) -> str:
+    """sha256 of a module's state (parameters and buffers, in order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 class Checkpoint:

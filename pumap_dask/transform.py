@@ -11,7 +11,7 @@ import io
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,11 @@ class ModelBlob:
     state: bytes
     n_features: int
     n_components: int
+    # a custom network (pumap_dask.networks.CustomEncoder) travels as the module itself
+    module: Any = field(default=None, compare=False, repr=False)
+
+    def __dask_tokenize__(self):
+        return ("pumap-model-blob", self.sha256)
 
 
 def model_source(model: Any) -> ModelRef | ModelBlob:
@@ -71,6 +76,10 @@ def model_source(model: Any) -> ModelRef | ModelBlob:
         if not os.path.exists(wpath) or file_sha256(wpath) != doc["weights_sha256"]:
             raise ModelFileError(f"{wpath} is missing or does not match the sha256 recorded in "
                                  "config.json; the model is corrupt or was modified")
+        if "factory" in spec:  # a custom encoder: an unimportable factory fails here, now
+            from .model import rebuild_network
+
+            rebuild_network(spec, "encoder", model)
         return ModelRef(os.path.abspath(os.fspath(model)), doc["weights_sha256"],
                         spec["n_features"], spec["n_components"])
     if not hasattr(model, "encoder_"):
@@ -80,8 +89,9 @@ def model_source(model: Any) -> ModelRef | ModelBlob:
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in enc.state_dict().items()}, buf)
     data = buf.getvalue()
-    return ModelBlob(hashlib.sha256(data).hexdigest(), encoder_spec(enc), data,
-                     enc.n_features, enc.n_components)
+    custom = hasattr(enc, "spec")  # a custom network: shipped as the module itself
+    return ModelBlob(hashlib.sha256(data).hexdigest(), {} if custom else encoder_spec(enc),
+                     data, enc.n_features, enc.n_components, module=enc if custom else None)
 
 
 def _get_encoder(source: ModelRef | ModelBlob, device: str):
@@ -102,6 +112,10 @@ def _get_encoder(source: ModelRef | ModelBlob, device: str):
                 if doc["weights_sha256"] != source.sha256:
                     raise InputError(f"the model at {source.path} changed since the graph was "
                                      "built (weights hash differs); rebuild the transform")
+            elif source.module is not None:
+                import copy
+
+                enc = copy.deepcopy(source.module)
             else:
                 s = source.spec
                 enc = Encoder(s["n_features"], s["n_components"], s["hidden_layers"],

@@ -101,4 +101,4 @@ def test_stage_functions_check_their_parameters(tmp_path):
     with pytest.raises(ValueError, match="overlap"):
         pumap_dask.nearest_neighbors(np.zeros((50, 3), np.float32), 5, overlap=0)
     with pytest.raises(ValueError, match="method must be one of"):
-        pumap_dask.nearest_neighbors(np.zeros((50, 3), np.float32), 5, method="hnsw")
+        pumap_dask.nearest_neighbors(np.zeros((50, 3), np.float32), 5, method="annoy")

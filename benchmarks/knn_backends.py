@@ -1,0 +1,116 @@
+"""Recall@k and time of the in-memory kNN back-ends on the same data (tracker issue 11).
+
+Back-ends: ``exact`` (blockwise torch, the ground truth), ``nndescent`` (pynndescent, all
+cores), ``hnsw`` (hnswlib with the default ``M``/``ef_construction``/``ef``, index built
+with one thread because a ``random_state`` is given: deterministic) and ``hnsw-mt``
+(hnswlib built on all cores, ``random_state=None``: not deterministic).
+
+Data: cell-like n x 50 (:func:`pumap_dask.datasets.cell_like`) and the MNIST test set
+(10k x 784) when ``/work/shared/data/mnist10k`` holds it (as ``benchmarks/quality.py``).
+Recall@k is measured against the exact neighbours of every row where exact search ran
+(``--exact-max-n``), else on ``--recall-samples`` random rows. pynndescent's numba
+compilation is paid by a warm-up call before the timings. Usage::
+
+    python benchmarks/knn_backends.py --cells-n 200000 --metrics euclidean cosine \\
+        --json knn_backends.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def datasets(args) -> dict:
+    from pumap_dask.datasets import cell_like
+    from quality import load_dataset
+
+    out = {}
+    if args.cells_n:
+        X, _ = cell_like(args.cells_n, n_features=50, random_state=0)
+        out[f"cells {args.cells_n // 1000}k x 50"] = np.ascontiguousarray(X, dtype=np.float32)
+    if not args.no_mnist:
+        m = load_dataset("mnist")
+        if m is not None:
+            out["mnist test 10k x 784"] = m[0]
+        else:
+            print("MNIST not found; skipped", file=sys.stderr)
+    return out
+
+
+def run(name: str, X: np.ndarray, metric: str, args) -> list[dict]:
+    from pumap_dask.knn import exact_knn, hnsw_knn, knn_recall, nndescent_knn, sample_recall
+
+    k, n = args.k, X.shape[0]
+    rows = []
+    exact_ind = None
+    backends = {
+        "exact": lambda: exact_knn(X, k, device="cpu", metric=metric),
+        "nndescent": lambda: nndescent_knn(X, k, random_state=0, metric=metric),
+        "hnsw": lambda: hnsw_knn(X, k, random_state=0, metric=metric),
+        "hnsw-mt": lambda: hnsw_knn(X, k, random_state=None, metric=metric),
+    }
+    for method in args.methods:
+        if method == "exact" and n > args.exact_max_n:
+            continue
+        t0 = time.perf_counter()
+        ind, _ = backends[method]()
+        secs = time.perf_counter() - t0
+        if method == "exact":
+            exact_ind, recall, how = ind, 1.0, "all rows"
+        elif exact_ind is not None:
+            recall, how = knn_recall(ind, exact_ind), "all rows"
+        else:
+            recall = sample_recall(X, ind, args.recall_samples, device="cpu", metric=metric)
+            how = f"{min(n, args.recall_samples)} rows"
+        row = {"data": name, "metric": metric, "method": method, "n": n, "d": X.shape[1],
+               "k": k, "seconds": secs, "recall": recall, "recall_on": how}
+        rows.append(row)
+        print(f"{name:22} {metric:9} {method:9} {secs:8.2f}s  recall@{k} {recall:.4f} "
+              f"({how})", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells-n", type=int, default=200_000)
+    ap.add_argument("--no-mnist", action="store_true")
+    ap.add_argument("--metrics", nargs="+", default=["euclidean", "cosine"])
+    ap.add_argument("--methods", nargs="+", default=["exact", "nndescent", "hnsw", "hnsw-mt"])
+    ap.add_argument("--k", type=int, default=15)
+    ap.add_argument("--exact-max-n", type=int, default=300_000,
+                    help="largest n searched exactly (else recall is sampled)")
+    ap.add_argument("--recall-samples", type=int, default=1000)
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from pumap_dask.knn import nndescent_knn
+
+    print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}", flush=True)
+    if "nndescent" in args.methods:
+        t0 = time.perf_counter()  # numba compilation of pynndescent, outside the timings
+        warm = np.random.default_rng(0).normal(size=(2000, 8)).astype(np.float32)
+        nndescent_knn(warm, args.k, random_state=0)
+        print(f"pynndescent warm-up (numba compilation) {time.perf_counter() - t0:.1f}s",
+              flush=True)
+    rows = []
+    for name, X in datasets(args).items():
+        for metric in args.metrics:
+            rows += run(name, X, metric, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,708 @@
+"""Custom encoder and decoder networks, the reconstruction term, and ``inverse_transform``.
+
+Custom networks
+---------------
+``ParametricUMAP(encoder=...)`` takes
+
+* a ``torch.nn.Module`` mapping (batch, n_features), or (batch, *dims) for n-D input such
+  as images, to (batch, n_components);
+* a *factory*: a callable called once with the input's size (the feature count as an int
+  for 2-D input, the trailing shape as a tuple for n-D input) that returns such a module;
+* a string ``"package.module:function"`` naming an importable factory.
+
+``decoder=`` takes the same forms; a decoder maps (batch, n_components) to the input's
+shape (or to flat rows), and its factory is called with the same argument as the
+encoder's.
+
+The kNN, the graph and the default MLP see flattened rows (n, prod(dims)); a custom
+encoder (decoder) receives (produces) rows of the original shape: :class:`CustomEncoder`
+reshapes around the user's network, so training and transform stay row-oriented. n-D
+input is accepted as numpy arrays only (lazy input must be 2-D; a model fitted on images
+still transforms their flattened rows lazily).
+
+Saving without pickle
+---------------------
+A saved model holds the network's ``state_dict`` (``weights.pt``, ``decoder.pt``) and,
+in ``config.json``, the factory's importable name and the argument it was called with;
+loading imports the factory, calls it and loads the state dict. A module passed directly
+can be saved only when it was built by a named factory (:func:`build` records the name);
+otherwise :meth:`~pumap_dask.ParametricUMAP.save` raises and asks for a factory name.
+
+Reconstruction
+--------------
+With ``parametric_reconstruction=True`` a decoder is trained jointly with the encoder:
+each optimiser step adds ``parametric_reconstruction_loss_weight`` times the
+reconstruction loss of the step's head rows, decoded from their embedding. The target is
+the *raw input* (not the encoder's centred / projected rows), so ``inverse_transform``
+returns data in input units. The default decoder mirrors the encoder's hidden layers with
+a linear output; for ``reconstruction_loss="mse"`` it predicts standardised rows
+(``(x - mean) / scale``, the encoder's centring and global scale) and its loss is the mean
+squared error in those units, so the weight does not depend on the data's scale; for
+``"bce"`` (data in [0, 1]) it outputs logits and ``inverse_transform`` applies a sigmoid.
+A custom decoder outputs input units (``"mse"``) or logits (``"bce"``). As in umap-learn,
+``autoencoder_loss=False`` (default) trains the decoder on the detached embedding, so the
+embedding is the one UMAP alone gives; True lets the reconstruction gradient reach the
+encoder.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import io
+import logging
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+FACTORY_ATTR = "_pumap_factory"
+FACTORY_ARG_ATTR = "_pumap_factory_arg"
+RECONSTRUCTION_LOSSES = ("mse", "bce")
+_FACTORY_HINT = ('pass an importable factory name such as "mypkg.nets:make_encoder" (a '
+                 "module-level function called with the feature count, or the input's "
+                 "trailing shape for n-D input, that returns the network)")
+
+
+class NetworkError(ValueError):
+    """A custom network or factory cannot be used (wrong output shape, unimportable...)."""
+
+
+# --------------------------------------------------------------------------- factories
+def import_factory(name: str) -> Callable[..., nn.Module]:
+    """Import the factory named ``"package.module:function"`` (or ``"package.module.function"``).
+
+    Parameters
+    ----------
+    name
+        The factory's importable name; the part after ``:`` may be dotted
+        (``"pkg.mod:Class.method"``).
+
+    Returns
+    -------
+    callable
+
+    Raises
+    ------
+    ImportError
+        When the module cannot be imported or lacks the attribute.
+    """
+    if not isinstance(name, str) or not name:
+        raise ImportError(f"a factory name must be a non-empty string, got {name!r}")
+    if ":" in name:
+        mod_name, _, attr = name.partition(":")
+    else:
+        mod_name, _, attr = name.rpartition(".")
+    if not mod_name or not attr:
+        raise ImportError(f"{name!r} is not a factory name of the form 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except Exception as exc:
+        raise ImportError(f"cannot import module {mod_name!r} of factory {name!r} "
+                          f"({type(exc).__name__}: {exc})") from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ImportError(f"module {mod_name!r} has no attribute {attr!r} (factory "
+                              f"{name!r})") from None
+    if not callable(obj):
+        raise ImportError(f"factory {name!r} is not callable ({type(obj).__name__})")
+    return obj
+
+
+def factory_name(fn: Any) -> str | None:
+    """The importable ``"module:qualname"`` of a callable, or None when it has none
+    (lambdas, local functions, ``__main__``, or a name that imports something else)."""
+    if isinstance(fn, str):
+        return fn
+    module = getattr(fn, "__module__", None)
+    qual = getattr(fn, "__qualname__", None)
+    if not module or not qual or module == "__main__" or "<" in qual:
+        return None
+    name = f"{module}:{qual}"
+    try:
+        return name if import_factory(name) is fn else None
+    except ImportError:
+        return None
+
+
+def _json_arg(arg: int | tuple) -> int | list[int]:
+    return int(arg) if isinstance(arg, (int, np.integer)) else [int(a) for a in arg]
+
+
+def _call_arg(arg: Any) -> int | tuple[int, ...]:
+    return int(arg) if isinstance(arg, (int, np.integer)) else tuple(int(a) for a in arg)
+
+
+def build(factory: str | Callable[..., nn.Module], arg: int | tuple[int, ...]) -> nn.Module:
+    """Call a network factory and record its importable name on the module it returns.
+
+    A module built this way can be passed as ``encoder=`` / ``decoder=`` and still be
+    saved (the model stores the factory name and ``arg``, never a pickle).
+
+    Parameters
+    ----------
+    factory
+        ``"package.module:function"`` or the function itself (module-level, importable).
+    arg
+        What the factory is called with: the feature count, or the input's trailing shape.
+
+    Returns
+    -------
+    torch.nn.Module
+
+    Raises
+    ------
+    NetworkError
+        When the factory cannot be imported or does not return a ``torch.nn.Module``.
+    """
+    if isinstance(factory, str):
+        try:
+            fn = import_factory(factory)
+        except ImportError as exc:
+            raise NetworkError(f"cannot use network factory {factory!r}: {exc}") from None
+    else:
+        fn = factory
+    arg = _call_arg(arg)
+    net = fn(arg)
+    if not isinstance(net, nn.Module):
+        raise NetworkError(f"network factory {factory_name(fn) or fn!r} returned a "
+                           f"{type(net).__name__}, not a torch.nn.Module")
+    name = factory_name(fn)
+    if name is not None:
+        setattr(net, FACTORY_ATTR, name)
+        setattr(net, FACTORY_ARG_ATTR, _json_arg(arg))
+    return net
+
+
+def network_arg(input_shape: tuple[int, ...]) -> int | tuple[int, ...]:
+    """What a factory is called with: the feature count for 2-D input, else the shape."""
+    return int(input_shape[0]) if len(input_shape) == 1 else tuple(int(s) for s in input_shape)
+
+
+def _make(spec: Any, arg: int | tuple, seed: int | None, what: str) -> nn.Module:
+    """A private copy of a module, or a module built by a factory (seeded)."""
+    if isinstance(spec, nn.Module):
+        return copy.deepcopy(spec)  # never train the user's parameter in place
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed if seed is not None else torch.seed())
+        try:
+            return build(spec, arg)
+        except NetworkError as exc:
+            raise NetworkError(f"{what}: {exc}") from None
+
+
+def _describe(net: nn.Module) -> tuple[str | None, Any]:
+    return getattr(net, FACTORY_ATTR, None), getattr(net, FACTORY_ARG_ATTR, None)
+
+
+# --------------------------------------------------------------------------- wrappers
+class _Unflatten(nn.Module):
+    """Rows (batch, prod(shape)) -> the user's network on (batch, *shape) -> flat output."""
+
+    def __init__(self, net: nn.Module, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.shape = tuple(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x.reshape(x.shape[0], *self.shape))
+        return out.reshape(out.shape[0], -1)
+
+
+class CustomEncoder(nn.Module):
+    """A user's encoder behind the interface of :class:`pumap_dask.model.Encoder`.
+
+    Training and transform pass flat float32 rows; ``mlp`` (the trained part, as on the
+    default encoder) reshapes them to ``input_shape`` for the user's network. There is no
+    fixed preprocessing: the network sees the input as given.
+    """
+
+    def __init__(self, net: nn.Module, input_shape: tuple[int, ...], n_components: int) -> None:
+        super().__init__()
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.n_features = int(math.prod(self.input_shape))
+        self.n_components = int(n_components)
+        self.mlp = _Unflatten(net, self.input_shape)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.mlp.net
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+    def spec(self) -> dict[str, Any]:
+        """The ``encoder`` block of ``config.json`` (needs a named factory)."""
+        name, arg = _describe(self.net)
+        if name is None:
+            raise NetworkError("cannot save a custom encoder given as a module instance "
+                               "without a factory name (saving never pickles code): "
+                               + _FACTORY_HINT + "; or build the module with "
+                               "pumap_dask.networks.build(name, n_features)")
+        return {"n_features": self.n_features, "n_components": self.n_components,
+                "input_shape": list(self.input_shape), "factory": name, "factory_arg": arg}
+
+
+class Decoder(nn.Module):
+    """Embedding -> input rows. ``forward`` returns input units (flat rows).
+
+    ``net`` maps (batch, n_components) to (batch, *input_shape) or (batch, n_features).
+    For ``loss="mse"`` its output is scaled by ``scale`` and shifted by ``center``
+    (buffers; the default decoder sets them to the training data's mean and global scale,
+    a custom decoder keeps 0 and 1); for ``"bce"`` it outputs logits.
+    """
+
+    def __init__(self, net: nn.Module, n_components: int, input_shape: tuple[int, ...],
+                 loss: str = "mse", hidden_layers: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        if loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"reconstruction_loss must be one of {RECONSTRUCTION_LOSSES}, "
+                             f"got {loss!r}")
+        self.net = net
+        self.n_components = int(n_components)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.n_features = int(math.prod(self.input_shape))
+        self.loss = loss
+        self.hidden_layers = None if hidden_layers is None else tuple(hidden_layers)
+        self.register_buffer("center", torch.zeros(self.n_features))
+        self.register_buffer("scale", torch.ones(()))
+
+    def raw(self, z: torch.Tensor) -> torch.Tensor:
+        """The network's flat output: standardised rows (mse) or logits (bce)."""
+        out = self.net(z)
+        return out.reshape(out.shape[0], -1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        r = self.raw(z)
+        if self.loss == "bce":
+            return torch.sigmoid(r)
+        return r * self.scale + self.center
+
+    def reconstruction_loss(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Mean loss of reconstructing flat raw rows ``x`` from embeddings ``z``."""
+        r = self.raw(z)
+        if r.shape != x.shape:
+            raise NetworkError(f"the decoder outputs {tuple(r.shape[1:])} values per row, "
+                               f"the input has {tuple(x.shape[1:])}")
+        if self.loss == "bce":
+            return nn.functional.binary_cross_entropy_with_logits(r, x)
+        return ((r - (x - self.center) / self.scale) ** 2).mean()
+
+    def spec(self) -> dict[str, Any]:
+        """The ``decoder`` block of ``config.json``."""
+        doc: dict[str, Any] = {"n_features": self.n_features, "n_components": self.n_components,
+                               "input_shape": list(self.input_shape), "loss": self.loss}
+        if self.hidden_layers is not None:
+            doc["hidden_layers"] = list(self.hidden_layers)
+            return doc
+        name, arg = _describe(self.net)
+        if name is None:
+            raise NetworkError("cannot save a custom decoder given as a module instance "
+                               "without a factory name (saving never pickles code): "
+                               + _FACTORY_HINT.replace("make_encoder", "make_decoder"))
+        doc.update(factory=name, factory_arg=arg)
+        return doc
+
+
+def default_decoder_net(n_components: int, n_features: int, hidden_layers: tuple[int, ...],
+                        negative_slope: float = 0.1) -> nn.Sequential:
+    """The encoder's MLP mirrored: hidden layers reversed, LeakyReLU, linear output."""
+    layers: list[nn.Module] = []
+    width = n_components
+    for h in reversed(tuple(hidden_layers)):
+        layers += [nn.Linear(width, int(h)), nn.LeakyReLU(negative_slope, inplace=True)]
+        width = int(h)
+    layers.append(nn.Linear(width, n_features))
+    return nn.Sequential(*layers)
+
+
+def check_network_param(name: str, value: Any) -> None:
+    """None, a ``torch.nn.Module``, a callable factory or a ``"module:function"`` string."""
+    if value is None or isinstance(value, nn.Module) or callable(value):
+        return
+    if isinstance(value, str):
+        if ":" not in value and "." not in value:
+            raise ValueError(f"{name} must name an importable factory as "
+                             f"'package.module:function', got {value!r}")
+        return
+    raise ValueError(f"{name} must be None, a torch.nn.Module, a factory callable or a "
+                     f"'package.module:function' string, got {type(value).__name__}")
+
+
+def check_params(est: Any) -> None:
+    """Validate the estimator's network and reconstruction parameters (fast, no work)."""
+    from .params import choice, real
+
+    check_network_param("encoder", getattr(est, "encoder", None))
+    check_network_param("decoder", getattr(est, "decoder", None))
+    recon = getattr(est, "parametric_reconstruction", False)
+    if not isinstance(recon, (bool, np.bool_)):
+        raise ValueError(f"parametric_reconstruction must be True or False, got {recon!r}")
+    if not isinstance(getattr(est, "autoencoder_loss", False), (bool, np.bool_)):
+        raise ValueError("autoencoder_loss must be True or False, got "
+                         f"{getattr(est, 'autoencoder_loss', None)!r}")
+    real("parametric_reconstruction_loss_weight",
+         getattr(est, "parametric_reconstruction_loss_weight", 1.0), low=0.0)
+    choice("reconstruction_loss", getattr(est, "reconstruction_loss", "mse"),
+           RECONSTRUCTION_LOSSES)
+    world = getattr(est, "train_world_size", None)
+    if world is not None and world > 1 and single_process_only(est.get_params()):
+        raise ValueError(f"train_world_size={world} cannot be used with custom networks or "
+                         "parametric_reconstruction=True: DDP training builds the default "
+                         "encoder on the Dask workers; use train_world_size=1 (or None, which "
+                         "trains in one process for these options)")
+
+
+def single_process_only(params: dict) -> bool:
+    """Whether the fit must train in this process (no DDP): custom networks or a decoder."""
+    return (params.get("encoder") is not None or params.get("decoder") is not None
+            or bool(params.get("parametric_reconstruction")))
+
+
+# --------------------------------------------------------------------------- input shape
+def flatten_input(X: Any, input_shape: tuple[int, ...] | None = None) -> Any:
+    """n-D numpy input (n, *dims) as rows (n, prod(dims)); 2-D input unchanged.
+
+    Parameters
+    ----------
+    X
+        An in-memory array (anything numpy accepts). Lazy input is returned unchanged.
+    input_shape
+        The fitted trailing shape, checked when given and ``X`` is n-D.
+
+    Returns
+    -------
+    The rows, and leaves 1-D / 2-D input to the usual checks.
+    """
+    from .io import InputError, is_lazy
+
+    if is_lazy(X):
+        if getattr(X, "ndim", 2) > 2:
+            raise InputError(f"X has shape {tuple(X.shape)}: n-D input (n, *dims) is accepted "
+                             "as a numpy array only; reshape lazy input to (n_samples, "
+                             "n_features) rows (X.reshape(len(X), -1)): a model fitted on "
+                             "n-D data takes its flattened rows too")
+        return X
+    if hasattr(X, "toarray") and hasattr(X, "nnz"):
+        return X
+    arr = np.asarray(X)
+    if arr.ndim <= 2:
+        return X
+    if input_shape is not None and tuple(arr.shape[1:]) != tuple(input_shape):
+        raise InputError(f"X has samples of shape {tuple(arr.shape[1:])}, but ParametricUMAP "
+                         f"was fitted on samples of shape {tuple(input_shape)}")
+    return arr.reshape(arr.shape[0], -1)
+
+
+def input_shape_of(X: Any) -> tuple[int, ...] | None:
+    """The trailing shape of n-D in-memory input, or None for 2-D / lazy input."""
+    from .io import is_lazy
+
+    if is_lazy(X) or (hasattr(X, "toarray") and hasattr(X, "nnz")):
+        return None
+    shape = np.asarray(X).shape  # (not np.shape: array-likes may refuse array functions)
+    return tuple(int(s) for s in shape[1:]) if len(shape) > 2 else None
+
+
+# --------------------------------------------------------------------------- building
+def _check_output(net: nn.Module, in_shape: tuple[int, ...], out_size: int, what: str,
+                  hint: str) -> None:
+    """Run a 2-row dummy batch through ``net`` and check its output size per row."""
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros((2, *in_shape)))
+    except Exception as exc:
+        raise NetworkError(f"the {what} failed on a batch of shape {(2, *in_shape)} "
+                           f"({type(exc).__name__}: {exc}); {hint}") from exc
+    finally:
+        net.train(was)
+    if not isinstance(out, torch.Tensor) or out.shape[0] != 2 or out[0].numel() != out_size:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise NetworkError(f"the {what} maps a batch of shape {(2, *in_shape)} to {got}; "
+                           f"expected {out_size} values per row; {hint}")
+
+
+def build_custom_encoder(spec: Any, input_shape: tuple[int, ...], n_components: int,
+                         seed: int | None = None) -> CustomEncoder:
+    """A :class:`CustomEncoder` from a module, factory or factory name (see module doc)."""
+    net = _make(spec, network_arg(input_shape), seed, "encoder")
+    _check_output(net, tuple(input_shape), n_components, "encoder",
+                  f"it must map (batch, *{tuple(input_shape)}) to (batch, {n_components}) "
+                  "(n_components)")
+    return CustomEncoder(net, input_shape, n_components)
+
+
+def build_decoder(spec: Any, input_shape: tuple[int, ...], n_components: int, loss: str,
+                  hidden_layers: tuple[int, ...], X: np.ndarray | None = None,
+                  seed: int | None = None) -> Decoder:
+    """The decoder: ``spec`` (module, factory, name) or, for None, the mirrored MLP.
+
+    The default decoder's centre and scale are set from ``X`` (raw training rows) for the
+    mse loss.
+    """
+    n_features = int(math.prod(input_shape))
+    if spec is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((seed if seed is not None else torch.seed()) + 1)
+            dec = Decoder(default_decoder_net(n_components, n_features, hidden_layers),
+                          n_components, input_shape, loss, hidden_layers=tuple(hidden_layers))
+        if X is not None and loss == "mse":
+            sample = np.asarray(X[:20000], dtype=np.float64)
+            mean = sample.mean(0)
+            rms = max(float(np.sqrt(((sample - mean) ** 2).mean())), 1e-12)
+            dec.center.copy_(torch.as_tensor(mean, dtype=torch.float32))
+            dec.scale.fill_(rms)
+        return dec
+    net = _make(spec, network_arg(input_shape), seed, "decoder")
+    _check_output(net, (n_components,), n_features, "decoder",
+                  f"it must map (batch, {n_components}) to (batch, *{tuple(input_shape)})")
+    return Decoder(net, n_components, input_shape, loss)
+
+
+def encoder_from_spec(spec: dict[str, Any]) -> CustomEncoder:
+    """Rebuild (untrained) the custom encoder a config's ``encoder`` block describes.
+
+    Raises
+    ------
+    ImportError
+        When the factory cannot be imported; NetworkError when it builds no fitting module.
+    """
+    fn = import_factory(spec["factory"])
+    net = build(fn, _call_arg(spec["factory_arg"]))
+    setattr(net, FACTORY_ATTR, spec["factory"])
+    setattr(net, FACTORY_ARG_ATTR, spec["factory_arg"])
+    return CustomEncoder(net, tuple(spec["input_shape"]), spec["n_components"])
+
+
+def decoder_from_spec(spec: dict[str, Any]) -> Decoder:
+    """Rebuild (untrained) the decoder a config's ``decoder`` block describes."""
+    shape = tuple(spec["input_shape"])
+    if "factory" not in spec:
+        net = default_decoder_net(spec["n_components"], spec["n_features"],
+                                  tuple(spec["hidden_layers"]))
+        return Decoder(net, spec["n_components"], shape, spec.get("loss", "mse"),
+                       hidden_layers=tuple(spec["hidden_layers"]))
+    fn = import_factory(spec["factory"])
+    net = build(fn, _call_arg(spec["factory_arg"]))
+    setattr(net, FACTORY_ATTR, spec["factory"])
+    setattr(net, FACTORY_ARG_ATTR, spec["factory_arg"])
+    return Decoder(net, spec["n_components"], shape, spec.get("loss", "mse"))
+
+
+# --------------------------------------------------------------------------- training term
+class ReconstructionTerm:
+    """The reconstruction part of the training loss (used by :func:`pumap_dask.train._train`).
+
+    Parameters
+    ----------
+    decoder
+        The decoder to train.
+    X
+        Raw training rows (n, n_features), the reconstruction targets.
+    weight
+        ``parametric_reconstruction_loss_weight``.
+    autoencoder_loss
+        Let the reconstruction gradient reach the encoder (else the embedding is detached).
+    """
+
+    def __init__(self, decoder: Decoder, X: np.ndarray, weight: float = 1.0,
+                 autoencoder_loss: bool = False) -> None:
+        self.decoder = decoder
+        self.X = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32))
+        self.weight = float(weight)
+        self.autoencoder_loss = bool(autoencoder_loss)
+        self.history: list[float] = []
+        self._sum, self._steps = 0.0, 0
+
+    def to(self, device: torch.device) -> "ReconstructionTerm":
+        self.device = torch.device(device)
+        self.decoder.to(self.device).train()
+        if self.device.type != "cpu" and self.X.numel() * 4 < (2 << 30):
+            self.X = self.X.to(self.device)
+        return self
+
+    def parameters(self):
+        return self.decoder.parameters()
+
+    def fingerprint(self) -> str:
+        """What a training checkpoint must also match when the decoder is trained."""
+        doc = f"{self.weight}|{self.autoencoder_loss}|{self.decoder.loss}|{self.decoder}"
+        return hashlib.sha256(doc.encode()).hexdigest()
+
+    def __call__(self, rows: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Weighted loss of decoding ``emb`` (the embeddings of training rows ``rows``)."""
+        z = emb.float() if self.autoencoder_loss else emb.detach().float()
+        x = self.X[rows.to(self.X.device)].to(z.device, non_blocking=True)
+        loss = self.decoder.reconstruction_loss(z, x)
+        self._sum += float(loss.detach())
+        self._steps += 1
+        return self.weight * loss
+
+    def end_epoch(self) -> None:
+        self.history.append(self._sum / max(1, self._steps))
+        self._sum, self._steps = 0.0, 0
+
+
+def reconstruction_error(encoder: nn.Module, decoder: Decoder, X: np.ndarray,
+                         batch_size: int = 8192) -> float:
+    """Mean squared error, in input units, of ``decoder(encoder(X))`` against ``X`` (rows).
+
+    The networks are evaluated in eval mode under ``no_grad`` on their own device, and
+    left in the mode they were in.
+    """
+    device = next(decoder.parameters()).device
+    modes = (encoder.training, decoder.training)
+    encoder.eval()
+    decoder.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for i in range(0, X.shape[0], batch_size):
+                xb = torch.as_tensor(np.ascontiguousarray(X[i:i + batch_size],
+                                                          dtype=np.float32)).to(device)
+                rec = decoder(encoder(xb).float())
+                total += float(((rec - xb) ** 2).sum(dtype=torch.float64))
+                count += xb.numel()
+    finally:
+        encoder.train(modes[0])
+        decoder.train(modes[1])
+    return total / max(1, count)
+
+
+def decode(decoder: Decoder, Z: np.ndarray, batch_size: int = 65536,
+           device: str = "cpu") -> np.ndarray:
+    """Decoder forward pass in batches: (n, n_components) -> (n, n_features) float32."""
+    dev = torch.device(device)
+    dec = decoder.to(dev).eval()
+    out = np.empty((Z.shape[0], decoder.n_features), dtype=np.float32)
+    with torch.inference_mode():
+        for i in range(0, Z.shape[0], batch_size):
+            zb = torch.as_tensor(np.ascontiguousarray(Z[i:i + batch_size], dtype=np.float32))
+            out[i:i + batch_size] = dec(zb.to(dev)).float().cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------------- inverse_transform
+_DECODERS: dict[str, Decoder] = {}
+
+
+def _decoder_blob(decoder: Decoder) -> tuple[str, bytes]:
+    """(sha256, serialised module) of a decoder, shipped once to the workers."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in decoder.state_dict().items()}, buf)
+    return hashlib.sha256(buf.getvalue()).hexdigest(), buf.getvalue()
+
+
+def _inverse_block(block: np.ndarray, source: tuple, batch_size: int) -> np.ndarray:
+    """Decode one block of embedding rows (runs on a worker; decoder cached by hash)."""
+    sha, module = source
+    dec = _DECODERS.get(sha)
+    if dec is None:
+        dec = _DECODERS[sha] = copy.deepcopy(module).cpu().eval()
+    return decode(dec, np.asarray(block, dtype=np.float32), batch_size=batch_size)
+
+
+def inverse_transform(Z: Any, decoder: Decoder, n_components: int,
+                      batch_size: int = 65536) -> Any:
+    """Map embeddings back to input space with a trained decoder.
+
+    Parameters
+    ----------
+    Z
+        (n, n_components) embeddings: numpy (or anything numpy accepts), or a dask array.
+    decoder
+        The trained :class:`Decoder`.
+    n_components
+        The embedding dimension, checked against ``Z``.
+    batch_size
+        Rows per forward pass.
+
+    Returns
+    -------
+    numpy.ndarray or dask.array.Array
+        (n, *input_shape) float32; lazy (one block per row block of ``Z``) for dask input.
+    """
+    from .io import InputError, check_array
+
+    shape = decoder.input_shape
+    if type(Z).__module__.startswith("dask"):
+        import dask
+        import dask.array as da
+
+        if Z.ndim != 2 or Z.shape[1] != n_components:
+            raise InputError(f"Z must have shape (n, {n_components}), got {Z.shape}")
+        Z = Z.rechunk({1: -1}).astype(np.float32)
+        sha, _ = _decoder_blob(decoder)
+        src = dask.delayed((sha, decoder.cpu()), pure=True, traverse=False)
+        out = da.map_blocks(_inverse_block, Z, src, batch_size=int(batch_size),
+                            chunks=(Z.chunks[0], (decoder.n_features,)), dtype=np.float32,
+                            meta=np.empty((0, 0), np.float32),
+                            name="pumap-inverse-" + dask.base.tokenize(Z, sha, batch_size))
+        return out if len(shape) == 1 else out.reshape((Z.shape[0], *shape))
+    Z = check_array(Z, what="Z")
+    if Z.shape[1] != n_components:
+        raise InputError(f"Z has {Z.shape[1]} columns, but the embedding has {n_components} "
+                         "dimensions")
+    out = decode(decoder, Z, batch_size=batch_size)
+    return out if len(shape) == 1 else out.reshape(Z.shape[0], *shape)
+
+
+# --------------------------------------------------------------------------- fit wiring
+def build_for_fit(params: dict, input_shape: tuple[int, ...], cfg: Any,
+                  X: np.ndarray) -> tuple[CustomEncoder | None, ReconstructionTerm | None]:
+    """The custom encoder (None: the default MLP) and the reconstruction term (None: no
+    decoder) of a fit, from the estimator's parameters.
+
+    Parameters
+    ----------
+    params
+        The estimator's ``get_params()``.
+    input_shape
+        The trailing shape of the input rows ((n_features,) for 2-D input).
+    cfg
+        The :class:`pumap_dask.train.TrainConfig` of the fit.
+    X
+        The raw training rows (n, n_features): the reconstruction targets.
+    """
+    seed = params.get("random_state")
+    encoder = None
+    if params.get("encoder") is not None:
+        encoder = build_custom_encoder(params["encoder"], input_shape, cfg.n_components, seed)
+    recon = None
+    if params.get("parametric_reconstruction"):
+        decoder = build_decoder(params.get("decoder"), input_shape, cfg.n_components,
+                                params.get("reconstruction_loss", "mse"),
+                                tuple(cfg.hidden_layers), X, seed)
+        if decoder.loss == "bce" and (X.min() < 0 or X.max() > 1):
+            raise NetworkError("reconstruction_loss='bce' needs data in [0, 1]; the input "
+                               f"spans [{X.min():g}, {X.max():g}]: rescale it or use 'mse'")
+        recon = ReconstructionTerm(decoder, X,
+                                   params.get("parametric_reconstruction_loss_weight", 1.0),
+                                   params.get("autoencoder_loss", False))
+        recon.validation = []
+    elif params.get("decoder") is not None:
+        logger.warning("decoder= is ignored without parametric_reconstruction=True")
+    return encoder, recon
+
+
+def check_validation(data: Any, input_shape: tuple[int, ...]) -> np.ndarray:
+    """``validation_data`` as float32 rows, checked against the training input's shape."""
+    from .io import InputError, check_array
+
+    arr = np.asarray(data.compute() if hasattr(data, "compute") else data)
+    if arr.ndim != len(input_shape) + 1 or tuple(arr.shape[1:]) != tuple(input_shape):
+        raise InputError(f"validation_data has shape {arr.shape}, but X has samples of shape "
+                         f"{tuple(input_shape)}")
+    return check_array(arr.reshape(arr.shape[0], -1), what="validation_data")
