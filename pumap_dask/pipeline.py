@@ -36,7 +36,7 @@ from . import knn as knn_stage
 from .init import N_LANDMARKS, landmark_layout, landmark_rows, pca_layout, spectral_layout
 from .io import InputError, as_dask, check_array, checked_finite, is_lazy
 from .progress import Progress, stage
-from .train import TrainConfig, build_encoder, find_ab_params, train_encoder
+from .train import TrainConfig, is_cupy, build_encoder, find_ab_params, train_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,15 @@ def open_input(X: Any, key: str | None = None) -> InputHandle:
     lazy = is_lazy(X)
     if lazy:
         flatten_input(X)  # n-D lazy input: a clear error
+        if is_cupy(getattr(X, "_meta", None)) or is_cupy(X):
+            raise InputError(
+                "fit does not take CuPy-backed input yet: the kNN and graph stages run on "
+                "host memory. Pass X.map_blocks(cupy.asnumpy) (a dask array of CuPy chunks) "
+                "or cupy.asnumpy(X); transform and train.train_encoder do take CuPy chunks")
         return InputHandle(as_dask(X, key=key), None, True, X, key)
+    if is_cupy(X):
+        raise InputError("fit does not take CuPy arrays yet (the kNN and graph stages run on "
+                         "host memory): pass cupy.asnumpy(X)")
     # n-D numpy input (n, *dims): every stage sees flattened rows; the shape is kept for
     # the networks (see pumap_dask.networks)
     shape = input_shape_of(X)

@@ -201,3 +201,23 @@ def test_bf16_training_on_cuda(blobs):
         knn = KNeighborsClassifier(15).fit(m.embedding_, ytr)
         accs[precision] = knn.score(m.transform(Xte), yte)
     assert accs["bf16"] > accs["fp32"] - 0.05, accs
+
+
+def test_fit_refuses_cupy_input_with_a_clear_message():
+    """fit's kNN and graph stages need host arrays: CuPy input is refused before any stage
+    (a numpy subclass from a module named cupy stands in for CuPy on the CPU)."""
+    import dask.array as da
+
+    from pumap_dask import InputError, ParametricUMAP
+
+    class FakeCupy(np.ndarray):
+        pass
+
+    FakeCupy.__module__ = "cupy._core.core"
+    X = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32).view(FakeCupy)
+    with pytest.raises(InputError, match="cupy.asnumpy"):
+        ParametricUMAP(device="cpu").fit(X)
+    lazy = da.from_array(X, chunks=(20, 4), asarray=False)
+    if type(lazy._meta).__module__.startswith("cupy"):
+        with pytest.raises(InputError, match="map_blocks"):
+            ParametricUMAP(device="cpu").fit(lazy)
