@@ -89,6 +89,8 @@ def _read_config(args) -> dict:
 
     if not getattr(args, "config", None):
         return {}
+    if getattr(args, "job_doc", None) is not None:  # already read for the log level
+        return args.job_doc
     try:
         return read_file(args.config)
     except ConfigError as exc:
@@ -541,7 +543,8 @@ def _log_level(args) -> int:
         try:
             from .config import read_file
 
-            name = read_file(args.config).get("log_level")
+            args.job_doc = read_file(args.config)
+            name = args.job_doc.get("log_level")
         except Exception:  # reported by the command itself
             name = None
     return getattr(logging, (name or "info").upper())

@@ -117,13 +117,20 @@ def encode(encoder: Encoder, X: np.ndarray, batch_size: int = 65536,
     Each row's output depends only on that row: the batch size changes the result only
     by float rounding (about 1e-6). Used by training, the estimator and the lazy transform.
     """
+    return batched_forward(encoder, X, encoder.n_components, batch_size, device)
+
+
+def batched_forward(net: nn.Module, X: np.ndarray, n_out: int, batch_size: int = 65536,
+                    device: str = "cpu") -> np.ndarray:
+    """``net`` (in eval mode, on ``device``) over the rows of ``X`` in batches under
+    ``inference_mode``: float32 (n, n_out) on the host."""
     dev = torch.device(device)
-    enc = encoder.to(dev).eval()
-    out = np.empty((X.shape[0], encoder.n_components), dtype=np.float32)
+    net = net.to(dev).eval()
+    out = np.empty((X.shape[0], n_out), dtype=np.float32)
     with torch.inference_mode():
         for i in range(0, X.shape[0], batch_size):
             xb = torch.as_tensor(np.ascontiguousarray(X[i:i + batch_size], dtype=np.float32))
-            out[i:i + batch_size] = enc(xb.to(dev)).float().cpu().numpy()
+            out[i:i + batch_size] = net(xb.to(dev)).float().cpu().numpy()
     return out
 
 

@@ -584,14 +584,9 @@ def reconstruction_error(encoder: nn.Module, decoder: Decoder, X: np.ndarray,
 def decode(decoder: Decoder, Z: np.ndarray, batch_size: int = 65536,
            device: str = "cpu") -> np.ndarray:
     """Decoder forward pass in batches: (n, n_components) -> (n, n_features) float32."""
-    dev = torch.device(device)
-    dec = decoder.to(dev).eval()
-    out = np.empty((Z.shape[0], decoder.n_features), dtype=np.float32)
-    with torch.inference_mode():
-        for i in range(0, Z.shape[0], batch_size):
-            zb = torch.as_tensor(np.ascontiguousarray(Z[i:i + batch_size], dtype=np.float32))
-            out[i:i + batch_size] = dec(zb.to(dev)).float().cpu().numpy()
-    return out
+    from .model import batched_forward  # model imports this module lazily
+
+    return batched_forward(decoder, Z, decoder.n_features, batch_size, device)
 
 
 # --------------------------------------------------------------------------- inverse_transform
