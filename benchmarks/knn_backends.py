@@ -9,7 +9,8 @@ Data: cell-like n x 50 (:func:`pumap_dask.datasets.cell_like`) and the MNIST tes
 (10k x 784) when ``/work/shared/data/mnist10k`` holds it (as ``benchmarks/quality.py``).
 Recall@k is measured against the exact neighbours of every row where exact search ran
 (``--exact-max-n``), else on ``--recall-samples`` random rows. pynndescent's numba
-compilation is paid by a warm-up call before the timings. Usage::
+compilation is paid by a warm-up call before the timings. :func:`run` and
+:func:`warm_up_nndescent` also serve ``benchmarks/quality.py --knn``. Usage::
 
     python benchmarks/knn_backends.py --cells-n 200000 --metrics euclidean cosine \\
         --json knn_backends.json
@@ -46,10 +47,32 @@ def datasets(args) -> dict:
     return out
 
 
-def run(name: str, X: np.ndarray, metric: str, args) -> list[dict]:
+def have_hnswlib() -> bool:
+    """Whether the optional package hnswlib is importable."""
+    import importlib.util
+
+    return importlib.util.find_spec("hnswlib") is not None
+
+
+def warm_up_nndescent(k: int = 15) -> float:
+    """Pay pynndescent's numba compilation outside the timings; returns its seconds."""
+    from pumap_dask.knn import nndescent_knn
+
+    t0 = time.perf_counter()
+    nndescent_knn(np.random.default_rng(0).normal(size=(2000, 8)).astype(np.float32), k,
+                  random_state=0)
+    return time.perf_counter() - t0
+
+
+def run(name: str, X: np.ndarray, metric: str = "euclidean",
+        methods=("exact", "nndescent", "hnsw", "hnsw-mt"), k: int = 15,
+        exact_max_n: int = 300_000, recall_samples: int = 1000,
+        prefix: str = "") -> list[dict]:
+    """Time each back-end of ``methods`` on ``X`` and its recall@k against exact search
+    (all rows when ``exact`` is among ``methods`` and ran, else ``recall_samples`` rows)."""
     from pumap_dask.knn import exact_knn, hnsw_knn, knn_recall, nndescent_knn, sample_recall
 
-    k, n = args.k, X.shape[0]
+    n = X.shape[0]
     rows = []
     exact_ind = None
     backends = {
@@ -58,8 +81,8 @@ def run(name: str, X: np.ndarray, metric: str, args) -> list[dict]:
         "hnsw": lambda: hnsw_knn(X, k, random_state=0, metric=metric),
         "hnsw-mt": lambda: hnsw_knn(X, k, random_state=None, metric=metric),
     }
-    for method in args.methods:
-        if method == "exact" and n > args.exact_max_n:
+    for method in methods:
+        if method == "exact" and n > exact_max_n:
             continue
         t0 = time.perf_counter()
         ind, _ = backends[method]()
@@ -69,12 +92,12 @@ def run(name: str, X: np.ndarray, metric: str, args) -> list[dict]:
         elif exact_ind is not None:
             recall, how = knn_recall(ind, exact_ind), "all rows"
         else:
-            recall = sample_recall(X, ind, args.recall_samples, device="cpu", metric=metric)
-            how = f"{min(n, args.recall_samples)} rows"
+            recall = sample_recall(X, ind, recall_samples, device="cpu", metric=metric)
+            how = f"{min(n, recall_samples)} rows"
         row = {"data": name, "metric": metric, "method": method, "n": n, "d": X.shape[1],
                "k": k, "seconds": secs, "recall": recall, "recall_on": how}
         rows.append(row)
-        print(f"{name:22} {metric:9} {method:9} {secs:8.2f}s  recall@{k} {recall:.4f} "
+        print(f"{prefix}{name:22} {metric:9} {method:9} {secs:8.2f}s  recall@{k} {recall:.4f} "
               f"({how})", flush=True)
     return rows
 
@@ -94,19 +117,15 @@ def main(argv=None) -> None:
 
     import torch
 
-    from pumap_dask.knn import nndescent_knn
-
     print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}", flush=True)
     if "nndescent" in args.methods:
-        t0 = time.perf_counter()  # numba compilation of pynndescent, outside the timings
-        warm = np.random.default_rng(0).normal(size=(2000, 8)).astype(np.float32)
-        nndescent_knn(warm, args.k, random_state=0)
-        print(f"pynndescent warm-up (numba compilation) {time.perf_counter() - t0:.1f}s",
+        print(f"pynndescent warm-up (numba compilation) {warm_up_nndescent(args.k):.1f}s",
               flush=True)
     rows = []
     for name, X in datasets(args).items():
         for metric in args.metrics:
-            rows += run(name, X, metric, args)
+            rows += run(name, X, metric, args.methods, args.k, args.exact_max_n,
+                        args.recall_samples)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -6,6 +6,9 @@ in a fresh Python process (so JIT compilation and imports count as a user sees t
 
 Reported per method: trustworthiness (k=15) of the held-out embedding, held-out 15-NN
 classifier accuracy (classifier trained on the training embedding), fit and transform time.
+pumap_dask gives two rows from the same fitted model (same process, same fit), each with
+its own transform time: ``pumap_dask`` is ``transform(X)`` (the estimator's default) and
+``pumap_dask (encoder)`` is ``transform(X, refine=False)`` (the encoder alone).
 
 Usage::
 
@@ -14,10 +17,30 @@ Usage::
     python benchmarks/quality.py --seeds 0 1 2        # repeat with several seeds
     python benchmarks/quality.py --refine             # also pumap_dask transform(refine=True)
     python benchmarks/quality.py --knn-method hnsw    # pumap_dask's kNN back-end (default auto)
+    python benchmarks/quality.py --landmarks          # also landmark drift (landmarks.py)
+    python benchmarks/quality.py --knn                # also kNN recall/time (knn_backends.py)
+    python benchmarks/quality.py --datasets digits --seeds 0 --landmarks --knn --json q.json
 
-``--refine`` adds the row ``pumap_dask+refine``: the same fitted model (same process, same
-fit) projecting the held-out rows with ``transform(X, refine=True)`` (issue 11); its
+``--refine`` adds the row ``pumap_dask+refine``: the same fitted model projecting the
+held-out rows with ``transform(X, refine=True)`` (issue 11), only when that differs from
+the default ``transform(X)`` (it does not where the default already refines); its
 ``transform_s`` is the refined transform's whole time (encoder + kNN + polish).
+
+``--landmarks`` (per data set and seed, in this process): the training rows are split into
+A (every class but the last two) and B (those two); a model fitted on A is continued on
+A + B (``init_model``) with ``--landmark-fraction`` (default 10%) of A pinned to its
+embedding at each ``--landmark-weights`` (default 0, i.e. no pull, and 0.1). Reported:
+drift of A's rows (mean/median, in units of the spread ``s`` of A's first embedding) and
+held-out 15-NN accuracy on B's held-out rows and on all held-out rows (encoder embeddings;
+functions of ``benchmarks/landmarks.py``).
+
+``--knn`` (per data set, the first seed's training rows, in this process): time and
+recall@15 (against exact search on ``--recall-samples`` rows) of ``nndescent`` and ``hnsw``
+(``benchmarks/knn_backends.py``; hnsw is skipped with a note when hnswlib is missing).
+
+Last, one line per data set against the targets (means over seeds): ``PASS`` when the
+default ``pumap_dask`` transform's held-out accuracy >= umap-learn's transform's and its
+trustworthiness >= umap-learn's - 0.01, else ``MISS``.
 ``cells20k`` is :func:`pumap_dask.datasets.cell_like` (20,000 rows, 50 features).
 """
 
@@ -35,6 +58,9 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # landmarks.py and knn_backends.py
+ACC_TARGET = 0.0  # default pumap_dask held-out acc - umap-learn's must be >= this
+TRUST_TOL = 0.01  # ... and its trustworthiness at most this below umap-learn's
 MNIST_DIR = os.path.join(HERE, "..", "..", "shared", "data", "mnist10k")
 
 
@@ -95,12 +121,20 @@ def worker(method: str, dataset: str, seed: int, out: str, refine: bool = False,
     t0 = time.perf_counter()
     model.fit(X[tr])
     t1 = time.perf_counter()
-    E_te = model.transform(X[te])
+    E_te = np.asarray(model.transform(X[te]))  # the default transform
     t2 = time.perf_counter()
     extra = {}
-    if refine and method == "pumap_dask":
-        extra["test_refined"] = np.asarray(model.transform(X[te], refine=True))
-        extra["refine_s"] = np.array(time.perf_counter() - t2)
+    if method == "pumap_dask":
+        for name, kw in [("encoder", {"refine": False})] + (
+                [("refined", {"refine": True})] if refine else []):
+            t = time.perf_counter()
+            E = np.asarray(model.transform(X[te], **kw))
+            secs = time.perf_counter() - t
+            if name == "refined" and np.array_equal(E, E_te):
+                print("pumap_dask transform(refine=True) equals the default transform: "
+                      "no pumap_dask+refine row", flush=True)
+                continue
+            extra[f"test_{name}"], extra[f"{name}_s"] = E, np.array(secs)
     np.savez(out, train=np.asarray(model.embedding_), test=np.asarray(E_te),
              timing=np.array([t0 - t_import, t1 - t0, t2 - t1]), **extra)
 
@@ -122,21 +156,85 @@ def evaluate(dataset: str, method: str, seed: int, refine: bool = False,
         res = dict(np.load(out))
         E_tr, E_te, timing = res["train"], res["test"], res["timing"]
     clf = KNeighborsClassifier(15).fit(E_tr, y[tr])
-    rows = [{
-        "dataset": dataset, "method": method, "seed": seed,
-        "knn_method": knn_method if method == "pumap_dask" else None,
-        "n_train": len(tr), "n_test": len(te),
-        "trust_test": trustworthiness(X[te], E_te, n_neighbors=15),
-        "knn_acc_test": clf.score(E_te, y[te]),
-        "fit_s": float(timing[1]), "transform_s": float(timing[2]), "process_s": wall,
-    }]
-    if "test_refined" in res:
-        E_rf = res["test_refined"]
-        rows.append({**rows[0], "method": method + "+refine",
-                     "trust_test": trustworthiness(X[te], E_rf, n_neighbors=15),
-                     "knn_acc_test": clf.score(E_rf, y[te]),
-                     "transform_s": float(res["refine_s"])})
+    base = {"kind": "quality", "dataset": dataset, "seed": seed,
+            "knn_method": knn_method if method == "pumap_dask" else None,
+            "n_train": len(tr), "n_test": len(te), "fit_s": float(timing[1]),
+            "process_s": wall}
+    rows = []
+    for name, E, secs in [(method, E_te, timing[2])] + [
+            (method + suffix, res[f"test_{key}"], res[f"{key}_s"])
+            for key, suffix in [("encoder", " (encoder)"), ("refined", "+refine")]
+            if f"test_{key}" in res]:
+        rows.append({**base, "method": name,
+                     "trust_test": float(trustworthiness(X[te], E, n_neighbors=15)),
+                     "knn_acc_test": float(clf.score(E, y[te])),
+                     "transform_s": float(secs)})
     return rows
+
+
+def landmark_rows(dataset: str, seed: int, weights, fraction: float) -> list[dict]:
+    """benchmarks/landmarks.py's drift experiment on this data set's 70% training rows
+    (A: all classes but the last two, B: those), scored on its 30% held-out rows."""
+    import landmarks as lm
+
+    from pumap_dask import ParametricUMAP
+
+    X, y = load_dataset(dataset)
+    tr, te = split(len(X), seed)
+    XA, XB, XAB, yAB, te_B = lm.split_old_new(X[tr], y[tr], y[te])
+    params = dict(random_state=seed, device="cpu")
+    t0 = time.perf_counter()
+    model0 = ParametricUMAP(**params).fit(XA)
+    fit_A = time.perf_counter() - t0
+    emb_A = model0.embedding_
+    s = lm.spread(emb_A)
+    rows = []
+    for w in weights:
+        model, secs = lm.continue_fit(model0, XAB, emb_A, w, fraction, seed, **params)
+        rows.append({"kind": "landmarks", "dataset": dataset, "seed": seed,
+                     "run": f"{fraction:.0%} of A pinned, weight {w:g}", "weight": w,
+                     "fraction": fraction, "n_A": len(XA), "n_B": len(XB), "spread": s,
+                     "fit_A_s": fit_A, "fit_s": secs,
+                     **lm.drift_metrics(model, XA, emb_A, s, XAB, yAB, X[te], y[te], te_B)})
+    return rows
+
+
+def knn_rows(dataset: str, seed: int, recall_samples: int) -> list[dict]:
+    """nndescent and hnsw (when hnswlib is installed) on the training rows: seconds and
+    recall@15 against exact search on ``recall_samples`` rows (knn_backends.py)."""
+    import knn_backends as kb
+
+    X, _ = load_dataset(dataset)
+    tr, _ = split(len(X), seed)
+    methods = ["nndescent"]
+    if kb.have_hnswlib():
+        methods.append("hnsw")
+    else:
+        print(f"{dataset:9} hnsw skipped: hnswlib is not installed", flush=True)
+    rows = kb.run(dataset, np.ascontiguousarray(X[tr], dtype=np.float32), "euclidean",
+                  methods, k=15, exact_max_n=0, recall_samples=recall_samples)
+    return [{"kind": "knn", "dataset": dataset, "seed": seed, **r} for r in rows]
+
+
+def mean(rows: list[dict], key: str) -> float:
+    return float(np.mean([r[key] for r in rows]))
+
+
+def target_line(dataset: str, rows: list[dict], ours: str, theirs: str) -> str | None:
+    """PASS/MISS of the default transform against umap-learn's (means over seeds)."""
+    a = [r for r in rows if r["dataset"] == dataset and r["method"] == ours]
+    b = [r for r in rows if r["dataset"] == dataset and r["method"] == theirs]
+    if not a or not b:
+        return None
+    d_acc = mean(a, "knn_acc_test") - mean(b, "knn_acc_test")
+    d_trust = mean(a, "trust_test") - mean(b, "trust_test")
+    ok_acc, ok_trust = d_acc >= ACC_TARGET, d_trust >= -TRUST_TOL
+    return (f"{dataset:9} {'PASS' if ok_acc and ok_trust else 'MISS'}  "
+            f"acc {mean(a, 'knn_acc_test'):.4f} vs {mean(b, 'knn_acc_test'):.4f} "
+            f"({d_acc:+.4f}, {'ok' if ok_acc else 'below'})  "
+            f"trust {mean(a, 'trust_test'):.4f} vs {mean(b, 'trust_test'):.4f} "
+            f"({d_trust:+.4f}, {'ok' if ok_trust else f'more than {TRUST_TOL} below'})  "
+            f"[{len(a)} seed(s)]")
 
 
 def main(argv=None) -> None:
@@ -149,6 +247,16 @@ def main(argv=None) -> None:
                     help="also report pumap_dask's transform(X, refine=True) (issue 11)")
     ap.add_argument("--knn-method", default="auto",
                     help="pumap_dask's knn_method: auto, exact, nndescent or hnsw (issue 11)")
+    ap.add_argument("--landmarks", action="store_true",
+                    help="also the landmark drift experiment of benchmarks/landmarks.py")
+    ap.add_argument("--landmark-weights", type=float, nargs="+", default=[0.0, 0.1],
+                    help="landmark_loss_weight values of --landmarks (0: no pull)")
+    ap.add_argument("--landmark-fraction", type=float, default=None,
+                    help="fraction of A pinned by --landmarks (default landmarks.py's, 0.1)")
+    ap.add_argument("--knn", action="store_true",
+                    help="also kNN recall@15 and time of nndescent and hnsw")
+    ap.add_argument("--recall-samples", type=int, default=1000,
+                    help="rows whose exact neighbours score --knn's recall")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -156,37 +264,67 @@ def main(argv=None) -> None:
         worker(method, dataset, int(seed), out, refine=args.refine,
                knn_method=args.knn_method)
         return
+    datasets = [d for d in args.datasets if load_dataset(d) is not None]
+    for d in args.datasets:
+        if d not in datasets:
+            print(f"{d:9} (not available, skipped)")
     rows = []
-    hdr = f"{'dataset':9} {'method':11} {'seed':>4} {'trust':>7} {'knn_acc':>8} " \
-          f"{'fit_s':>7} {'transform_s':>11}"
-    print(hdr)
-    for dataset in args.datasets:
-        if load_dataset(dataset) is None:
-            print(f"{dataset:9} (not available, skipped)")
-            continue
+    print(f"{'dataset':9} {'method':20} {'seed':>4} {'trust':>7} {'knn_acc':>8} "
+          f"{'fit_s':>7} {'transform_s':>11}")
+    for dataset in datasets:
         for seed in args.seeds:
             for method in args.methods:
                 for r in evaluate(dataset, method, seed, refine=args.refine,
                                   knn_method=args.knn_method):
                     rows.append(r)
-                    print(f"{dataset:9} {r['method']:11} {seed:4d} {r['trust_test']:7.4f} "
+                    print(f"{dataset:9} {r['method']:20} {seed:4d} {r['trust_test']:7.4f} "
                           f"{r['knn_acc_test']:8.4f} {r['fit_s']:7.2f} "
                           f"{r['transform_s']:11.4f}", flush=True)
+    if args.landmarks:
+        import landmarks as lm
+
+        fraction = lm.PIN_FRACTION if args.landmark_fraction is None else args.landmark_fraction
+        print("\nlandmark drift: fit on A, continue on A+B (init_model); drift of A in units "
+              "of s; held-out 15-NN acc")
+        print(f"{'dataset':9} {'run':28} {'seed':>4} {'drift_mean':>10} {'drift_med':>9} "
+              f"{'acc_B':>7} {'acc_all':>7} {'fit_s':>7}")
+        for dataset in datasets:
+            for seed in args.seeds:
+                for r in landmark_rows(dataset, seed, args.landmark_weights, fraction):
+                    rows.append(r)
+                    print(f"{dataset:9} {r['run']:28} {seed:4d} {r['drift_mean']:10.3f} "
+                          f"{r['drift_median']:9.3f} {r['acc_B']:7.4f} {r['acc_all']:7.4f} "
+                          f"{r['fit_s']:7.2f}", flush=True)
+    if args.knn:
+        import knn_backends as kb
+
+        print(f"\nkNN back-ends on the training rows (k=15, recall against exact on "
+              f"{args.recall_samples} rows; numba warm-up {kb.warm_up_nndescent(15):.1f}s "
+              "not counted)")
+        for dataset in datasets:
+            rows += knn_rows(dataset, args.seeds[0], args.recall_samples)
     if len(args.methods) == 2:
-        print("\nratios (pumap_dask / umap-learn, mean over seeds)")
-        for dataset in args.datasets:
-            a = [r for r in rows if r["dataset"] == dataset and r["method"] == args.methods[0]]
-            b = [r for r in rows if r["dataset"] == dataset and r["method"] == args.methods[1]]
+        ours, theirs = args.methods
+        print(f"\nratios ({ours} / {theirs}, mean over seeds)")
+        for dataset in datasets:
+            a = [r for r in rows if r["dataset"] == dataset and r.get("method") == ours
+                 and r["kind"] == "quality"]
+            b = [r for r in rows if r["dataset"] == dataset and r.get("method") == theirs
+                 and r["kind"] == "quality"]
             if not a or not b:
                 continue
-
-            def m(rs, k):
-                return float(np.mean([r[k] for r in rs]))
-
-            print(f"{dataset:9} d_acc {m(a, 'knn_acc_test') - m(b, 'knn_acc_test'):+.4f} "
-                  f"d_trust {m(a, 'trust_test') - m(b, 'trust_test'):+.4f} "
-                  f"fit {m(a, 'fit_s') / m(b, 'fit_s'):.2f}x "
-                  f"transform speed-up {m(b, 'transform_s') / m(a, 'transform_s'):.0f}x")
+            print(f"{dataset:9} d_acc {mean(a, 'knn_acc_test') - mean(b, 'knn_acc_test'):+.4f} "
+                  f"d_trust {mean(a, 'trust_test') - mean(b, 'trust_test'):+.4f} "
+                  f"fit {mean(a, 'fit_s') / mean(b, 'fit_s'):.2f}x "
+                  f"transform speed-up {mean(b, 'transform_s') / mean(a, 'transform_s'):.0f}x")
+    lines = [target_line(d, [r for r in rows if r["kind"] == "quality"],
+                         "pumap_dask", "umap-learn") for d in datasets]
+    if any(lines):
+        print(f"\ntargets: default pumap_dask transform vs umap-learn transform, held-out "
+              f"acc >= umap-learn's, trust >= umap-learn's - {TRUST_TOL}")
+        for line in lines:
+            if line:
+                print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

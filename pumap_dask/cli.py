@@ -25,7 +25,10 @@ EXIT_CLUSTER = 3  # the Dask cluster could not be started or reached
 
 # estimator parameter -> the flag that sets it, so messages name what the user typed
 FLAGS = {"n_components": "--n-components", "n_neighbors": "--n-neighbors",
-         "min_dist": "--min-dist", "random_state": "--random-state", "device": "--device"}
+         "min_dist": "--min-dist", "random_state": "--random-state", "device": "--device",
+         "landmark_loss_weight": "--landmark-loss-weight"}
+# saved parameters of an --init-model that do not become this fit's defaults
+NOT_INHERITED = ("work_dir", "verbose", "callbacks")
 
 
 DEMO_MARKER = ".pumap-demo"
@@ -126,6 +129,60 @@ def _fit_params(args, table: dict | None = None) -> dict:
     return params
 
 
+def _init_model_defaults(path: str | None) -> dict:
+    """The saved parameters of ``--init-model`` (the fit's defaults, below the job file),
+    after checking that it is a readable saved model; {} without one."""
+    if path is None:
+        return {}
+    from .estimator import ParametricUMAP
+    from .model import ModelFileError, read_config
+
+    if not os.path.isdir(path):
+        raise CLIError(f"--init-model {path}: no saved model there; pass the MODEL_DIR of an "
+                       "earlier `pumap-dask fit`")
+    try:
+        doc = read_config(path)
+    except ModelFileError as exc:
+        raise CLIError(f"--init-model {path}: {exc}") from None
+    valid = ParametricUMAP().get_params()
+    return {k: v for k, v in doc["params"].items() if k in valid and k not in NOT_INHERITED}
+
+
+def _check_init_model(path: str, n_features: int, params: dict) -> None:
+    """The saved encoder of ``--init-model`` must fit the input and parameters."""
+    from .continued import check_architecture
+    from .model import ModelFileError, load_encoder
+
+    try:
+        encoder, _ = load_encoder(path)
+        check_architecture(encoder, n_features, params)
+    except (ModelFileError, ValueError) as exc:
+        raise CLIError(f"--init-model {path}: {exc}") from None
+
+
+def _read_landmarks(path: str, n_rows: int, n_components: int):
+    """The ``--landmarks`` positions: a .npy (n_rows, n_components) array, NaN rows for
+    points without a landmark."""
+    import numpy as np
+
+    from .params import landmark_positions
+
+    want = f"a .npy file of ({n_rows}, {n_components}) positions (NaN rows for points " \
+           "without a landmark)"
+    if not os.path.isfile(path):
+        raise CLIError(f"--landmarks {path}: no such file; pass {want}")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"--landmarks {path} is not a readable .npy array ({exc}); pass "
+                       f"{want}") from None
+    try:
+        landmark_positions(arr, n_rows, n_components, name=f"--landmarks {path}")
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    return arr
+
+
 def _check_model_out(path: str, input_path: str) -> None:
     """The model directory must be writable and must not replace anything but a model."""
     from .model import check_model_path
@@ -201,8 +258,11 @@ def cmd_fit(args) -> None:
     doc = _read_config(args)
     table = dict(doc.get("fit", {}))
     _positionals(args, table, ("input", "model"))
+    for name in ("init_model", "landmarks"):  # flag > the job file's [fit]
+        if getattr(args, name) is None:
+            setattr(args, name, table.get(name))
     _resolve_cluster(args, doc)
-    params = _fit_params(args, table)
+    params = _fit_params(args, {**_init_model_defaults(args.init_model), **table})
     model = ParametricUMAP(**params)
     try:
         model._check_params()
@@ -212,8 +272,14 @@ def cmd_fit(args) -> None:
     if darr.shape[0] < model.n_neighbors + 1:
         raise CLIError(f"the input has {darr.shape[0]} rows; --n-neighbors "
                        f"{model.n_neighbors} needs at least {model.n_neighbors + 1}")
+    if args.init_model:
+        _check_init_model(args.init_model, darr.shape[1], model.get_params())
+    positions = None
+    if args.landmarks:
+        positions = _read_landmarks(args.landmarks, darr.shape[0], model.n_components)
     _check_model_out(args.model, args.input)
     resolved = {"input": args.input, "model": args.model, "key": args.key,
+                "init_model": args.init_model, "landmarks": args.landmarks,
                 "params": {k: v for k, v in model.get_params().items()
                            if k not in ("verbose", "callbacks")},
                 "cluster": args.cluster}
@@ -232,7 +298,8 @@ def cmd_fit(args) -> None:
             check_shared_directory(client, work_dir)
         except ClusterError as exc:
             raise CLIError(str(exc), EXIT_CLUSTER) from None
-        model.fit(args.input, key=args.key)
+        model.fit(args.input, key=args.key, init_model=args.init_model,
+                  landmark_positions=positions)
     finally:
         _close(client)
     model.save(args.model)
@@ -488,6 +555,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "removed after success)")
     p.add_argument("--keep-work", action="store_true",
                    help="keep the default work directory after success")
+    p.add_argument("--init-model", default=None, metavar="MODEL_DIR",
+                   help="continue training from this saved model (its weights, and its "
+                        "saved parameters as this fit's defaults)")
+    p.add_argument("--landmarks", default=None, metavar="PATH",
+                   help=".npy file of (rows, n_components) positions that pin rows of the "
+                        "input (NaN rows: no landmark)")
+    p.add_argument("--landmark-loss-weight", type=float, default=None, metavar="W",
+                   help="weight of the landmark loss (default 1.0)")
     _add_cluster_args(p)
     p.set_defaults(func=cmd_fit)
 

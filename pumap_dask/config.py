@@ -9,6 +9,9 @@ A job file has one table per command and one for the cluster::
     model = "model_dir"           # the positional MODEL_DIR
     key = "obsm/X_pca"
     work_dir = "model_dir.work"   # kNN, graph shards and training checkpoints: a rerun resumes
+    init_model = "old_model_dir"  # continue training from a saved model (--init-model)
+    landmarks = "positions.npy"   # (rows, n_components) positions, NaN rows: none (--landmarks)
+    landmark_loss_weight = 1.0
     n_neighbors = 30              # any ParametricUMAP parameter
     min_dist = 0.3
 
@@ -30,7 +33,8 @@ A job file has one table per command and one for the cluster::
     memory = "32GiB"
     walltime = "02:00:00"
 
-Precedence: built-in defaults < the file < ``--params`` < named flags. Unknown keys and bad
+Precedence: built-in defaults (with ``init_model``: its saved parameters) < the file <
+``--params`` < named flags. Unknown keys and bad
 values fail before any work starts, naming the file, the table and the key.
 """
 
@@ -77,7 +81,7 @@ SLURM_KEYS: dict[str, Any] = {
 }
 
 # per-command keys beside the estimator's parameters
-FIT_KEYS = ("input", "model", "key", "params")
+FIT_KEYS = ("input", "model", "key", "params", "init_model", "landmarks")
 TRANSFORM_KEYS: dict[str, Any] = {
     "input": lambda n, v: _str(n, v),
     "model": lambda n, v: _str(n, v),
@@ -210,7 +214,7 @@ def check_file(doc: dict[str, Any], path: str) -> None:
     for k, v in doc.get("transform", {}).items():
         _check(path, "transform", k, TRANSFORM_KEYS[k], v)
     fit = doc.get("fit", {})
-    for k in ("input", "model", "key"):
+    for k in ("input", "model", "key", "init_model", "landmarks"):
         if k in fit:
             _check(path, "fit", k, _str, fit[k])
     if "params" in fit:

@@ -127,7 +127,17 @@ def membership_strengths(
 def symmetrize(directed: sp.spmatrix, set_op_mix_ratio: float = 1.0) -> sp.csr_matrix:
     """Fuzzy union/intersection mix: ``mix*(W + W^T - W*W^T) + (1-mix)*(W*W^T)``."""
     W = directed.tocsr()
-    Wt = W.T.tocsr()
+    return fuzzy_set_union(W, W.T.tocsr(), set_op_mix_ratio)
+
+
+def fuzzy_set_union(W: sp.csr_matrix, Wt: sp.csr_matrix,
+                    set_op_mix_ratio: float = 1.0) -> sp.csr_matrix:
+    """``mix*(W + Wt - W*Wt) + (1-mix)*(W*Wt)`` of two same-shape matrices, zeros removed.
+
+    ``W`` holds some rows of a directed graph and ``Wt`` the same rows of its transpose:
+    the whole matrices in :func:`symmetrize`, one row block of each in
+    :mod:`pumap_dask.graph_dask` (so both paths give the same weights).
+    """
     prod = W.multiply(Wt)
     G = set_op_mix_ratio * (W + Wt - prod) + (1.0 - set_op_mix_ratio) * prod
     G = sp.csr_matrix(G)
@@ -235,6 +245,10 @@ def categorical_intersection(
     keeps full confidence in one neighbour) and the result is symmetrised with the fuzzy
     union ``A + A^T - A * A^T``.
 
+    The first two steps are row local (:func:`label_rows`): a partitioned fit runs them per
+    row block on the workers and takes the union across blocks
+    (:func:`pumap_dask.graph_dask.build_edge_store` with ``y``), with the same result.
+
     Parameters
     ----------
     graph
@@ -256,20 +270,49 @@ def categorical_intersection(
     if codes.shape[0] != graph.shape[0]:
         raise ValueError(f"y has {codes.shape[0]} labels for a graph of {graph.shape[0]} "
                          "points")
-    coo = sp.coo_matrix(graph)
-    ci, cj = codes[coo.row], codes[coo.col]
+    A = label_rows(sp.csr_matrix(graph), codes, target_weight, unknown_dist=unknown_dist)
+    return symmetrize(A, 1.0)
+
+
+def label_rows(
+    rows: sp.spmatrix, codes: np.ndarray, target_weight: float = 0.5, *, row_offset: int = 0,
+    unknown_dist: float = UNKNOWN_LABEL_DIST,
+) -> sp.csr_matrix:
+    """The row-local half of :func:`categorical_intersection`: label factors and row rescale.
+
+    Each weight is multiplied by its label factor and each row rescaled to a maximum of 1;
+    the fuzzy union of the result with its transpose is the labelled graph. Rows are
+    independent, so a row block of the graph gives the same rows as the whole graph
+    (:func:`pumap_dask.graph_dask.build_edge_store` runs this per block on the workers).
+
+    Parameters
+    ----------
+    rows
+        Rows ``[row_offset, row_offset + m)`` of the symmetric fuzzy graph, shape (m, n).
+    codes
+        (n,) label codes of all points (:func:`label_codes`; -1: unknown).
+    target_weight, unknown_dist
+        As in :func:`categorical_intersection`.
+    row_offset
+        Global id of the first row.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        (m, n) float32, each non-empty row with maximum 1, no explicit zeros; not symmetric.
+    """
+    coo = sp.coo_matrix(rows)
+    ci, cj = codes[coo.row.astype(np.int64) + row_offset], codes[coo.col]
     unknown = (ci < 0) | (cj < 0)
     factor = np.where(unknown, np.exp(-unknown_dist),
                       np.where(ci != cj, np.exp(-far_label_distance(target_weight)), 1.0))
     w = (coo.data * factor).astype(np.float32)
-    A = sp.csr_matrix((w, (coo.row, coo.col)), shape=graph.shape)
+    A = sp.csr_matrix((w, (coo.row, coo.col)), shape=coo.shape)
     A.eliminate_zeros()
-    # rescale rows to a maximum of 1, then the fuzzy union of the now directed weights
     row_max = np.asarray(A.max(axis=1).todense()).ravel()
     scale = np.divide(1.0, row_max, out=np.zeros_like(row_max, dtype=np.float64),
                       where=row_max > 0)
-    A = sp.diags(scale.astype(np.float32)) @ A
-    return symmetrize(A, 1.0)
+    return sp.csr_matrix(sp.diags(scale.astype(np.float32)) @ A)
 
 
 # ----------------------------------------------------------------------- precomputed graphs

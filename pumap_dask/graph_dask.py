@@ -8,19 +8,25 @@ Per row block (``map_blocks`` style, one task per block of the kNN arrays):
    to the block owning row ``j`` (a shuffle keyed by destination row block).
 3. Each destination block combines the rows it owns, ``W[D, :]`` and ``W^T[D, :]``, exactly as
    :func:`pumap_dask.graph.symmetrize` does (``mix * (W + W^T - W o W^T) + (1 - mix) * W o W^T``).
-4. The global maximum weight gives the pruning threshold ``max(w) / n_epochs`` (as
+4. With labels (a semi-supervised fit), :func:`pumap_dask.graph.categorical_intersection`
+   per block: each block rescales its own rows (:func:`pumap_dask.graph.label_rows`, row
+   local) and sends its entries transposed to the blocks owning their columns, as in step
+   2; each block then takes the fuzzy union of its rows of ``A`` and ``A^T`` as in step 3.
+5. The global maximum weight gives the pruning threshold ``max(w) / n_epochs`` (as
    :func:`pumap_dask.graph.graph_to_edges`), then each block writes its pruned edges
    (head int64, tail int64, weight float32) as one Zarr shard.
 
 Work directory layout (``work_dir/graph``)::
 
-    meta.json                  parameters, kNN fingerprint, max weight, threshold, shards
+    meta.json                  parameters, kNN (and label) fingerprint, max weight,
+                               threshold, shards
     shard-00000.zarr/          a Zarr group {head, tail, weight}, rows of block 0 as heads
     shard-00000.done           completion marker (JSON with the edge count)
 
 Shards are written under a temporary name and renamed when whole; a shard counts only when
 its marker exists. A rerun with the same work_dir and parameters reuses complete shards and
-recomputes the others (including leftovers of a killed run). The work directory must be on a
+recomputes the others (including leftovers of a killed run); other parameters, another kNN
+or other labels rebuild the graph. The work directory must be on a
 file system that every worker sees.
 """
 
@@ -39,7 +45,8 @@ import scipy.sparse as sp
 
 from .edges import META, EdgeStore
 from .io import write_json_atomic
-from .graph import SMOOTH_K_TOLERANCE, membership_strengths, smooth_knn_dist
+from .graph import (SMOOTH_K_TOLERANCE, fuzzy_set_union, label_codes, label_rows,
+                    membership_strengths, smooth_knn_dist)
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +75,12 @@ def _directed_block(ind: np.ndarray, dist: np.ndarray, offset: int, mean_distanc
     w = membership_strengths(ind, dist, sigma, rho, row_offset=offset).ravel()
     n_rows, k = ind.shape
     heads = np.repeat(np.arange(n_rows, dtype=np.int64) + offset, k)
-    tails = ind.ravel()
+    return _exchange(heads, ind.ravel(), w, bounds)
+
+
+def _exchange(heads: np.ndarray, tails: np.ndarray, w: np.ndarray, bounds: np.ndarray) -> dict:
+    """A block's edges ``i -> j`` as its own, plus transposed, ``(j, i, w)``, grouped by
+    the block owning row ``j`` (the column slices that block needs for its rows of W^T)."""
     dest = np.searchsorted(bounds, tails, side="right") - 1
     order = np.argsort(dest, kind="stable")
     starts = np.searchsorted(dest[order], np.arange(len(bounds)))
@@ -77,6 +89,14 @@ def _directed_block(ind: np.ndarray, dist: np.ndarray, offset: int, mean_distanc
         sel = order[starts[b]:starts[b + 1]]
         transposed.append((tails[sel], heads[sel], w[sel]))  # rows of W^T live in block b
     return {"own": (heads, tails, w), "transposed": transposed}
+
+
+def _labelled_block(G: sp.csr_matrix, codes: np.ndarray, offset: int, target_weight: float,
+                    bounds: np.ndarray) -> dict:
+    """Label-weighted, row-rescaled rows of one block (:func:`pumap_dask.graph.label_rows`),
+    as own edges plus transposed edges by destination block (see :func:`_exchange`)."""
+    A = label_rows(G, codes, target_weight, row_offset=offset).tocoo()
+    return _exchange(A.row.astype(np.int64) + offset, A.col.astype(np.int64), A.data, bounds)
 
 
 def _symmetric_rows(own: tuple, incoming: list, offset: int, size: int, n: int,
@@ -90,11 +110,7 @@ def _symmetric_rows(own: tuple, incoming: list, offset: int, size: int, n: int,
     vals = np.concatenate([p[2] for p in incoming])
     Wt = sp.coo_matrix((vals, (rows, cols)), shape=(size, n)).tocsr()
     Wt.sum_duplicates()
-    prod = W.multiply(Wt)
-    G = set_op_mix_ratio * (W + Wt - prod) + (1.0 - set_op_mix_ratio) * prod
-    G = sp.csr_matrix(G)
-    G.eliminate_zeros()
-    return G
+    return fuzzy_set_union(W, Wt, set_op_mix_ratio)
 
 
 def _block_max(G: sp.csr_matrix) -> float:
@@ -132,6 +148,24 @@ def _fingerprint(indices, distances) -> str:
     return tokenize(indices.name, distances.name)
 
 
+def _label_plan(y, target_weight: float, n: int) -> tuple[np.ndarray, dict]:
+    """Label codes of ``y`` (computed once if lazy) and their entry in the graph parameters."""
+    import hashlib
+
+    target_weight = float(target_weight)
+    if not 0.0 <= target_weight <= 1.0:
+        raise ValueError(f"target_weight must lie in [0, 1], got {target_weight}")
+    y = np.asarray(y.compute() if hasattr(y, "compute") else y)
+    codes = label_codes(y)
+    if codes.shape[0] != n:
+        raise ValueError(f"y has {codes.shape[0]} labels for a graph of {n} points")
+    # the smallest code type: every worker holds all n codes (the columns reach any row)
+    codes = codes.astype(np.int32 if codes.max(initial=0) < 2**31 - 1 else np.int64)
+    digest = hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int64).tobytes()).hexdigest()
+    return codes, {"codes": digest, "n_known": int((codes >= 0).sum()),
+                   "target_weight": target_weight}
+
+
 def _cleanup(gdir: str, n_blocks: int) -> None:
     """Remove leftovers of killed runs: temp dirs/files and shards without markers."""
     for tmp in glob.glob(os.path.join(gdir, "*.tmp-*")):
@@ -155,6 +189,8 @@ def build_edge_store(
     local_connectivity: float = 1.0,
     tolerance: float = SMOOTH_K_TOLERANCE,
     n_epochs: int | None = 200,
+    y=None,
+    target_weight: float = 0.5,
     client=None,
 ) -> EdgeStore:
     """Build the fuzzy graph of a chunked kNN on the workers and persist its edges.
@@ -171,6 +207,16 @@ def build_edge_store(
     n_epochs
         Edges with weight below ``max(w) / n_epochs`` are dropped; None or 0 keeps all
         (non-zero) edges.
+    y
+        Optional (n,) labels of a semi-supervised fit (numpy, or a dask array computed once;
+        -1, or NaN for float labels, is unknown; see :func:`pumap_dask.graph.label_codes`).
+        They are mixed into the graph on the workers, before pruning, exactly as
+        :func:`pumap_dask.graph.categorical_intersection` mixes them into an in-memory
+        graph; the shards then hold the labelled graph. Only the label codes (n ints)
+        travel to the workers.
+    target_weight
+        Weight of the labels, in [0, 1] (see
+        :func:`pumap_dask.graph.categorical_intersection`); ignored without ``y``.
     client
         A ``distributed.Client``; default: dask's current scheduler.
 
@@ -207,6 +253,9 @@ def build_edge_store(
               "set_op_mix_ratio": float(set_op_mix_ratio),
               "local_connectivity": float(local_connectivity), "tolerance": float(tolerance),
               "n_epochs": n_epochs, "knn": _fingerprint(indices, distances)}
+    codes = None
+    if y is not None:  # an unlabelled graph keeps its parameters (and old stores stay valid)
+        codes, params["labels"] = _label_plan(y, target_weight, n)
     meta_path = os.path.join(gdir, META)
     meta = None
     if os.path.exists(meta_path):
@@ -241,6 +290,16 @@ def build_edge_store(
         sym.append(delayed(_symmetric_rows, pure=True)(
             directed[b]["own"], incoming, int(bounds[b]), chunks[b], int(n),
             float(set_op_mix_ratio)))
+    if codes is not None:
+        # categorical intersection: rows rescaled per block, then the fuzzy union of A and
+        # A^T, whose rows come from every block's column slice (the exchange of step 2)
+        codes_d = delayed(codes, pure=True)  # one key: shipped once per worker
+        labelled = [delayed(_labelled_block, pure=True)(
+            sym[b], codes_d, int(bounds[b]), params["labels"]["target_weight"], bounds)
+            for b in range(B)]
+        sym = [delayed(_symmetric_rows, pure=True)(
+            labelled[b]["own"], [labelled[s]["transposed"][b] for s in range(B)],
+            int(bounds[b]), chunks[b], int(n), 1.0) for b in range(B)]
 
     if meta is None or "threshold" not in meta:
         # stage 1: symmetrise on the workers (kept there) and find the global maximum
@@ -255,6 +314,10 @@ def build_edge_store(
     threshold = float(meta["threshold"])
     logger.info("graph: symmetrised %d rows in %d blocks (max weight %.4g, threshold %.4g) "
                 "in %.2fs", n, B, meta["max_weight"], threshold, time.perf_counter() - t0)
+    if codes is not None:
+        logger.info("graph: labels mixed in on the workers (target_weight %.2f, %d of %d rows "
+                    "labelled)", params["labels"]["target_weight"],
+                    params["labels"]["n_known"], n)
 
     # stage 2: write the missing shards
     t0 = time.perf_counter()

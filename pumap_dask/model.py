@@ -844,7 +844,7 @@ def _plain(v: Any) -> Any:
 
 
 def save_estimator(path: str | os.PathLike, est: Any, *, include_embedding: bool = True,
-                   include_training_data: bool = False) -> str:
+                   include_training_data: bool | str = "auto") -> str:
     """Save a fitted :class:`~pumap_dask.ParametricUMAP` as a model directory.
 
     Parameters
@@ -858,6 +858,8 @@ def save_estimator(path: str | os.PathLike, est: Any, *, include_embedding: bool
     include_training_data
         Also store the training rows kept for ``transform(..., refine=True)`` (see
         :func:`pumap_dask.refine.stored_reference`; needs ``include_embedding``).
+        ``"auto"``: when ``transform`` polishes by default
+        (:func:`pumap_dask.refine.auto_refine`).
 
     Returns
     -------
@@ -878,6 +880,10 @@ def save_estimator(path: str | os.PathLike, est: Any, *, include_embedding: bool
     fitted["loss_history"] = [float(x) for x in fitted["loss_history"]]
     embedding = est.embedding_ if include_embedding else None
     training_data = None
+    if include_training_data == "auto":
+        from .refine import auto_refine
+
+        include_training_data = include_embedding and auto_refine(est, None)
     if include_training_data:
         from .refine import training_rows_for_save
 

@@ -525,6 +525,7 @@ class ReconstructionTerm:
         self.autoencoder_loss = bool(autoencoder_loss)
         self.history: list[float] = []
         self._sum, self._steps = 0.0, 0
+        self.start: str | None = None  # digest of init_model's decoder (continued training)
 
     def to(self, device: torch.device) -> "ReconstructionTerm":
         self.device = torch.device(device)
@@ -539,6 +540,8 @@ class ReconstructionTerm:
     def fingerprint(self) -> str:
         """What a training checkpoint must also match when the decoder is trained."""
         doc = f"{self.weight}|{self.autoencoder_loss}|{self.decoder.loss}|{self.decoder}"
+        if self.start is not None:  # continued from init_model's decoder
+            doc += f"|{self.start}"
         return hashlib.sha256(doc.encode()).hexdigest()
 
     def __call__(self, rows: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -655,8 +658,9 @@ def inverse_transform(Z: Any, decoder: Decoder, n_components: int,
 
 
 # --------------------------------------------------------------------------- fit wiring
-def build_for_fit(params: dict, input_shape: tuple[int, ...], cfg: Any,
-                  X: np.ndarray) -> tuple[CustomEncoder | None, ReconstructionTerm | None]:
+def build_for_fit(params: dict, input_shape: tuple[int, ...], cfg: Any, X: np.ndarray,
+                  init_decoder: Decoder | None = None
+                  ) -> tuple[CustomEncoder | None, ReconstructionTerm | None]:
     """The custom encoder (None: the default MLP) and the reconstruction term (None: no
     decoder) of a fit, from the estimator's parameters.
 
@@ -670,6 +674,10 @@ def build_for_fit(params: dict, input_shape: tuple[int, ...], cfg: Any,
         The :class:`pumap_dask.train.TrainConfig` of the fit.
     X
         The raw training rows (n, n_features): the reconstruction targets.
+    init_decoder
+        Continued training (:mod:`pumap_dask.continued`): a trained decoder of the same
+        architecture to start from (copied, its centre and scale kept) instead of a fresh
+        one.
     """
     seed = params.get("random_state")
     encoder = None
@@ -677,15 +685,22 @@ def build_for_fit(params: dict, input_shape: tuple[int, ...], cfg: Any,
         encoder = build_custom_encoder(params["encoder"], input_shape, cfg.n_components, seed)
     recon = None
     if params.get("parametric_reconstruction"):
-        decoder = build_decoder(params.get("decoder"), input_shape, cfg.n_components,
-                                params.get("reconstruction_loss", "mse"),
-                                tuple(cfg.hidden_layers), X, seed)
+        if init_decoder is not None:  # continued training: init_model's decoder
+            decoder = copy.deepcopy(init_decoder)
+        else:
+            decoder = build_decoder(params.get("decoder"), input_shape, cfg.n_components,
+                                    params.get("reconstruction_loss", "mse"),
+                                    tuple(cfg.hidden_layers), X, seed)
         if decoder.loss == "bce" and (X.min() < 0 or X.max() > 1):
             raise NetworkError("reconstruction_loss='bce' needs data in [0, 1]; the input "
                                f"spans [{X.min():g}, {X.max():g}]: rescale it or use 'mse'")
         recon = ReconstructionTerm(decoder, X,
                                    params.get("parametric_reconstruction_loss_weight", 1.0),
                                    params.get("autoencoder_loss", False))
+        if init_decoder is not None:  # a checkpoint must match the starting weights too
+            from .train import _state_digest
+
+            recon.start = _state_digest(decoder)
         recon.validation = []
     elif params.get("decoder") is not None:
         logger.warning("decoder= is ignored without parametric_reconstruction=True")

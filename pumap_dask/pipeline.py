@@ -256,8 +256,14 @@ def run_knn(handle: InputHandle, params: dict, device: str, *, work_dir: str | N
     return Neighbors(ind, dist, method)
 
 
-def run_graph(neighbors: Neighbors, params: dict, *, work_dir: str | None = None) -> Edges:
-    """The graph stage: in memory for numpy kNN, edge shards on the workers otherwise."""
+def run_graph(neighbors: Neighbors, params: dict, *, work_dir: str | None = None,
+              y: np.ndarray | None = None) -> Edges:
+    """The graph stage: in memory for numpy kNN, edge shards on the workers otherwise.
+
+    Labels ``y`` (checked by :func:`check_labels`) are mixed in with
+    ``params["target_weight"]``: by :func:`apply_labels` in memory, on the workers before the
+    shards are pruned for a partitioned fit (the same edges and weights).
+    """
     graph_kw = dict(set_op_mix_ratio=params["set_op_mix_ratio"],
                     local_connectivity=params["local_connectivity"],
                     tolerance=params["tolerance"])
@@ -265,7 +271,8 @@ def run_graph(neighbors: Neighbors, params: dict, *, work_dir: str | None = None
         from .graph_dask import build_edge_store
 
         store = build_edge_store(neighbors.indices, neighbors.distances, work_dir,
-                                 n_epochs=PRUNE_EPOCHS, **graph_kw)
+                                 n_epochs=PRUNE_EPOCHS, y=y,
+                                 target_weight=params.get("target_weight", 0.5), **graph_kw)
         head, tail, weight = store.read_compact()
         edges = Edges(head, tail, weight, store.n_vertices)
     else:
@@ -273,6 +280,8 @@ def run_graph(neighbors: Neighbors, params: dict, *, work_dir: str | None = None
                                                  **graph_kw)
         head, tail, weight = graph_stage.graph_to_edges(graph, n_epochs=PRUNE_EPOCHS)
         edges = Edges(head, tail, weight, graph.shape[0], graph)
+        if y is not None:
+            edges = apply_labels(edges, y, params.get("target_weight", 0.5))
     if len(edges) == 0:
         raise InputError("the kNN graph has no edges (all points identical?); the data "
                          "needs some spread to embed")
@@ -288,22 +297,51 @@ def precomputed_edges(graph: sp.csr_matrix) -> Edges:
     return Edges(head, tail, weight, graph.shape[0], graph)
 
 
-def check_labels(y: Any, n: int, partitioned: bool) -> np.ndarray:
-    """Validate the labels of a semi-supervised fit before any stage runs."""
-    if partitioned:
-        raise InputError("fit(X, y) with labels needs an in-memory graph; a partitioned fit "
-                         "keeps its graph as edge shards on the workers: use "
-                         "knn_method='exact' or 'nndescent' (or fit without y)")
+def check_labels(y: Any, n: int) -> np.ndarray:
+    """Validate the labels of a semi-supervised fit before any stage runs.
+
+    Parameters
+    ----------
+    y
+        One label per row of X: numpy, a list, or a dask array (computed here, once: n
+        labels are held on the client for in-memory and partitioned fits alike).
+    n
+        The number of rows of X.
+
+    Returns
+    -------
+    numpy.ndarray
+        The labels, in memory.
+
+    Raises
+    ------
+    InputError
+        When y is not a 1-d vector of n labels, or its labels cannot be compared (mixed
+        types).
+    """
     y = np.asarray(y.compute() if hasattr(y, "compute") else y)
     if y.ndim != 1 or y.shape[0] != n:
         raise InputError(f"y must be a 1-d vector of {n} labels (one per row of X; -1 for "
                          f"unknown), got shape {y.shape}")
+    try:
+        graph_stage.label_codes(y)
+    except TypeError as exc:
+        raise InputError(f"y: the labels must be of one comparable type (ints, floats or "
+                         f"strings), got {y.dtype} values that cannot be sorted: {exc}") from exc
     return y
 
 
 def apply_labels(edges: Edges, y: np.ndarray, target_weight: float) -> Edges:
-    """The graph with labels mixed in (:func:`pumap_dask.graph.categorical_intersection`,
-    umap-learn's categorical ``target_weight`` semantics), pruned again."""
+    """The in-memory graph with labels mixed in
+    (:func:`pumap_dask.graph.categorical_intersection`, umap-learn's categorical
+    ``target_weight`` semantics), pruned again.
+
+    Partitioned fits mix the labels in on the workers instead
+    (:func:`pumap_dask.graph_dask.build_edge_store` with ``y``), through :func:`run_graph`.
+    """
+    if edges.graph is None:
+        raise ValueError("apply_labels needs the in-memory graph; a partitioned fit mixes the "
+                         "labels into its edge shards: pass y to run_graph")
     graph = graph_stage.categorical_intersection(edges.graph, y, target_weight)
     head, tail, weight = graph_stage.graph_to_edges(graph, n_epochs=PRUNE_EPOCHS)
     n_known = int((graph_stage.label_codes(y) >= 0).sum())
@@ -434,7 +472,7 @@ def work_directory(work_dir: str | None) -> Iterator[str]:
 
 def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = None,
         y: Any = None, init_encoder: Any = None, landmark_positions: Any = None,
-        validation_data: Any = None, graph: Any = None) -> FitResult:
+        validation_data: Any = None, graph: Any = None, init_decoder: Any = None) -> FitResult:
     """Run every stage of a fit; ``params`` are a validated estimator's ``get_params()``.
 
     Parameters
@@ -453,13 +491,19 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
         stages are skipped; its edges are pruned as the pipeline prunes its own graph
         (:data:`PRUNE_EPOCHS`). Not together with ``knn``.
     y
-        Labels for a semi-supervised fit (-1: unknown; see :func:`apply_labels`); in-memory
-        graphs only.
+        Labels for a semi-supervised fit (-1: unknown; see :func:`apply_labels`), mixed
+        into the in-memory graph, the edge shards of a partitioned fit, or a precomputed
+        graph.
     init_encoder
         A trained :class:`pumap_dask.model.Encoder` to continue training (see
         :mod:`pumap_dask.continued`): its architecture must match, the initial layout is
         skipped (``init`` "model"), and its preprocessing is kept. It is trained in place:
         pass a copy.
+    init_decoder
+        With ``params["parametric_reconstruction"]``: a trained
+        :class:`pumap_dask.networks.Decoder` (init_model's) to continue training instead of a
+        fresh decoder; its architecture must match (:func:`pumap_dask.continued.check_decoder`).
+        It is copied. Ignored without ``parametric_reconstruction``.
     landmark_positions
         (n, n_components) positions, NaN for rows without a landmark (see
         :func:`pumap_dask.params.landmark_positions`), pulled with weight
@@ -494,6 +538,12 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
         from .continued import check_architecture
 
         check_architecture(init_encoder, handle.d, params)
+    if init_decoder is not None and params.get("parametric_reconstruction"):
+        from .continued import check_decoder
+
+        check_decoder(init_decoder, params, input_shape)
+    else:
+        init_decoder = None
     if landmark_positions is not None:
         from .continued import Landmarks
         from .params import landmark_positions as check_landmarks
@@ -511,7 +561,7 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
     method = None if knn is not None or graph is not None else knn_plan(handle, params, device)
     partitioned = method == "partitioned"
     if y is not None:
-        y = check_labels(y, handle.n, partitioned)
+        y = check_labels(y, handle.n)
     timings["input"] = time.perf_counter() - t0
     with (work_directory(params.get("work_dir")) if partitioned
           else contextlib.nullcontext()) as wdir:
@@ -522,9 +572,9 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                 neighbors = run_knn(handle, params, device, work_dir=wdir, knn=knn,
                                     method=method)
         with timed("graph"):
-            edges = (run_graph(neighbors, params, work_dir=wdir) if graph is None
+            edges = (run_graph(neighbors, params, work_dir=wdir, y=y) if graph is None
                      else precomputed_edges(graph))
-            if y is not None:
+            if y is not None and graph is not None:  # run_graph mixed in its own labels
                 edges = apply_labels(edges, y, params.get("target_weight", 0.5))
         knn_method, knn_recall = neighbors.method, neighbors.recall
         del neighbors  # the kNN arrays are not needed past the graph
@@ -548,7 +598,8 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                 logger.info("custom networks or parametric_reconstruction: training in one "
                             "process, not DDP")
                 client, world = None, 1
-            network, recon = build_for_fit(params, input_shape, cfg, Xtr)
+            network, recon = build_for_fit(params, input_shape, cfg, Xtr,
+                                           init_decoder=init_decoder)
             if world > 1:
                 from .ddp import train_on_dask
 

@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 TRAINING_DATA = "training_data.npy"
 DEFAULT_REFINE_EPOCHS = 100
 DEFAULT_MAX_TRAINING_ROWS = 200_000
+#: ``transform(X)`` (``refine="auto"``) polishes in-memory input by default when the model
+#: was fitted on at most this many rows and holds them: there the encoder generalises less
+#: than UMAP's own placement and the polish costs about as much as umap-learn's transform.
+AUTO_REFINE_MAX_ROWS = 50_000
 
 
 @dataclass(frozen=True)
@@ -183,7 +187,9 @@ def refine_embedding(X: np.ndarray, init: np.ndarray, reference: RefineReference
     Returns
     -------
     numpy.ndarray
-        (n, c) float32 refined positions; rows whose ``init`` is not finite stay as they are.
+        (n, c) float32 refined positions. Rows whose ``init`` is not finite, and rows equal
+        to a training row (whose encoder output is their training position), stay as
+        they are.
     """
     from .knn import exact_knn
 
@@ -194,11 +200,15 @@ def refine_embedding(X: np.ndarray, init: np.ndarray, reference: RefineReference
         return out
     k = min(reference.n_neighbors, reference.data.shape[0])
     ind, dist = exact_knn(X[ok], k, Y=reference.data, device=device, metric=reference.metric)
-    w = memberships(dist)
-    rows = np.flatnonzero(ok).astype(np.int64) + int(row_offset)
-    out[ok] = optimize_new_points(out[ok], reference.embedding, ind, w, a=reference.a,
-                                  b=reference.b, n_epochs=n_epochs, row_ids=rows, seed=seed,
-                                  learning_rate=learning_rate)
+    # a row equal to a training row keeps the encoder's output, its training position (as
+    # umap-learn's transform returns embedding_ for the training data itself)
+    move = ~(X[ok] == reference.data[ind[:, 0]]).all(1)
+    sel = np.flatnonzero(ok)[move]
+    rows = sel.astype(np.int64) + int(row_offset)
+    out[sel] = optimize_new_points(out[sel], reference.embedding, ind[move],
+                                   memberships(dist[move]), a=reference.a, b=reference.b,
+                                   n_epochs=n_epochs, row_ids=rows, seed=seed,
+                                   learning_rate=learning_rate)
     return out
 
 
@@ -248,6 +258,8 @@ def training_rows_for_save(est: Any, embedding: np.ndarray | None
         embedding is not saved.
     """
     kept = getattr(est, "_refine_rows", None)
+    if kept is None and has_training_rows(est):  # a loaded model that stores its rows
+        kept = (reference_from_model(est).data, None)
     if kept is None:
         raise InputError("include_training_data=True needs the training rows, which this "
                          "model did not keep (it was fitted on lazy input or loaded without "
@@ -337,12 +349,60 @@ def reference_from_model(model: Any, training_data: Any = None) -> RefineReferen
     if kept is not None:
         rows, ids = kept
         return RefineReference(rows, emb if ids is None else emb[ids], a, b, k, metric)
+    cached = getattr(model, "_refine_reference", None)
+    if cached is not None:
+        return cached
     path = getattr(model, "model_path_", None)
     if path and os.path.exists(path):
         ref = stored_reference(path)
         if ref is not None:
+            model._refine_reference = ref  # read and checked once per loaded model
             return ref
     raise InputError(_NO_ROWS)
+
+
+def check_refine(refine: Any) -> bool | str:
+    """Validate ``transform``'s ``refine`` argument (True, False or ``"auto"``)."""
+    if refine is True or refine is False or refine == "auto":
+        return refine
+    if isinstance(refine, (bool, np.bool_)):
+        return bool(refine)
+    raise ValueError(f"refine must be True, False or 'auto', got {refine!r}")
+
+
+def has_training_rows(model: Any) -> bool:
+    """Whether ``model`` holds (or its saved directory stores) rows to refine against."""
+    if getattr(model, "_refine_rows", None) is not None \
+            or getattr(model, "_refine_reference", None) is not None:
+        return True
+    path = getattr(model, "model_path_", None)
+    if not path or getattr(model, "embedding_", None) is None:
+        return False
+    from .model import read_config
+
+    try:
+        return bool(read_config(path).get("training_data_sha256"))
+    except Exception:  # noqa: BLE001 - a moved or damaged directory: no stored rows
+        return False
+
+
+def auto_refine(model: Any, X: Any) -> bool:
+    """What ``refine="auto"`` resolves to for ``model.transform(X)``.
+
+    True for in-memory input when the model was fitted on at most
+    :data:`AUTO_REFINE_MAX_ROWS` rows and holds them (an in-memory fit keeps them; a saved
+    model stores them by default under that size) and its training embedding; False for
+    lazy input (dask, Zarr, paths: the encoder's constant cost per row is the point there)
+    and for larger models. The decision depends on the model and the input's type only,
+    never on the number of new rows, so a row gets the same result in any batch.
+    """
+    from .io import is_lazy
+
+    if is_lazy(X) or getattr(model, "embedding_", None) is None:
+        return False
+    if int(getattr(model, "n_samples_fit_", AUTO_REFINE_MAX_ROWS + 1)) > AUTO_REFINE_MAX_ROWS:
+        return False
+    return has_training_rows(model)
 
 
 def _refine_block(block: np.ndarray, init: np.ndarray, offset: np.ndarray,
@@ -397,6 +457,7 @@ def refine_transform(X: Any, init: Any, reference: RefineReference, *,
                                                   seed))
 
 
-__all__ = ["RefineReference", "keep_training_rows", "memberships", "optimize_new_points",
+__all__ = ["AUTO_REFINE_MAX_ROWS", "RefineReference", "auto_refine", "check_refine",
+           "has_training_rows", "keep_training_rows", "memberships", "optimize_new_points",
            "reference_from_model", "refine_embedding", "refine_transform", "sample_ids",
            "stored_reference", "training_rows_for_save"]

@@ -183,7 +183,7 @@ scheduler = "threads"
     assert code == 0, err
     fitted = pumap_dask.load(model)
     emb = zarr.open_array(str(tmp_path / "emb.zarr"), mode="r")[:]
-    assert np.abs(emb - fitted.transform(blobs[1])).max() <= 1e-5
+    assert np.abs(emb - fitted.transform(blobs[1], refine=False)).max() <= 1e-5
     code, out, err = _cli("report", model, "--data", query, "--labels", labels,
                           "--sample", "300")
     assert code == 0, err
@@ -258,7 +258,7 @@ def test_killed_transform_resumes_unfinished_blocks(fitted, tmp_path):
     assert p.returncode == 0, p.stderr
     assert f"({n_done} already done)" in p.stderr or "already done" in p.stderr
     emb = zarr.open_array(str(out), mode="r")[:]
-    assert np.abs(emb - fitted.transform(X)).max() <= 1e-5
+    assert np.abs(emb - fitted.transform(X, refine=False)).max() <= 1e-5
 
 
 # ---------------------------------------------------------------- exit codes and messages

@@ -102,7 +102,7 @@ def test_partial_fit_changes_model(blobs, fitted):
     assert m.n_samples_fit_ == len(X_new)
     assert m.embedding_.shape == (len(X_new), 2)
     assert m.n_epochs_run_ == len(m.loss_history_) == FAST["n_epochs"]
-    np.testing.assert_allclose(m.transform(X_new), m.embedding_, atol=1e-5)
+    np.testing.assert_allclose(m.transform(X_new, refine=False), m.embedding_, atol=1e-5)
 
 
 def test_partial_fit_unfitted_is_fit_then_checks_features(blobs, fitted):
@@ -227,3 +227,149 @@ def test_init_model_with_custom_encoder(blobs):
     assert cont.init_ == "model" and cont.loss_history_[0] < old.loss_history_[0]
     with pytest.raises(ValueError, match="custom encoder"):
         ParametricUMAP(**FAST).fit(X, init_model=old)
+
+
+# ------------------------------------------------------------------ add_landmarks
+def _drift_data():
+    """New data from another distribution: continued training on it moves old points."""
+    from pumap_dask.datasets import clusters
+
+    return clusters(n_samples=400, n_features=16, n_clusters=5, random_state=7)[0]
+
+
+def test_add_landmarks_keeps_old_points_in_place(blobs, fitted):
+    import copy
+
+    A, B = blobs[0], _drift_data()
+    spread = fitted.embedding_.std(0).mean()
+    drift = {}
+    for keep in (True, False):  # the kept rows' ids first, for both runs
+        m = copy.deepcopy(fitted)
+        if keep:
+            assert m.add_landmarks(A, sample_pct=0.2) is None
+            assert m.landmark_loss_weight == 0.01  # umap-learn's default, set on the model
+            ids = m.landmark_idx_
+            assert len(ids) == int(0.2 * len(A)) and m.landmark_X_.shape == (len(ids), 16)
+            np.testing.assert_allclose(m.landmark_positions_,
+                                       fitted.transform(A[ids], refine=False), atol=1e-6)
+        before = m.transform(A[ids], refine=False)
+        m.partial_fit(B)
+        # the result describes B alone, the appended landmark rows dropped
+        assert m.n_samples_fit_ == len(B) and m.embedding_.shape == (len(B), 2)
+        assert m.graph_.shape == (len(B), len(B))
+        np.testing.assert_allclose(m.transform(B, refine=False), m.embedding_, atol=1e-5)
+        drift[keep] = np.median(np.linalg.norm(m.transform(A[ids], refine=False) - before,
+                                               axis=1)) / spread
+        if keep:  # landmarks persist through continued fits until remove_landmarks()
+            assert m.landmark_X_ is not None and len(m.landmark_idx_) == len(ids)
+            m.remove_landmarks()
+            assert not hasattr(m, "landmark_X_")
+            m.remove_landmarks()  # nothing kept: no error
+    assert drift[True] < 0.3 * drift[False], drift
+
+
+def test_add_landmarks_predetermined_merge_and_fresh_fit(blobs, fitted, caplog):
+    import copy
+
+    A, B = blobs[0], blobs[1]
+    m = copy.deepcopy(fitted)
+    m.add_landmarks(A, sample_mode="predetermined", idx=[5, 1, 9], landmark_loss_weight=0.5)
+    assert m.landmark_idx_.tolist() == [1, 5, 9] and m.landmark_loss_weight == 0.5
+    # landmark_positions for B's rows are merged with the kept ones
+    pos = np.full((len(B), 2), np.nan, np.float32)
+    pos[:3] = 0.0
+    m.fit(B, init_model=m, landmark_positions=pos, y=np.zeros(len(B), int))
+    assert m.embedding_.shape == (len(B), 2) and m.init_ == "model"
+    with pytest.raises(ValueError, match=r"shape \(%d, 2\)" % len(B)):
+        m.partial_fit(B, landmark_positions=np.zeros((len(B) + 3, 2)))
+    with pytest.raises(ValueError, match="remove_landmarks"):
+        m.partial_fit(B, knn=(np.zeros((len(B), 15), int), np.zeros((len(B), 15))))
+    # a fresh fit starts afresh: the landmarks are dropped, with a warning
+    caplog.set_level("WARNING", logger="pumap_dask")
+    m.fit(B)
+    assert "dropping the 3 landmarks" in caplog.text and not hasattr(m, "landmark_X_")
+
+
+def test_add_landmarks_lazy_input(blobs, fitted):
+    import copy
+
+    import dask.array as da
+
+    A, B = blobs[0], blobs[1]
+    m = copy.deepcopy(fitted)
+    m.add_landmarks(da.from_array(A, chunks=(100, 16)), sample_pct=0.1)
+    np.testing.assert_array_equal(m.landmark_X_, A[m.landmark_idx_])
+    m.partial_fit(da.from_array(B, chunks=(50, 16)))  # the kept rows: one more block
+    assert m.n_samples_fit_ == len(B) and m.embedding_.shape == (len(B), 2)
+
+
+def test_add_landmarks_errors(blobs, fitted):
+    import copy
+
+    from pumap_dask.estimator import NotFittedError
+
+    A = blobs[0]
+    with pytest.raises(NotFittedError, match="not fitted"):
+        ParametricUMAP(**FAST).add_landmarks(A)
+    m = copy.deepcopy(fitted)
+    for kw, needle in (({"sample_pct": 0.0}, "sample_pct"), ({"sample_pct": 1.5}, "sample_pct"),
+                       ({"sample_pct": 1e-4}, "picks no landmark row"),
+                       ({"sample_mode": "predefined"}, "sample_mode must be one of"),
+                       ({"sample_mode": "predetermined"}, "needs idx"),
+                       ({"sample_mode": "predetermined", "idx": [0, len(A)]}, "outside"),
+                       ({"sample_mode": "predetermined", "idx": [1, 1]}, "more than once"),
+                       ({"sample_mode": "predetermined", "idx": [0.5]}, "integer row ids"),
+                       ({"landmark_loss_weight": -1}, "landmark_loss_weight")):
+        with pytest.raises(ValueError, match=needle):
+            m.add_landmarks(A, **kw)
+    assert not hasattr(m, "landmark_X_")  # nothing kept after a failed call
+    with pytest.raises(ValueError, match="features"):
+        m.add_landmarks(A[:, :8])
+
+
+# ------------------------------------------------------------------ decoder carried over
+RECON = dict(FAST, parametric_reconstruction=True)
+
+
+@pytest.fixture(scope="module")
+def recon_old(blobs):
+    """A small model fitted with a decoder (shared, treat as read-only)."""
+    return ParametricUMAP(random_state=3, **RECON).fit(blobs[0])
+
+
+def test_continued_training_carries_the_decoder(blobs, recon_old, tmp_path):
+    import copy
+
+    from pumap_dask.networks import reconstruction_error
+
+    X = blobs[0]
+    old = copy.deepcopy(recon_old)
+    start = {k: v.clone() for k, v in old.decoder_.state_dict().items()}
+    # a negligible learning rate: the decoder's weights stay where they started
+    tiny = dict(RECON, n_epochs=1, learning_rate=1e-9)
+    cont = ParametricUMAP(random_state=5, **tiny).fit(X, init_model=old)
+    assert cont.decoder_ is not old.decoder_
+    for k, v in cont.decoder_.state_dict().items():
+        torch.testing.assert_close(v, start[k], atol=1e-5, rtol=0)
+    assert _same_state(start, old.decoder_.state_dict())  # init_model's decoder not trained
+    fresh = ParametricUMAP(random_state=5, **tiny).fit(X, init_model=resolve_init_model(old))
+    err = {name: reconstruction_error(m.encoder_, m.decoder_, X)
+           for name, m in (("old", old), ("cont", cont), ("fresh", fresh))}
+    assert err["cont"] < 1.05 * err["old"] and err["cont"] < 0.5 * err["fresh"], err
+    # from a saved model directory: the same starting decoder, bitwise the same result
+    path = old.save(tmp_path / "m")
+    from_path = ParametricUMAP(random_state=5, **tiny).fit(X, init_model=path)
+    assert _same_state(from_path.decoder_.state_dict(), cont.decoder_.state_dict())
+    # partial_fit carries it too
+    old.partial_fit(blobs[1])
+    assert old.decoder_ is not None and len(old.reconstruction_history_) == FAST["n_epochs"]
+
+
+def test_decoder_architecture_mismatch(blobs, recon_old, no_stage):
+    X = blobs[0]
+    with pytest.raises(ValueError, match="init_model's decoder does not match.*"
+                                         "reconstruction_loss"):
+        ParametricUMAP(**dict(RECON, reconstruction_loss="bce")).fit(X, init_model=recon_old)
+    with pytest.raises(ValueError, match="parametric_reconstruction=False"):
+        ParametricUMAP(**dict(RECON, decoder="tests.nets_for_tests:make_decoder")).fit(
+            X, init_model=recon_old)

@@ -62,9 +62,17 @@ def test_transform_independent_of_batch_size(fitted, blobs):
 
 def test_save_load_roundtrip(fitted, blobs, tmp_path):
     path = fitted.save(tmp_path / "model")
-    assert sorted(os.listdir(path)) == ["config.json", "embedding.npy", "weights.pt"]
+    # a small in-memory fit stores its rows, so the loaded model polishes as this one does
+    assert sorted(os.listdir(path)) == ["config.json", "embedding.npy", "training_data.npy",
+                                        "weights.pt"]
     m = pumap_dask.load(path)
     np.testing.assert_array_equal(m.transform(blobs[1]), fitted.transform(blobs[1]))
+    np.testing.assert_array_equal(m.transform(blobs[1], refine=False),
+                                  fitted.transform(blobs[1], refine=False))
+    lean = pumap_dask.load(fitted.save(tmp_path / "lean", include_training_data=False))
+    assert "training_data.npy" not in os.listdir(lean.model_path_)
+    np.testing.assert_array_equal(lean.transform(blobs[1]),  # no rows: the encoder alone
+                                  fitted.transform(blobs[1], refine=False))
     np.testing.assert_array_equal(m.embedding_, fitted.embedding_)
     assert m.get_params() == fitted.get_params()
     assert m.loss_history_ == pytest.approx(fitted.loss_history_)

@@ -1,6 +1,7 @@
 """Distributed fuzzy graph and its edge store (threaded scheduler and a LocalCluster)."""
 
 import glob
+import json
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ import dask
 import dask.array as da
 
 from pumap_dask.datasets import cell_like
-from pumap_dask.graph import fuzzy_simplicial_set, graph_to_edges
+from pumap_dask.graph import categorical_intersection, fuzzy_simplicial_set, graph_to_edges
 from pumap_dask.graph_dask import EdgeStore, build_edge_store
 from pumap_dask.knn import exact_knn
 
@@ -76,6 +77,16 @@ def test_distributed_equals_in_memory(knn, cluster_client, tmp_path):
     assert again.n_edges == store.n_edges
 
 
+def _mark_incomplete(gdir):
+    """meta.json as a killed run leaves it (before the last shard was written)."""
+    meta_path = os.path.join(gdir, "meta.json")
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    meta["complete"] = False
+    with open(meta_path, "w") as fh:
+        json.dump(meta, fh)
+
+
 def test_rerun_reuses_and_repairs(knn, tmp_path):
     ind, dist = knn
     ref = fuzzy_simplicial_set(ind, dist)
@@ -94,13 +105,7 @@ def test_rerun_reuses_and_repairs(knn, tmp_path):
         # simulate a killed run: shard 1 lost its marker, shard 3 vanished leaving a temp dir
         os.remove(os.path.join(gdir, "shard-00001.done"))
         os.rename(shards[3], shards[3] + ".tmp-deadbeef")
-        meta_path = os.path.join(gdir, "meta.json")
-        import json
-        with open(meta_path) as fh:
-            meta = json.load(fh)
-        meta["complete"] = False
-        with open(meta_path, "w") as fh:
-            json.dump(meta, fh)
+        _mark_incomplete(gdir)
         with pytest.raises(RuntimeError, match="incomplete"):
             EdgeStore(gdir)
         store = build_edge_store(*_lazy(ind, dist), tmp_path, n_epochs=None)
@@ -122,6 +127,72 @@ def test_other_parameters_rebuild(knn, tmp_path):
     assert b.n_edges < a.n_edges
     _assert_same(b, fuzzy_simplicial_set(ind, dist, set_op_mix_ratio=0.0))
     assert b.nbytes_on_disk() > 0
+
+
+def _labels(n, seed=0):
+    """Labels 0..3 with about a fifth unknown (-1)."""
+    return np.random.default_rng(seed).integers(-1, 4, n)
+
+
+def test_labelled_graph_equals_in_memory(knn, tmp_path, scheduler):
+    """Labels mixed in on the workers (threads or a LocalCluster) give the in-memory
+    categorical intersection: all edges, and the edges kept after pruning."""
+    ind, dist = knn
+    y = _labels(len(ind))
+    G = fuzzy_simplicial_set(ind, dist)
+    ref = categorical_intersection(G, y, 0.7)
+    store = build_edge_store(*_lazy(ind, dist), tmp_path / "all", n_epochs=None, y=y,
+                             target_weight=0.7, client=scheduler)
+    _assert_same(store, ref)
+    assert len(store) == 5 and store.params["labels"]["n_known"] == int((y >= 0).sum())
+    # float labels, NaN unknown, as a dask array: the same codes; pruned as apply_labels
+    yf = np.where(y >= 0, y, np.nan).astype(np.float64)
+    pruned = build_edge_store(*_lazy(ind, dist), tmp_path / "pruned", n_epochs=200,
+                              y=da.from_array(yf, chunks=1000), target_weight=0.7)
+    rh, rt, rw = graph_to_edges(ref, n_epochs=200)
+    h, t, w = pruned.read()
+    np.testing.assert_array_equal(h, rh)
+    np.testing.assert_array_equal(t, rt)
+    np.testing.assert_allclose(w, rw, atol=1e-6)
+    assert pruned.n_edges < store.n_edges  # the cut removed edges to other labels
+
+
+def test_labelled_rerun_reuses_repairs_and_rebuilds(knn, tmp_path):
+    ind, dist = knn
+    y = _labels(len(ind))
+    G = fuzzy_simplicial_set(ind, dist)
+    with dask.config.set(scheduler="threads"):
+        a = build_edge_store(*_lazy(ind, dist), tmp_path, n_epochs=None, y=y)
+        gdir = a.path
+        first = a.read()
+        shard2 = os.path.join(gdir, "shard-00002.zarr", "zarr.json")
+        before = os.stat(shard2).st_mtime_ns
+        # a killed run: shard 1 lost its marker
+        os.remove(os.path.join(gdir, "shard-00001.done"))
+        _mark_incomplete(gdir)
+        b = build_edge_store(*_lazy(ind, dist), tmp_path, n_epochs=None, y=y)
+        assert os.stat(shard2).st_mtime_ns == before  # only the lost shard recomputed
+        for x, z in zip(first, b.read()):  # deterministic
+            np.testing.assert_array_equal(x, z)
+        # other labels, another target_weight, no labels: rebuilt
+        y2 = y.copy()
+        y2[:300] = 3
+        c = build_edge_store(*_lazy(ind, dist), tmp_path, n_epochs=None, y=y2)
+        _assert_same(c, categorical_intersection(G, y2, 0.5))
+        d = build_edge_store(*_lazy(ind, dist), tmp_path, n_epochs=None, y=y2,
+                             target_weight=1.0)
+        _assert_same(d, categorical_intersection(G, y2, 1.0))
+        e = build_edge_store(*_lazy(ind, dist), tmp_path, n_epochs=None)
+        _assert_same(e, G)
+        assert "labels" not in e.params
+
+
+def test_label_errors(knn, tmp_path):
+    ind, dist = knn
+    with pytest.raises(ValueError, match="labels for a graph of 3025 points"):
+        build_edge_store(*_lazy(ind, dist), tmp_path, y=np.zeros(10))
+    with pytest.raises(ValueError, match=r"target_weight must lie in \[0, 1\]"):
+        build_edge_store(*_lazy(ind, dist), tmp_path, y=np.zeros(len(ind)), target_weight=2)
 
 
 def test_estimator_partitioned_fit(tmp_path, scheduler, monkeypatch):

@@ -90,9 +90,12 @@ def test_label_errors():
         ParametricUMAP(**FAST).fit(X, np.zeros(59))
     with pytest.raises(ValueError, match=r"target_weight must lie in \[0, 1\]"):
         ParametricUMAP(target_weight=1.5, **FAST).fit(X, np.zeros(60))
-    with pytest.raises(InputError, match="in-memory graph"):
+    with pytest.raises(InputError, match="one comparable type"):
+        ParametricUMAP(**FAST).fit(X, np.array([1, "a"] * 30, dtype=object))
+    # a partitioned fit checks its labels before any stage runs, too
+    with pytest.raises(InputError, match="60 labels"):
         ParametricUMAP(knn_method="partitioned", **FAST).fit(
-            da.from_array(X, chunks=(30, 4)), np.zeros(60))
+            da.from_array(X, chunks=(30, 4)), da.zeros(59, chunks=30))
 
 
 def test_partially_labelled_fit_runs(blobs):
@@ -102,3 +105,66 @@ def test_partially_labelled_fit_runs(blobs):
     m = ParametricUMAP(random_state=0, **FAST).fit(Xtr, y)
     assert np.isfinite(m.embedding_).all() and m.embedding_.shape == (len(Xtr), 2)
     np.testing.assert_array_equal(m.fit_transform(Xtr, y), m.embedding_)
+
+
+def test_run_graph_labels_partitioned_equals_in_memory(small_graph, tmp_path):
+    """The graph stage with labels: edge shards (partitioned) == in-memory edges."""
+    import dask
+
+    from pumap_dask import pipeline
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 5)).astype(np.float32)
+    ind, dist = exact_knn(X, 10, device="cpu")
+    y = small_graph[1]
+    params = {**ParametricUMAP(random_state=0, target_weight=0.8).get_params(),
+              "device": "cpu"}
+    mem = pipeline.run_graph(pipeline.Neighbors(ind, dist, "exact"), params, y=y)
+    lazy = pipeline.Neighbors(da.from_array(ind, chunks=(70, 10)),
+                              da.from_array(dist, chunks=(70, 10)), "partitioned")
+    with dask.config.set(scheduler="threads"):
+        part = pipeline.run_graph(lazy, params, work_dir=str(tmp_path), y=y)
+    assert part.graph is None and part.n_vertices == mem.n_vertices == 300
+    np.testing.assert_array_equal(part.head, mem.head)
+    np.testing.assert_array_equal(part.tail, mem.tail)
+    np.testing.assert_allclose(part.weight, mem.weight, atol=1e-6)
+    unlabelled = pipeline.run_graph(pipeline.Neighbors(ind, dist, "exact"), params)
+    assert len(mem) < len(unlabelled)  # pruned after the labels cut edges between classes
+
+
+def _cross_label_weight(store, y):
+    h, t, w = store.read()
+    return w[y[h] != y[t]].sum() / w.sum()
+
+
+def test_partitioned_fit_with_labels(tmp_path, monkeypatch):
+    """fit(X, y) with knn_method="partitioned": the labels reach the edge shards (the
+    training graph), and the embedding separates the labels on held-out rows."""
+    import dask
+
+    from pumap_dask import pipeline
+    from pumap_dask.datasets import clusters, train_test_split
+    from pumap_dask.edges import EdgeStore
+
+    monkeypatch.setattr(pipeline, "N_LANDMARKS", 500)  # landmark layout, as at scale
+    # few features: the clusters touch (raw 15-NN accuracy 0.99), so labels have edges to cut
+    X, lab = clusters(n_samples=1500, n_features=4, n_clusters=8, random_state=0)
+    Xtr, Xte, ytr, yte = train_test_split(X, lab, random_state=0)
+    y = ytr.copy()
+    y[::4] = -1  # partly labelled
+    fits = {}
+    with dask.config.set(scheduler="threads"):
+        for name, labels in (("unsup", None), ("sup", y)):
+            work = tmp_path / name
+            m = ParametricUMAP(knn_method="partitioned", work_dir=str(work), random_state=0,
+                               target_weight=0.7, **FAST).fit(
+                da.from_array(Xtr, chunks=(400, -1)), labels)
+            assert m.knn_method_ == "partitioned" and not hasattr(m, "graph_")
+            fits[name] = (m, EdgeStore(work / "graph"))
+    (unsup, g_u), (sup, g_s) = fits["unsup"], fits["sup"]
+    assert sup.n_edges_ == g_s.n_edges and g_s.params["labels"]["n_known"] == (y >= 0).sum()
+    # measured: 2.6% of the weight between labels -> 1.1%; held-out 0.973 -> 0.978
+    assert _cross_label_weight(g_s, ytr) < 0.5 * _cross_label_weight(g_u, ytr)
+    a_u = _knn_accuracy(unsup, Xte, ytr, yte)
+    a_s = _knn_accuracy(sup, Xte, ytr, yte)
+    assert np.isfinite(sup.embedding_).all() and a_s >= 0.9 and a_s >= a_u - 0.02, (a_u, a_s)

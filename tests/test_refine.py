@@ -29,12 +29,43 @@ def _acc(model, ytr, Z, yte):
 
 def test_refine_improves_heldout_accuracy(digits_fit):
     model, Xtr, ytr, Xte, yte = digits_fit
-    plain = model.transform(Xte)
+    plain = model.transform(Xte, refine=False)
     refined = model.transform(Xte, refine=True)
     assert refined.shape == plain.shape and refined.dtype == np.float32
     a0, a1 = _acc(model, ytr, plain, yte), _acc(model, ytr, refined, yte)
     assert a1 >= a0 + 0.01, (a0, a1)
     assert a1 >= 0.93
+    # the default polishes a small in-memory fit's new points (refine="auto")
+    np.testing.assert_array_equal(model.transform(Xte), refined)
+
+
+def test_auto_refine_only_where_cheap(digits_fit, monkeypatch):
+    import pumap_dask.refine as refine_mod
+
+    model, Xtr, _, Xte, _ = digits_fit
+    plain = model.transform(Xte[:40], refine=False)
+    assert not np.array_equal(model.transform(Xte[:40]), plain)
+    # lazy input: the encoder alone, as pumap_dask.transform
+    with dask.config.set(scheduler="threads"):
+        lazy = model.transform(da.from_array(Xte[:40], chunks=20)).compute()
+    np.testing.assert_array_equal(lazy, plain)
+    # a model fitted on more rows than AUTO_REFINE_MAX_ROWS: the encoder alone
+    monkeypatch.setattr(refine_mod, "AUTO_REFINE_MAX_ROWS", len(Xtr) - 1)
+    np.testing.assert_array_equal(model.transform(Xte[:40]), plain)
+    assert refine_mod.auto_refine(model, Xte) is False
+    with pytest.raises(ValueError, match="refine must be True, False or 'auto'"):
+        model.transform(Xte[:5], refine="yes")
+
+
+def test_training_rows_keep_their_training_position(digits_fit):
+    """As umap-learn's transform of the training data: a row equal to a training row keeps
+    the encoder's output (scikit-learn's fit_transform == fit().transform check)."""
+    model, Xtr, _, Xte, _ = digits_fit
+    mixed = np.concatenate([Xtr[:30], Xte[:30]])
+    out = model.transform(mixed)
+    np.testing.assert_array_equal(out[:30], model.transform(Xtr[:30], refine=False))
+    np.testing.assert_allclose(out[:30], model.embedding_[:30], atol=1e-4)
+    assert not np.array_equal(out[30:], model.transform(Xte[:30], refine=False))
 
 
 def test_refine_dask_equals_numpy_stays_lazy_and_chunk_independent(digits_fit):
@@ -64,7 +95,7 @@ def test_refine_dask_equals_numpy_stays_lazy_and_chunk_independent(digits_fit):
 
 def test_refine_needs_training_rows(digits_fit, tmp_path):
     model, Xtr, _, Xte, _ = digits_fit
-    bare = load(model.save(tmp_path / "bare"))
+    bare = load(model.save(tmp_path / "bare", include_training_data=False))
     with pytest.raises(InputError, match="include_training_data=True"):
         bare.transform(Xte[:5], refine=True)
     # the rows can be given explicitly, but must be the fitted ones
@@ -83,7 +114,8 @@ def test_refine_needs_training_rows(digits_fit, tmp_path):
 def test_saved_training_data_round_trip(digits_fit, tmp_path):
     model, Xtr, _, Xte, _ = digits_fit
     path = model.save(tmp_path / "m", include_training_data=True)
-    assert stored_reference(model.save(tmp_path / "plain")) is None
+    assert stored_reference(model.save(tmp_path / "plain", include_training_data=False)) is None
+    assert stored_reference(model.save(tmp_path / "auto")) is not None  # small: stored
     loaded = load(path)
     np.testing.assert_allclose(loaded.transform(Xte[:30], refine=True, refine_epochs=10),
                                model.transform(Xte[:30], refine=True, refine_epochs=10),

@@ -34,7 +34,7 @@ def _check_lazy(lazy, n, chunks):
 @pytest.mark.parametrize("chunks", [(50, 16), (123, 5), (1000, 16)])
 def test_lazy_equals_numpy_threaded(fitted, blobs, chunks):
     Xte = blobs[1]
-    ref = fitted.transform(Xte)
+    ref = fitted.transform(Xte, refine=False)
     darr = da.from_array(Xte, chunks=chunks)
     with dask.config.set(scheduler="threads"):
         out = _check_lazy(pumap_dask.transform(darr, fitted), len(Xte), darr.chunks[0])
@@ -43,7 +43,7 @@ def test_lazy_equals_numpy_threaded(fitted, blobs, chunks):
 
 def test_numpy_zarr_path_and_loaded_model(fitted, saved, blobs, tmp_path):
     Xte = blobs[1]
-    ref = fitted.transform(Xte)
+    ref = fitted.transform(Xte, refine=False)
     z = zarr.create_array(str(tmp_path / "x.zarr"), shape=Xte.shape, chunks=(40, 16),
                           dtype="float32")
     z[:] = Xte
@@ -58,7 +58,7 @@ def test_numpy_zarr_path_and_loaded_model(fitted, saved, blobs, tmp_path):
 
 def test_distributed_cluster(fitted, saved, blobs, cluster_client):
     Xte = blobs[1]
-    ref = fitted.transform(Xte)
+    ref = fitted.transform(Xte, refine=False)
     darr = da.from_array(Xte, chunks=(37, 16))
     for model in (fitted, saved):
         lazy = pumap_dask.transform(darr, model)
@@ -111,7 +111,7 @@ def test_transform_errors(fitted, saved, tmp_path, blobs):
 
 def test_transform_to_zarr_resumes(fitted, saved, blobs, tmp_path, caplog):
     X = np.repeat(blobs[1], 3, axis=0)
-    ref = fitted.transform(X)
+    ref = fitted.transform(X, refine=False)
     out = tmp_path / "emb.zarr"
     z = transform_to_zarr(da.from_array(X, chunks=(100, 16)), saved, out)
     assert np.abs(z[:] - ref).max() <= 1e-5
@@ -133,7 +133,7 @@ def test_transform_to_zarr_resumes(fitted, saved, blobs, tmp_path, caplog):
 
 def test_transform_to_zarr_sharded(fitted, saved, blobs, tmp_path, scheduler):
     X = np.repeat(blobs[1], 2, axis=0)
-    ref = fitted.transform(X)
+    ref = fitted.transform(X, refine=False)
     z = transform_to_zarr(da.from_array(X, chunks=(160, 16)), saved, tmp_path / "s.zarr",
                           sharded=True)
     assert z.shards == (160, 2)
@@ -200,12 +200,12 @@ def test_anndata_obsm(fitted, saved, blobs, tmp_path):
     before = files()
     write_anndata_obsm(store, saved)
     back = anndata.read_zarr(store)
-    assert np.abs(back.obsm["X_pumap"] - fitted.transform(Xte)).max() <= 1e-5
+    assert np.abs(back.obsm["X_pumap"] - fitted.transform(Xte, refine=False)).max() <= 1e-5
     np.testing.assert_array_equal(back.obsm["X_pca"], Xte)
     assert files() == before  # nothing else was rewritten
     # the store (and its obsm/X_pca) is accepted as input directly
     out = pumap_dask.transform(str(store), saved).compute()
-    assert np.abs(out - fitted.transform(Xte)).max() <= 1e-5
+    assert np.abs(out - fitted.transform(Xte, refine=False)).max() <= 1e-5
 
 
 def test_out_of_distribution(fitted, saved, blobs, tmp_path, caplog):
