@@ -3,8 +3,9 @@
 
 :func:`model_summary` reads a model directory through :mod:`pumap_dask.model`'s verified
 readers; :func:`format_info` turns the summary into text. :func:`write_report` adds the
-figures and quality metrics and writes ``report.json`` and one self-contained
-``report.html`` (figures are PNG data URIs; no external CSS, JS or images).
+figures and quality metrics (:mod:`pumap_dask.report_metrics`) and writes ``report.json``
+and one self-contained ``report.html`` (figures are PNG data URIs; no external CSS, JS or
+images).
 
 With data, every row is embedded block by block through the lazy transform (only the
 n x 2 embedding is held), binned into a 2-D histogram (drawn as one image, so millions of
@@ -26,8 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from .io import InputError, as_dask, write_json_atomic
+from .io import as_dask, write_json_atomic
 from .model import EMBEDDING, ModelFileError, load_embedding, load_encoder, read_config
+from .report_metrics import (knn_preservation, load_labels, quality_metrics,  # noqa: F401
+                             sample_rows)
 
 logger = logging.getLogger(__name__)
 
@@ -272,112 +275,6 @@ def format_info(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- labels
-def _read_zarr_labels(node: Any, where: str) -> tuple[np.ndarray, list[str] | None]:
-    """A 1-D zarr array, or an AnnData categorical / nullable group -> (values, names)."""
-    import zarr
-
-    if isinstance(node, zarr.Array):
-        return np.asarray(node[...]), None
-    attrs = dict(node.attrs)
-    kind = attrs.get("encoding-type")
-    keys = set(node.keys())
-    if {"codes", "categories"} <= keys:
-        codes = np.asarray(node["codes"][...]).astype(np.int64)
-        names = [str(c) for c in np.asarray(node["categories"][...]).tolist()]
-        return codes, names
-    if {"values", "mask"} <= keys:  # AnnData nullable-integer / nullable-boolean
-        values = np.asarray(node["values"][...]).astype(np.int64)
-        mask = np.asarray(node["mask"][...]).astype(bool)
-        uniq, codes = np.unique(values[~mask], return_inverse=True)
-        out = np.full(values.shape, -1, np.int64)
-        out[~mask] = codes
-        return out, [str(u) for u in uniq.tolist()]
-    raise InputError(f"labels {where} is a Zarr group of encoding {kind!r} with arrays "
-                     f"{sorted(keys)}; expected a 1-D array or an AnnData categorical "
-                     "(codes + categories)")
-
-
-def load_labels(labels: Any, data: Any = None, n_rows: int | None = None
-                ) -> tuple[np.ndarray, list[str]]:
-    """Resolve labels to integer codes (-1: missing) and their names.
-
-    Parameters
-    ----------
-    labels
-        A 1-D array, the path of a ``.npy`` file, or a key inside the Zarr / AnnData store
-        ``data`` (e.g. ``"obs/cell_type"``; AnnData categoricals are decoded).
-    data
-        The data's Zarr store (path or group), needed for a key.
-    n_rows
-        The expected length.
-
-    Returns
-    -------
-    codes, names
-        ``codes`` int32 of length n (``-1`` for missing values), ``names[code]``.
-
-    Raises
-    ------
-    InputError
-        When the labels cannot be found or have the wrong length or shape.
-    """
-    names: list[str] | None = None
-    if isinstance(labels, (str, os.PathLike)):
-        spec = os.fspath(labels)
-        if os.path.isfile(spec):
-            values = np.load(spec, allow_pickle=False)
-        else:
-            import zarr
-
-            if isinstance(data, (str, os.PathLike)):
-                try:
-                    root = zarr.open(os.fspath(data), mode="r")
-                except Exception as exc:
-                    raise InputError(f"cannot open {data!r} to read labels {spec!r}: "
-                                     f"{exc}") from exc
-            elif isinstance(data, zarr.Group):
-                root = data
-            else:
-                raise InputError(f"labels {spec!r} is neither a .npy file nor a key of a "
-                                 "Zarr store: pass data as the path of a Zarr / AnnData "
-                                 "store to read labels from it, or pass the labels as an "
-                                 "array")
-            if not isinstance(root, zarr.Group):
-                raise InputError(f"labels key {spec!r} needs a Zarr group (an AnnData "
-                                 f"store), but {data!r} is a single array")
-            try:
-                node = root[spec]
-            except KeyError:
-                top = sorted(root.group_keys()) if hasattr(root, "group_keys") else []
-                hint = ""
-                if "obs" in top:
-                    hint = f"; obs holds {sorted(root['obs'].keys())[:20]}"
-                raise InputError(f"no labels {spec!r} in {data!r}{hint}") from None
-            values, names = _read_zarr_labels(node, repr(spec))
-    else:
-        values = np.asarray(labels)
-    if values.ndim != 1:
-        raise InputError(f"labels must be 1-D (one per row), got shape {values.shape}")
-    if n_rows is not None and values.shape[0] != n_rows:
-        raise InputError(f"labels have {values.shape[0]} values but the data has {n_rows} "
-                         "rows")
-    if names is None:
-        if values.dtype == object:  # e.g. strings with None from pandas
-            values = values.astype(str)
-        if values.dtype.kind == "f":
-            ok = np.isfinite(values)
-            uniq, inv = np.unique(values[ok], return_inverse=True)
-            codes = np.full(values.shape, -1, np.int64)
-            codes[ok] = inv
-        else:
-            uniq, codes = np.unique(values, return_inverse=True)
-        names = [str(u) for u in uniq.tolist()]
-    else:
-        codes = values
-    return np.asarray(codes, dtype=np.int32).reshape(-1), names
-
-
 # --------------------------------------------------------------------------- embedding
 def embed_all(darr: Any, model_dir: str, blocks_at_once: int = 8) -> np.ndarray:
     """Embed every row of a dask array into one preallocated (n, n_components) array.
@@ -398,71 +295,6 @@ def embed_all(darr: Any, model_dir: str, blocks_at_once: int = 8) -> np.ndarray:
         parts = dask.compute(*[emb.blocks[b] for b in group])
         for b, part in zip(group, parts):
             out[starts[b]:starts[b + 1]] = part
-    return out
-
-
-# --------------------------------------------------------------------------- metrics
-def sample_rows(n: int, n_sample: int, random_state: int) -> np.ndarray:
-    """Sorted indices of a seeded random sample of ``min(n, n_sample)`` rows (all when
-    ``n <= n_sample``)."""
-    if n <= n_sample:
-        return np.arange(n)
-    rng = np.random.default_rng(random_state)
-    return np.sort(rng.choice(n, size=n_sample, replace=False))
-
-
-def knn_preservation(X: np.ndarray, emb: np.ndarray, n_neighbors: int = 15) -> float:
-    """Mean fraction of each point's exact ``n_neighbors`` input-space neighbours that are
-    also among its ``n_neighbors`` embedding neighbours (self excluded)."""
-    from sklearn.neighbors import NearestNeighbors
-
-    def neighbours(A: np.ndarray) -> np.ndarray:
-        return NearestNeighbors(n_neighbors=n_neighbors).fit(A).kneighbors(
-            return_distance=False)
-
-    a, b = neighbours(X), neighbours(emb)
-    n = a.shape[0]
-    # one sorted id per (row, neighbour) pair: count ids both sets share
-    rows = np.arange(n, dtype=np.int64)[:, None] * n
-    both = np.intersect1d((rows + a).ravel(), (rows + b).ravel(), assume_unique=True)
-    return float(both.size) / float(a.size)
-
-
-def quality_metrics(X: np.ndarray, emb: np.ndarray, codes: np.ndarray | None,
-                    n_neighbors: int, random_state: int) -> dict[str, Any]:
-    """Trustworthiness, kNN preservation and (with labels) 5-fold 15-NN label accuracy of
-    an embedded sample, each a value or a ``"not computed (...)"`` reason."""
-    from sklearn.manifold import trustworthiness
-    from sklearn.model_selection import KFold, cross_val_score
-    from sklearn.neighbors import KNeighborsClassifier
-
-    m = X.shape[0]
-    out: dict[str, Any] = {}
-    if n_neighbors < m / 2:
-        out["trustworthiness"] = float(trustworthiness(X, emb, n_neighbors=n_neighbors))
-    else:
-        out["trustworthiness"] = (f"not computed (the sample of {m} rows needs more than "
-                                  f"{2 * n_neighbors} for n_neighbors={n_neighbors})")
-    if n_neighbors < m:
-        out["knn_preservation"] = knn_preservation(X, emb, n_neighbors)
-    else:
-        out["knn_preservation"] = f"not computed (only {m} rows sampled)"
-    if codes is None:
-        out["label_accuracy"] = "not computed (pass --labels)"
-        out["label_accuracy_input"] = out["label_accuracy"]
-        return out
-    ok = codes >= 0
-    k = 15
-    if int(ok.sum()) < 2 * k:  # each training fold (4/5 of the rows) needs k neighbours
-        reason = f"not computed (only {int(ok.sum())} labelled rows in the sample)"
-        out["label_accuracy"] = out["label_accuracy_input"] = reason
-        return out
-    folds = KFold(5, shuffle=True, random_state=random_state)
-    clf = KNeighborsClassifier(n_neighbors=k)
-    out["label_accuracy"] = float(cross_val_score(clf, emb[ok], codes[ok], cv=folds).mean())
-    # the same classifier on the input: what the embedding could at best keep
-    out["label_accuracy_input"] = float(cross_val_score(clf, X[ok], codes[ok],
-                                                        cv=folds).mean())
     return out
 
 
