@@ -179,6 +179,11 @@ class FitResult:
 
 
 # --------------------------------------------------------------------------- stages
+def to_host(block: Any) -> np.ndarray:
+    """A CuPy array (or block) as a numpy array in host memory; numpy passes through."""
+    return block.get() if is_cupy(block) else np.asarray(block)
+
+
 def open_input(X: Any, key: str | None = None) -> InputHandle:
     """Validate ``X`` lazily (shape, dtype, chunks; NaN for numpy) and open it once."""
     from .networks import flatten_input, input_shape_of
@@ -187,14 +192,15 @@ def open_input(X: Any, key: str | None = None) -> InputHandle:
     if lazy:
         flatten_input(X)  # n-D lazy input: a clear error
         if is_cupy(getattr(X, "_meta", None)) or is_cupy(X):
-            raise InputError(
-                "fit does not take CuPy-backed input yet: the kNN and graph stages run on "
-                "host memory. Pass X.map_blocks(cupy.asnumpy) (a dask array of CuPy chunks) "
-                "or cupy.asnumpy(X); transform and train.train_encoder do take CuPy chunks")
+            X = X.map_blocks(to_host, dtype=X.dtype, meta=np.empty((0,) * X.ndim, X.dtype))
+            logger.info("fit: CuPy chunks are copied to host memory block by block (the kNN "
+                        "and graph stages run on the host; training uses the GPU when "
+                        "device allows)")
         return InputHandle(as_dask(X, key=key), None, True, X, key)
     if is_cupy(X):
-        raise InputError("fit does not take CuPy arrays yet (the kNN and graph stages run on "
-                         "host memory): pass cupy.asnumpy(X)")
+        logger.info("fit: copying the CuPy array to host memory (the kNN and graph stages "
+                    "run on the host; training uses the GPU when device allows)")
+        X = to_host(X)
     # n-D numpy input (n, *dims): every stage sees flattened rows; the shape is kept for
     # the networks (see pumap_dask.networks)
     shape = input_shape_of(X)

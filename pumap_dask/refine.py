@@ -236,7 +236,9 @@ def keep_training_rows(X: Any, max_rows: int = DEFAULT_MAX_TRAINING_ROWS,
 
     if X is None or is_lazy(X):
         return None
-    X = np.asarray(X)
+    from .pipeline import to_host
+
+    X = to_host(X)  # CuPy input: the host copy
     X = X.reshape(X.shape[0], -1)
     if X.shape[0] > max_rows:
         ids = sample_ids(X.shape[0], max_rows, seed)
