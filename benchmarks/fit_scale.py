@@ -86,7 +86,7 @@ def child_pumap(paths: dict, out: str, params: dict, workers: int,
             fit_s = time.perf_counter() - t0
         emb_train = m.embedding_
     t0 = time.perf_counter()
-    emb_test = m.transform(np.load(paths["test"]))
+    emb_test = m.transform(np.load(paths["test"]), refine=False)  # the encoder
     tr_s = time.perf_counter() - t0
     np.save(out + ".train.npy", emb_train)
     np.save(out + ".test.npy", emb_test)

@@ -109,7 +109,7 @@ def quality(m, Xtr, ytr, Xte, yte, seed=0):
     tr = rng.choice(len(ytr), size=min(20_000, len(ytr)), replace=False)
     te = rng.choice(len(yte), size=min(5_000, len(yte)), replace=False)
     t0 = time.perf_counter()
-    ete = m.transform(Xte)
+    ete = m.transform(Xte, refine=False)  # the encoder (what training made)
     transform_s = time.perf_counter() - t0
     acc = KNeighborsClassifier(15).fit(m.embedding_[tr], ytr[tr]).score(ete[te], yte[te])
     trust = trustworthiness(Xte[te], ete[te], n_neighbors=15)

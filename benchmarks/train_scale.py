@@ -122,7 +122,7 @@ def accuracy_main(args) -> None:
                         t0 = time.perf_counter()
                         m = ParametricUMAP(**params).fit(path)
                         fit_s = time.perf_counter() - t0
-                        ete = m.transform(Xte)
+                        ete = m.transform(Xte, refine=False)
                         acc = KNeighborsClassifier(15).fit(m.embedding_[tr], ytr[tr]).score(
                             ete[te], yte[te])
                         trust = trustworthiness(Xte[te], ete[te], n_neighbors=15)
