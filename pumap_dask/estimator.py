@@ -90,6 +90,10 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         :mod:`pumap_dask.ddp`). None: every worker of the active distributed client when
         the fit is partitioned (one process when ``callbacks`` are given), else one
         process; 1: always one process.
+    max_restarts
+        DDP training (``train_world_size > 1``): how many times the group restarts from its
+        last checkpoint after a rank is lost (a worker died), waiting for the worker to
+        come back; 0 fails at once, naming the lost rank (:class:`pumap_dask.ddp.RankLost`).
     metric
         Input-space distance of the kNN graph: ``"euclidean"`` or ``"cosine"``
         (``1 - cos``; every kNN back-end supports both). Under cosine a zero-norm row lies
@@ -205,6 +209,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         knn_overlap: int = 2,
         knn_kwds: dict | None = None,
         train_world_size: int | None = None,
+        max_restarts: int = 2,
         metric: str = "euclidean",
         callbacks: Sequence[Callable[..., bool | None]] | None = None,
         target_weight: float = 0.5,
@@ -240,6 +245,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         self.knn_overlap = knn_overlap
         self.knn_kwds = knn_kwds
         self.train_world_size = train_world_size
+        self.max_restarts = max_restarts
         self.metric = metric
         self.callbacks = callbacks
         self.target_weight = target_weight

@@ -612,7 +612,7 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                 init = None if layout is None else (layout.rows, layout.positions)
                 encoder, history, world = train_on_dask(
                     client, handle.source, handle.key, os.path.join(wdir, "graph"), cfg, init,
-                    world_size=world)
+                    world_size=world, max_restarts=int(params.get("max_restarts", 2)))
                 trained = Trained(encoder, history, cfg)
             else:
                 trained = run_train(Xtr, edges, layout, cfg, verbose=bool(params.get("verbose")),

@@ -219,12 +219,13 @@ def test_killed_ddp_fit_resumes_from_its_checkpoint(cells, kill_cluster, tmp_pat
         real = ddp.train_on_dask
 
         def interrupted(client, *a, **k):
+            assert k["max_restarts"] == 0  # the estimator's parameter reaches the launcher
             _kill_worker_when(client, 1, os.path.join(dirs["run"], "train", "train.pt"))
-            return real(client, *a, **{**k, "max_restarts": 0})
+            return real(client, *a, **k)
 
         monkeypatch.setattr(ddp, "train_on_dask", interrupted)
         with pytest.raises(RuntimeError, match="failed after 1 attempt.*resumes from the last"):
-            ParametricUMAP(work_dir=dirs["run"], **kw).fit(path)
+            ParametricUMAP(work_dir=dirs["run"], max_restarts=0, **kw).fit(path)
         monkeypatch.setattr(ddp, "train_on_dask", real)
         kill_cluster.wait_for_workers(2, timeout=60)
         caplog.clear()

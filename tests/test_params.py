@@ -14,6 +14,7 @@ from pumap_dask.graph_dask import build_edge_store
 NAN = float("nan")
 
 BAD_ESTIMATOR_PARAMS = [
+    ({"max_restarts": -1}, "max_restarts must be an integer >= 0"),
     ({"min_dist": -1}, "min_dist must lie in"),
     ({"min_dist": 2.0}, "min_dist must not exceed spread"),
     ({"min_dist": NAN}, "min_dist must be a finite number"),
