@@ -626,11 +626,42 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return validate_config(doc, path)
 
 
-def _read_state(fpath: str, sha256: str, what: str, verify: bool) -> Any:
-    """A torch state dict from a model file, checked against its recorded sha256."""
+def checked_file(path: str | os.PathLike, name: str, sha256: str, what: str,
+                 verify: bool = True) -> str:
+    """The path of the model file ``name``, present and matching the sha256 ``config.json``
+    records for it.
+
+    Parameters
+    ----------
+    path
+        The model directory.
+    name
+        The file's name in it.
+    sha256
+        The recorded hash.
+    what
+        The file's contents, for the message (``"weights were"``, ``"embedding was"``).
+    verify
+        Check the hash (False: presence only).
+
+    Raises
+    ------
+    ModelFileError
+        When the file is missing (the directory is incomplete) or its hash differs (it was
+        modified or corrupted).
+    """
+    fpath = os.path.join(os.fspath(path), name)
+    if not os.path.exists(fpath):
+        raise ModelFileError(f"{fpath} is missing although {CONFIG} records its sha256; the "
+                             f"model directory is incomplete: {_FIX}")
     if verify and file_sha256(fpath) != sha256:
         raise ModelFileError(f"{fpath} does not match the sha256 recorded in {CONFIG}: the "
                              f"{what} modified or corrupted; {_FIX}")
+    return fpath
+
+
+def _read_state(fpath: str) -> Any:
+    """A torch state dict from a model file (checked by :func:`checked_file` first)."""
     try:
         return torch.load(fpath, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -660,11 +691,8 @@ def load_encoder(path: str | os.PathLike, verify: bool = True) -> tuple[Encoder,
     """
     path = os.fspath(path)
     doc = read_config(path)
-    wpath = os.path.join(path, WEIGHTS)
-    if not os.path.exists(wpath):
-        raise ModelFileError(f"{path!r} has no {WEIGHTS}; the model directory is incomplete: "
-                             f"{_FIX}")
-    state = _read_state(wpath, doc["weights_sha256"], "weights were", verify)
+    wpath = checked_file(path, WEIGHTS, doc["weights_sha256"], "weights were", verify)
+    state = _read_state(wpath)
     spec = doc["encoder"]
     if "factory" in spec:  # a custom network: its factory rebuilds it (no pickle)
         custom = rebuild_network(spec, "encoder", path)
@@ -738,11 +766,8 @@ def load_decoder(path: str | os.PathLike, doc: dict[str, Any], verify: bool = Tr
     """
     if "decoder" not in doc:
         return None
-    dpath = os.path.join(os.fspath(path), DECODER)
-    if not os.path.exists(dpath):
-        raise ModelFileError(f"{dpath} is missing although {CONFIG} records its sha256; the "
-                             f"model directory is incomplete: {_FIX}")
-    state = _read_state(dpath, doc["decoder_sha256"], "decoder was", verify)
+    dpath = checked_file(path, DECODER, doc["decoder_sha256"], "decoder was", verify)
+    state = _read_state(dpath)
     dec = rebuild_network(doc["decoder"], "decoder", path)
     problem = _state_mismatch(state, {k: tuple(v.shape) for k, v in dec.state_dict().items()})
     if problem:
@@ -789,15 +814,9 @@ def load_embedding(path: str | os.PathLike, doc: dict[str, Any]) -> np.ndarray |
         When the embedding is missing, does not match its checksum, cannot be read, or is
         not of shape (n_samples_fit, n_components).
     """
-    epath = os.path.join(os.fspath(path), EMBEDDING)
     if "embedding_sha256" not in doc:
         return None
-    if not os.path.exists(epath):
-        raise ModelFileError(f"{epath} is missing although {CONFIG} records its sha256; the "
-                             f"model directory is incomplete: {_FIX}")
-    if file_sha256(epath) != doc["embedding_sha256"]:
-        raise ModelFileError(f"{epath} does not match the sha256 recorded in {CONFIG}: the "
-                             f"embedding was modified or corrupted; {_FIX}")
+    epath = checked_file(path, EMBEDDING, doc["embedding_sha256"], "embedding was")
     try:
         emb = np.load(epath, allow_pickle=False)
     except Exception as exc:

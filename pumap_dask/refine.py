@@ -27,7 +27,6 @@ from .io import InputError
 
 logger = logging.getLogger(__name__)
 
-TRAINING_DATA = "training_data.npy"
 DEFAULT_REFINE_EPOCHS = 100
 DEFAULT_MAX_TRAINING_ROWS = 200_000
 #: ``transform(X)`` (``refine="auto"``) polishes in-memory input by default when the model
@@ -280,16 +279,13 @@ def stored_reference(path: str | os.PathLike) -> RefineReference | None:
     pumap_dask.model.ModelFileError
         When the stored rows or embedding are corrupt or inconsistent.
     """
-    from .model import ModelFileError, file_sha256, load_embedding, read_config
+    from .model import TRAINING_DATA, ModelFileError, checked_file, load_embedding, read_config
 
     doc = read_config(path)
     sha = doc.get("training_data_sha256")
     if not sha:
         return None
-    tpath = os.path.join(os.fspath(path), TRAINING_DATA)
-    if not os.path.exists(tpath) or file_sha256(tpath) != sha:
-        raise ModelFileError(f"{tpath} is missing or does not match the sha256 recorded in "
-                             "config.json; re-save the model with include_training_data=True")
+    tpath = checked_file(path, TRAINING_DATA, sha, "training data was")
     data = np.load(tpath, allow_pickle=False)
     emb = load_embedding(path, doc)
     params, fitted = doc["params"], doc["fitted"]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .io import InputError, as_dask, check_n_features
-from .model import WEIGHTS, ModelFileError, encode, file_sha256, load_encoder, read_config
+from .model import WEIGHTS, checked_file, encode, load_encoder, read_config
 from .params import check_transform_args, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -72,10 +72,7 @@ def model_source(model: Any) -> ModelRef | ModelBlob:
     if isinstance(model, (str, os.PathLike)):
         doc = read_config(model)
         spec = doc["encoder"]
-        wpath = os.path.join(os.fspath(model), WEIGHTS)
-        if not os.path.exists(wpath) or file_sha256(wpath) != doc["weights_sha256"]:
-            raise ModelFileError(f"{wpath} is missing or does not match the sha256 recorded in "
-                                 "config.json; the model is corrupt or was modified")
+        checked_file(model, WEIGHTS, doc["weights_sha256"], "weights were")
         if "factory" in spec:  # a custom encoder: an unimportable factory fails here, now
             from .model import rebuild_network
 
