@@ -365,7 +365,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             logging.getLogger("pumap_dask").setLevel(logging.INFO)
         for stale in ("model_path_", "model_sha256_", "knn_recall_", "graph_", "decoder_",
                       "reconstruction_history_", "validation_reconstruction_", "input_shape_",
-                      "_refine_reference"):
+                      "_refine_reference", "_training_data_sha256"):
             self.__dict__.pop(stale, None)
         res = pipeline.fit(self.get_params(), X_fit, key=key_fit, knn=knn, y=y_fit,
                            init_encoder=init_encoder, landmark_positions=landmark_positions,

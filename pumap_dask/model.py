@@ -954,4 +954,6 @@ def load_estimator_state(path: str | os.PathLike,
         attrs["input_shape_"] = tuple(attrs["input_shape_"])
     attrs["model_path_"] = os.path.abspath(os.fspath(path))
     attrs["model_sha256_"] = doc["weights_sha256"]
+    # the directory stores training rows (read by pumap_dask.refine when a transform polishes)
+    attrs["_training_data_sha256"] = doc.get("training_data_sha256")
     return params, attrs

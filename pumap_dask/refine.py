@@ -373,15 +373,9 @@ def has_training_rows(model: Any) -> bool:
     if getattr(model, "_refine_rows", None) is not None \
             or getattr(model, "_refine_reference", None) is not None:
         return True
-    path = getattr(model, "model_path_", None)
-    if not path or getattr(model, "embedding_", None) is None:
-        return False
-    from .model import read_config
-
-    try:
-        return bool(read_config(path).get("training_data_sha256"))
-    except Exception:  # noqa: BLE001 - a moved or damaged directory: no stored rows
-        return False
+    path = getattr(model, "model_path_", None)  # set, with what it stores, by load()
+    return bool(path and getattr(model, "_training_data_sha256", None)
+                and getattr(model, "embedding_", None) is not None and os.path.exists(path))
 
 
 def auto_refine(model: Any, X: Any) -> bool:
