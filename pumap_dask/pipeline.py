@@ -36,7 +36,8 @@ from . import knn as knn_stage
 from .init import N_LANDMARKS, landmark_layout, landmark_rows, pca_layout, spectral_layout
 from .io import InputError, as_dask, check_array, checked_finite, is_lazy
 from .progress import Progress, stage
-from .train import TrainConfig, is_cupy, build_encoder, find_ab_params, train_encoder
+from .train import (TrainConfig, build_encoder, find_ab_params, is_cupy, to_host,
+                    train_encoder)
 
 logger = logging.getLogger(__name__)
 
@@ -179,11 +180,6 @@ class FitResult:
 
 
 # --------------------------------------------------------------------------- stages
-def to_host(block: Any) -> np.ndarray:
-    """A CuPy array (or block) as a numpy array in host memory; numpy passes through."""
-    return block.get() if is_cupy(block) else np.asarray(block)
-
-
 def open_input(X: Any, key: str | None = None) -> InputHandle:
     """Validate ``X`` lazily (shape, dtype, chunks; NaN for numpy) and open it once."""
     from .networks import flatten_input, input_shape_of

@@ -235,7 +235,7 @@ def keep_training_rows(X: Any, max_rows: int = DEFAULT_MAX_TRAINING_ROWS,
 
     if X is None or is_lazy(X):
         return None
-    from .pipeline import to_host
+    from .train import to_host
 
     X = to_host(X)  # CuPy input: the host copy
     X = X.reshape(X.shape[0], -1)

@@ -455,6 +455,11 @@ def is_cupy(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "cupy"
 
 
+def to_host(block: Any) -> np.ndarray:
+    """A CuPy array (or block) as a numpy array in host memory; numpy passes through."""
+    return block.get() if is_cupy(block) else np.asarray(block)
+
+
 def as_tensor(x: Any, device: torch.device | str = "cpu") -> torch.Tensor:
     """Rows as a float32 torch tensor on ``device``.
 
