@@ -470,10 +470,9 @@ def append_kept_landmarks(kept: KeptLandmarks, X: Any, y: Any, landmark_position
     positions[n:] = kept.positions
     y_fit = None
     if y is not None:
-        y = np.asarray(y.compute() if hasattr(y, "compute") else y)
-        if y.ndim != 1 or len(y) != n:
-            raise InputError(f"y must be a 1-d vector of {n} labels (one per row of X; -1 for "
-                             f"unknown), got shape {y.shape}")
+        from .pipeline import check_labels
+
+        y = check_labels(y, n)  # the fit's own check, on X's rows
         if y.dtype.kind not in "iubf":
             raise InputError(f"labels of dtype {y.dtype} cannot mark the {len(kept)} kept "
                              "landmark rows unknown: use integer labels with -1 for unknown, "
