@@ -16,7 +16,7 @@
 #   pytest   tests/test_gpu.py (the CUDA tests; skipped ones say why)
 #   knn      exact kNN in CUDA tiles, 200k x 50, k=15: time and recall against a CPU check
 #   nccl     training at world size 1 with NCCL: under torchrun, and on a 1-worker Dask
-#            cluster (pumap_dask.ddp.train_on_dask)
+#            cluster (pumap_dask.distributed.ddp.train_on_dask)
 #   bf16     fit 100k cell-like rows on CUDA in fp32 and bf16: training time, accuracy
 #   cupy     transform of CuPy-backed dask chunks (1M x 50) vs the numpy result and time
 #   fit1m    the 1M-row fit on one GPU (cell-like, 900k fitted, 100k held out): timings,
@@ -161,7 +161,7 @@ def sec_nccl():
 
     import torch
 
-    from pumap_dask.edges import EdgeStore
+    from pumap_dask.distributed.edges import EdgeStore
 
     n = 3000 if SMALL else 50_000
     epochs = 3 if SMALL else 10
@@ -170,7 +170,7 @@ def sec_nccl():
         n_edges = EdgeStore(os.path.join(work, "graph")).n_edges
         out = os.path.join(tmp, "enc.pt")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "1", "-m", "pumap_dask.ddp", path, work, out,
+               "--nproc-per-node", "1", "-m", "pumap_dask.distributed.ddp", path, work, out,
                "--n-epochs", str(epochs), "--device", device(), "--timeout", "120"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -186,7 +186,7 @@ def sec_nccl():
 
         import distributed
 
-        from pumap_dask.ddp import train_on_dask
+        from pumap_dask.distributed.ddp import train_on_dask
         from pumap_dask.train import TrainConfig, find_ab_params
 
         a, b = find_ab_params(1.0, 0.1)

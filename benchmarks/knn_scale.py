@@ -5,7 +5,7 @@ For each size n it writes cell-like Zarr data (n x 50 float32, see
 
 * ours: :func:`pumap_dask.nearest_neighbors` (method "partitioned") on a
   ``LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="4GiB")`` reading the Zarr
-  array, followed by :func:`pumap_dask.graph_dask.build_edge_store`;
+  array, followed by :func:`pumap_dask.distributed.graph_dask.build_edge_store`;
 * pynndescent in one process on the in-memory array (:func:`pumap_dask.knn.nndescent_knn`,
   all cores).
 
@@ -78,9 +78,9 @@ def run_size(n: int, args, client, data_dir: str) -> dict:
     import zarr
 
     from pumap_dask.datasets import write_cell_like_zarr
-    from pumap_dask.graph_dask import build_edge_store
+    from pumap_dask.distributed.graph_dask import build_edge_store
     from pumap_dask.knn import knn_recall, nndescent_knn
-    from pumap_dask.knn_dask import nearest_neighbors
+    from pumap_dask.distributed.knn_dask import nearest_neighbors
 
     k = args.k
     path = os.path.join(data_dir, f"cells_{n}x{args.n_features}.zarr")

@@ -34,7 +34,8 @@ def main(argv=None) -> None:
     from pumap_dask.graph import fuzzy_simplicial_set, graph_to_edges
     from pumap_dask import pipeline
     from pumap_dask.knn import exact_knn
-    from pumap_dask.train import TrainConfig, encode, find_ab_params, train_encoder
+    from pumap_dask.train import TrainConfig, find_ab_params, train_encoder
+    from pumap_dask.encoder import encode
     from quality import load_dataset, split
 
     args = sys.argv[1:] if argv is None else argv

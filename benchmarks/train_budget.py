@@ -44,7 +44,8 @@ def score(etr, ytr, ete, yte, Xte, seed=0):
 def main() -> None:
     from pumap_dask import pipeline
     from pumap_dask.datasets import cell_like
-    from pumap_dask.train import encode, find_ab_params
+    from pumap_dask.encoder import encode
+    from pumap_dask.train import find_ab_params
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[200_000])

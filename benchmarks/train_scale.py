@@ -4,7 +4,7 @@ Cell-like data (n x 50) is written to Zarr and fitted once on the threaded sched
 ``work_dir`` (kNN + edge shards). Then, each in fresh processes, training alone runs on
 those shards for E epochs:
 
-* 1 process: ``python -m pumap_dask.ddp`` under ``torchrun --nproc-per-node 1``
+* 1 process: ``python -m pumap_dask.distributed.ddp`` under ``torchrun --nproc-per-node 1``
   (all cores);
 * R ranks: the same under ``torchrun --nproc-per-node R`` (Gloo, ``OMP_NUM_THREADS`` =
   cores / R each).
@@ -158,7 +158,7 @@ def main() -> None:
 
     from pumap_dask import ParametricUMAP
     from pumap_dask.datasets import write_cell_like_zarr
-    from pumap_dask.edges import EdgeStore
+    from pumap_dask.distributed.edges import EdgeStore
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=50_000)
@@ -191,7 +191,7 @@ def main() -> None:
                 out = os.path.join(tmp, f"enc-{ranks}-{epochs}.pt")
                 env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks))}
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       "--nproc-per-node", str(ranks), "-m", "pumap_dask.ddp", path, work, out,
+                       "--nproc-per-node", str(ranks), "-m", "pumap_dask.distributed.ddp", path, work, out,
                        "--n-epochs", str(epochs), "--batch-size", str(args.batch_size),
                        "--device", "cpu"]
                 proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)

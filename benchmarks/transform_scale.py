@@ -39,7 +39,7 @@ def forward_limit(model_dir: str, rows: int = 500_000, threads: int = 2) -> floa
     import torch
 
     from pumap_dask.model import load_encoder
-    from pumap_dask.train import encode
+    from pumap_dask.encoder import encode
 
     enc, _ = load_encoder(model_dir)
     X = np.random.default_rng(0).standard_normal((rows, enc.n_features)).astype(np.float32)

@@ -14,7 +14,7 @@
 #
 # Without SLURM (or without GPUs) the same script runs PUMAP_WORKERS CPU workers with Gloo.
 # Sites that launch with torchrun/srun instead of Dask use the training entry directly:
-#   srun torchrun --nproc-per-node 4 -m pumap_dask.ddp cells.zarr model.work model
+#   srun torchrun --nproc-per-node 4 -m pumap_dask.distributed.ddp cells.zarr model.work model
 set -euo pipefail
 job=${1:?usage: multi_gpu.sh JOB.toml}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

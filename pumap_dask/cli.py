@@ -12,16 +12,45 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
+import traceback
+
+import dask
+import distributed  # noqa: F401 (sets up its loggers on import; quiet them after)
+import numpy as np
+import zarr
+from sklearn.neighbors import KNeighborsClassifier
+
+from .config import FIT_KEYS, cluster_settings, memory_size, read_file, run_record, scheduler_name
+from .continued import check_architecture
+from .datasets import clusters
+from .distributed.cluster import check_shared_directory, close, connect, describe
+from .errors import (
+    EXIT_CLUSTER,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ClusterError,
+    ConfigError,
+    InputError,
+    ModelFileError,
+    exit_code,
+)
+from .estimator import ParametricUMAP, load
+from .inputs import check_sizes, open_input
+from .io import as_dask, check_n_features, to_jsonable, write_json_atomic
+from .model import check_model_path, load_encoder, read_config
+from .params import device, landmark_positions
+from .plotting import plot_train_test
+from .report import format_info, model_summary, write_report
+from .transform import model_source
+from .writers import check_output_path, transform_to_zarr, write_anndata_obsm
 
 logger = logging.getLogger("pumap_dask.cli")
 
-
-EXIT_OK = 0
-EXIT_FAILED = 1  # a stage failed while running
-EXIT_USAGE = 2  # bad input, parameters, paths or model files (argparse uses 2 as well)
-EXIT_CLUSTER = 3  # the Dask cluster could not be started or reached
 
 # estimator parameter -> the flag that sets it, so messages name what the user typed
 FLAGS = {"n_components": "--n-components", "n_neighbors": "--n-neighbors",
@@ -54,7 +83,6 @@ def _name_flags(message: str) -> str:
 
 def _client(args):
     """A distributed client for the resolved cluster settings, or None (threads)."""
-    from .cluster import ClusterError, connect
 
     try:
         return connect(args.cluster, debug=getattr(args, "debug", False))
@@ -63,8 +91,6 @@ def _client(args):
 
 
 def _close(client) -> None:
-    from .cluster import close
-
     close(client)
 
 
@@ -75,7 +101,6 @@ CLUSTER_FLAGS = {"scheduler": "--scheduler", "scheduler_file": "--scheduler-file
 
 def _resolve_cluster(args, doc: dict) -> None:
     """``args.cluster``: defaults < the job file's [cluster] < the flags given."""
-    from .config import ConfigError, cluster_settings
 
     given = {k: getattr(args, k, None) for k in CLUSTER_FLAGS}
     try:
@@ -88,8 +113,6 @@ def _resolve_cluster(args, doc: dict) -> None:
 
 
 def _read_config(args) -> dict:
-    from .config import ConfigError, read_file
-
     if not getattr(args, "config", None):
         return {}
     if getattr(args, "job_doc", None) is not None:  # already read for the log level
@@ -102,8 +125,6 @@ def _read_config(args) -> dict:
 
 def _fit_params(args, table: dict | None = None) -> dict:
     """Estimator parameters: the job file's [fit] < --params < named flags."""
-    from .config import FIT_KEYS
-    from .estimator import ParametricUMAP
 
     params = {k: v for k, v in (table or {}).items() if k not in FIT_KEYS}
     if isinstance(params.get("hidden_layers"), list):
@@ -134,8 +155,6 @@ def _init_model_defaults(path: str | None) -> dict:
     after checking that it is a readable saved model; {} without one."""
     if path is None:
         return {}
-    from .estimator import ParametricUMAP
-    from .model import ModelFileError, read_config
 
     if not os.path.isdir(path):
         raise CLIError(f"--init-model {path}: no saved model there; pass the MODEL_DIR of an "
@@ -150,8 +169,6 @@ def _init_model_defaults(path: str | None) -> dict:
 
 def _check_init_model(path: str, n_features: int, params: dict) -> None:
     """The saved encoder of ``--init-model`` must fit the input and parameters."""
-    from .continued import check_architecture
-    from .model import ModelFileError, load_encoder
 
     try:
         encoder, _ = load_encoder(path)
@@ -163,9 +180,6 @@ def _check_init_model(path: str, n_features: int, params: dict) -> None:
 def _read_landmarks(path: str, n_rows: int, n_components: int):
     """The ``--landmarks`` positions: a .npy (n_rows, n_components) array, NaN rows for
     points without a landmark."""
-    import numpy as np
-
-    from .params import landmark_positions
 
     want = f"a .npy file of ({n_rows}, {n_components}) positions (NaN rows for points " \
            "without a landmark)"
@@ -185,7 +199,6 @@ def _read_landmarks(path: str, n_rows: int, n_components: int):
 
 def _check_model_out(path: str, input_path: str) -> None:
     """The model directory must be writable and must not replace anything but a model."""
-    from .model import check_model_path
 
     if os.path.realpath(path) == os.path.realpath(input_path):
         raise CLIError(f"the model directory {path} is the input; choose another MODEL_DIR")
@@ -232,8 +245,6 @@ def _work_dir(args, params: dict) -> tuple[str, bool]:
 
 
 def _dry_run(args, resolved: dict) -> None:
-    from .cluster import ClusterError, describe
-
     print(json.dumps(resolved, indent=2, default=str))
     try:
         print(describe(args.cluster))
@@ -242,19 +253,11 @@ def _dry_run(args, resolved: dict) -> None:
 
 
 def _write_run_record(model_dir: str, args, resolved: dict) -> None:
-    from .config import run_record, to_json
-    from .io import write_json_atomic
-
-    doc = run_record(args.command, to_json(resolved), args.config, sys.argv[1:])
+    doc = run_record(args.command, to_jsonable(resolved), args.config, sys.argv[1:])
     write_json_atomic(os.path.join(model_dir, "run_config.json"), doc)
 
 
 def cmd_fit(args) -> None:
-    import shutil
-
-    from .estimator import ParametricUMAP
-    from .io import as_dask
-
     doc = _read_config(args)
     table = dict(doc.get("fit", {}))
     _positionals(args, table, ("input", "model"))
@@ -268,10 +271,12 @@ def cmd_fit(args) -> None:
         model._check_params()
     except (ValueError, TypeError) as exc:
         raise CLIError(_name_flags(str(exc))) from None
-    darr = as_dask(args.input, key=args.key)  # opened and checked before any cluster starts
-    if darr.shape[0] < model.n_neighbors + 1:
-        raise CLIError(f"the input has {darr.shape[0]} rows; --n-neighbors "
-                       f"{model.n_neighbors} needs at least {model.n_neighbors + 1}")
+    handle = open_input(args.input, args.key)  # opened and checked before any cluster starts
+    try:
+        check_sizes(handle, model.n_neighbors)
+    except InputError as exc:
+        raise CLIError(f"{exc} (flag --n-neighbors)") from None
+    darr = handle.darr
     if args.init_model:
         _check_init_model(args.init_model, darr.shape[1], model.get_params())
     positions = None
@@ -288,8 +293,6 @@ def cmd_fit(args) -> None:
         return
     client = _client(args)
     try:
-        from .cluster import ClusterError, check_shared_directory
-
         work_dir, owned = _work_dir(args, params)
         model.set_params(work_dir=work_dir)
         resolved["params"]["work_dir"] = work_dir
@@ -311,11 +314,6 @@ def cmd_fit(args) -> None:
 
 
 def cmd_transform(args) -> None:
-    from .io import as_dask, check_n_features
-    from .params import device
-    from .transform import model_source
-    from .writers import check_output_path, transform_to_zarr, write_anndata_obsm
-
     doc = _read_config(args)
     table = dict(doc.get("transform", {}))
     _positionals(args, table, ("input", "model"))
@@ -357,14 +355,10 @@ def cmd_transform(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .report import format_info, model_summary
-
     print(format_info(model_summary(args.model)))
 
 
 def cmd_export(args) -> None:
-    from .estimator import load
-
     if os.path.exists(args.out) and not args.overwrite:
         raise CLIError(f"{args.out} exists; pass --overwrite to replace it")
     model = load(args.model)
@@ -376,14 +370,10 @@ def cmd_export(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import write_report
-
     if args.labels and not args.data and not args.labels.endswith(".npy"):
         raise CLIError("--labels KEY names an array inside --data; pass --data INPUT too "
                        "(or --labels FILE.npy)")
     if args.data:
-        from .io import as_dask
-
         as_dask(args.data, key=args.key)  # checked before any work
     doc = write_report(args.model, args.out, data=args.data, key=args.key,
                        labels=args.labels, n_sample=args.sample)
@@ -394,12 +384,6 @@ def cmd_report(args) -> None:
 
 def cmd_demo(args) -> None:
     """The main job end to end on synthetic data and a local Dask cluster."""
-    import numpy as np
-    import zarr
-
-    from .datasets import clusters
-    from .estimator import ParametricUMAP
-    from .writers import transform_to_zarr
 
     out = os.path.abspath(args.out)
     marker = os.path.join(out, DEMO_MARKER)
@@ -433,13 +417,10 @@ def cmd_demo(args) -> None:
     finally:
         _close(client)
     print(model)
-    from sklearn.neighbors import KNeighborsClassifier
 
     acc = KNeighborsClassifier(15).fit(model.embedding_, labels[tr]).score(test_emb, labels[te])
     print(f"held-out 15-NN accuracy: {acc:.3f}")
     try:
-        from .plotting import plot_train_test
-
         for path in plot_train_test(model.embedding_, labels[tr], test_emb, labels[te], out):
             print(f"wrote {path}")
     except ImportError:
@@ -472,8 +453,6 @@ def _verbose() -> bool:
 
 
 def _scheduler(text: str) -> str:
-    from .config import scheduler_name
-
     try:
         return scheduler_name("--scheduler", text)
     except ValueError as exc:
@@ -481,10 +460,8 @@ def _scheduler(text: str) -> str:
 
 
 def _memory(text: str) -> str:
-    from .config import _memory as check
-
     try:
-        return check("--memory", text)
+        return memory_size("--memory", text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -616,8 +593,6 @@ def _log_level(args) -> int:
         name = "warning"
     if name is None and getattr(args, "config", None):
         try:
-            from .config import read_file
-
             args.job_doc = read_file(args.config)
             name = args.job_doc.get("log_level")
         except Exception:  # reported by the command itself
@@ -631,25 +606,20 @@ def main(argv: list[str] | None = None) -> int:
     level = _log_level(args)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("pumap_dask").setLevel(level)
-    import dask
-    import distributed  # noqa: F401  (sets up its loggers on import; quiet them after)
-
-    from .io import InputError
-    from .model import ModelFileError
-
     dask.config.set({"logging.distributed": "warning"})
     for noisy in ("distributed", "numba", "matplotlib"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     try:
         args.func(args)
-    except KeyboardInterrupt:
-        return _fail("interrupted", args, 130)
     except CLIError as exc:
         return _fail(str(exc), args, exc.code)
-    except (InputError, ModelFileError, FileNotFoundError) as exc:
-        return _fail(str(exc), args, EXIT_USAGE)
-    except Exception as exc:  # a stage failed: say which error, keep the traceback for --debug
-        return _fail(f"failed: {type(exc).__name__}: {exc}", args, EXIT_FAILED)
+    except (Exception, KeyboardInterrupt) as exc:  # the code from pumap_dask.errors' one table
+        code = exit_code(exc)
+        if code == EXIT_INTERRUPTED:
+            return _fail("interrupted", args, code)
+        if code == EXIT_FAILED:  # a stage failed: say which error (traceback with --debug)
+            return _fail(f"failed: {type(exc).__name__}: {exc}", args, code)
+        return _fail(str(exc), args, code)
     return EXIT_OK
 
 
@@ -657,8 +627,6 @@ def _fail(message: str, args, code: int) -> int:
     """Print one line on stderr (and the traceback with --debug); return the exit code."""
     debug = getattr(args, "debug", False)
     if debug:
-        import traceback
-
         traceback.print_exc()
     line = " ".join(str(message).split())
     if code == EXIT_FAILED and not debug:

@@ -40,14 +40,21 @@ values fail before any work starts, naming the file, the table and the key.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
 import time
 from typing import Any
 
+import dask
+import numpy
+import torch
+from dask.utils import parse_bytes
+
 from . import params as checks
+from ._version import __version__
+from .errors import ConfigError, ParameterError
+from .estimator import ParametricUMAP
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SCHEDULER_KINDS = ("local", "threads", "slurm", "mpi")
@@ -58,7 +65,7 @@ CLUSTER_KEYS: dict[str, tuple[Any, Any]] = {
     "scheduler_file": (None, lambda n, v: _optional_str(n, v)),
     "workers": (2, checks.positive_int),
     "threads": (1, checks.positive_int),
-    "memory": ("auto", lambda n, v: _memory(n, v)),
+    "memory": ("auto", lambda n, v: memory_size(n, v)),
     "connect_timeout": (10.0, lambda n, v: checks.real(n, v, low=0, low_open=True)),
 }
 
@@ -67,7 +74,7 @@ SLURM_KEYS: dict[str, Any] = {
     "jobs": checks.positive_int,
     "cores": checks.positive_int,
     "processes": checks.positive_int,
-    "memory": lambda n, v: _memory(n, v),
+    "memory": lambda n, v: memory_size(n, v),
     "walltime": lambda n, v: _str(n, v),
     "queue": lambda n, v: _str(n, v),
     "account": lambda n, v: _str(n, v),
@@ -94,13 +101,9 @@ TRANSFORM_KEYS: dict[str, Any] = {
 TOP_KEYS = ("log_level", "fit", "transform", "cluster", "slurm")
 
 
-class ConfigError(ValueError):
-    """A job file or merged configuration is invalid (the message says where and why)."""
-
-
 def _str(name: str, v: Any) -> str:
     if not isinstance(v, str) or not v:
-        raise ValueError(f"{name} must be a non-empty string, got {v!r}")
+        raise ParameterError(f"{name} must be a non-empty string, got {v!r}")
     return v
 
 
@@ -110,30 +113,29 @@ def _optional_str(name: str, v: Any) -> str | None:
 
 def _bool(name: str, v: Any) -> bool:
     if not isinstance(v, bool):
-        raise ValueError(f"{name} must be true or false, got {v!r}")
+        raise ParameterError(f"{name} must be true or false, got {v!r}")
     return v
 
 
 def _str_list(name: str, v: Any) -> list[str]:
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        raise ValueError(f"{name} must be a list of strings, got {v!r}")
+        raise ParameterError(f"{name} must be a list of strings, got {v!r}")
     return v
 
 
-def _memory(name: str, v: Any) -> str | int:
+def memory_size(name: str, v: Any) -> str | int:
     """'auto', a byte count, or a size such as '8GiB' (as dask parses it)."""
     if v == "auto":
         return v
-    from dask.utils import parse_bytes
 
     try:
         if isinstance(v, bool):
             raise ValueError
         n = parse_bytes(v) if isinstance(v, str) else int(v)
     except (ValueError, TypeError):
-        raise ValueError(f"{name} must be 'auto' or a size such as '8GiB', got {v!r}") from None
+        raise ParameterError(f"{name} must be 'auto' or a size such as '8GiB', got {v!r}") from None
     if n <= 0:
-        raise ValueError(f"{name} must be a positive size such as '8GiB', got {v!r}")
+        raise ParameterError(f"{name} must be a positive size such as '8GiB', got {v!r}")
     return v
 
 
@@ -141,7 +143,7 @@ def scheduler_name(name: str, v: Any) -> str:
     """``local``, ``threads``, ``slurm``, ``mpi`` or a scheduler address."""
     if isinstance(v, str) and (v in SCHEDULER_KINDS or "://" in v or ":" in v):
         return v
-    raise ValueError(f"{name} must be one of {SCHEDULER_KINDS} or a scheduler address such as "
+    raise ParameterError(f"{name} must be one of {SCHEDULER_KINDS} or a scheduler address such as "
                      f"tcp://host:8786, got {v!r}")
 
 
@@ -181,7 +183,6 @@ def read_file(path: str) -> dict[str, Any]:
 
 def estimator_params() -> dict[str, Any]:
     """The estimator's parameter names and defaults."""
-    from .estimator import ParametricUMAP
 
     return ParametricUMAP().get_params()
 
@@ -237,7 +238,6 @@ def _check(path: str, table: str, key: str, checker: Any, value: Any) -> Any:
 
 def check_estimator(params: dict[str, Any], where: str) -> None:
     """Validate estimator parameters as the estimator does, naming where they came from."""
-    from .estimator import ParametricUMAP
 
     try:
         ParametricUMAP(**params)._check_params()
@@ -260,11 +260,6 @@ def cluster_settings(doc: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 def run_record(command: str, resolved: dict[str, Any], config_path: str | None,
                argv: list[str]) -> dict[str, Any]:
     """The resolved job, as written beside the results (``run_config.json``)."""
-    import dask
-    import numpy
-    import torch
-
-    from . import __version__
 
     return {
         "command": command,
@@ -277,9 +272,3 @@ def run_record(command: str, resolved: dict[str, Any], config_path: str | None,
                      "numpy": numpy.__version__, "dask": dask.__version__,
                      "torch": torch.__version__},
     }
-
-
-def to_json(value: Any) -> Any:
-    """Plain JSON types for tuples and numpy scalars in a resolved config."""
-    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist")
-                                 else str(o)))

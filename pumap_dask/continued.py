@@ -44,10 +44,18 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import torch
 
-from .model import Encoder
+from .encoder import Encoder
+from .errors import InputError, ParameterError
+from .inputs import check_labels
+from .io import as_dask, is_lazy
+from .model import load_decoder, load_encoder, read_config
+from .networks import build_decoder
+from .params import choice, real
+from .params import landmark_positions as check_positions
 
 logger = logging.getLogger(__name__)
 
@@ -55,72 +63,6 @@ logger = logging.getLogger(__name__)
 SAMPLE_MODES = ("uniform", "predetermined")
 # the estimator attributes holding kept landmarks (see add_landmarks)
 KEPT_ATTRS = ("landmark_X_", "landmark_positions_", "landmark_idx_")
-
-
-@dataclass
-class Landmarks:
-    """Landmark rows of the training data, their target positions and the loss weight.
-
-    Attributes
-    ----------
-    rows
-        Row ids (int64, sorted) into the training data.
-    positions
-        float32 (len(rows), n_components) target positions.
-    weight
-        ``landmark_loss_weight``.
-    """
-
-    rows: np.ndarray
-    positions: np.ndarray
-    weight: float
-
-    def __len__(self) -> int:
-        return int(len(self.rows))
-
-    def digest(self) -> str:
-        """sha256 of rows, positions and weight (for checkpoint fingerprints)."""
-        import hashlib
-
-        h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.rows, dtype=np.int64).tobytes())
-        h.update(np.ascontiguousarray(self.positions, dtype=np.float32).tobytes())
-        h.update(repr(float(self.weight)).encode())
-        return h.hexdigest()
-
-
-class LandmarkTerm:
-    """The landmark loss of one training run (see the module docstring).
-
-    Parameters
-    ----------
-    landmarks
-        The landmarks.
-    batch_size
-        Positive edges per step; at most this many landmark rows are drawn per step.
-    device
-        The training device (positions are moved there once).
-    """
-
-    def __init__(self, landmarks: Landmarks, batch_size: int, device: torch.device) -> None:
-        self.rows = torch.as_tensor(landmarks.rows, dtype=torch.int64)
-        self.positions = torch.as_tensor(landmarks.positions, dtype=torch.float32).to(device)
-        self.weight = float(landmarks.weight)
-        self.size = int(min(batch_size, len(landmarks)))
-        self.device = device
-
-    def __call__(self, net: torch.nn.Module, Xt: torch.Tensor,
-                 gen: torch.Generator) -> torch.Tensor:
-        """Weighted mean squared distance of sampled landmark rows to their positions."""
-        pick = torch.randint(len(self.rows), (self.size,), generator=gen)
-        xb = Xt[self.rows[pick].to(Xt.device)].to(self.device, non_blocking=True)
-        d2 = (net(xb) - self.positions[pick.to(self.device)]).pow(2).sum(-1)
-        return self.weight * d2.mean()
-
-
-def landmark_distances(embedding: np.ndarray, landmarks: Landmarks) -> np.ndarray:
-    """Euclidean distance of each landmark row's embedding to its position."""
-    return np.linalg.norm(embedding[landmarks.rows] - landmarks.positions, axis=1)
 
 
 def resolve_init_model(init_model: Any) -> Encoder:
@@ -145,8 +87,6 @@ def resolve_init_model(init_model: Any) -> Encoder:
         When the saved model is missing, incomplete or corrupt.
     """
     if isinstance(init_model, (str, os.PathLike)):
-        from .model import load_encoder
-
         encoder, _ = load_encoder(init_model)  # checksummed and validated
         return encoder
     if _is_encoder(init_model):
@@ -155,8 +95,8 @@ def resolve_init_model(init_model: Any) -> Encoder:
     if _is_encoder(encoder):
         return copy.deepcopy(encoder).cpu().eval()
     if hasattr(init_model, "get_params"):
-        raise ValueError("init_model is not fitted; fit it (or load a saved model) first")
-    raise ValueError("init_model must be a fitted ParametricUMAP or the path of a saved "
+        raise ParameterError("init_model is not fitted; fit it (or load a saved model) first")
+    raise ParameterError("init_model must be a fitted ParametricUMAP or the path of a saved "
                      f"model directory, got {type(init_model).__name__}")
 
 
@@ -178,14 +118,14 @@ def check_architecture(encoder: Any, n_features: int, params: dict) -> None:
         Naming each difference and how to resolve it.
     """
     if encoder.n_features != n_features:  # worded as sklearn's feature-count check
-        raise ValueError(f"X has {n_features} features, but init_model is expecting "
+        raise ParameterError(f"X has {n_features} features, but init_model is expecting "
                          f"{encoder.n_features} features as input (n_features: the number it "
                          "was fitted on); continued training needs the same features")
     custom_init = not isinstance(encoder, Encoder)
     custom_here = params.get("encoder") is not None
     if custom_init != custom_here:
         which = ("a custom encoder network" if custom_init else "the default MLP encoder")
-        raise ValueError(f"init_model has {which} but this estimator "
+        raise ParameterError(f"init_model has {which} but this estimator "
                          f"{'does not' if custom_init else 'does'} set encoder=; continued "
                          "training needs the same architecture: use ParametricUMAP("
                          "**old.get_params())")
@@ -194,7 +134,7 @@ def check_architecture(encoder: Any, n_features: int, params: dict) -> None:
         have = {"n_features": encoder.n_features, "n_components": encoder.n_components}
         diff = [f"{k}: init_model {have[k]} vs {want[k]}" for k in want if have[k] != want[k]]
         if diff:
-            raise ValueError("init_model's encoder does not match this fit (" + "; ".join(diff)
+            raise ParameterError("init_model's encoder does not match this fit (" + "; ".join(diff)
                              + "); continued training needs the same architecture")
         return
     n_proj = params["n_projection"] if 0 < params["n_projection"] < n_features else 0
@@ -206,7 +146,7 @@ def check_architecture(encoder: Any, n_features: int, params: dict) -> None:
             "n_projection": encoder.n_projection}
     diff = [f"{k}: init_model {have[k]} vs {want[k]}" for k in want if have[k] != want[k]]
     if diff:
-        raise ValueError("init_model's encoder does not match this fit ("
+        raise ParameterError("init_model's encoder does not match this fit ("
                          + "; ".join(diff) + "); continued training needs the same "
                          "architecture: give this estimator init_model's n_components, "
                          "hidden_layers and n_projection (e.g. ParametricUMAP(**"
@@ -224,8 +164,6 @@ def resolve_init_decoder(init_model: Any) -> Any:
         When a saved model's ``decoder.pt`` is missing, modified or does not fit its config.
     """
     if isinstance(init_model, (str, os.PathLike)):
-        from .model import load_decoder, read_config
-
         path = os.fspath(init_model)
         return load_decoder(path, read_config(path))  # checksummed and validated
     decoder = getattr(init_model, "decoder_", None)
@@ -242,7 +180,6 @@ def check_decoder(decoder: Any, params: dict, input_shape: tuple[int, ...]) -> N
     ValueError
         Naming each difference and how to resolve it.
     """
-    from .networks import build_decoder
 
     fresh = build_decoder(params.get("decoder"), tuple(input_shape), int(params["n_components"]),
                           params.get("reconstruction_loss", "mse"),
@@ -260,7 +197,7 @@ def check_decoder(decoder: Any, params: dict, input_shape: tuple[int, ...]) -> N
         diff += [f"weight {k}: init_model {shapes[k]} vs none"
                  for k in shapes if k not in fresh.state_dict()]
     if diff:
-        raise ValueError("init_model's decoder does not match this fit (" + "; ".join(diff[:4])
+        raise ParameterError("init_model's decoder does not match this fit (" + "; ".join(diff[:4])
                          + "); continued training starts from init_model's decoder, so it "
                          "needs the same decoder architecture: give this estimator init_model's "
                          "decoder, reconstruction_loss and hidden_layers (e.g. ParametricUMAP(**"
@@ -304,32 +241,31 @@ def sample_landmark_rows(n: int, sample_pct: Any = 0.01, sample_mode: str = "uni
         missing ``idx`` in ``"predetermined"`` mode, or ids that are not integers in
         ``[0, n)``, repeat or are empty.
     """
-    from .params import choice, real
 
     choice("sample_mode", sample_mode, SAMPLE_MODES)
     if sample_mode == "uniform":
         pct = real("sample_pct", sample_pct, low=0.0, high=1.0, low_open=True)
         k = int(n * pct)
         if k == 0:
-            raise ValueError(f"sample_pct={pct:g} of {n} rows picks no landmark row; raise "
+            raise ParameterError(f"sample_pct={pct:g} of {n} rows picks no landmark row; raise "
                              f"sample_pct to at least {1 / n:.3g}, or choose the rows with "
                              "sample_mode='predetermined', idx=[...]")
         rng = np.random.default_rng(random_state)
         return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
     if idx is None:
-        raise ValueError("sample_mode='predetermined' needs idx: the ids of the rows of X to "
+        raise ParameterError("sample_mode='predetermined' needs idx: the ids of the rows of X to "
                          "keep as landmarks (or use sample_mode='uniform' with sample_pct)")
     ids = np.asarray(idx)
     if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":
-        raise ValueError("idx must be a non-empty 1-d sequence of integer row ids, got "
+        raise ParameterError("idx must be a non-empty 1-d sequence of integer row ids, got "
                          f"{ids.dtype} array of shape {ids.shape}")
     bad = (ids < 0) | (ids >= n)
     if bad.any():
-        raise ValueError(f"idx holds row id {int(ids[bad][0])}, outside [0, {n}) (X has {n} "
+        raise ParameterError(f"idx holds row id {int(ids[bad][0])}, outside [0, {n}) (X has {n} "
                          "rows)")
     ids = np.sort(ids.astype(np.int64))
     if (np.diff(ids) == 0).any():
-        raise ValueError(f"idx holds row id {int(ids[:-1][np.diff(ids) == 0][0])} more than "
+        raise ParameterError(f"idx holds row id {int(ids[:-1][np.diff(ids) == 0][0])} more than "
                          "once; give each landmark row once")
     return ids
 
@@ -343,8 +279,6 @@ def add_landmarks(est: Any, X: Any, sample_pct: float = 0.01, sample_mode: str =
     refine=False)``), ``est.landmark_idx_`` and ``est.landmark_loss_weight``; replaces
     landmarks kept before.
     """
-    from .io import as_dask, is_lazy
-    from .params import real
 
     est._check_fitted()  # NotFittedError, saying to fit first
     weight = real("landmark_loss_weight", landmark_loss_weight, low=0.0)
@@ -356,7 +290,7 @@ def add_landmarks(est: Any, X: Any, sample_pct: float = 0.01, sample_mode: str =
     else:
         X = np.asarray(X)
         if X.ndim < 2:
-            raise ValueError(f"X must hold samples as rows (2-d or more), got shape {X.shape}")
+            raise ParameterError(f"X must hold samples as rows (2-d or more), got shape {X.shape}")
         ids = sample_landmark_rows(len(X), sample_pct, sample_mode, idx, est.random_state)
         rows = np.ascontiguousarray(X[ids], dtype=np.float32)
     positions = np.asarray(est.transform(rows, refine=False), dtype=np.float32)
@@ -432,8 +366,6 @@ def append_kept_landmarks(kept: KeptLandmarks, X: Any, y: Any, landmark_position
         When ``X``'s features or ``n_components`` differ from the kept landmarks', or on bad
         ``landmark_positions`` (see :func:`pumap_dask.params.landmark_positions`).
     """
-    from .io import InputError, as_dask, is_lazy
-    from .params import landmark_positions as check_positions
 
     for what, val in (("knn", knn), ("graph", graph)):
         if val is not None:
@@ -442,23 +374,21 @@ def append_kept_landmarks(kept: KeptLandmarks, X: Any, y: Any, landmark_position
                              "remove_landmarks() first (and pass landmark_positions for X's "
                              "rows instead), or fit without a precomputed " + what)
     if kept.positions.shape[1] != n_components:
-        raise ValueError(f"the landmarks kept by add_landmarks have {kept.positions.shape[1]} "
+        raise ParameterError(f"the landmarks kept by add_landmarks have {kept.positions.shape[1]} "
                          f"dimensions but this fit has n_components={n_components}; call "
                          "remove_landmarks() or keep n_components")
     width = int(np.prod(kept.X.shape[1:]))
     if is_lazy(X):
-        import dask.array as da
-
         darr = as_dask(X, key=key)
         if darr.shape[1] != width:
-            raise ValueError(f"X has {darr.shape[1]} features, but the landmarks kept by "
+            raise ParameterError(f"X has {darr.shape[1]} features, but the landmarks kept by "
                              f"add_landmarks have {width}; call remove_landmarks() first")
         rows = kept.X.reshape(len(kept), width)
         X_fit = da.concatenate([darr, da.from_array(rows, chunks=rows.shape)], axis=0)
     else:
         X = np.asarray(X)
         if X.ndim < 2 or int(np.prod(X.shape[1:])) != width:
-            raise ValueError(f"X has samples of shape {X.shape[1:]}, but the landmarks kept by "
+            raise ParameterError(f"X has samples of shape {X.shape[1:]}, but the landmarks kept by "
                              f"add_landmarks have {kept.X.shape[1:]}; call remove_landmarks() "
                              "first")
         X_fit = np.concatenate([X, kept.X.reshape((len(kept),) + X.shape[1:])], axis=0)
@@ -470,8 +400,6 @@ def append_kept_landmarks(kept: KeptLandmarks, X: Any, y: Any, landmark_position
     positions[n:] = kept.positions
     y_fit = None
     if y is not None:
-        from .pipeline import check_labels
-
         y = check_labels(y, n)  # the fit's own check, on X's rows
         if y.dtype.kind not in "iubf":
             raise InputError(f"labels of dtype {y.dtype} cannot mark the {len(kept)} kept "
@@ -487,4 +415,4 @@ def drop_kept_rows(res: Any, n: int) -> Any:
     """The :class:`pumap_dask.pipeline.FitResult` of the first ``n`` training rows (those of
     ``X``; the appended landmark rows dropped from the embedding and the graph)."""
     graph = None if res.graph is None else res.graph[:n][:, :n].tocsr()
-    return dataclasses.replace(res, embedding=res.embedding[:n], n_samples=n, graph=graph)
+    return dataclasses.replace(res, embedding=res.embedding[:n], n_samples_fit=n, graph=graph)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import zarr
+
+from .errors import ParameterError
 
 
 def clusters(
@@ -24,7 +27,7 @@ def clusters(
     labels : int64 array (n_samples,)
     """
     if n_samples < 1 or n_features < 1 or n_clusters < 1:
-        raise ValueError("n_samples, n_features and n_clusters must be positive")
+        raise ParameterError("n_samples, n_features and n_clusters must be positive")
     rng = np.random.default_rng(random_state)
     centres = rng.uniform(-7.5, 7.5, size=(n_clusters, n_features))
     sds = rng.uniform(0.5, 2.5, size=n_clusters)
@@ -151,7 +154,7 @@ def cell_like(
         Population ids; trajectory arms get their own ids after the clusters'.
     """
     if n_samples < 1 or n_features < 1 or chunk_rows < 1:
-        raise ValueError("n_samples, n_features and chunk_rows must be positive")
+        raise ParameterError("n_samples, n_features and chunk_rows must be positive")
     layout = _cell_layout(n_features, random_state)
     parts = [_cell_chunk(layout, b - a, random_state, c)
              for c, a, b in _chunk_bounds(n_samples, chunk_rows)]
@@ -182,10 +185,9 @@ def write_cell_like_zarr(
     -------
     zarr.Array
     """
-    import zarr
 
     if n_samples < 1 or n_features < 1 or chunk_rows < 1:
-        raise ValueError("n_samples, n_features and chunk_rows must be positive")
+        raise ParameterError("n_samples, n_features and chunk_rows must be positive")
     layout = _cell_layout(n_features, random_state)
     arr = zarr.create_array(path, shape=(n_samples, n_features), chunks=(chunk_rows, n_features),
                             dtype="float32", zarr_format=3, overwrite=overwrite)

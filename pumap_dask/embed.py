@@ -8,16 +8,21 @@ import logging
 import os
 from typing import Any
 
+import dask.array as da
 import numpy as np
+import zarr
 
-from .io import InputError
+from ._version import __version__
+from .errors import InputError
+from .estimator import ParametricUMAP
+from .io import open_zarr
+from .writers import _drop_consolidated, check_output_path, write_anndata_obsm
 
 logger = logging.getLogger(__name__)
 
 
 def _uns_record(model: Any, use_rep: str, model_dir: str | None) -> dict[str, Any]:
     """``uns["pumap"]``: parameters and fit facts in types AnnData stores everywhere."""
-    from . import __version__
 
     params = {k: v for k, v in model.get_params().items()
               if k not in ("verbose", "work_dir", "callbacks")}
@@ -65,7 +70,6 @@ def embed(adata: Any, *, use_rep: str = "X_pca", key_added: str = "X_pumap",
         ``adata.uns["pumap"]`` the parameters (``params`` as a JSON string), as
         ``sc.tl.umap`` records its own. A backed object is written by ``adata.write()``.
     """
-    from .estimator import ParametricUMAP
 
     if not isinstance(key_added, str) or not key_added or "/" in key_added:
         raise InputError(f"key_added must be a plain name such as 'X_pumap', got {key_added!r}")
@@ -78,7 +82,6 @@ def embed(adata: Any, *, use_rep: str = "X_pca", key_added: str = "X_pumap",
     if use_rep == "X":
         X = adata.X
         if getattr(adata, "isbacked", False):  # an h5py dataset: read lazily in row chunks
-            import dask.array as da
 
             X = da.from_array(X, chunks=(min(X.shape[0], 65536), X.shape[1]), lock=True)
         elif hasattr(X, "toarray"):
@@ -100,16 +103,10 @@ def embed(adata: Any, *, use_rep: str = "X_pca", key_added: str = "X_pumap",
 
 def _embed_store(store: str, use_rep: str, key_added: str, model_dir, params: dict):
     """Fit from an AnnData ``.zarr`` store and write obsm/uns into it in place."""
-    import zarr
-
-    from .estimator import ParametricUMAP
-    from .writers import _drop_consolidated, write_anndata_obsm
 
     key = _rep_key(use_rep)
     model = ParametricUMAP(**params)
     model._check_params()
-    from .io import open_zarr
-    from .writers import check_output_path
 
     check_output_path(os.path.join(store, "obsm", key_added), open_zarr(store, key=key),
                       resume=False, store=store)  # refuses a foreign obsm before the fit

@@ -10,21 +10,29 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from . import knn as knn_stage
-from . import model as model_stage
 from . import pipeline
-from .io import check_array, check_n_features, is_lazy
+from .continued import add_landmarks, keep_landmarks, kept_landmarks, remove_landmarks
+from .encoder import encode
+from .errors import NotFittedError, ParameterError
+from .export import export_encoder
+from .io import as_dask, check_array, check_n_features, flatten_input, is_lazy
 from .params import check_estimator_params, check_transform_args
-from .train import encode
+from .reconstruction import inverse_transform
+from .refine import (
+    DEFAULT_REFINE_EPOCHS,
+    check_refine,
+    keep_training_rows,
+    reference_from_model,
+    refine_transform,
+)
+from .state import FITTED_ATTRS, STALE_ATTRS, load_estimator_state, save_estimator, set_fitted
+from .transform import transform as lazy_transform
 
 logger = logging.getLogger(__name__)
 
 # Chosen by benchmarks/quality.py (see benchmarks/RESULTS.md).
 DEFAULT_HIDDEN = (128, 64, 32)
 DEFAULT_PROJECTION = 64
-
-
-class NotFittedError(RuntimeError, AttributeError):
-    """The model must be fitted (or loaded) before this call."""
 
 
 class ParametricUMAP(TransformerMixin, BaseEstimator):
@@ -43,7 +51,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         ``"hnsw"`` (hnswlib, optional extra ``pumap_dask[hnsw]``) or ``"partitioned"``
         (Dask, for chunked input; ``knn_kwds={"local_method": "hnsw"}`` searches each
         partition with hnswlib instead of pynndescent). With ``"auto"``, lazy input (dask,
-        Zarr, paths) of more than ``pumap_dask.knn_dask.PARTITION_THRESHOLD`` rows uses
+        Zarr, paths) of more than ``pumap_dask.distributed.knn_dask.PARTITION_THRESHOLD`` rows uses
         ``"partitioned"``; numpy input never does.
     hidden_layers
         Widths of the encoder's hidden layers (LeakyReLU(0.1) after each).
@@ -93,7 +101,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
     max_restarts
         DDP training (``train_world_size > 1``): how many times the group restarts from its
         last checkpoint after a rank is lost (a worker died), waiting for the worker to
-        come back; 0 fails at once, naming the lost rank (:class:`pumap_dask.ddp.RankLost`).
+        come back; 0 fails at once, naming the lost rank (:class:`pumap_dask.errors.RankLostError`).
     metric
         Input-space distance of the kNN graph: ``"euclidean"`` or ``"cosine"``
         (``1 - cos``; every kNN back-end supports both). Under cosine a zero-norm row lies
@@ -336,73 +344,20 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         self._check_params()
         if landmarks is not None:
             if landmark_positions is not None:
-                raise ValueError("give landmark_positions or its alias landmarks, not both")
+                raise ParameterError("give landmark_positions or its alias landmarks, not both")
             landmark_positions = landmarks
-        wsize = self.train_world_size
-        if wsize is not None and wsize > 1:
-            for what, val in (("landmark_positions", landmark_positions),
-                              ("init_model", init_model)):
-                if val is not None:
-                    raise ValueError(
-                        f"{what} cannot be used with train_world_size={wsize}: continued "
-                        "training and landmarks train in one process; use train_world_size=1 "
-                        "(or None)")
-        from . import continued
-
-        init_encoder = init_decoder = None
-        if init_model is not None:
-            init_encoder = continued.resolve_init_model(init_model)
-            if self.parametric_reconstruction:  # before decoder_ is cleared (init_model=self)
-                init_decoder = continued.resolve_init_decoder(init_model)
-        kept = continued.kept_landmarks(self, init_model)  # add_landmarks' rows
-        X_fit, y_fit, key_fit = X, y, key
-        if kept is not None:
-            X_fit, y_fit, landmark_positions, n_new = continued.append_kept_landmarks(
-                kept, X, y, landmark_positions, key=key, n_components=self.n_components,
-                knn=knn, graph=graph)
-            key_fit = None
         if self.verbose:
             logging.getLogger("pumap_dask").setLevel(logging.INFO)
-        for stale in ("model_path_", "model_sha256_", "knn_recall_", "graph_", "decoder_",
-                      "reconstruction_history_", "validation_reconstruction_", "input_shape_",
-                      "_refine_reference", "_training_data_sha256"):
-            self.__dict__.pop(stale, None)
-        res = pipeline.fit(self.get_params(), X_fit, key=key_fit, knn=knn, y=y_fit,
-                           init_encoder=init_encoder, landmark_positions=landmark_positions,
-                           validation_data=validation_data, graph=graph,
-                           init_decoder=init_decoder)
-        if kept is not None:  # embedding_ and n_samples_fit_ describe X's rows only
-            res = continued.drop_kept_rows(res, n_new)
-            continued.keep_landmarks(self, kept)
-        self.encoder_ = res.trained.encoder
-        self.loss_history_ = res.trained.loss_history
-        self.n_epochs_run_ = len(self.loss_history_)
-        self.n_epochs_ = res.trained.config.n_epochs
-        self.embedding_ = res.embedding
-        self.feature_stats_ = res.feature_stats
-        self.n_features_in_ = res.n_features
-        self.n_samples_fit_ = res.n_samples
-        self.knn_method_ = res.knn_method
-        self.n_edges_ = res.n_edges
-        self.a_, self.b_ = res.a, res.b
-        self.init_ = res.init
-        self.train_world_size_ = res.world_size
-        self.timings_ = res.timings
-        self.peak_memory_ = res.peak_memory
-        self.worker_peak_memory_ = res.worker_peak_memory
-        if res.graph is not None:
-            self.graph_ = res.graph
-        if res.knn_recall is not None:
-            self.knn_recall_ = res.knn_recall
-        self.input_shape_ = res.input_shape
-        if res.decoder is not None:
-            self.decoder_ = res.decoder
-            self.reconstruction_history_ = res.reconstruction_history
-        if res.validation_reconstruction is not None:
-            self.validation_reconstruction_ = res.validation_reconstruction
-        from .refine import keep_training_rows  # for transform(refine=True); lazy X: None
-
-        self._refine_rows = keep_training_rows(X, seed=self.random_state or 0)
+        kept = kept_landmarks(self, init_model)  # add_landmarks' rows
+        res = pipeline.fit(self.get_params(), X, key=key, knn=knn, y=y, init_model=init_model,
+                           landmark_positions=landmark_positions,
+                           validation_data=validation_data, graph=graph, kept=kept)
+        for attr in (*FITTED_ATTRS, *STALE_ATTRS):
+            self.__dict__.pop(attr, None)
+        set_fitted(self, res)
+        if kept is not None:
+            keep_landmarks(self, kept)
+        self._refine_rows = keep_training_rows(X, seed=self.random_state or 0)  # refine=True
         return self
 
     def fit_transform(self, X: Any, y: Any = None, **fit_params) -> np.ndarray:
@@ -487,7 +442,6 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         Attributes set: ``landmark_X_`` (the kept rows, float32), ``landmark_positions_``
         ((n_landmarks, n_components) float32) and ``landmark_idx_`` (their ids in ``X``).
         """
-        from .continued import add_landmarks
 
         add_landmarks(self, X, sample_pct, sample_mode, landmark_loss_weight, idx)
 
@@ -495,28 +449,28 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         """Forget the landmarks kept by :meth:`add_landmarks` (umap-learn's name): later
         continued fits no longer append them. ``landmark_loss_weight`` is left as it is (it
         still weighs ``landmark_positions`` given to :meth:`fit`)."""
-        from .continued import remove_landmarks
 
         remove_landmarks(self)
 
     # ------------------------------------------------------------------ transform
     def transform(self, X: Any, *, key: str | None = None, batch_size: int = 65536,
-                  refine: bool | str = "auto", refine_epochs: int | None = None,
+                  refine: bool = False, refine_epochs: int | None = None,
                   training_data: Any = None):
-        """Embed new data: the frozen encoder, polished against the training embedding
-        where that costs little.
+        """Embed new data with the frozen encoder: one deterministic forward pass.
 
-        numpy in, numpy out; dask arrays, Zarr arrays and paths give a lazy dask array
-        (see :func:`pumap_dask.transform`). A model fitted on n-D input (n, *dims) takes
-        numpy input of that shape, or its flattened rows (n, prod(dims)) (lazy input: rows).
+        numpy in, numpy out; dask arrays, Zarr arrays and paths give a lazy dask array (see
+        :func:`pumap_dask.transform`). Every container gives the same rows the same
+        embedding (to float rounding), as do a saved and loaded model,
+        :func:`pumap_dask.transform` and :meth:`export_onnx`. A model fitted on n-D input
+        (n, *dims) takes numpy input of that shape, or its flattened rows (n, prod(dims))
+        (lazy input: rows).
 
-        The polish places new points as umap-learn's ``transform`` does: exact kNN among
-        the training rows, then ``refine_epochs`` (default 100) epochs of UMAP SGD on the
-        new points only, starting from the encoder's output, the training embedding fixed
-        (see :mod:`pumap_dask.refine`). On small training sets it lifts held-out accuracy
-        from the encoder's to umap-learn's level (digits 0.926 -> 0.969, MNIST 0.890 ->
-        0.923; ``benchmarks/RESULTS.md``), at a cost per new row that grows with the
-        number of training rows (about umap-learn's transform time).
+        ``refine=True`` adds the opt-in, non-parametric polish: new points are placed as
+        umap-learn's ``transform`` places them (exact kNN among the training rows, then
+        ``refine_epochs`` epochs of UMAP SGD on the new points only, starting from the
+        encoder's output, the training embedding fixed; see :mod:`pumap_dask.refine`). It
+        lifts held-out accuracy on small training sets (``benchmarks/RESULTS.md``) at a cost
+        per new row that grows with the number of training rows.
 
         Parameters
         ----------
@@ -527,17 +481,13 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         batch_size
             Rows per forward pass of the encoder.
         refine
-            ``"auto"`` (default): polish in-memory input when the model was fitted on at
-            most 50,000 rows (:data:`pumap_dask.refine.AUTO_REFINE_MAX_ROWS`) and holds them
-            (kept by an in-memory fit; stored by :meth:`save`); lazy input and larger models
-            get the encoder alone, whose cost per row is constant. ``False``: the encoder
-            alone (what :func:`pumap_dask.transform` and :meth:`export_onnx` compute).
-            ``True``: always polish; needs the training rows (kept, stored, or
+            False (default): the encoder alone. True: polish; needs the training rows (kept
+            by an in-memory fit, stored by ``save(..., include_training_data=True)``, or
             ``training_data``). Lazy input stays lazy and chunk-independent.
         refine_epochs
             SGD epochs of the polish (default 100).
         training_data
-            The rows the model was fitted on, when it holds none (e.g. fitted on lazy input).
+            With ``refine=True``: the rows the model was fitted on, when it holds none.
 
         Returns
         -------
@@ -546,24 +496,14 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         """
         self._check_fitted()
         check_transform_args(batch_size=batch_size)
-        from .refine import (DEFAULT_REFINE_EPOCHS, auto_refine, check_refine,
-                             reference_from_model, refine_transform)
-
         refine = check_refine(refine)
-        if refine == "auto":
-            refine = training_data is not None or auto_refine(self, X)
         ref = reference_from_model(self, training_data) if refine else None
         epochs = DEFAULT_REFINE_EPOCHS if refine_epochs is None else int(refine_epochs)
         if is_lazy(X):
-            from .io import as_dask
-            from .transform import transform as lazy_transform
-
             emb = lazy_transform(X, self, key=key, batch_size=batch_size)
             if ref is None:
                 return emb
             return refine_transform(as_dask(X, key=key), emb, ref, n_epochs=epochs)
-        from .networks import flatten_input
-
         X = check_array(flatten_input(X, getattr(self, "input_shape_", None)), what="X")
         check_n_features(X.shape[1], self.n_features_in_)
         emb = encode(self.encoder_, X, batch_size=batch_size)
@@ -595,7 +535,6 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         if getattr(self, "decoder_", None) is None:
             raise NotFittedError("inverse_transform needs a decoder: fit with "
                                  "parametric_reconstruction=True")
-        from .networks import inverse_transform
 
         return inverse_transform(Z, self.decoder_, self.n_components, batch_size=batch_size)
 
@@ -626,7 +565,6 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             When the optional ``onnx`` package is missing (``pip install 'pumap_dask[onnx]'``).
         """
         self._check_fitted()
-        from .export import export_encoder
 
         meta = {"metric": getattr(self, "metric", "euclidean"),
                 "n_neighbors": self.n_neighbors, "min_dist": self.min_dist}
@@ -634,7 +572,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, include_embedding: bool = True,
-             include_training_data: bool | str = "auto") -> str:
+             include_training_data: bool = False) -> str:
         """Save to a directory (JSON config + torch weights, no pickle); returns the path.
 
         Parameters
@@ -647,11 +585,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         include_training_data
             Also store the training rows the fit kept (``training_data.npy``, float32; a
             fixed sample of 200,000 rows above that), so that the loaded model can
-            ``transform(..., refine=True)``. ``"auto"`` (default): store them when
-            ``transform`` polishes by default (in-memory fit of at most 50,000 rows, with
-            ``include_embedding``), so the loaded model transforms as this one does; the
-            directory then holds a float32 copy of the data: pass False to leave it out
-            (the loaded model then uses the encoder alone unless given ``training_data``).
+            ``transform(..., refine=True)``. Off by default: a model shared with others
+            then carries no copy of the (often patient-derived) data it was fitted on.
 
         Returns
         -------
@@ -660,7 +595,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             :meth:`load` detects any later edit (see :mod:`pumap_dask.model`).
         """
         self._check_fitted()
-        return model_stage.save_estimator(path, self, include_embedding=include_embedding,
+        return save_estimator(path, self, include_embedding=include_embedding,
                                           include_training_data=include_training_data)
 
     @classmethod
@@ -683,11 +618,10 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             When the directory is missing, incomplete, of an unreadable format version, or
             any of its files was modified or corrupted since it was saved.
         """
-        params, fitted = model_stage.load_estimator_state(path, cls().get_params())
+        params, fitted = load_estimator_state(path, cls().get_params())
         params["hidden_layers"] = tuple(params.get("hidden_layers", DEFAULT_HIDDEN))
         m = cls(**params)
         m.__dict__.update(fitted)
-        m.n_epochs_run_ = len(m.loss_history_)
         return m
 
     # ------------------------------------------------------------------ display

@@ -12,8 +12,13 @@ is ``log2(k + 1)``; given the same neighbours the two graphs agree (tested).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import scipy.sparse as sp
+
+from .errors import InputError
+from .params import check_graph_params
 
 SMOOTH_K_TOLERANCE = 1e-5
 MIN_K_DIST_SCALE = 1e-3
@@ -136,7 +141,7 @@ def fuzzy_set_union(W: sp.csr_matrix, Wt: sp.csr_matrix,
 
     ``W`` holds some rows of a directed graph and ``Wt`` the same rows of its transpose:
     the whole matrices in :func:`symmetrize`, one row block of each in
-    :mod:`pumap_dask.graph_dask` (so both paths give the same weights).
+    :mod:`pumap_dask.distributed.graph_dask` (so both paths give the same weights).
     """
     prod = W.multiply(Wt)
     G = set_op_mix_ratio * (W + Wt - prod) + (1.0 - set_op_mix_ratio) * prod
@@ -169,7 +174,6 @@ def fuzzy_simplicial_set(
     scipy.sparse.csr_matrix
         Symmetric, weights in (0, 1], no self loops.
     """
-    from .params import check_graph_params
 
     check_graph_params(set_op_mix_ratio, local_connectivity, tolerance)
     n, k = indices.shape
@@ -219,7 +223,7 @@ def label_codes(y: np.ndarray) -> np.ndarray:
     """
     y = np.asarray(y)
     if y.ndim != 1:
-        raise ValueError(f"y must be a 1-d vector of labels, got shape {y.shape}")
+        raise InputError(f"y must be a 1-d vector of labels, got shape {y.shape}")
     unknown = np.zeros(y.shape, dtype=bool)
     if y.dtype.kind in "iub":
         unknown = y == -1
@@ -247,7 +251,7 @@ def categorical_intersection(
 
     The first two steps are row local (:func:`label_rows`): a partitioned fit runs them per
     row block on the workers and takes the union across blocks
-    (:func:`pumap_dask.graph_dask.build_edge_store` with ``y``), with the same result.
+    (:func:`pumap_dask.distributed.graph_dask.build_edge_store` with ``y``), with the same result.
 
     Parameters
     ----------
@@ -268,7 +272,7 @@ def categorical_intersection(
     """
     codes = label_codes(y)
     if codes.shape[0] != graph.shape[0]:
-        raise ValueError(f"y has {codes.shape[0]} labels for a graph of {graph.shape[0]} "
+        raise InputError(f"y has {codes.shape[0]} labels for a graph of {graph.shape[0]} "
                          "points")
     A = label_rows(sp.csr_matrix(graph), codes, target_weight, unknown_dist=unknown_dist)
     return symmetrize(A, 1.0)
@@ -283,7 +287,7 @@ def label_rows(
     Each weight is multiplied by its label factor and each row rescaled to a maximum of 1;
     the fuzzy union of the result with its transpose is the labelled graph. Rows are
     independent, so a row block of the graph gives the same rows as the whole graph
-    (:func:`pumap_dask.graph_dask.build_edge_store` runs this per block on the workers).
+    (:func:`pumap_dask.distributed.graph_dask.build_edge_store` runs this per block on the workers).
 
     Parameters
     ----------
@@ -345,9 +349,6 @@ def check_precomputed_graph(graph, n: int) -> sp.csr_matrix:
     InputError
         Naming what is wrong.
     """
-    import logging
-
-    from .io import InputError
 
     if not sp.issparse(graph):
         raise InputError("graph must be a scipy.sparse matrix (n, n) such as "

@@ -12,10 +12,14 @@ import logging
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+from .graph import fuzzy_simplicial_set
+from .knn import nearest_neighbors_numpy
 
 logger = logging.getLogger(__name__)
 
-INIT_METHODS = ("spectral", "pca", "random")
 LAYOUT_SCALE = 10.0
 # Rows of the spectral layout. Up to this many rows the full graph's spectral layout is
 # used; above it, the layout of a kNN graph among this many sampled rows (landmarks), so the
@@ -51,7 +55,6 @@ def spectral_layout(graph: sp.spmatrix, n_components: int, random_state: int | N
     Returns None when the graph is disconnected or the eigensolver does not converge; the
     caller falls back to PCA.
     """
-    from scipy.sparse.csgraph import connected_components
 
     n = graph.shape[0]
     if n <= n_components + 2:
@@ -66,7 +69,6 @@ def spectral_layout(graph: sp.spmatrix, n_components: int, random_state: int | N
 def _connected_spectral(graph: sp.spmatrix, n_components: int, random_state: int | None,
                         maxiter: int | None = None) -> np.ndarray | None:
     """Spectral layout of a connected graph, or None when the eigensolver fails."""
-    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
     n = graph.shape[0]
     deg = np.asarray(graph.sum(axis=1)).ravel()
@@ -121,8 +123,6 @@ def landmark_layout(X_landmarks: np.ndarray, n_components: int, n_neighbors: int
     layout, method
         (m, n_components) float32 scaled to [-10, 10], and "spectral" or "pca".
     """
-    from .graph import fuzzy_simplicial_set
-    from .knn import nearest_neighbors_numpy
 
     X_landmarks = np.ascontiguousarray(X_landmarks, dtype=np.float32)
     k = min(n_neighbors, X_landmarks.shape[0] - 1)

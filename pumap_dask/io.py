@@ -7,23 +7,22 @@ actually read, and name the offending row block.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import uuid
 from typing import Any
 
+import dask.array as da
 import numpy as np
+import zarr
+
+from .errors import InputError, InputTypeError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ANNDATA_KEY = "obsm/X_pca"
-
-
-class InputError(ValueError):
-    """Raised for input that cannot be embedded, with a message that says how to fix it."""
-
-
-class InputTypeError(InputError, TypeError):
-    """Input of a type that cannot be converted to numbers."""
 
 
 def is_lazy(X: Any) -> bool:
@@ -49,7 +48,6 @@ def open_zarr(path: str | os.PathLike, key: str | None = None):
     -------
     zarr.Array
     """
-    import zarr
 
     path = os.fspath(path)
     if not os.path.exists(path) and "://" not in path:
@@ -164,7 +162,6 @@ def as_dask(X: Any, *, key: str | None = None, what: str = "X", chunk_rows: int 
     dask.array.Array
         Float32, 2-D, features in one chunk. Nothing is computed.
     """
-    import dask.array as da
 
     if isinstance(X, (str, os.PathLike)):
         X = open_zarr(X, key=key)
@@ -223,10 +220,77 @@ def write_json_atomic(path: str, doc: dict) -> None:
 
     Used for every metadata file and completion marker of the resumable stages.
     """
-    import json
-    import uuid
 
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with open(tmp, "w") as fh:
         json.dump(doc, fh, indent=1)
     os.replace(tmp, path)
+
+
+def flatten_input(X: Any, input_shape: tuple[int, ...] | None = None) -> Any:
+    """n-D numpy input (n, *dims) as rows (n, prod(dims)); 2-D input unchanged.
+
+    Parameters
+    ----------
+    X
+        An in-memory array (anything numpy accepts). Lazy input is returned unchanged.
+    input_shape
+        The fitted trailing shape, checked when given and ``X`` is n-D.
+
+    Returns
+    -------
+    The rows, and leaves 1-D / 2-D input to the usual checks.
+    """
+
+    if is_lazy(X):
+        if getattr(X, "ndim", 2) > 2:
+            raise InputError(f"X has shape {tuple(X.shape)}: n-D input (n, *dims) is accepted "
+                             "as a numpy array only; reshape lazy input to (n_samples, "
+                             "n_features) rows (X.reshape(len(X), -1)): a model fitted on "
+                             "n-D data takes its flattened rows too")
+        return X
+    if hasattr(X, "toarray") and hasattr(X, "nnz"):
+        return X
+    arr = np.asarray(X)
+    if arr.ndim <= 2:
+        return X
+    if input_shape is not None and tuple(arr.shape[1:]) != tuple(input_shape):
+        raise InputError(f"X has samples of shape {tuple(arr.shape[1:])}, but ParametricUMAP "
+                         f"was fitted on samples of shape {tuple(input_shape)}")
+    return arr.reshape(arr.shape[0], -1)
+
+
+def input_shape_of(X: Any) -> tuple[int, ...] | None:
+    """The trailing shape of n-D in-memory input, or None for 2-D / lazy input."""
+
+    if is_lazy(X) or (hasattr(X, "toarray") and hasattr(X, "nnz")):
+        return None
+    shape = np.asarray(X).shape  # (not np.shape: array-likes may refuse array functions)
+    return tuple(int(s) for s in shape[1:]) if len(shape) > 2 else None
+
+
+def to_jsonable(value: Any, *, float32: bool = False) -> Any:
+    """A copy of ``value`` in plain JSON types: the package's one sanitiser.
+
+    dicts (keys as strings), lists and tuples (as lists), numpy arrays and scalars (as
+    Python numbers); non-finite floats become None (JSON has no NaN); anything else with a
+    ``tolist`` is converted by it, and other objects by ``str``. ``float32``: float arrays
+    are rounded to float32 first (what the model files store).
+    """
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(x, float32=float32) for k, x in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(x, float32=float32) for x in value]
+    if isinstance(value, np.ndarray):
+        if float32 and value.dtype.kind == "f":
+            value = value.astype(np.float32)
+        return to_jsonable(value.tolist(), float32=float32)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if hasattr(value, "tolist"):
+        return to_jsonable(value.tolist(), float32=float32)
+    return str(value)

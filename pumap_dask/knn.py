@@ -18,16 +18,13 @@ import time
 from typing import Callable
 
 import numpy as np
+import torch
 
-from .io import InputError
-from .params import resolve_device
+from .errors import InputError, ParameterError
+from .params import METRICS, positive_int, resolve_device
 
 logger = logging.getLogger(__name__)
 
-KNN_METHODS = ("auto", "exact", "nndescent", "hnsw", "partitioned")
-METRICS = ("euclidean", "cosine")
-# the search run inside each partition of the partitioned back-end
-LOCAL_METHODS = ("nndescent", "hnsw")
 
 # hnswlib defaults. Measured recall@15 (1000 sampled rows, one build thread): MNIST test
 # set 0.999, cell-like 50k x 50 0.999 in both metrics; ef_construction 200 (hnswlib's
@@ -50,7 +47,7 @@ EXACT_WORK_LIMIT = 5e11
 def check_metric(metric: str) -> str:
     """``metric`` when it is one of :data:`METRICS`, else a ValueError naming them."""
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        raise ParameterError(f"metric must be one of {METRICS}, got {metric!r}")
     return metric
 
 
@@ -118,7 +115,6 @@ def exact_knn(
     indices, distances
         int64 and float32 arrays of shape (n, k), sorted by distance.
     """
-    import torch
 
     cosine = check_metric(metric) == "cosine"
     dev = resolve_device(device)
@@ -198,10 +194,12 @@ def nndescent_knn(
     if metric == "cosine":
         return _nndescent_cosine(X, n_neighbors, random_state=random_state, n_jobs=n_jobs,
                                  **kwargs)
-    from pynndescent import NNDescent
 
     n_trees = kwargs.pop("n_trees", min(64, 5 + int(round((X.shape[0]) ** 0.5 / 20.0))))
     n_iters = kwargs.pop("n_iters", max(5, int(round(np.log2(X.shape[0])))))
+    # pynndescent compiles its numba kernels on import (about 1.5 s): imported when used
+    from pynndescent import NNDescent
+
     index = NNDescent(
         X, n_neighbors=n_neighbors + 1, metric="euclidean", random_state=random_state,
         n_trees=n_trees, n_iters=n_iters, max_candidates=kwargs.pop("max_candidates", 60),
@@ -308,7 +306,6 @@ def hnsw_knn(
     """
     check_metric(metric)
     hnswlib = require_hnswlib()
-    from .params import positive_int
 
     positive_int("M", M, minimum=2)
     positive_int("ef_construction", ef_construction)
@@ -437,7 +434,7 @@ def nearest_neighbors_numpy(
                                  **kwargs),
     }
     if method not in backends:
-        raise ValueError(f"knn_method for in-memory data must be one of {sorted(backends)} or "
+        raise ParameterError(f"knn_method for in-memory data must be one of {sorted(backends)} or "
                          f"'auto', got {method!r}")
     t0 = time.perf_counter()
     out = backends[method]()

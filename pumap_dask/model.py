@@ -1,7 +1,7 @@
-"""Model stage: the encoder network, its batched forward pass, and safe save/load.
+"""Model files: the directory format of a saved model, written and read safely.
 
-The network (:class:`Encoder`) lives here, so projection (:mod:`pumap_dask.transform`)
-never imports training code.
+The network and its forward pass are :mod:`pumap_dask.encoder`'s; the estimator's fitted
+state on top of these files is :mod:`pumap_dask.state`'s.
 
 A saved model is a directory::
 
@@ -38,101 +38,17 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
-from torch import nn
+from . import networks
+from .encoder import Encoder, encoder_spec
+from .errors import ModelFileError
+from .params import METRICS, writable_location
 
 logger = logging.getLogger(__name__)
-
-
-class Encoder(nn.Module):
-    """Input normalisation (+ optional fixed linear projection) followed by an MLP.
-
-    The normalisation and projection are buffers, part of the saved state, so a loaded
-    encoder reproduces the original exactly and transform stays one forward pass.
-    """
-
-    def __init__(self, n_features: int, n_components: int = 2,
-                 hidden_layers: Sequence[int] = (128, 64, 32), n_projection: int = 0,
-                 negative_slope: float = 0.1) -> None:
-        super().__init__()
-        self.n_features = n_features
-        self.n_components = n_components
-        self.hidden_layers = tuple(int(h) for h in hidden_layers)
-        self.n_projection = int(n_projection)
-        self.register_buffer("center", torch.zeros(n_features))
-        self.register_buffer("scale", torch.ones(()))
-        width = n_features
-        if self.n_projection:
-            self.register_buffer("projection", torch.zeros(n_features, self.n_projection))
-            width = self.n_projection
-        layers: list[nn.Module] = []
-        for h in self.hidden_layers:
-            layers += [nn.Linear(width, h), nn.LeakyReLU(negative_slope, inplace=True)]
-            width = h
-        layers.append(nn.Linear(width, n_components))
-        self.mlp = nn.Sequential(*layers)
-
-    def prepare(self, X: np.ndarray, max_rows: int = 20000, seed: int = 0) -> None:
-        """Set the centring, scale and (when n_projection > 0) PCA projection from data."""
-        rng = np.random.default_rng(seed)
-        rows = rng.choice(X.shape[0], size=min(X.shape[0], max_rows), replace=False)
-        sample = X[np.sort(rows)]
-        if type(sample).__module__.split(".")[0] == "cupy":  # a GPU array: DLPack, no numpy
-            S = torch.from_dlpack(sample).to("cpu", torch.float32).to(torch.float64)
-        else:
-            S = torch.as_tensor(np.asarray(sample, dtype=np.float32), dtype=torch.float64)
-        mean = S.mean(0)
-        Z = S - mean
-        if self.n_projection:
-            p = min(self.n_projection, *Z.shape)
-            _, _, Vh = torch.linalg.svd(Z, full_matrices=False)
-            P = torch.zeros(Z.shape[1], self.n_projection, dtype=torch.float64)
-            P[:, :p] = Vh[:p].T
-            Z = Z @ P
-            self.projection.copy_(P.float())
-        # one global scale keeps relative feature variances (and so distances) intact
-        rms = Z.pow(2).mean().sqrt().clamp_min(1e-12)
-        self.center.copy_(mean.float())
-        self.scale.copy_(rms.float())
-
-    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """The fixed part: centre, project, scale (no trainable parameters)."""
-        z = x - self.center
-        if self.n_projection:
-            z = z @ self.projection
-        return z / self.scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.preprocess(x))
-
-
-def encode(encoder: Encoder, X: np.ndarray, batch_size: int = 65536,
-           device: str = "cpu") -> np.ndarray:
-    """Forward pass in batches under ``inference_mode``; returns float32 (n, n_components).
-
-    Each row's output depends only on that row: the batch size changes the result only
-    by float rounding (about 1e-6). Used by training, the estimator and the lazy transform.
-    """
-    return batched_forward(encoder, X, encoder.n_components, batch_size, device)
-
-
-def batched_forward(net: nn.Module, X: np.ndarray, n_out: int, batch_size: int = 65536,
-                    device: str = "cpu") -> np.ndarray:
-    """``net`` (in eval mode, on ``device``) over the rows of ``X`` in batches under
-    ``inference_mode``: float32 (n, n_out) on the host."""
-    dev = torch.device(device)
-    net = net.to(dev).eval()
-    out = np.empty((X.shape[0], n_out), dtype=np.float32)
-    with torch.inference_mode():
-        for i in range(0, X.shape[0], batch_size):
-            xb = torch.as_tensor(np.ascontiguousarray(X[i:i + batch_size], dtype=np.float32))
-            out[i:i + batch_size] = net(xb.to(dev)).float().cpu().numpy()
-    return out
-
 
 
 FORMAT_VERSION = 2
@@ -146,10 +62,6 @@ FEATURE_STATS = ("min", "max", "mean", "std")
 _FIX = ("re-save it from the fitted estimator (ParametricUMAP.save) or re-fit the model")
 MAX_DIM = 2 ** 31 - 1  # largest layer width / feature count an encoder spec may state
 _WARNED_V1: set[str] = set()
-
-
-class ModelFileError(OSError):
-    """A saved model directory is missing, incomplete, corrupt or was modified."""
 
 
 def file_sha256(path: str) -> str:
@@ -180,23 +92,6 @@ def config_sha256(doc: dict[str, Any]) -> str:
     body = {k: v for k, v in doc.items() if k != CONFIG_HASH}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def encoder_spec(encoder: Encoder) -> dict[str, Any]:
-    """The architecture fields needed to rebuild an encoder.
-
-    A custom encoder (:class:`pumap_dask.networks.CustomEncoder`) gives its factory's name
-    and argument instead of the MLP's layers, and raises
-    :class:`pumap_dask.networks.NetworkError` when it has no factory name.
-    """
-    if hasattr(encoder, "spec"):
-        return encoder.spec()
-    return {
-        "n_features": encoder.n_features,
-        "n_components": encoder.n_components,
-        "hidden_layers": list(encoder.hidden_layers),
-        "n_projection": encoder.n_projection,
-    }
 
 
 # ---------------------------------------------------------------------- validation
@@ -345,7 +240,6 @@ def validate_config(doc: Any, path: str | os.PathLike) -> dict[str, Any]:
              cfg_path, optional=True)
     _require(params, "precision", lambda v: isinstance(v, str), "a string", "params",
              cfg_path, optional=True)  # absent in models saved before it existed
-    from .knn import METRICS  # absent (models saved before metric existed): euclidean
 
     _require(params, "metric", lambda v: v in METRICS, f"one of {list(METRICS)}", "params",
              cfg_path, optional=True)
@@ -463,7 +357,6 @@ def check_model_path(path: str | os.PathLike) -> str:
             raise ModelFileError(f"{path} is not a saved pumap_dask model ({what}); saving "
                                  "would replace the directory and everything in it: choose "
                                  "another path or remove it first")
-    from .params import writable_location
 
     try:
         writable_location(os.path.dirname(path) or ".", "the model's parent directory")
@@ -538,7 +431,7 @@ def save_model(path: str | os.PathLike, encoder: Encoder, config: dict[str, Any]
         try:
             validate_config(doc, path)
         except ModelFileError as exc:
-            raise ValueError(f"refusing to save an unreadable model: {exc}") from None
+            raise ModelFileError(f"refusing to save an unreadable model: {exc}") from None
         doc[CONFIG_HASH] = config_sha256(doc)
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(doc, f, indent=2, sort_keys=True)
@@ -727,7 +620,6 @@ def rebuild_network(spec: dict[str, Any], what: str, path: str | os.PathLike) ->
     ModelFileError
         When its factory cannot be imported, fails, or builds a network of another shape.
     """
-    from . import networks
 
     build = networks.encoder_from_spec if what == "encoder" else networks.decoder_from_spec
     name = spec.get("factory", "the default decoder")
@@ -831,129 +723,5 @@ def load_embedding(path: str | os.PathLike, doc: dict[str, Any]) -> np.ndarray |
 
 
 # --------------------------------------------------------------------------- estimators
-# fitted attribute of the estimator -> key of the config's "fitted" block
-FITTED_ATTRS = {"a_": "a", "b_": "b", "n_features_in_": "n_features_in",
-                "n_samples_fit_": "n_samples_fit", "n_epochs_": "n_epochs",
-                "knn_method_": "knn_method", "n_edges_": "n_edges",
-                "loss_history_": "loss_history", "feature_stats_": "feature_stats",
-                "timings_": "timings", "knn_recall_": "knn_recall", "init_": "init",
-                "train_world_size_": "train_world_size", "peak_memory_": "peak_memory",
-                "worker_peak_memory_": "worker_peak_memory",
-                # custom networks / reconstruction (pumap_dask.networks)
-                "input_shape_": "input_shape",
-                "reconstruction_history_": "reconstruction_history",
-                "validation_reconstruction_": "validation_reconstruction"}
 
 
-# estimator parameters left out of config.json
-UNSAVED_PARAMS = ("callbacks",)
-
-
-def _plain(v: Any) -> Any:
-    """JSON-ready copies of numpy scalars/arrays, tuples and dicts."""
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return v.astype(np.float32).tolist() if v.dtype.kind == "f" else v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def save_estimator(path: str | os.PathLike, est: Any, *, include_embedding: bool = True,
-                   include_training_data: bool | str = "auto") -> str:
-    """Save a fitted :class:`~pumap_dask.ParametricUMAP` as a model directory.
-
-    Parameters
-    ----------
-    path
-        Target directory (see :func:`save_model`).
-    est
-        The fitted estimator.
-    include_embedding
-        Also store ``est.embedding_``.
-    include_training_data
-        Also store the training rows kept for ``transform(..., refine=True)`` (see
-        :func:`pumap_dask.refine.stored_reference`; needs ``include_embedding``).
-        ``"auto"``: when ``transform`` polishes by default
-        (:func:`pumap_dask.refine.auto_refine`).
-
-    Returns
-    -------
-    str
-        The model directory.
-    """
-    # callbacks are arbitrary Python objects, never saved (a loaded model has none)
-    raw = {k: v for k, v in est.get_params().items() if k not in UNSAVED_PARAMS}
-    decoder = getattr(est, "decoder_", None)
-    spec = encoder_spec(est.encoder_)  # a custom network without a factory name fails here,
-    if decoder is not None:            # before anything is written
-        decoder.spec()
-    # custom networks are saved as their factory's name (the trained weights are the files)
-    raw["encoder"] = spec.get("factory")
-    raw["decoder"] = None if decoder is None else decoder.spec().get("factory")
-    params = _plain(raw)
-    fitted = {key: _plain(getattr(est, attr, None)) for attr, key in FITTED_ATTRS.items()}
-    fitted["loss_history"] = [float(x) for x in fitted["loss_history"]]
-    embedding = est.embedding_ if include_embedding else None
-    training_data = None
-    if include_training_data == "auto":
-        from .refine import auto_refine
-
-        include_training_data = include_embedding and auto_refine(est, None)
-    if include_training_data:
-        from .refine import training_rows_for_save
-
-        embedding, training_data = training_rows_for_save(est, embedding)
-    return save_model(path, est.encoder_, {"params": params, "fitted": fitted}, embedding,
-                      decoder=decoder, training_data=training_data)
-
-
-def load_estimator_state(path: str | os.PathLike,
-                         valid_params: dict) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Constructor parameters and fitted attributes of a saved estimator.
-
-    Parameters
-    ----------
-    path
-        The model directory.
-    valid_params
-        The estimator's parameter names (others are ignored with a warning).
-
-    Returns
-    -------
-    params, attributes
-        ``attributes`` holds ``encoder_``, the fitted ``*_`` attributes, ``embedding_`` when
-        saved, ``model_path_`` and ``model_sha256_``.
-    """
-    encoder, doc = load_encoder(path)  # config verified and validated
-    params = dict(doc["params"])
-    unknown = sorted(set(params) - set(valid_params))
-    if unknown:
-        logger.warning("ignoring parameters %s of the model at %s (saved by another "
-                       "pumap_dask version?)", unknown, path)
-    params = {k: v for k, v in params.items() if k in valid_params}
-    f = doc["fitted"]
-    attrs: dict[str, Any] = {"encoder_": encoder}
-    for attr, key in FITTED_ATTRS.items():
-        if f.get(key) is not None:
-            attrs[attr] = f[key]
-    attrs["loss_history_"] = list(f["loss_history"])
-    attrs["feature_stats_"] = {k: np.asarray(v, dtype=np.float32)
-                               for k, v in f["feature_stats"].items()}
-    attrs["timings_"] = dict(f.get("timings") or {})
-    emb = load_embedding(path, doc)
-    if emb is not None:
-        attrs["embedding_"] = emb
-    dec = load_decoder(path, doc)
-    if dec is not None:
-        attrs["decoder_"] = dec
-    if attrs.get("input_shape_") is not None:
-        attrs["input_shape_"] = tuple(attrs["input_shape_"])
-    attrs["model_path_"] = os.path.abspath(os.fspath(path))
-    attrs["model_sha256_"] = doc["weights_sha256"]
-    # the directory stores training rows (read by pumap_dask.refine when a transform polishes)
-    attrs["_training_data_sha256"] = doc.get("training_data_sha256")
-    return params, attrs

@@ -1,4 +1,6 @@
-"""Custom encoder and decoder networks, the reconstruction term, and ``inverse_transform``.
+"""Custom encoder and decoder networks: factories, wrappers and their specs.
+
+The reconstruction term and ``inverse_transform`` are :mod:`pumap_dask.reconstruction`'s.
 
 Custom networks
 ---------------
@@ -48,9 +50,7 @@ encoder.
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib
-import io
 import logging
 import math
 from typing import Any, Callable
@@ -59,18 +59,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import NetworkError
+from .params import RECONSTRUCTION_LOSSES
+
 logger = logging.getLogger(__name__)
 
 FACTORY_ATTR = "_pumap_factory"
 FACTORY_ARG_ATTR = "_pumap_factory_arg"
-RECONSTRUCTION_LOSSES = ("mse", "bce")
 _FACTORY_HINT = ('pass an importable factory name such as "mypkg.nets:make_encoder" (a '
                  "module-level function called with the feature count, or the input's "
                  "trailing shape for n-D input, that returns the network)")
-
-
-class NetworkError(ValueError):
-    """A custom network or factory cannot be used (wrong output shape, unimportable...)."""
 
 
 # --------------------------------------------------------------------------- factories
@@ -266,7 +264,7 @@ class Decoder(nn.Module):
                  loss: str = "mse", hidden_layers: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if loss not in RECONSTRUCTION_LOSSES:
-            raise ValueError(f"reconstruction_loss must be one of {RECONSTRUCTION_LOSSES}, "
+            raise NetworkError(f"reconstruction_loss must be one of {RECONSTRUCTION_LOSSES}, "
                              f"got {loss!r}")
         self.net = net
         self.n_components = int(n_components)
@@ -326,92 +324,7 @@ def default_decoder_net(n_components: int, n_features: int, hidden_layers: tuple
     return nn.Sequential(*layers)
 
 
-def check_network_param(name: str, value: Any) -> None:
-    """None, a ``torch.nn.Module``, a callable factory or a ``"module:function"`` string."""
-    if value is None or isinstance(value, nn.Module) or callable(value):
-        return
-    if isinstance(value, str):
-        if ":" not in value and "." not in value:
-            raise ValueError(f"{name} must name an importable factory as "
-                             f"'package.module:function', got {value!r}")
-        return
-    raise ValueError(f"{name} must be None, a torch.nn.Module, a factory callable or a "
-                     f"'package.module:function' string, got {type(value).__name__}")
-
-
-def check_params(est: Any) -> None:
-    """Validate the estimator's network and reconstruction parameters (fast, no work)."""
-    from .params import choice, real
-
-    check_network_param("encoder", getattr(est, "encoder", None))
-    check_network_param("decoder", getattr(est, "decoder", None))
-    recon = getattr(est, "parametric_reconstruction", False)
-    if not isinstance(recon, (bool, np.bool_)):
-        raise ValueError(f"parametric_reconstruction must be True or False, got {recon!r}")
-    if not isinstance(getattr(est, "autoencoder_loss", False), (bool, np.bool_)):
-        raise ValueError("autoencoder_loss must be True or False, got "
-                         f"{getattr(est, 'autoencoder_loss', None)!r}")
-    real("parametric_reconstruction_loss_weight",
-         getattr(est, "parametric_reconstruction_loss_weight", 1.0), low=0.0)
-    choice("reconstruction_loss", getattr(est, "reconstruction_loss", "mse"),
-           RECONSTRUCTION_LOSSES)
-    world = getattr(est, "train_world_size", None)
-    if world is not None and world > 1 and single_process_only(est.get_params()):
-        raise ValueError(f"train_world_size={world} cannot be used with custom networks or "
-                         "parametric_reconstruction=True: DDP training builds the default "
-                         "encoder on the Dask workers; use train_world_size=1 (or None, which "
-                         "trains in one process for these options)")
-
-
-def single_process_only(params: dict) -> bool:
-    """Whether the fit must train in this process (no DDP): custom networks or a decoder."""
-    return (params.get("encoder") is not None or params.get("decoder") is not None
-            or bool(params.get("parametric_reconstruction")))
-
-
 # --------------------------------------------------------------------------- input shape
-def flatten_input(X: Any, input_shape: tuple[int, ...] | None = None) -> Any:
-    """n-D numpy input (n, *dims) as rows (n, prod(dims)); 2-D input unchanged.
-
-    Parameters
-    ----------
-    X
-        An in-memory array (anything numpy accepts). Lazy input is returned unchanged.
-    input_shape
-        The fitted trailing shape, checked when given and ``X`` is n-D.
-
-    Returns
-    -------
-    The rows, and leaves 1-D / 2-D input to the usual checks.
-    """
-    from .io import InputError, is_lazy
-
-    if is_lazy(X):
-        if getattr(X, "ndim", 2) > 2:
-            raise InputError(f"X has shape {tuple(X.shape)}: n-D input (n, *dims) is accepted "
-                             "as a numpy array only; reshape lazy input to (n_samples, "
-                             "n_features) rows (X.reshape(len(X), -1)): a model fitted on "
-                             "n-D data takes its flattened rows too")
-        return X
-    if hasattr(X, "toarray") and hasattr(X, "nnz"):
-        return X
-    arr = np.asarray(X)
-    if arr.ndim <= 2:
-        return X
-    if input_shape is not None and tuple(arr.shape[1:]) != tuple(input_shape):
-        raise InputError(f"X has samples of shape {tuple(arr.shape[1:])}, but ParametricUMAP "
-                         f"was fitted on samples of shape {tuple(input_shape)}")
-    return arr.reshape(arr.shape[0], -1)
-
-
-def input_shape_of(X: Any) -> tuple[int, ...] | None:
-    """The trailing shape of n-D in-memory input, or None for 2-D / lazy input."""
-    from .io import is_lazy
-
-    if is_lazy(X) or (hasattr(X, "toarray") and hasattr(X, "nnz")):
-        return None
-    shape = np.asarray(X).shape  # (not np.shape: array-likes may refuse array functions)
-    return tuple(int(s) for s in shape[1:]) if len(shape) > 2 else None
 
 
 # --------------------------------------------------------------------------- building
@@ -502,217 +415,12 @@ def decoder_from_spec(spec: dict[str, Any]) -> Decoder:
 
 
 # --------------------------------------------------------------------------- training term
-class ReconstructionTerm:
-    """The reconstruction part of the training loss (used by :func:`pumap_dask.train._train`).
-
-    Parameters
-    ----------
-    decoder
-        The decoder to train.
-    X
-        Raw training rows (n, n_features), the reconstruction targets.
-    weight
-        ``parametric_reconstruction_loss_weight``.
-    autoencoder_loss
-        Let the reconstruction gradient reach the encoder (else the embedding is detached).
-    """
-
-    def __init__(self, decoder: Decoder, X: np.ndarray, weight: float = 1.0,
-                 autoencoder_loss: bool = False) -> None:
-        self.decoder = decoder
-        self.X = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32))
-        self.weight = float(weight)
-        self.autoencoder_loss = bool(autoencoder_loss)
-        self.history: list[float] = []
-        self._sum, self._steps = 0.0, 0
-        self.start: str | None = None  # digest of init_model's decoder (continued training)
-
-    def to(self, device: torch.device) -> "ReconstructionTerm":
-        self.device = torch.device(device)
-        self.decoder.to(self.device).train()
-        if self.device.type != "cpu" and self.X.numel() * 4 < (2 << 30):
-            self.X = self.X.to(self.device)
-        return self
-
-    def parameters(self):
-        return self.decoder.parameters()
-
-    def fingerprint(self) -> str:
-        """What a training checkpoint must also match when the decoder is trained."""
-        doc = f"{self.weight}|{self.autoencoder_loss}|{self.decoder.loss}|{self.decoder}"
-        if self.start is not None:  # continued from init_model's decoder
-            doc += f"|{self.start}"
-        return hashlib.sha256(doc.encode()).hexdigest()
-
-    def __call__(self, rows: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """Weighted loss of decoding ``emb`` (the embeddings of training rows ``rows``)."""
-        z = emb.float() if self.autoencoder_loss else emb.detach().float()
-        x = self.X[rows.to(self.X.device)].to(z.device, non_blocking=True)
-        loss = self.decoder.reconstruction_loss(z, x)
-        self._sum += float(loss.detach())
-        self._steps += 1
-        return self.weight * loss
-
-    def end_epoch(self) -> None:
-        self.history.append(self._sum / max(1, self._steps))
-        self._sum, self._steps = 0.0, 0
-
-
-def reconstruction_error(encoder: nn.Module, decoder: Decoder, X: np.ndarray,
-                         batch_size: int = 8192) -> float:
-    """Mean squared error, in input units, of ``decoder(encoder(X))`` against ``X`` (rows).
-
-    The networks are evaluated in eval mode under ``no_grad`` on their own device, and
-    left in the mode they were in.
-    """
-    device = next(decoder.parameters()).device
-    modes = (encoder.training, decoder.training)
-    encoder.eval()
-    decoder.eval()
-    total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for i in range(0, X.shape[0], batch_size):
-                xb = torch.as_tensor(np.ascontiguousarray(X[i:i + batch_size],
-                                                          dtype=np.float32)).to(device)
-                rec = decoder(encoder(xb).float())
-                total += float(((rec - xb) ** 2).sum(dtype=torch.float64))
-                count += xb.numel()
-    finally:
-        encoder.train(modes[0])
-        decoder.train(modes[1])
-    return total / max(1, count)
-
-
-def decode(decoder: Decoder, Z: np.ndarray, batch_size: int = 65536,
-           device: str = "cpu") -> np.ndarray:
-    """Decoder forward pass in batches: (n, n_components) -> (n, n_features) float32."""
-    from .model import batched_forward  # model imports this module lazily
-
-    return batched_forward(decoder, Z, decoder.n_features, batch_size, device)
 
 
 # --------------------------------------------------------------------------- inverse_transform
 _DECODERS: dict[str, Decoder] = {}
 
 
-def _decoder_blob(decoder: Decoder) -> tuple[str, bytes]:
-    """(sha256, serialised module) of a decoder, shipped once to the workers."""
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in decoder.state_dict().items()}, buf)
-    return hashlib.sha256(buf.getvalue()).hexdigest(), buf.getvalue()
-
-
-def _inverse_block(block: np.ndarray, source: tuple, batch_size: int) -> np.ndarray:
-    """Decode one block of embedding rows (runs on a worker; decoder cached by hash)."""
-    sha, module = source
-    dec = _DECODERS.get(sha)
-    if dec is None:
-        dec = _DECODERS[sha] = copy.deepcopy(module).cpu().eval()
-    return decode(dec, np.asarray(block, dtype=np.float32), batch_size=batch_size)
-
-
-def inverse_transform(Z: Any, decoder: Decoder, n_components: int,
-                      batch_size: int = 65536) -> Any:
-    """Map embeddings back to input space with a trained decoder.
-
-    Parameters
-    ----------
-    Z
-        (n, n_components) embeddings: numpy (or anything numpy accepts), or a dask array.
-    decoder
-        The trained :class:`Decoder`.
-    n_components
-        The embedding dimension, checked against ``Z``.
-    batch_size
-        Rows per forward pass.
-
-    Returns
-    -------
-    numpy.ndarray or dask.array.Array
-        (n, *input_shape) float32; lazy (one block per row block of ``Z``) for dask input.
-    """
-    from .io import InputError, check_array
-
-    shape = decoder.input_shape
-    if type(Z).__module__.startswith("dask"):
-        import dask
-        import dask.array as da
-
-        if Z.ndim != 2 or Z.shape[1] != n_components:
-            raise InputError(f"Z must have shape (n, {n_components}), got {Z.shape}")
-        Z = Z.rechunk({1: -1}).astype(np.float32)
-        sha, _ = _decoder_blob(decoder)
-        src = dask.delayed((sha, decoder.cpu()), pure=True, traverse=False)
-        out = da.map_blocks(_inverse_block, Z, src, batch_size=int(batch_size),
-                            chunks=(Z.chunks[0], (decoder.n_features,)), dtype=np.float32,
-                            meta=np.empty((0, 0), np.float32),
-                            name="pumap-inverse-" + dask.base.tokenize(Z, sha, batch_size))
-        return out if len(shape) == 1 else out.reshape((Z.shape[0], *shape))
-    Z = check_array(Z, what="Z")
-    if Z.shape[1] != n_components:
-        raise InputError(f"Z has {Z.shape[1]} columns, but the embedding has {n_components} "
-                         "dimensions")
-    out = decode(decoder, Z, batch_size=batch_size)
-    return out if len(shape) == 1 else out.reshape(Z.shape[0], *shape)
-
-
 # --------------------------------------------------------------------------- fit wiring
-def build_for_fit(params: dict, input_shape: tuple[int, ...], cfg: Any, X: np.ndarray,
-                  init_decoder: Decoder | None = None
-                  ) -> tuple[CustomEncoder | None, ReconstructionTerm | None]:
-    """The custom encoder (None: the default MLP) and the reconstruction term (None: no
-    decoder) of a fit, from the estimator's parameters.
-
-    Parameters
-    ----------
-    params
-        The estimator's ``get_params()``.
-    input_shape
-        The trailing shape of the input rows ((n_features,) for 2-D input).
-    cfg
-        The :class:`pumap_dask.train.TrainConfig` of the fit.
-    X
-        The raw training rows (n, n_features): the reconstruction targets.
-    init_decoder
-        Continued training (:mod:`pumap_dask.continued`): a trained decoder of the same
-        architecture to start from (copied, its centre and scale kept) instead of a fresh
-        one.
-    """
-    seed = params.get("random_state")
-    encoder = None
-    if params.get("encoder") is not None:
-        encoder = build_custom_encoder(params["encoder"], input_shape, cfg.n_components, seed)
-    recon = None
-    if params.get("parametric_reconstruction"):
-        if init_decoder is not None:  # continued training: init_model's decoder
-            decoder = copy.deepcopy(init_decoder)
-        else:
-            decoder = build_decoder(params.get("decoder"), input_shape, cfg.n_components,
-                                    params.get("reconstruction_loss", "mse"),
-                                    tuple(cfg.hidden_layers), X, seed)
-        if decoder.loss == "bce" and (X.min() < 0 or X.max() > 1):
-            raise NetworkError("reconstruction_loss='bce' needs data in [0, 1]; the input "
-                               f"spans [{X.min():g}, {X.max():g}]: rescale it or use 'mse'")
-        recon = ReconstructionTerm(decoder, X,
-                                   params.get("parametric_reconstruction_loss_weight", 1.0),
-                                   params.get("autoencoder_loss", False))
-        if init_decoder is not None:  # a checkpoint must match the starting weights too
-            from .train import _state_digest
-
-            recon.start = _state_digest(decoder)
-        recon.validation = []
-    elif params.get("decoder") is not None:
-        logger.warning("decoder= is ignored without parametric_reconstruction=True")
-    return encoder, recon
 
 
-def check_validation(data: Any, input_shape: tuple[int, ...]) -> np.ndarray:
-    """``validation_data`` as float32 rows, checked against the training input's shape."""
-    from .io import InputError, check_array
-
-    arr = np.asarray(data.compute() if hasattr(data, "compute") else data)
-    if arr.ndim != len(input_shape) + 1 or tuple(arr.shape[1:]) != tuple(input_shape):
-        raise InputError(f"validation_data has shape {arr.shape}, but X has samples of shape "
-                         f"{tuple(input_shape)}")
-    return check_array(arr.reshape(arr.shape[0], -1), what="validation_data")

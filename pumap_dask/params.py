@@ -7,22 +7,29 @@ the kNN of a large job.
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
 from typing import Any, Iterable
 
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ParameterError
+
 DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("raise", "nan")
 ZARR_FORMATS = (2, 3)
-PRECISIONS = ("fp32", "bf16")  # as pumap_dask.train.PRECISIONS (kept import-light here)
+PRECISIONS = ("fp32", "bf16")
 
 
 def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    """Return ``value`` as int when it is an integer >= ``minimum``, else raise ValueError."""
+    """Return ``value`` as int when it is an integer >= ``minimum``, else raise ParameterError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         rng = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {rng}, got {value!r}")
+        raise ParameterError(f"{name} must be {rng}, got {value!r}")
     return int(value)
 
 
@@ -52,14 +59,14 @@ def real(name: str, value: Any, *, low: float | None = None, high: float | None 
     right = ")" if high_open or high is None else "]"
     allowed = f"{left}{lo}, {hi}{right}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number in {allowed}, got {value!r}")
+        raise ParameterError(f"{name} must be a number in {allowed}, got {value!r}")
     v = float(value)
     if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number in {allowed}, got {value!r}")
+        raise ParameterError(f"{name} must be a finite number in {allowed}, got {value!r}")
     if low is not None and (v < low or (low_open and v == low)):
-        raise ValueError(f"{name} must lie in {allowed}, got {value!r}")
+        raise ParameterError(f"{name} must lie in {allowed}, got {value!r}")
     if high is not None and (v > high or (high_open and v == high)):
-        raise ValueError(f"{name} must lie in {allowed}, got {value!r}")
+        raise ParameterError(f"{name} must lie in {allowed}, got {value!r}")
     return v
 
 
@@ -71,7 +78,7 @@ def choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
     except (TypeError, ValueError):  # e.g. an array compared elementwise
         ok = False
     if not ok or isinstance(value, float):
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        raise ParameterError(f"{name} must be one of {allowed}, got {value!r}")
     return value
 
 
@@ -80,15 +87,12 @@ def device(value: Any, name: str = "device") -> str:
     if isinstance(value, str) and (value in DEVICES or (
             value.startswith("cuda:") and value[5:].isdigit())):
         return value
-    raise ValueError(f"{name} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+    raise ParameterError(f"{name} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
 
 
 def resolve_device(value: str = "auto", *, warn: bool = True) -> str:
     """Map ``"auto" | "cpu" | "cuda[:N]"`` to the torch device to use here, falling back to
     the CPU (with a warning when ``warn``) where CUDA is absent."""
-    import logging
-
-    import torch
 
     device(value)
     if value == "auto":
@@ -113,10 +117,10 @@ def layers(name: str, value: Any) -> tuple[int, ...]:
     try:
         widths = tuple(value)
     except TypeError:
-        raise ValueError(f"{name} must be a non-empty sequence of positive integers, e.g. "
+        raise ParameterError(f"{name} must be a non-empty sequence of positive integers, e.g. "
                          f"(128, 64, 32), got {value!r}") from None
     if not widths:
-        raise ValueError(f"{name} must hold at least one hidden layer width, e.g. (128, 64, 32); "
+        raise ParameterError(f"{name} must hold at least one hidden layer width, e.g. (128, 64, 32); "
                          "got an empty sequence")
     for w in widths:
         positive_int(f"each width in {name}", w)
@@ -128,7 +132,7 @@ def min_dist_spread(min_dist: Any, spread: Any) -> tuple[float, float]:
     s = real("spread", spread, low=0.0, low_open=True)
     m = real("min_dist", min_dist, low=0.0)
     if m > s:
-        raise ValueError(f"min_dist must not exceed spread (min_dist={min_dist!r}, "
+        raise ParameterError(f"min_dist must not exceed spread (min_dist={min_dist!r}, "
                          f"spread={spread!r}); lower min_dist or raise spread")
     return m, s
 
@@ -138,10 +142,10 @@ def work_dir(value: Any, name: str = "work_dir") -> str | None:
     if value is None:
         return None
     if not isinstance(value, (str, os.PathLike)):
-        raise ValueError(f"{name} must be a directory path or None, got {value!r}")
+        raise ParameterError(f"{name} must be a directory path or None, got {value!r}")
     path = os.path.abspath(os.fspath(value))
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{name}={os.fspath(value)!r} exists and is not a directory")
+        raise ParameterError(f"{name}={os.fspath(value)!r} exists and is not a directory")
     writable_location(path, name)
     return path
 
@@ -155,9 +159,9 @@ def writable_location(path: str, name: str) -> None:
             break
         probe = parent
     if os.path.isfile(probe) and probe != path:
-        raise ValueError(f"{name}={path!r} cannot be created: {probe!r} is a file")
+        raise ParameterError(f"{name}={path!r} cannot be created: {probe!r} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{name}={path!r} is not writable (no write permission on "
+        raise ParameterError(f"{name}={path!r} is not writable (no write permission on "
                          f"{probe!r}); choose another location")
 
 
@@ -172,7 +176,7 @@ def knn_kwds(value: Any, name: str = "knn_kwds", *, local_method: bool = True) -
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ValueError(f"{name} must be None or a dict with string keys, e.g. "
+        raise ParameterError(f"{name} must be None or a dict with string keys, e.g. "
                          f"{{'M': 16, 'ef': 64}}, got {value!r}"[:200])
     for k, v in value.items():
         if k in ("M", "ef_construction", "ef", "n_trees", "n_iters", "max_candidates",
@@ -180,7 +184,7 @@ def knn_kwds(value: Any, name: str = "knn_kwds", *, local_method: bool = True) -
             positive_int(f"{name}[{k!r}]", v, minimum=2 if k == "M" else 1)
         elif k == "local_method":
             if not local_method:
-                raise ValueError(f"{name} cannot hold 'local_method'; pass local_method= "
+                raise ParameterError(f"{name} cannot hold 'local_method'; pass local_method= "
                                  "instead")
             choice(f"{name}['local_method']", v, ("nndescent", "hnsw"))
     return dict(value)
@@ -201,8 +205,6 @@ def check_estimator_params(est: Any) -> None:
     ValueError
         Naming the first bad parameter and its allowed values.
     """
-    from .init import INIT_METHODS
-    from .knn import KNN_METHODS, METRICS
 
     for name in ("n_components", "n_neighbors", "batch_size", "negative_sample_rate"):
         positive_int(name, getattr(est, name))
@@ -224,37 +226,64 @@ def check_estimator_params(est: Any) -> None:
     device(est.device)
     random_state(est.random_state)
     if not isinstance(est.verbose, (bool, numbers.Integral)):
-        raise ValueError(f"verbose must be True or False, got {est.verbose!r}")
+        raise ParameterError(f"verbose must be True or False, got {est.verbose!r}")
     work_dir(est.work_dir)
-    callbacks(getattr(est, "callbacks", None), est.train_world_size)
+    callbacks(getattr(est, "callbacks", None))
     choice("precision", getattr(est, "precision", "fp32"), PRECISIONS)
-    from .networks import check_params as check_network_params
 
     check_network_params(est)  # encoder, decoder, parametric_reconstruction and its loss
     real("landmark_loss_weight", getattr(est, "landmark_loss_weight", 1.0), low=0.0)
+    refuse_ddp(est.train_world_size, single_process_reasons(est.get_params()))
 
 
-def callbacks(value: Any, train_world_size: Any = None) -> list:
+def refuse_ddp(train_world_size: Any, reasons: list[str]) -> None:
+    """Refuse an explicit ``train_world_size > 1`` when options keep training in one process."""
+    if train_world_size is not None and train_world_size > 1 and reasons:
+        raise ParameterError(
+            f"train_world_size={train_world_size} cannot be used with "
+            f"{' and '.join(reasons)}: these train in one process (DDP ranks run on the Dask "
+            "workers without them); use train_world_size=1 (or None, which trains in one "
+            "process for these options)")
+
+
+def single_process_reasons(params: dict, *, landmarks: bool = False,
+                           init_model: bool = False) -> list[str]:
+    """The options of a fit that make it train in this process (never DDP), by name.
+
+    Callbacks run where training runs; custom networks and a decoder are built here;
+    landmarks and continued training need this process's state. Empty when DDP is allowed.
+    The one place this rule lives: :func:`check_estimator_params` refuses an explicit
+    ``train_world_size > 1`` with these, :func:`pumap_dask.pipeline.plan_training` decides.
+    """
+    reasons = []
+    if params.get("callbacks"):
+        reasons.append("callbacks")
+    if params.get("encoder") is not None or params.get("decoder") is not None:
+        reasons.append("custom networks")
+    if params.get("parametric_reconstruction"):
+        reasons.append("parametric_reconstruction=True")
+    if landmarks:
+        reasons.append("landmark positions")
+    if init_model:
+        reasons.append("init_model (continued training)")
+    return reasons
+
+
+def callbacks(value: Any) -> list:
     """None, or a list/tuple of callables ``callback(epoch, loss, model)``.
 
-    Callbacks run in the training process, so an explicit ``train_world_size > 1`` (DDP
-    training on the Dask workers) is refused.
+    Callbacks run in the training process only (see :func:`single_process_reasons`).
     """
     if value is None:
         return []
     if callable(value) or not isinstance(value, (list, tuple)):
-        raise ValueError("callbacks must be None or a list of callables "
+        raise ParameterError("callbacks must be None or a list of callables "
                          "callback(epoch, loss, model) -> bool | None, got "
                          f"{type(value).__name__} {value!r}"[:200])
     for i, cb in enumerate(value):
         if not callable(cb):
-            raise ValueError(f"callbacks[{i}] must be callable as callback(epoch, loss, model), "
+            raise ParameterError(f"callbacks[{i}] must be callable as callback(epoch, loss, model), "
                              f"got {cb!r}"[:200])
-    if value and train_world_size is not None and train_world_size > 1:
-        raise ValueError(f"callbacks cannot be used with train_world_size={train_world_size}: "
-                         "DDP training runs on the Dask workers, where the callbacks are not "
-                         "available; use train_world_size=1 (or None, which trains in one "
-                         "process when callbacks are given)")
     return list(value)
 
 
@@ -279,27 +308,26 @@ def landmark_positions(value: Any, n_samples: int, n_components: int,
     """
     if value is None:
         return None
-    import numpy as np
 
     if hasattr(value, "compute"):  # a dask array: positions are (n, n_components), small
         value = value.compute()
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a numeric array of shape ({n_samples}, "
+        raise ParameterError(f"{name} must be a numeric array of shape ({n_samples}, "
                          f"{n_components}) (NaN rows for points without a landmark), got "
                          f"{type(value).__name__}") from None
     if arr.shape != (n_samples, n_components):
-        raise ValueError(f"{name} must have shape ({n_samples}, {n_components}): one row per "
+        raise ParameterError(f"{name} must have shape ({n_samples}, {n_components}): one row per "
                          f"row of X, one column per embedding dimension (NaN rows for points "
                          f"without a landmark); got shape {arr.shape}")
     nan = np.isnan(arr)
     partial = nan.any(1) & ~nan.all(1)
     if partial.any():
-        raise ValueError(f"{name} row {int(np.flatnonzero(partial)[0])} is NaN in some "
+        raise ParameterError(f"{name} row {int(np.flatnonzero(partial)[0])} is NaN in some "
                          "coordinates only; a row is either a full position or all NaN")
     if np.isinf(arr).any():
-        raise ValueError(f"{name} must be finite (or NaN for rows without a landmark); row "
+        raise ParameterError(f"{name} must be finite (or NaN for rows without a landmark); row "
                          f"{int(np.flatnonzero(np.isinf(arr).any(1))[0])} is infinite")
     rows = np.flatnonzero(~nan.any(1)).astype(np.int64)
     if len(rows) == 0:
@@ -321,4 +349,55 @@ def check_writer_args(*, chunk_rows: Any = None, zarr_format: Any = 3,
     optional_positive_int("chunk_rows", chunk_rows)
     choice("zarr_format", zarr_format, ZARR_FORMATS)
     if sharded and zarr_format != 3:
-        raise ValueError("sharded=True needs zarr_format=3 (Zarr v2 has no shards)")
+        raise ParameterError("sharded=True needs zarr_format=3 (Zarr v2 has no shards)")
+
+
+RECONSTRUCTION_LOSSES = ("mse", "bce")
+
+
+def check_network_param(name: str, value: Any) -> None:
+    """None, a ``torch.nn.Module``, a callable factory or a ``"module:function"`` string."""
+    if value is None or isinstance(value, nn.Module) or callable(value):
+        return
+    if isinstance(value, str):
+        if ":" not in value and "." not in value:
+            raise ParameterError(f"{name} must name an importable factory as "
+                             f"'package.module:function', got {value!r}")
+        return
+    raise ParameterError(f"{name} must be None, a torch.nn.Module, a factory callable or a "
+                     f"'package.module:function' string, got {type(value).__name__}")
+
+
+def check_network_params(est: Any) -> None:
+    """Validate the estimator's network and reconstruction parameters (fast, no work)."""
+
+    check_network_param("encoder", getattr(est, "encoder", None))
+    check_network_param("decoder", getattr(est, "decoder", None))
+    recon = getattr(est, "parametric_reconstruction", False)
+    if not isinstance(recon, (bool, np.bool_)):
+        raise ParameterError(f"parametric_reconstruction must be True or False, got {recon!r}")
+    if not isinstance(getattr(est, "autoencoder_loss", False), (bool, np.bool_)):
+        raise ParameterError("autoencoder_loss must be True or False, got "
+                         f"{getattr(est, 'autoencoder_loss', None)!r}")
+    real("parametric_reconstruction_loss_weight",
+         getattr(est, "parametric_reconstruction_loss_weight", 1.0), low=0.0)
+    choice("reconstruction_loss", getattr(est, "reconstruction_loss", "mse"),
+           RECONSTRUCTION_LOSSES)
+
+
+KNN_METHODS = ("auto", "exact", "nndescent", "hnsw", "partitioned")
+
+
+METRICS = ("euclidean", "cosine")
+
+
+# the search run inside each partition of the partitioned back-end
+LOCAL_METHODS = ("nndescent", "hnsw")
+
+
+INIT_METHODS = ("spectral", "pca", "random")
+
+
+# "batch": negatives drawn from the step's own heads and tails (2B rows encoded per step);
+# "pool": from ``negative_pool`` extra uniform rows (3B rows).
+NEGATIVE_MODES = ("batch", "pool")

@@ -23,89 +23,48 @@ import dataclasses
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import distributed
 import numpy as np
 import scipy.sparse as sp
 
 from . import graph as graph_stage
 from . import knn as knn_stage
+from .continued import (
+    KeptLandmarks,
+    append_kept_landmarks,
+    check_architecture,
+    check_decoder,
+    drop_kept_rows,
+    resolve_init_decoder,
+    resolve_init_model,
+)
+from .distributed import ddp
+from .distributed.graph_dask import build_edge_store
+from .distributed.knn_dask import nearest_neighbors, resolve_method
+from .encoder import encode
+from .errors import InputError, ParameterError
 from .init import N_LANDMARKS, landmark_layout, landmark_rows, pca_layout, spectral_layout
-from .io import InputError, as_dask, check_array, checked_finite, is_lazy
+from .inputs import InputHandle, check_labels, check_sizes, open_input
+from .landmarks import Landmarks
+from .params import landmark_positions as check_landmarks
+from .params import refuse_ddp, single_process_reasons
 from .progress import Progress, stage
-from .train import (TrainConfig, build_encoder, find_ab_params, is_cupy, to_host,
-                    train_encoder)
+from .reconstruction import build_for_fit, check_validation, reconstruction_error
+from .train import TrainConfig, build_encoder, default_epochs, find_ab_params, train_encoder
 
 logger = logging.getLogger(__name__)
 
-# Largest training matrix (bytes, float32) loaded into the training process for lazy input.
-TRAIN_MEMORY_BUDGET = 4 << 30
 # Edges below max(w) / PRUNE_EPOCHS are dropped, as umap-learn prunes for 200 epochs.
 PRUNE_EPOCHS = 200
 
 
 # --------------------------------------------------------------------------- results
-@dataclass
-class InputHandle:
-    """The validated input, opened once.
-
-    Attributes
-    ----------
-    darr
-        Lazy float32 dask array (features in one chunk), nothing computed.
-    data
-        The rows in memory (numpy input, or lazy input once loaded), else None.
-    lazy
-        Whether the input came as a dask/Zarr array or a path.
-    source
-        The input, as given (a path stays a path, so the stages reopen nothing else).
-    key
-        Array inside a Zarr group.
-    """
-
-    darr: Any
-    data: np.ndarray | None
-    lazy: bool
-    source: Any
-    key: str | None
-    input_shape: tuple | None = None  # trailing shape of n-D numpy input (rows flattened)
-
-    @property
-    def n(self) -> int:
-        return int(self.darr.shape[0])
-
-    @property
-    def d(self) -> int:
-        return int(self.darr.shape[1])
-
-    def check_budget(self) -> None:
-        """Fail (before any stage) when the training matrix would not fit
-        :data:`TRAIN_MEMORY_BUDGET` bytes."""
-        budget = TRAIN_MEMORY_BUDGET
-        need = self.n * self.d * 4
-        if self.data is None and need > budget:
-            raise InputError(
-                f"the training matrix needs {need / 2**30:.1f} GiB, above the training "
-                f"memory budget of {budget / 2**30:.1f} GiB "
-                "(pumap_dask.pipeline.TRAIN_MEMORY_BUDGET); raise it, or reduce the features "
-                "first (e.g. PCA to 50 components, as single-cell pipelines do)")
-
-    def load(self) -> np.ndarray:
-        """The rows in memory (loaded block by block, NaN-checked, once)."""
-        if self.data is None:
-            self.check_budget()
-            logger.info("loading %d x %d input into memory for training", self.n, self.d)
-            self.data = check_array(checked_finite(self.darr).compute(), what="X")
-        return self.data
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Some rows (sorted ids) in memory, read from the input without loading the rest."""
-        if self.data is not None:
-            return self.data[ids]
-        return check_array(checked_finite(self.darr)[ids].compute(), what="X")
 
 
 @dataclass
@@ -155,13 +114,20 @@ class Trained:
 
 @dataclass
 class FitResult:
-    """Everything a fit produced; the estimator copies it onto itself."""
+    """Everything a fit produced.
 
-    trained: Trained
+    Each field ``f`` becomes the estimator's fitted attribute ``f_`` (see
+    :data:`pumap_dask.state.FITTED_ATTRS`, which also names the fields saved in a model's
+    config); fields that are None are left unset.
+    """
+
+    encoder: Any
+    loss_history: list
+    n_epochs: int
     embedding: np.ndarray
     feature_stats: dict
-    n_samples: int
-    n_features: int
+    n_samples_fit: int
+    n_features_in: int
     knn_method: str
     knn_recall: float | None
     n_edges: int
@@ -169,51 +135,43 @@ class FitResult:
     b: float
     init: str
     graph: sp.csr_matrix | None
-    world_size: int = 1
+    train_world_size: int = 1
     timings: dict = field(default_factory=dict)
     peak_memory: dict = field(default_factory=dict)
     worker_peak_memory: dict = field(default_factory=dict)
-    decoder: Any = None  # parametric_reconstruction (see pumap_dask.networks)
+    decoder: Any = None  # parametric_reconstruction (see pumap_dask.reconstruction)
     input_shape: tuple | None = None
     reconstruction_history: list | None = None
     validation_reconstruction: list | None = None
 
+    @property
+    def n_epochs_run(self) -> int:
+        """Epochs actually trained (fewer than ``n_epochs`` when a callback stopped it)."""
+        return len(self.loss_history)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Where training runs: one process, or DDP over ``world_size`` Dask workers.
+
+    Decided once per fit by :func:`plan_training`, logged with its ``reason``, and
+    recorded as ``train_world_size_``.
+    """
+
+    world_size: int
+    reason: str
+    client: Any = None
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
 
 # --------------------------------------------------------------------------- stages
-def open_input(X: Any, key: str | None = None) -> InputHandle:
-    """Validate ``X`` lazily (shape, dtype, chunks; NaN for numpy) and open it once."""
-    from .networks import flatten_input, input_shape_of
-
-    lazy = is_lazy(X)
-    if lazy:
-        flatten_input(X)  # n-D lazy input: a clear error
-        if is_cupy(getattr(X, "_meta", None)) or is_cupy(X):
-            X = X.map_blocks(to_host, dtype=X.dtype, meta=np.empty((0,) * X.ndim, X.dtype))
-            logger.info("fit: CuPy chunks are copied to host memory block by block (the kNN "
-                        "and graph stages run on the host; training uses the GPU when "
-                        "device allows)")
-        return InputHandle(as_dask(X, key=key), None, True, X, key)
-    if is_cupy(X):
-        logger.info("fit: copying the CuPy array to host memory (the kNN and graph stages "
-                    "run on the host; training uses the GPU when device allows)")
-        X = to_host(X)
-    # n-D numpy input (n, *dims): every stage sees flattened rows; the shape is kept for
-    # the networks (see pumap_dask.networks)
-    shape = input_shape_of(X)
-    data = check_array(flatten_input(X), what="X", min_samples=1)
-    return InputHandle(as_dask(data), data, False, X if shape is None else data, key, shape)
-
-
-def check_sizes(handle: InputHandle, n_neighbors: int) -> None:
-    """Fail before any stage when there are too few rows for ``n_neighbors``."""
-    if handle.n < n_neighbors + 1:
-        raise InputError(f"X has {handle.n} samples but n_neighbors={n_neighbors} needs at "
-                         f"least {n_neighbors + 1}; lower n_neighbors or add samples")
 
 
 def knn_plan(handle: InputHandle, params: dict, device: str) -> str:
     """The kNN method a fit of ``handle`` will use (resolves ``"auto"``)."""
-    from .knn_dask import resolve_method
 
     method = params["knn_method"]
     if handle.lazy:
@@ -240,8 +198,6 @@ def run_knn(handle: InputHandle, params: dict, device: str, *, work_dir: str | N
     kwds = dict(params.get("knn_kwds") or {})
     local_method = kwds.pop("local_method", "nndescent")
     if method == "partitioned":
-        from .knn_dask import nearest_neighbors
-
         res = nearest_neighbors(handle.source, k, "partitioned", overlap=params["knn_overlap"],
                                 random_state=params["random_state"], device=params["device"],
                                 key=handle.key, work_dir=work_dir,
@@ -270,8 +226,6 @@ def run_graph(neighbors: Neighbors, params: dict, *, work_dir: str | None = None
                     local_connectivity=params["local_connectivity"],
                     tolerance=params["tolerance"])
     if neighbors.method == "partitioned":
-        from .graph_dask import build_edge_store
-
         store = build_edge_store(neighbors.indices, neighbors.distances, work_dir,
                                  n_epochs=PRUNE_EPOCHS, y=y,
                                  target_weight=params.get("target_weight", 0.5), **graph_kw)
@@ -299,50 +253,16 @@ def precomputed_edges(graph: sp.csr_matrix) -> Edges:
     return Edges(head, tail, weight, graph.shape[0], graph)
 
 
-def check_labels(y: Any, n: int) -> np.ndarray:
-    """Validate the labels of a semi-supervised fit before any stage runs.
-
-    Parameters
-    ----------
-    y
-        One label per row of X: numpy, a list, or a dask array (computed here, once: n
-        labels are held on the client for in-memory and partitioned fits alike).
-    n
-        The number of rows of X.
-
-    Returns
-    -------
-    numpy.ndarray
-        The labels, in memory.
-
-    Raises
-    ------
-    InputError
-        When y is not a 1-d vector of n labels, or its labels cannot be compared (mixed
-        types).
-    """
-    y = np.asarray(y.compute() if hasattr(y, "compute") else y)
-    if y.ndim != 1 or y.shape[0] != n:
-        raise InputError(f"y must be a 1-d vector of {n} labels (one per row of X; -1 for "
-                         f"unknown), got shape {y.shape}")
-    try:
-        graph_stage.label_codes(y)
-    except TypeError as exc:
-        raise InputError(f"y: the labels must be of one comparable type (ints, floats or "
-                         f"strings), got {y.dtype} values that cannot be sorted: {exc}") from exc
-    return y
-
-
 def apply_labels(edges: Edges, y: np.ndarray, target_weight: float) -> Edges:
     """The in-memory graph with labels mixed in
     (:func:`pumap_dask.graph.categorical_intersection`, umap-learn's categorical
     ``target_weight`` semantics), pruned again.
 
     Partitioned fits mix the labels in on the workers instead
-    (:func:`pumap_dask.graph_dask.build_edge_store` with ``y``), through :func:`run_graph`.
+    (:func:`pumap_dask.distributed.graph_dask.build_edge_store` with ``y``), through :func:`run_graph`.
     """
     if edges.graph is None:
-        raise ValueError("apply_labels needs the in-memory graph; a partitioned fit mixes the "
+        raise ParameterError("apply_labels needs the in-memory graph; a partitioned fit mixes the "
                          "labels into its edge shards: pass y to run_graph")
     graph = graph_stage.categorical_intersection(edges.graph, y, target_weight)
     head, tail, weight = graph_stage.graph_to_edges(graph, n_epochs=PRUNE_EPOCHS)
@@ -380,7 +300,6 @@ def run_init(handle: InputHandle, edges: Edges, params: dict, device: str) -> La
 def train_config(params: dict, n_edges: int, n_features: int, device: str, a: float,
                  b: float) -> TrainConfig:
     """The trainer's configuration from the estimator's parameters."""
-    from .train import default_epochs
 
     batch = min(params["batch_size"], n_edges)
     n_epochs = params["n_epochs"] or default_epochs(n_edges, batch)
@@ -428,8 +347,6 @@ def run_train(X: np.ndarray, edges: Edges, layout: Layout | None, cfg: TrainConf
         if verbose:
             cb(epoch, loss)
         if validation is not None and reconstruction is not None:
-            from .networks import reconstruction_error
-
             reconstruction.validation.append(
                 reconstruction_error(model, reconstruction.decoder, validation))
         stops = [bool(c(epoch, loss, model)) for c in user_cbs]  # every callback runs
@@ -473,8 +390,9 @@ def work_directory(work_dir: str | None) -> Iterator[str]:
 
 
 def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = None,
-        y: Any = None, init_encoder: Any = None, landmark_positions: Any = None,
-        validation_data: Any = None, graph: Any = None, init_decoder: Any = None) -> FitResult:
+        y: Any = None, init_model: Any = None, landmark_positions: Any = None,
+        validation_data: Any = None, graph: Any = None,
+        kept: KeptLandmarks | None = None) -> FitResult:
     """Run every stage of a fit; ``params`` are a validated estimator's ``get_params()``.
 
     Parameters
@@ -496,16 +414,16 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
         Labels for a semi-supervised fit (-1: unknown; see :func:`apply_labels`), mixed
         into the in-memory graph, the edge shards of a partitioned fit, or a precomputed
         graph.
-    init_encoder
-        A trained :class:`pumap_dask.model.Encoder` to continue training (see
-        :mod:`pumap_dask.continued`): its architecture must match, the initial layout is
-        skipped (``init`` "model"), and its preprocessing is kept. It is trained in place:
-        pass a copy.
-    init_decoder
-        With ``params["parametric_reconstruction"]``: a trained
-        :class:`pumap_dask.networks.Decoder` (init_model's) to continue training instead of a
-        fresh decoder; its architecture must match (:func:`pumap_dask.continued.check_decoder`).
-        It is copied. Ignored without ``parametric_reconstruction``.
+    init_model
+        Continue training (see :mod:`pumap_dask.continued`): a fitted estimator, a trained
+        :class:`pumap_dask.encoder.Encoder` or the path of a saved model. Its encoder is
+        copied, its architecture must match, the initial layout is skipped (``init``
+        "model") and its preprocessing is kept. With ``params["parametric_reconstruction"]``
+        its decoder (when it has one) is continued too (copied; same architecture).
+    kept
+        Landmarks kept by ``add_landmarks`` (:func:`pumap_dask.continued.kept_landmarks`):
+        their rows are appended to ``X`` with their positions as landmark positions, and
+        dropped again from the result (``embedding`` and ``n_samples_fit`` describe X's rows).
     landmark_positions
         (n, n_components) positions, NaN for rows without a landmark (see
         :func:`pumap_dask.params.landmark_positions`), pulled with weight
@@ -523,33 +441,35 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
         return stage(name, timings, peaks, wpeaks)
 
     t0 = time.perf_counter()
+    check_train_world(params, landmarks=landmark_positions is not None or kept is not None,
+                      init_model=init_model is not None)
+    init_encoder = init_decoder = None
+    if init_model is not None:
+        init_encoder = resolve_init_model(init_model)
+        if params.get("parametric_reconstruction"):
+            init_decoder = resolve_init_decoder(init_model)
+    n_new = None
+    if kept is not None:
+        X, y, landmark_positions, n_new = append_kept_landmarks(
+            kept, X, y, landmark_positions, key=key, n_components=params["n_components"],
+            knn=knn, graph=graph)
+        key = None
     handle = open_input(X, key)
     check_sizes(handle, params["n_neighbors"])
     handle.check_budget()
     input_shape = handle.input_shape or (handle.d,)
     validation = None
     if validation_data is not None:
-        from .networks import check_validation
-
         if not params.get("parametric_reconstruction"):
             raise InputError("validation_data measures the reconstruction error: it needs "
                              "parametric_reconstruction=True")
         validation = check_validation(validation_data, input_shape)
     landmarks = None
     if init_encoder is not None:
-        from .continued import check_architecture
-
         check_architecture(init_encoder, handle.d, params)
-    if init_decoder is not None and params.get("parametric_reconstruction"):
-        from .continued import check_decoder
-
+    if init_decoder is not None:
         check_decoder(init_decoder, params, input_shape)
-    else:
-        init_decoder = None
     if landmark_positions is not None:
-        from .continued import Landmarks
-        from .params import landmark_positions as check_landmarks
-
         lm = check_landmarks(landmark_positions, handle.n, params["n_components"])
         if lm is not None:
             landmarks = Landmarks(lm[0], lm[1], params.get("landmark_loss_weight", 1.0))
@@ -564,6 +484,8 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
     partitioned = method == "partitioned"
     if y is not None:
         y = check_labels(y, handle.n)
+    plan = plan_training(params, partitioned=partitioned, source=handle.source,
+                         landmarks=landmarks is not None, init_model=init_encoder is not None)
     timings["input"] = time.perf_counter() - t0
     with (work_directory(params.get("work_dir")) if partitioned
           else contextlib.nullcontext()) as wdir:
@@ -590,99 +512,117 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
             if params.get("work_dir"):  # checkpoints beside the kNN and graph: a rerun resumes
                 cfg = dataclasses.replace(
                     cfg, checkpoint_dir=os.path.join(params["work_dir"], "train"))
-            client, world = ddp_plan(params, partitioned, handle)
-            if world > 1 and (landmarks is not None or init_encoder is not None):
-                logger.info("landmarks or init_model given: training in one process, not DDP")
-                client, world = None, 1
-            from .networks import build_for_fit, single_process_only
-
-            if world > 1 and single_process_only(params):
-                logger.info("custom networks or parametric_reconstruction: training in one "
-                            "process, not DDP")
-                client, world = None, 1
             network, recon = build_for_fit(params, input_shape, cfg, Xtr,
                                            init_decoder=init_decoder)
-            if world > 1:
-                from .ddp import train_on_dask
-
+            world = plan.world_size
+            if plan.ddp:
                 init = None if layout is None else (layout.rows, layout.positions)
-                encoder, history, world = train_on_dask(
-                    client, handle.source, handle.key, os.path.join(wdir, "graph"), cfg, init,
-                    world_size=world, max_restarts=int(params.get("max_restarts", 2)))
+                encoder, history, world = ddp.train_on_dask(
+                    plan.client, handle.source, handle.key, os.path.join(wdir, "graph"), cfg,
+                    init, world_size=world, max_restarts=int(params.get("max_restarts", 2)))
                 trained = Trained(encoder, history, cfg)
             else:
                 trained = run_train(Xtr, edges, layout, cfg, verbose=bool(params.get("verbose")),
                                     callbacks=params.get("callbacks"), encoder=init_encoder,
                                     landmarks=landmarks, network=network,
                                     reconstruction=recon, validation=validation)
-    from .train import encode
 
     with timed("embed"):
         embedding = encode(trained.encoder, Xtr)
         stats = feature_stats(Xtr)
     logger.info("fitted %d x %d: %s", handle.n, handle.d,
                 ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
-    return FitResult(trained=trained, embedding=embedding, feature_stats=stats,
-                     n_samples=handle.n, n_features=handle.d,
-                     knn_method=knn_method, knn_recall=knn_recall, n_edges=len(edges),
-                     a=a, b=b,
-                     init=("model" if init_encoder is not None else
-                           "random" if layout is None else layout.method), graph=edges.graph,
-                     world_size=world, timings=timings, peak_memory=peaks,
-                     worker_peak_memory=wpeaks,
-                     decoder=None if recon is None else recon.decoder,
-                     input_shape=handle.input_shape,
-                     reconstruction_history=None if recon is None else recon.history,
-                     validation_reconstruction=(None if validation is None
-                                                else recon.validation))
+    res = FitResult(encoder=trained.encoder, loss_history=list(trained.loss_history),
+                    n_epochs=cfg.n_epochs, embedding=embedding, feature_stats=stats,
+                    n_samples_fit=handle.n, n_features_in=handle.d,
+                    knn_method=knn_method, knn_recall=knn_recall, n_edges=len(edges),
+                    a=a, b=b,
+                    init=("model" if init_encoder is not None else
+                          "random" if layout is None else layout.method), graph=edges.graph,
+                    train_world_size=world, timings=timings, peak_memory=peaks,
+                    worker_peak_memory=wpeaks,
+                    decoder=None if recon is None else recon.decoder,
+                    input_shape=handle.input_shape,
+                    reconstruction_history=None if recon is None else recon.history,
+                    validation_reconstruction=(None if validation is None
+                                               else recon.validation))
+    return res if n_new is None else drop_kept_rows(res, n_new)
 
 
-def ddp_plan(params: dict, partitioned: bool, handle: InputHandle):
-    """(client, world size) for training: DDP over the active distributed client's workers
-    for partitioned fits of a Zarr input (edge shards and rows every worker can read), else
-    (None, 1)."""
+def plan_training(params: dict, *, partitioned: bool, source: Any, landmarks: bool = False,
+                  init_model: bool = False) -> TrainPlan:
+    """Decide, once, whether a fit trains in this process or as DDP on the Dask workers.
+
+    DDP (one rank per eligible worker, at most ``train_world_size``) needs a partitioned fit
+    of a Zarr array or path (edge shards and rows every worker can read), an active
+    ``distributed.Client`` and none of the options that train in this process only
+    (:func:`pumap_dask.params.single_process_reasons`). ``train_world_size=1`` forces one
+    process; an explicit ``train_world_size > 1`` that cannot be honoured is an error when
+    an option forbids it, else a warning.
+
+    Raises
+    ------
+    ParameterError
+        ``train_world_size > 1`` with landmarks, ``init_model``, callbacks or custom networks.
+    InputError
+        ``train_world_size > 1`` without an active ``distributed.Client``.
+    """
     wanted = params.get("train_world_size")
-    if params.get("callbacks") and not wanted:
-        # DDP ranks run on the workers, without the callbacks (params refuses an explicit
-        # train_world_size > 1 with callbacks)
-        logger.info("callbacks given: training in one process, not DDP")
-        return None, 1
-    readable = isinstance(handle.source, (str, os.PathLike)) or \
-        type(handle.source).__module__.startswith("zarr")
-    if wanted == 1 or not partitioned or not readable:
-        if wanted and wanted > 1:
+    reasons = check_train_world(params, landmarks=landmarks, init_model=init_model)
+    plan = _choose_plan(wanted, reasons, partitioned, source)
+    logger.info("training plan: %s (%s)", "one process" if not plan.ddp
+                else f"DDP over {plan.world_size} Dask workers", plan.reason)
+    return plan
+
+
+def check_train_world(params: dict, *, landmarks: bool = False,
+                      init_model: bool = False) -> list[str]:
+    """The options that keep this fit in one process
+    (:func:`pumap_dask.params.single_process_reasons`); refuses an explicit
+    ``train_world_size > 1`` with any of them, before any work."""
+    reasons = single_process_reasons(params, landmarks=landmarks, init_model=init_model)
+    refuse_ddp(params.get("train_world_size"), reasons)
+    return reasons
+
+
+def _choose_plan(wanted: int | None, reasons: list[str], partitioned: bool,
+                 source: Any) -> TrainPlan:
+    if wanted == 1:
+        return TrainPlan(1, "train_world_size=1")
+    if reasons:
+        return TrainPlan(1, " and ".join(reasons) + " given")
+    readable = isinstance(source, (str, os.PathLike)) or \
+        type(source).__module__.startswith("zarr")
+    if not partitioned or not readable:
+        why = ("an in-memory kNN" if not partitioned else
+               "input the workers cannot reopen (DDP needs a Zarr array or path)")
+        if wanted:
             logger.warning("train_world_size=%d ignored: DDP training needs a partitioned fit "
                            "of a Zarr array or path; training in one process", wanted)
-        return None, 1
+        return TrainPlan(1, why)
     try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
+        client = distributed.get_client()
+    except ValueError:
         if wanted:
             raise InputError(f"train_world_size={wanted} needs an active distributed.Client "
                              "(DDP runs one rank per Dask worker)") from None
-        return None, 1
-    from .ddp import eligible_workers
-
-    n_workers = len(eligible_workers(client))
+        return TrainPlan(1, "no distributed.Client")
+    n_workers = len(ddp.eligible_workers(client))
     world = min(wanted or n_workers, n_workers)
-    return (client, world) if world > 1 else (None, 1)
+    if world < 2:
+        return TrainPlan(1, f"{n_workers} eligible Dask worker")
+    return TrainPlan(world, f"{n_workers} eligible Dask workers" +
+                     (f", train_world_size={wanted}" if wanted else ""), client)
 
 
 def require_local_workers() -> None:
     """A temporary work_dir lives on this machine: refuse when workers run elsewhere."""
-    import socket
-
     try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
+        client = distributed.get_client()
+    except ValueError:
         return
-    from .ddp import eligible_workers  # asks the scheduler (its cached info can be empty)
 
-    hosts = {addr.split("://")[-1].rsplit(":", 1)[0] for addr in eligible_workers(client)}
+    hosts = {addr.split("://")[-1].rsplit(":", 1)[0] for addr in ddp.eligible_workers(client)}
     local = {"127.0.0.1", "localhost", socket.gethostname()}
     try:
         local.add(socket.gethostbyname(socket.gethostname()))

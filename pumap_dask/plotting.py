@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import InputError
+
 PLOT_HINT = "pip install pumap_dask[plot]"
 _ROW_BATCH = 1 << 20  # rows binned at a time: bounds the histogram's temporaries
 
@@ -78,7 +80,7 @@ def bin_embedding(emb: np.ndarray, bins: int = 512, codes: np.ndarray | None = N
     finite = np.isfinite(emb).all(axis=1)
     pts = emb[finite] if not finite.all() else emb
     if pts.shape[0] == 0:
-        raise ValueError("the embedding has no finite points to draw")
+        raise InputError("the embedding has no finite points to draw")
     q = (0.0, 1.0) if pts.shape[0] < 20000 else (0.0005, 0.9995)
     lo, hi = np.quantile(pts, q, axis=0).astype(np.float64)
     span = np.maximum(hi - lo, 1e-6 * max(1.0, float(np.abs([lo, hi]).max())))

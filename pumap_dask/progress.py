@@ -20,6 +20,10 @@ import threading
 import time
 from typing import Any, Iterator
 
+import psutil
+from dask.callbacks import Callback
+from distributed import get_client
+
 logger = logging.getLogger("pumap_dask.progress")
 _ROOT = logging.getLogger("pumap_dask")
 _DONE_STATES = ("memory", "released", "erred", "forgotten")
@@ -116,8 +120,6 @@ class Progress:
 
 def _rss() -> int:
     try:
-        import psutil
-
         return int(psutil.Process().memory_info().rss)
     except Exception:  # psutil missing or the process table unreadable
         return 0
@@ -125,8 +127,6 @@ def _rss() -> int:
 
 def _distributed_client():
     try:
-        from distributed import get_client
-
         return get_client()
     except (ImportError, ValueError):
         return None
@@ -165,8 +165,6 @@ class _LocalTasks:
         self._lock = threading.Lock()
 
     def callback(self):
-        from dask.callbacks import Callback
-
         outer = self
 
         class _Count(Callback):

@@ -21,18 +21,21 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import dask
+import dask.array as da
 import numpy as np
 
-from .io import InputError
+from .arrays import to_host
+from .errors import InputError, ModelFileError, ParameterError
+from .graph import smooth_knn_dist
+from .io import is_lazy
+from .knn import exact_knn
+from .model import TRAINING_DATA, checked_file, load_embedding, read_config
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_REFINE_EPOCHS = 100
 DEFAULT_MAX_TRAINING_ROWS = 200_000
-#: ``transform(X)`` (``refine="auto"``) polishes in-memory input by default when the model
-#: was fitted on at most this many rows and holds them: there the encoder generalises less
-#: than UMAP's own placement and the polish costs about as much as umap-learn's transform.
-AUTO_REFINE_MAX_ROWS = 50_000
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,6 @@ def memberships(distances: np.ndarray, local_connectivity: float = 1.0) -> np.nd
     (:func:`pumap_dask.graph.smooth_knn_dist`); the nearest neighbour gets 1. No statistic
     across rows enters, so a row's weights do not depend on its block.
     """
-    from .graph import smooth_knn_dist
 
     sigma, rho = smooth_knn_dist(distances, local_connectivity=local_connectivity,
                                  mean_distance=0.0)
@@ -190,7 +192,6 @@ def refine_embedding(X: np.ndarray, init: np.ndarray, reference: RefineReference
         to a training row (whose encoder output is their training position), stay as
         they are.
     """
-    from .knn import exact_knn
 
     X = np.asarray(X, dtype=np.float32)
     out = np.array(init, dtype=np.float32, copy=True)
@@ -231,11 +232,9 @@ def keep_training_rows(X: Any, max_rows: int = DEFAULT_MAX_TRAINING_ROWS,
     (rows, ids) or None
         ``ids`` is None when every row is kept.
     """
-    from .io import is_lazy
 
     if X is None or is_lazy(X):
         return None
-    from .train import to_host
 
     X = to_host(X)  # CuPy input: the host copy
     X = X.reshape(X.shape[0], -1)
@@ -279,7 +278,6 @@ def stored_reference(path: str | os.PathLike) -> RefineReference | None:
     pumap_dask.model.ModelFileError
         When the stored rows or embedding are corrupt or inconsistent.
     """
-    from .model import TRAINING_DATA, ModelFileError, checked_file, load_embedding, read_config
 
     doc = read_config(path)
     sha = doc.get("training_data_sha256")
@@ -311,7 +309,7 @@ def reference_from_model(model: Any, training_data: Any = None) -> RefineReferen
     Parameters
     ----------
     model
-        A fitted :class:`~pumap_dask.ParametricUMAP` or the path of a saved model.
+        A fitted (or loaded) :class:`~pumap_dask.ParametricUMAP`.
     training_data
         The rows the model was fitted on (row-aligned with its embedding); overrides the
         kept or stored rows. Lazy arrays are computed (at most
@@ -322,10 +320,6 @@ def reference_from_model(model: Any, training_data: Any = None) -> RefineReferen
     InputError
         When no training rows or no training embedding are available.
     """
-    if isinstance(model, (str, os.PathLike)):
-        from .estimator import load
-
-        model = load(model)
     emb = getattr(model, "embedding_", None)
     if emb is None:
         raise InputError("transform(..., refine=True) needs the training embedding; save "
@@ -359,13 +353,12 @@ def reference_from_model(model: Any, training_data: Any = None) -> RefineReferen
     raise InputError(_NO_ROWS)
 
 
-def check_refine(refine: Any) -> bool | str:
-    """Validate ``transform``'s ``refine`` argument (True, False or ``"auto"``)."""
-    if refine is True or refine is False or refine == "auto":
-        return refine
+def check_refine(refine: Any) -> bool:
+    """Validate ``transform``'s ``refine`` argument: True (polish) or False (the encoder)."""
     if isinstance(refine, (bool, np.bool_)):
         return bool(refine)
-    raise ValueError(f"refine must be True, False or 'auto', got {refine!r}")
+    raise ParameterError(f"refine must be True (polish new points against the training "
+                         f"embedding) or False (the encoder alone, the default), got {refine!r}")
 
 
 def has_training_rows(model: Any) -> bool:
@@ -376,25 +369,6 @@ def has_training_rows(model: Any) -> bool:
     path = getattr(model, "model_path_", None)  # set, with what it stores, by load()
     return bool(path and getattr(model, "_training_data_sha256", None)
                 and getattr(model, "embedding_", None) is not None and os.path.exists(path))
-
-
-def auto_refine(model: Any, X: Any) -> bool:
-    """What ``refine="auto"`` resolves to for ``model.transform(X)``.
-
-    True for in-memory input when the model was fitted on at most
-    :data:`AUTO_REFINE_MAX_ROWS` rows and holds them (an in-memory fit keeps them; a saved
-    model stores them by default under that size) and its training embedding; False for
-    lazy input (dask, Zarr, paths: the encoder's constant cost per row is the point there)
-    and for larger models. The decision depends on the model and the input's type only,
-    never on the number of new rows, so a row gets the same result in any batch.
-    """
-    from .io import is_lazy
-
-    if is_lazy(X) or getattr(model, "embedding_", None) is None:
-        return False
-    if int(getattr(model, "n_samples_fit_", AUTO_REFINE_MAX_ROWS + 1)) > AUTO_REFINE_MAX_ROWS:
-        return False
-    return has_training_rows(model)
 
 
 def _refine_block(block: np.ndarray, init: np.ndarray, offset: np.ndarray,
@@ -428,8 +402,6 @@ def refine_transform(X: Any, init: Any, reference: RefineReference, *,
     if not hasattr(init, "dask"):
         return refine_embedding(np.asarray(X).reshape(len(X), -1), init, reference,
                                 n_epochs=n_epochs, seed=seed)
-    import dask
-    import dask.array as da
 
     darr = X if hasattr(X, "dask") else da.from_array(np.asarray(X), chunks=(init.chunks[0],
                                                                               -1))
@@ -449,7 +421,7 @@ def refine_transform(X: Any, init: Any, reference: RefineReference, *,
                                                   seed))
 
 
-__all__ = ["AUTO_REFINE_MAX_ROWS", "RefineReference", "auto_refine", "check_refine",
+__all__ = ["RefineReference", "check_refine",
            "has_training_rows", "keep_training_rows", "memberships", "optimize_new_points",
            "reference_from_model", "refine_embedding", "refine_transform", "sample_ids",
            "stored_reference", "training_rows_for_save"]

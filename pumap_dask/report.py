@@ -23,32 +23,40 @@ import os
 import platform
 import time
 import uuid
+from importlib import metadata
 from typing import Any
 
+import dask
 import numpy as np
 
-from .io import as_dask, write_json_atomic
-from .model import EMBEDDING, ModelFileError, load_embedding, load_encoder, read_config
-from .report_metrics import (knn_preservation, load_labels, quality_metrics,  # noqa: F401
-                             sample_rows)
+from . import plotting
+from .errors import ModelFileError, ParameterError
+from .io import as_dask, check_n_features, to_jsonable, write_json_atomic
+from .model import EMBEDDING, load_embedding, load_encoder, read_config
+from .report_format import (
+    NOT_RECORDED,
+    RUN_CONFIG,
+    fmt_num,
+    ordered_stages,
+    recall_text,
+    stage_table,
+)
+from .report_html import render_html
+from .report_metrics import knn_preservation, load_labels, quality_metrics, sample_rows
+from .transform import transform
 
 logger = logging.getLogger(__name__)
 
-RUN_CONFIG = "run_config.json"
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 REPORT_VERSION = 1
 MAX_LEGEND_LABELS = 20
-NOT_RECORDED = "not recorded"
 NEEDS_DATA = "not computed (pass --data)"
-STAGE_ORDER = ("input", "knn", "graph", "load", "init", "train", "embed")
 VERSION_PACKAGES = ("pumap_dask", "torch", "dask", "numpy")
 
 
 # --------------------------------------------------------------------------- summary
 def _env_versions(names: tuple[str, ...] = VERSION_PACKAGES) -> dict[str, str]:
-    from importlib import metadata
-
     out = {"python": platform.python_version()}
     for name in names:
         try:
@@ -56,11 +64,6 @@ def _env_versions(names: tuple[str, ...] = VERSION_PACKAGES) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def _ordered_stages(d: dict[str, Any]) -> dict[str, Any]:
-    known = [s for s in STAGE_ORDER if s in d]
-    return {s: d[s] for s in known + sorted(set(d) - set(known))}
 
 
 def _read_run_config(model_dir: str) -> dict[str, Any] | None:
@@ -127,9 +130,9 @@ def model_summary(model_dir: str | os.PathLike) -> dict[str, Any]:
         "fitted": {k: fitted.get(k) for k in ("init", "knn_method", "knn_recall", "n_edges",
                                               "a", "b", "n_epochs", "train_world_size")
                    if k in fitted},
-        "timings": _ordered_stages(dict(fitted.get("timings") or {})),
-        "peak_memory": None if peak is None else _ordered_stages(peak),
-        "worker_peak_memory": None if worker_peak is None else _ordered_stages(worker_peak),
+        "timings": ordered_stages(dict(fitted.get("timings") or {})),
+        "peak_memory": None if peak is None else ordered_stages(peak),
+        "worker_peak_memory": None if worker_peak is None else ordered_stages(worker_peak),
         "loss": {"n_epochs": len(history), "final": history[-1] if history else None,
                  "min": min(history) if history else None},
         "loss_history": history,
@@ -141,60 +144,6 @@ def model_summary(model_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- text
-def format_bytes(n: Any) -> str:
-    """``1536`` -> ``"1.5 KiB"``; non-numbers are shown as they are."""
-    if not isinstance(n, (int, float)) or isinstance(n, bool):
-        return str(n)
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)  # unreachable
-
-
-def _num(v: Any, digits: int = 4) -> str:
-    if isinstance(v, bool) or v is None:
-        return str(v)
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def _recall_text(fitted: dict[str, Any]) -> str:
-    recall = fitted.get("knn_recall")
-    if recall is not None:
-        return f"{recall:.4f}"
-    return "1 (exact kNN)" if fitted.get("knn_method") == "exact" else "not measured"
-
-
-def _stage_table(summary: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-    """Header and rows (stage, wall time, peak memory[, largest worker's peak]) of every
-    stage any record names, plus a total row; no rows when nothing was recorded."""
-    timings, peak = summary["timings"], summary["peak_memory"]
-    worker = summary.get("worker_peak_memory")
-    records = [r for r in (peak, worker) if r]
-    stages = list(_ordered_stages({**{k: 0 for r in records for k in r}, **timings}))
-
-    def mem(record: dict[str, Any] | None, stage: str) -> str:
-        if record is None:
-            return NOT_RECORDED
-        return format_bytes(record[stage]) if stage in record else "-"
-
-    def top(record: dict[str, Any] | None) -> str:
-        return f"{format_bytes(max(record.values()))} (max)" if record else NOT_RECORDED
-
-    head = ("stage", "wall time", "peak memory (this process)")
-    rows = [(s, f"{timings[s]:.3f} s" if s in timings else "-", mem(peak, s))
-            for s in stages]
-    total = ("total", f"{sum(timings.values()):.3f} s" if timings else "-", top(peak))
-    if worker:
-        head += ("peak memory (largest worker)",)
-        rows = [r + (mem(worker, r[0]),) for r in rows]
-        total += (top(worker),)
-    return head, rows + [total] if rows else []
 
 
 def _kv(rows: list[tuple[str, Any]], indent: str = "  ") -> list[str]:
@@ -228,9 +177,9 @@ def format_info(summary: dict[str, Any]) -> str:
     lines = [f"pumap_dask model at {summary['model_dir']}", "", "Model"]
     lines += _kv([
         ("format version", summary["format_version"]),
-        ("samples fitted", _num(summary["n_samples_fit"])),
-        ("features", _num(summary["n_features"])),
-        ("components", _num(summary["n_components"])),
+        ("samples fitted", fmt_num(summary["n_samples_fit"])),
+        ("features", fmt_num(summary["n_features"])),
+        ("components", fmt_num(summary["n_components"])),
         ("encoder", arch),
         ("training embedding", f"saved ({EMBEDDING})" if summary["has_embedding"]
          else "not saved"),
@@ -243,13 +192,13 @@ def format_info(summary: dict[str, Any]) -> str:
     lines += _kv([
         ("init", fitted.get("init")),
         ("kNN method", fitted.get("knn_method")),
-        ("kNN recall", _recall_text(fitted)),
-        ("graph edges", _num(fitted.get("n_edges"))),
-        ("a, b", f"{_num(fitted.get('a'))}, {_num(fitted.get('b'))}"),
+        ("kNN recall", recall_text(fitted)),
+        ("graph edges", fmt_num(fitted.get("n_edges"))),
+        ("a, b", f"{fmt_num(fitted.get('a'))}, {fmt_num(fitted.get('b'))}"),
         ("train world size", fitted.get("train_world_size", NOT_RECORDED)),
         ("epochs", f"{loss['n_epochs']} (final loss {final})"),
     ])
-    head, rows = _stage_table(summary)
+    head, rows = stage_table(summary)
     if rows:
         table = [head, *rows]
         w = [max(len(r[i]) for r in table) for i in range(len(head))]
@@ -282,9 +231,6 @@ def embed_all(darr: Any, model_dir: str, blocks_at_once: int = 8) -> np.ndarray:
     Blocks are computed a few at a time (on whatever scheduler is active) and copied into
     place, so memory holds the embedding plus a few blocks, never a concatenated copy.
     """
-    import dask
-
-    from .transform import transform
 
     emb = transform(darr, model_dir)
     out = np.empty(emb.shape, dtype=np.float32)
@@ -299,20 +245,6 @@ def embed_all(darr: Any, model_dir: str, blocks_at_once: int = 8) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- report
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def _write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
@@ -336,7 +268,6 @@ def _draw_embedding(emb: np.ndarray, codes: np.ndarray | None, names: list[str] 
     """Bin the embedding once and draw it: by majority label (up to MAX_LEGEND_LABELS
     labels) beside the density, else the density alone. Adds the PNGs to ``figures`` and
     returns what the picture shows."""
-    from . import plotting
 
     n = emb.shape[0]
     n_lab = len(names) if names is not None else 0
@@ -415,14 +346,13 @@ def write_report(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     InputError
         For data or labels that do not fit the model.
     """
-    from . import plotting
 
     plotting.require_matplotlib()  # fail before any expensive work
     for name, value, least in (("n_sample", n_sample, 2), ("n_neighbors", n_neighbors, 1),
                                ("bins", bins, 8)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) \
                 or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+            raise ParameterError(f"{name} must be an integer >= {least}, got {value!r}")
     t_start = time.perf_counter()
     summary = model_summary(model_dir)
     model_dir = summary["model_dir"]
@@ -434,8 +364,6 @@ def write_report(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None
 
     darr = None
     if data is not None:
-        from .io import check_n_features
-
         darr = as_dask(data, key=key)
         check_n_features(darr.shape[1], summary["n_features"])
         if labels is not None:
@@ -501,12 +429,11 @@ def write_report(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         "report_timings": steps,
         "figures": sorted(figures),
     }
-    report = _jsonable(report)
+    report = to_jsonable(report)
     report["report_timings"]["total"] = time.perf_counter() - t_start
     json_path = os.path.join(out_dir, REPORT_JSON)
     html_path = os.path.join(out_dir, REPORT_HTML)
     write_json_atomic(json_path, report)
-    from .report_html import render_html  # imports this module's helpers
 
     _write_text_atomic(html_path, render_html(report, figures))
     logger.info("report written to %s (%s)", html_path,

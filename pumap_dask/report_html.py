@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any
 
-from .report import NOT_RECORDED, RUN_CONFIG, _num, _recall_text, _stage_table
+from .report_format import NOT_RECORDED, RUN_CONFIG, fmt_num, recall_text, stage_table
 
 # --------------------------------------------------------------------------- html
 _CSS = """
@@ -57,7 +57,7 @@ def _cell(v: Any) -> str:
     if isinstance(v, str) and v.startswith(("not computed", NOT_RECORDED, "not measured")):
         return f'<td class="muted">{_e(v)}</td>'
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return f'<td class="num">{_e(_num(v))}</td>'
+        return f'<td class="num">{_e(fmt_num(v))}</td>'
     return f"<td>{_e(v)}</td>"
 
 
@@ -91,10 +91,10 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     fitted, loss = s["fitted"], s["loss"]
     name = os.path.basename(s["model_dir"].rstrip(os.sep)) or s["model_dir"]
     trust = m.get("trustworthiness")
-    cards = [("samples fitted", _num(s["n_samples_fit"])),
-             ("features", _num(s["n_features"])), ("components", s["n_components"]),
+    cards = [("samples fitted", fmt_num(s["n_samples_fit"])),
+             ("features", fmt_num(s["n_features"])), ("components", s["n_components"]),
              ("final loss", "-" if loss["final"] is None else f"{loss['final']:.4g}"),
-             ("kNN recall", _recall_text(fitted).replace(" kNN", "")),
+             ("kNN recall", recall_text(fitted).replace(" kNN", "")),
              ("trustworthiness", f"{trust:.3f}" if isinstance(trust, float) else "-"),
              ("fit time", f"{sum(s['timings'].values()):.1f} s" if s["timings"] else "-")]
     body = [f"<h1>Parametric UMAP report: {_e(name)}</h1>",
@@ -120,7 +120,7 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     body += sec
 
     # quality
-    rows = [("kNN recall (approximate vs exact kNN, at fit)", _recall_text(fitted)),
+    rows = [("kNN recall (approximate vs exact kNN, at fit)", recall_text(fitted)),
             ("trustworthiness", _metric(m.get("trustworthiness"))),
             ("kNN preservation", _metric(m.get("knn_preservation"))),
             ("15-NN label accuracy on the embedding (5-fold CV)",
@@ -137,7 +137,7 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
                 + "</section>")
 
     # training
-    stage_head, stage_rows = _stage_table(s)
+    stage_head, stage_rows = stage_table(s)
     peak_note = "" if s["peak_memory"] else (
         '<p class="note">Peak memory was not recorded by this fit.</p>')
     fit_rows = [("init", fitted.get("init")), ("kNN method", fitted.get("knn_method")),

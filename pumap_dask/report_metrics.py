@@ -12,14 +12,17 @@ import os
 from typing import Any
 
 import numpy as np
+import zarr
+from sklearn.manifold import trustworthiness
+from sklearn.model_selection import KFold, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
-from .io import InputError
+from .errors import InputError
 
 
 # --------------------------------------------------------------------------- labels
 def _read_zarr_labels(node: Any, where: str) -> tuple[np.ndarray, list[str] | None]:
     """A 1-D zarr array, or an AnnData categorical / nullable group -> (values, names)."""
-    import zarr
 
     if isinstance(node, zarr.Array):
         return np.asarray(node[...]), None
@@ -72,8 +75,6 @@ def load_labels(labels: Any, data: Any = None, n_rows: int | None = None
         if os.path.isfile(spec):
             values = np.load(spec, allow_pickle=False)
         else:
-            import zarr
-
             if isinstance(data, (str, os.PathLike)):
                 try:
                     root = zarr.open(os.fspath(data), mode="r")
@@ -122,7 +123,6 @@ def load_labels(labels: Any, data: Any = None, n_rows: int | None = None
     return np.asarray(codes, dtype=np.int32).reshape(-1), names
 
 
-
 # --------------------------------------------------------------------------- metrics
 def sample_rows(n: int, n_sample: int, random_state: int) -> np.ndarray:
     """Sorted indices of a seeded random sample of ``min(n, n_sample)`` rows (all when
@@ -136,7 +136,6 @@ def sample_rows(n: int, n_sample: int, random_state: int) -> np.ndarray:
 def knn_preservation(X: np.ndarray, emb: np.ndarray, n_neighbors: int = 15) -> float:
     """Mean fraction of each point's exact ``n_neighbors`` input-space neighbours that are
     also among its ``n_neighbors`` embedding neighbours (self excluded)."""
-    from sklearn.neighbors import NearestNeighbors
 
     def neighbours(A: np.ndarray) -> np.ndarray:
         return NearestNeighbors(n_neighbors=n_neighbors).fit(A).kneighbors(
@@ -154,9 +153,6 @@ def quality_metrics(X: np.ndarray, emb: np.ndarray, codes: np.ndarray | None,
                     n_neighbors: int, random_state: int) -> dict[str, Any]:
     """Trustworthiness, kNN preservation and (with labels) 5-fold 15-NN label accuracy of
     an embedded sample, each a value or a ``"not computed (...)"`` reason."""
-    from sklearn.manifold import trustworthiness
-    from sklearn.model_selection import KFold, cross_val_score
-    from sklearn.neighbors import KNeighborsClassifier
 
     m = X.shape[0]
     out: dict[str, Any] = {}

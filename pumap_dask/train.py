@@ -1,4 +1,7 @@
-"""Training stage: the encoder network and the UMAP loss, in torch.
+"""Training stage: the loop that trains an encoder with the UMAP loss, in torch.
+
+The network is :mod:`pumap_dask.encoder`'s; checkpoints are :mod:`pumap_dask.checkpoint`'s,
+the DDP collectives :mod:`pumap_dask.collectives`', callbacks :mod:`pumap_dask.callbacks`'.
 
 Positive edges are drawn in proportion to their weight on the fly (inverse-CDF sampling on
 the cumulative weights), so memory is bounded by the graph, never by epochs x edges.
@@ -12,26 +15,32 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from scipy.optimize import curve_fit
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .model import Encoder, encode  # noqa: F401  (encode re-exported for callers)
+from .arrays import as_tensor, is_cupy
+from .checkpoint import Checkpoint, run_fingerprint, state_digest
+from .collectives import all_sum, rank_and_world
+from .encoder import Encoder
+from .errors import ParameterError
+from .landmarks import LandmarkTerm
+from .params import NEGATIVE_MODES, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
 
 def find_ab_params(spread: float = 1.0, min_dist: float = 0.1) -> tuple[float, float]:
     """Fit UMAP's a, b so that 1/(1 + a x^(2b)) follows the min_dist/spread target curve."""
-    from scipy.optimize import curve_fit
 
     if spread <= 0 or min_dist < 0 or min_dist > spread:
-        raise ValueError(f"need spread > 0 and 0 <= min_dist <= spread; got spread={spread}, "
+        raise ParameterError(f"need spread > 0 and 0 <= min_dist <= spread; got spread={spread}, "
                          f"min_dist={min_dist}")
 
     def curve(x, a, b):
@@ -86,10 +95,6 @@ class TrainConfig:
 
 
 # Training precisions: "fp32", or "bf16" autocast of the network on CUDA.
-PRECISIONS = ("fp32", "bf16")
-# "batch": negatives drawn from the step's own heads and tails (2B rows encoded per step);
-# "pool": from ``negative_pool`` extra uniform rows (3B rows).
-NEGATIVE_MODES = ("batch", "pool")
 # Default training budget (see default_epochs), from benchmarks/train_budget.py on cell-like
 # data (RESULTS.md): held-out accuracy saturates near 10 epochs (about 200 positive samples
 # per row) at 50k and 200k rows; small data needs a floor in steps, and large data a cap
@@ -238,7 +243,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     device = torch.device(cfg.device)
     n = X.shape[0]
     if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+        raise ParameterError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     if encoder is None:
         encoder = build_encoder(X.shape[1], cfg, X)
     encoder = encoder.to(device).train()
@@ -255,8 +260,8 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     if device.type != "cpu" and Xt.device.type == "cpu" and Xt.numel() * 4 < (2 << 30):
         Xt = Xt.to(device)
     net = _amp_net(encoder.mlp, cfg.precision, device)
-    rank, world = _world()
-    n_edges_total = int(_all_sum(len(head), world, torch.int64))  # each rank holds a subset
+    rank, world = rank_and_world()
+    n_edges_total = int(all_sum(len(head), world, torch.int64))  # each rank holds a subset
     # ids stay in their (often int32) dtype: 4 bytes per edge end, widened per batch
     head_t = torch.as_tensor(np.asarray(head))
     tail_t = torch.as_tensor(np.asarray(tail))
@@ -268,7 +273,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     M = int(cfg.negative_pool or B)
     in_batch = cfg.negatives == "batch"
     if cfg.negatives not in NEGATIVE_MODES:
-        raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {cfg.negatives!r}")
+        raise ParameterError(f"negatives must be one of {NEGATIVE_MODES}, got {cfg.negatives!r}")
     dedupe = (2 if in_batch else 3) * B > n // 2
     # every rank runs the same number of steps; an epoch is one pass over all ranks' edges
     steps_per_epoch = max(1, math.ceil(n_edges_total / B))
@@ -286,26 +291,26 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     elif cfg.lr_schedule == "constant":
         sched = None
     else:
-        raise ValueError(f"lr_schedule must be 'linear', 'cosine' or 'constant', "
+        raise ParameterError(f"lr_schedule must be 'linear', 'cosine' or 'constant', "
                          f"got {cfg.lr_schedule!r}")
     if landmarks is not None and world > 1:
-        raise ValueError("landmarks are not supported with DDP training (world size "
+        raise ParameterError("landmarks are not supported with DDP training (world size "
                          f"{world}); train in one process (train_world_size=1)")
     extra = None  # continued training and landmarks: a checkpoint must match them too
     if cfg.checkpoint_dir is not None and (from_model or landmarks is not None):
-        extra = {"start": _state_digest(encoder) if from_model else None,
+        extra = {"start": state_digest(encoder) if from_model else None,
                  "landmarks": landmarks.digest() if landmarks is not None else None}
     saved: nn.Module = encoder  # what a checkpoint holds: with the decoder when one trains
     if reconstruction is not None:
         if world > 1:
-            raise ValueError("parametric_reconstruction is not supported with DDP training "
+            raise ParameterError("parametric_reconstruction is not supported with DDP training "
                              f"(world size {world}); train in one process "
                              "(train_world_size=1)")
         extra = dict(extra or {}, reconstruction=reconstruction.fingerprint())
         saved = nn.ModuleDict({"encoder": encoder, "decoder": reconstruction.decoder})
     ckpt = Checkpoint(cfg.checkpoint_dir,
-                      _fingerprint(cfg, n, X.shape[1], n_edges_total,
-                                   _all_sum(float(np.asarray(weight).sum(dtype=np.float64)),
+                      run_fingerprint(cfg, n, X.shape[1], n_edges_total,
+                                   all_sum(float(np.asarray(weight).sum(dtype=np.float64)),
                                             world), world, extra))
     start, history = ckpt.restore(saved, opt, sched, gen, rank) if ckpt.enabled else (0, [])
     encoder.start_epoch_ = start  # where this call began (> 0: resumed from a checkpoint)
@@ -315,7 +320,6 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
         # Each rank samples B / world of the global batch from its own edges with its own
         # RNG stream (seed, rank); DDP averages the gradients, so a step equals a
         # single-process step of batch B at the same learning rate.
-        from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(net)
         B = max(1, B // world)
@@ -325,8 +329,6 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     a, b = cfg.a, cfg.b
     lm_term = None
     if landmarks is not None and len(landmarks):
-        from .continued import LandmarkTerm
-
         lm_term = LandmarkTerm(landmarks, B, device)
     t0 = time.perf_counter()
     for epoch in range(start, cfg.n_epochs):
@@ -386,7 +388,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
             reconstruction.end_epoch()
         stop = bool(callback(epoch, history[-1])) if callback is not None else False
         if world > 1:  # rank 0 decides; every rank stops after the same epoch
-            stop = _all_sum(float(stop and rank == 0), world) > 0
+            stop = all_sum(float(stop and rank == 0), world) > 0
         if cfg.log_every and (epoch + 1) % cfg.log_every == 0:
             logger.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.n_epochs, history[-1],
                         time.perf_counter() - t0)
@@ -448,134 +450,6 @@ def _amp_net(mlp: nn.Sequential, precision: str, device: torch.device) -> nn.Mod
                        device)
         return mlp
     return _AmpNet(mlp, device.type)
-
-
-def is_cupy(x: Any) -> bool:
-    """Whether ``x`` is a CuPy array (checked by type, without importing CuPy)."""
-    return type(x).__module__.split(".")[0] == "cupy"
-
-
-def to_host(block: Any) -> np.ndarray:
-    """A CuPy array (or block) as a numpy array in host memory; numpy passes through."""
-    return block.get() if is_cupy(block) else np.asarray(block)
-
-
-def as_tensor(x: Any, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Rows as a float32 torch tensor on ``device``.
-
-    A CuPy array is handed over through DLPack (``torch.from_dlpack``, zero copy, no host
-    round trip) and stays on its GPU unless ``device`` is the CPU; anything else goes
-    through numpy.
-    """
-    device = torch.device(device)
-    if is_cupy(x):  # a host copy only when asked for by a CPU device
-        return torch.from_dlpack(x).to(device=device, dtype=torch.float32).contiguous()
-    t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
-    return t.to(device) if device.type != "cpu" else t
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the active torch.distributed group, or (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_sum(value: float, world: int, dtype: torch.dtype = torch.float64) -> float:
-    """``value`` summed over all ranks (itself when there is one)."""
-    t = torch.tensor([value], dtype=dtype)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-    return t.item()
-
-
-def _fingerprint(cfg: TrainConfig, n: int, d: int, n_edges: int, w_sum: float,
-                 world: int, extra: dict | None = None) -> str:
-    """What a checkpoint must match to be resumed: configuration, data shape, world size
-    (and ``extra``: the starting weights of continued training, the landmarks)."""
-    import hashlib
-    import json
-
-    fields = {k: v for k, v in vars(cfg).items()
-              if k not in ("checkpoint_dir", "checkpoint_every", "log_every")}
-    body = {"cfg": fields, "n": n, "d": d, "n_edges": n_edges,
-            "w_sum": round(w_sum, 3), "world": world}
-    if extra:
-        body["extra"] = extra
-    doc = json.dumps(body, sort_keys=True, default=str)
-    return hashlib.sha256(doc.encode()).hexdigest()
-
-
-def _state_digest(module: nn.Module) -> str:
-    """sha256 of a module's state (parameters and buffers, in order)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in module.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-class Checkpoint:
-    """Atomic training checkpoints (encoder, optimiser, schedule, RNG, loss history).
-
-    Written to ``<dir>/train.pt`` at epoch ends; a rerun with the same configuration and
-    data resumes after the last finished epoch and ends bitwise equal to an uninterrupted
-    run. A checkpoint of another configuration is ignored (and replaced).
-    """
-
-    NAME = "train.pt"
-
-    def __init__(self, directory: str | None, fingerprint: str) -> None:
-        self.enabled = directory is not None
-        self.path = os.path.join(directory, self.NAME) if directory else None
-        self.fingerprint = fingerprint
-
-    def restore(self, encoder, opt, sched, gen, rank: int = 0) -> tuple[int, list[float]]:
-        """Load a matching checkpoint; returns (next epoch, history) or (0, [])."""
-        if not os.path.exists(self.path):
-            return 0, []
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a torn or foreign file: start over, never crash
-            logger.warning("ignoring unreadable training checkpoint %s (%s)", self.path, exc)
-            return 0, []
-        if state.get("fingerprint") != self.fingerprint:
-            logger.info("training checkpoint %s is of another configuration; starting over",
-                        self.path)
-            return 0, []
-        encoder.load_state_dict(state["encoder"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["rng"][rank])
-        logger.info("resuming training from %s after epoch %d", self.path, state["epoch"])
-        return int(state["epoch"]), [float(x) for x in state["history"]]
-
-    def save(self, epoch: int, encoder, opt, sched, gen, history: list[float], rank: int = 0,
-             world: int = 1) -> None:
-        """Write the checkpoint (rank 0; every rank contributes its RNG state)."""
-        rngs = [gen.get_state()]
-        if world > 1:
-            import torch.distributed as dist
-
-            rngs = [None] * world
-            dist.all_gather_object(rngs, gen.get_state())
-        if rank != 0:
-            return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        state = {"fingerprint": self.fingerprint, "epoch": epoch,
-                 "encoder": encoder.state_dict(), "optimizer": opt.state_dict(),
-                 "scheduler": None if sched is None else sched.state_dict(),
-                 "rng": rngs, "history": list(history)}
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -679,70 +553,3 @@ def _adam_kwargs(device: torch.device) -> dict:
         return {}
 
 
-class EarlyStopping:
-    """Stop training when the epoch loss stops improving (a plateau).
-
-    An epoch improves when its loss is below ``best - min_delta * abs(best)`` (a
-    *relative* decrease of more than ``min_delta``; the UMAP loss has no natural scale, so
-    a relative threshold works the same for any data), where ``best`` is the lowest loss
-    seen so far. Training stops after ``patience`` consecutive epochs without an
-    improvement. Pass it in the estimator's ``callbacks``; one instance may be reused
-    across fits (its state resets at epoch 0).
-
-    Parameters
-    ----------
-    patience
-        Epochs without improvement tolerated before stopping (>= 1).
-    min_delta
-        Relative improvement that counts (>= 0); 0 counts any decrease.
-
-    Attributes
-    ----------
-    best_ : float
-        Lowest loss seen.
-    best_epoch_ : int
-        Epoch of ``best_``.
-    stopped_epoch_ : int or None
-        Epoch after which it asked training to stop, or None.
-
-    Examples
-    --------
-    >>> from pumap_dask import ParametricUMAP, EarlyStopping
-    >>> model = ParametricUMAP(n_epochs=200, callbacks=[EarlyStopping(patience=5)])
-    """
-
-    def __init__(self, patience: int = 5, min_delta: float = 1e-3) -> None:
-        from .params import positive_int, real
-
-        self.patience = positive_int("patience", patience)
-        self.min_delta = real("min_delta", min_delta, low=0.0)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.best_ = math.inf
-        self.best_epoch_ = -1
-        self.stopped_epoch_: int | None = None
-        self._wait = 0
-
-    def __call__(self, epoch: int, loss: float, model: Any = None) -> bool:
-        """Record one epoch's loss; True when training should stop."""
-        if epoch == 0 or self.stopped_epoch_ is not None:
-            self._reset()
-        if not math.isfinite(loss):
-            self.stopped_epoch_ = epoch
-            logger.warning("early stopping: loss is %s at epoch %d", loss, epoch + 1)
-            return True
-        if loss < self.best_ - self.min_delta * abs(self.best_) or self.best_epoch_ < 0:
-            self.best_, self.best_epoch_, self._wait = float(loss), epoch, 0
-            return False
-        self._wait += 1
-        if self._wait >= self.patience:
-            self.stopped_epoch_ = epoch
-            logger.info("early stopping after epoch %d: no relative loss decrease above "
-                        "%g for %d epochs (best %.5f at epoch %d)", epoch + 1, self.min_delta,
-                        self.patience, self.best_, self.best_epoch_ + 1)
-            return True
-        return False
-
-    def __repr__(self) -> str:
-        return f"EarlyStopping(patience={self.patience}, min_delta={self.min_delta})"

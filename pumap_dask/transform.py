@@ -7,6 +7,8 @@ worker process loads it once and caches it by hash.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import io
 import logging
 import os
@@ -14,10 +16,17 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
+import dask.array as da
 import numpy as np
+import torch
+from distributed import get_worker
 
-from .io import InputError, as_dask, check_n_features
-from .model import WEIGHTS, checked_file, encode, load_encoder, read_config
+from .arrays import as_tensor, cupy_module, is_cupy
+from .encoder import Encoder, encode, encoder_spec
+from .errors import InputError
+from .io import as_dask, check_n_features
+from .model import WEIGHTS, checked_file, load_encoder, read_config, rebuild_network
 from .params import check_transform_args, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -58,11 +67,7 @@ def model_source(model: Any) -> ModelRef | ModelBlob:
     A model loaded from disk travels as its path; a source built earlier is returned as is,
     so callers that need the source themselves hash or serialise the weights only once.
     """
-    import hashlib
 
-    import torch
-
-    from .model import encoder_spec
 
     if isinstance(model, (ModelRef, ModelBlob)):
         return model
@@ -74,7 +79,6 @@ def model_source(model: Any) -> ModelRef | ModelBlob:
         spec = doc["encoder"]
         checked_file(model, WEIGHTS, doc["weights_sha256"], "weights were")
         if "factory" in spec:  # a custom encoder: an unimportable factory fails here, now
-            from .model import rebuild_network
 
             rebuild_network(spec, "encoder", model)
         return ModelRef(os.path.abspath(os.fspath(model)), doc["weights_sha256"],
@@ -93,9 +97,6 @@ def model_source(model: Any) -> ModelRef | ModelBlob:
 
 def _get_encoder(source: ModelRef | ModelBlob, device: str):
     """Load (once per process and device) the encoder described by ``source``."""
-    import torch
-
-    from .model import Encoder
 
     key = (source.sha256, device)
     enc = _CACHE.get(key)
@@ -110,8 +111,6 @@ def _get_encoder(source: ModelRef | ModelBlob, device: str):
                     raise InputError(f"the model at {source.path} changed since the graph was "
                                      "built (weights hash differs); rebuild the transform")
             elif source.module is not None:
-                import copy
-
                 enc = copy.deepcopy(source.module)
             else:
                 s = source.spec
@@ -130,23 +129,13 @@ def limit_threads_to_worker() -> None:
     Each worker process would otherwise start one torch thread per core, and several
     workers on one machine oversubscribe it.
     """
-    import torch
 
     try:
-        from distributed import get_worker
-
         nthreads = get_worker().state.nthreads
     except (ImportError, ValueError, AttributeError):
         return
     if torch.get_num_threads() > nthreads:
         torch.set_num_threads(max(1, nthreads))
-
-
-def _cupy():
-    """The cupy module (only ever imported for CuPy data, so never where it is absent)."""
-    import cupy
-
-    return cupy
 
 
 def transform_block(block: Any, source: ModelRef | ModelBlob, batch_size: int = 65536,
@@ -157,7 +146,6 @@ def transform_block(block: Any, source: ModelRef | ModelBlob, batch_size: int = 
     A CuPy block is embedded on its own GPU without a host round trip (DLPack both ways)
     and a CuPy block comes back; a numpy block gives a numpy block.
     """
-    from .train import is_cupy
 
     dev = resolve_device(device, warn=False)
     if is_cupy(block):
@@ -189,11 +177,8 @@ def _transform_cupy_block(block: Any, source: ModelRef | ModelBlob, batch_size: 
                           nan_policy: str, block_info: dict | None) -> Any:
     """:func:`transform_block` for a CuPy block: torch reads it through DLPack (no copy)
     on its own GPU, and the embedding goes back to CuPy the same way."""
-    import torch
 
-    from .train import as_tensor
-
-    cp = _cupy()
+    cp = cupy_module()
     if dev == "cuda":  # "auto"/"cuda": the GPU the block lives on
         dev = f"cuda:{block.device.id}"
     enc = _get_encoder(source, dev)
@@ -219,10 +204,9 @@ def _transform_cupy_block(block: Any, source: ModelRef | ModelBlob, batch_size: 
 
 def _meta_like(darr, shape: tuple, dtype) -> Any:
     """An empty block of the array type of ``darr``'s chunks (CuPy stays CuPy)."""
-    from .train import is_cupy
 
     if is_cupy(getattr(darr, "_meta", None)):
-        return _cupy().empty(shape, dtype=dtype)
+        return cupy_module().empty(shape, dtype=dtype)
     return np.empty(shape, dtype=dtype)
 
 
@@ -257,8 +241,6 @@ def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | N
         (the RAPIDS convention) are embedded on their GPU without a host round trip and the
         result's chunks are CuPy arrays too.
     """
-    import dask
-    import dask.array as da
 
     check_transform_args(batch_size=batch_size, device_=device, nan_policy=nan_policy)
     source = model_source(model)
@@ -292,10 +274,8 @@ def training_range(model: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _ood_block(block: Any, low: np.ndarray, high: np.ndarray) -> Any:
-    from .train import is_cupy
-
     if is_cupy(block):  # compare on the GPU
-        cp = _cupy()
+        cp = cupy_module()
         low, high = cp.asarray(low), cp.asarray(high)
     with np.errstate(invalid="ignore"):
         inside = (block >= low) & (block <= high)
@@ -314,8 +294,6 @@ def ood_mask(X: Any, model: Any, *, key: str | None = None, margin: float = 0.25
     dask.array.Array
         (n_samples,) bool, row-aligned with X.
     """
-    import dask
-    import dask.array as da
 
     lo, hi = training_range(model)
     span = hi - lo

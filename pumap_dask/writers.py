@@ -11,12 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import socket
 import time
 from typing import Any
 
+import dask
 import numpy as np
+import zarr
 
-from .io import InputError, as_dask
+from .errors import InputError
+from .io import as_dask, open_zarr
 from .params import check_transform_args, check_writer_args
 from .progress import stage
 from .transform import model_source, ood_mask, report_ood, transform
@@ -47,7 +52,6 @@ def _write_block(emb: np.ndarray, ood: np.ndarray, out_path: str, start: int,
 
     Returns the block's counts of NaN rows and out-of-distribution rows.
     """
-    import zarr
 
     z = zarr.open_array(out_path, mode="r+")
     z[start:start + emb.shape[0]] = emb
@@ -198,8 +202,6 @@ class OutputLock:
             return {}
 
     def acquire(self) -> "OutputLock":
-        import socket
-
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         for _ in range(3):
@@ -257,8 +259,6 @@ def _pid_alive(pid: Any) -> bool:
 
 def _open_or_create(out_path: str, shape: tuple, chunk_rows: int, n_components: int,
                     attrs: dict, state: str, sharded: bool, zarr_format: int):
-    import zarr
-
     if state == "resume":
         z = zarr.open_array(out_path, mode="r+")
         old = dict(z.attrs).get(OWNER_KEY, {})
@@ -271,8 +271,6 @@ def _open_or_create(out_path: str, shape: tuple, chunk_rows: int, n_components: 
             f"{str(old.get('model_sha256', '?'))[:12]}, block rows {old.get('block_rows')}); "
             "pass resume=False (CLI: --overwrite) to replace it, or choose another output path")
     if state == "replace":
-        import shutil
-
         logger.info("replacing the earlier pumap_dask output %s", out_path)
         shutil.rmtree(out_path)
     kwargs: dict[str, Any] = dict(shape=shape, dtype="float32", fill_value=np.nan,
@@ -349,9 +347,6 @@ def transform_to_zarr(
 
 def _write_all(darr, emb, model, source, out_path: str, state: str, sharded: bool,
                zarr_format: int):
-    import dask
-    import zarr
-
     rows = darr.chunks[0]
     block_rows = rows[0]
     attrs = {"model_sha256": source.sha256, "block_rows": block_rows,
@@ -416,9 +411,6 @@ def write_anndata_obsm(
     resume, kwargs
         As for :func:`transform_to_zarr`.
     """
-    import zarr
-
-    from .io import open_zarr
 
     store = os.path.abspath(os.fspath(store))
     if not isinstance(obsm_key, str) or not obsm_key or "/" in obsm_key or \
@@ -461,7 +453,6 @@ def _anndata_n_obs(root) -> int | None:
 
 def _drop_consolidated(store: str) -> None:
     """Refresh consolidated metadata (if present) so readers see the new array."""
-    import zarr
 
     for name in (".zmetadata",):
         if os.path.exists(os.path.join(store, name)):

@@ -1,4 +1,10 @@
+import os
+import signal
+import threading
+import time
+
 import numpy as np
+import psutil
 import pytest
 
 from pumap_dask.datasets import clusters, train_test_split
@@ -58,3 +64,40 @@ def scheduler(request):
         client = request.getfixturevalue("cluster_client")
         with client.as_current(), dask.config.set(scheduler=client):
             yield client
+
+
+# --------------------------------------------------------------------------- run control
+INTERRUPT_GRACE_S = float(os.environ.get("PUMAP_TEST_INTERRUPT_GRACE", "10"))
+
+
+def _end_after_grace() -> None:
+    """Ctrl-C must end the run: if teardown (a LocalCluster, DDP ranks in a collective) still
+    holds the process after the grace period, kill its children and exit."""
+    time.sleep(INTERRUPT_GRACE_S)
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    os._exit(130)
+
+
+def _on_interrupt(signum, frame):
+    threading.Thread(target=_end_after_grace, daemon=True).start()
+    signal.default_int_handler(signum, frame)  # pytest's KeyboardInterrupt: a normal summary
+
+
+def pytest_configure(config):
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_interrupt)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that runs on a real distributed.LocalCluster as ``distributed``
+    (``-m "not distributed"`` runs the threaded half alone)."""
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        on_cluster = ("cluster_client" in item.fixturenames
+                      or (spec is not None and spec.params.get("scheduler") == "distributed"))
+        if on_cluster:
+            item.add_marker(pytest.mark.distributed)

@@ -290,7 +290,8 @@ def test_exit_codes_and_one_line_reasons(store, fitted, tmp_path):
 
 
 def test_work_dir_must_be_shared_by_the_workers(tmp_path):
-    from pumap_dask.cluster import ClusterError, check_shared_directory
+    from pumap_dask.errors import ClusterError
+    from pumap_dask.distributed.cluster import check_shared_directory
 
     class Blind:  # a client whose workers do not see this machine's files
         def run(self, fn, path, token):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pumap_dask import ParametricUMAP, pipeline
-from pumap_dask.continued import Landmarks, check_architecture, resolve_init_model
+from pumap_dask.landmarks import Landmarks
+from pumap_dask.continued import check_architecture, resolve_init_model
 from pumap_dask.params import landmark_positions
 from pumap_dask.train import TrainConfig, train_encoder
 
@@ -306,7 +307,7 @@ def test_add_landmarks_lazy_input(blobs, fitted):
 def test_add_landmarks_errors(blobs, fitted):
     import copy
 
-    from pumap_dask.estimator import NotFittedError
+    from pumap_dask.errors import NotFittedError
 
     A = blobs[0]
     with pytest.raises(NotFittedError, match="not fitted"):
@@ -340,7 +341,7 @@ def recon_old(blobs):
 def test_continued_training_carries_the_decoder(blobs, recon_old, tmp_path):
     import copy
 
-    from pumap_dask.networks import reconstruction_error
+    from pumap_dask.reconstruction import reconstruction_error
 
     X = blobs[0]
     old = copy.deepcopy(recon_old)

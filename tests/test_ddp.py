@@ -11,8 +11,8 @@ import pytest
 
 from pumap_dask import ParametricUMAP, pipeline
 from pumap_dask.datasets import write_cell_like_zarr
-from pumap_dask.ddp import own_shards, train_on_dask
-from pumap_dask.model import Encoder, encode
+from pumap_dask.distributed.ddp import own_shards, train_on_dask
+from pumap_dask.encoder import Encoder, encode
 
 from .conftest import FAST
 
@@ -77,7 +77,7 @@ def test_torchrun_entry_point_with_two_processes(cells, tmp_path):
     path, y, work, single = cells
     out = tmp_path / "enc.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "-m", "pumap_dask.ddp", path, work, str(out), "--n-epochs", "15",
+           "2", "-m", "pumap_dask.distributed.ddp", path, work, str(out), "--n-epochs", "15",
            "--batch-size", "2048", "--min-dist", "0.1", "--random-state", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -169,7 +169,7 @@ def test_worker_killed_mid_training_restarts_the_group(cells, kill_cluster, tmp_
     assert killed.is_set()
     assert elapsed < 150, elapsed
     text = caplog.text
-    assert "attempt 1 of 2 failed (RankLost" in text, text[-2000:]
+    assert "attempt 1 of 2 failed (RankLostError" in text, text[-2000:]
     assert world == 2 and len(hist) == 8
     assert (_resumed_epoch(caplog) or 0) >= 1, text[-2000:]
     assert _same_state(enc, ref), "the resumed DDP run differs from the uninterrupted one"
@@ -184,7 +184,7 @@ def test_worker_killed_without_restarts_fails_clearly(cells, kill_cluster, tmp_p
     ck = str(tmp_path / "ck")
     killed = _kill_worker_when(kill_cluster, 1, os.path.join(ck, "train.pt"))
     t0 = time.perf_counter()
-    with pytest.raises(RuntimeError, match=r"failed after 1 attempt.*RankLost: the Dask "
+    with pytest.raises(RuntimeError, match=r"failed after 1 attempt.*RankLostError: the Dask "
                                            r"worker of rank 1 .* left the cluster"):
         train_on_dask(kill_cluster, path, None, os.path.join(work, "graph"),
                       dataclasses.replace(cfg, checkpoint_dir=ck), timeout_s=60,
@@ -201,7 +201,7 @@ def test_killed_ddp_fit_resumes_from_its_checkpoint(cells, kill_cluster, tmp_pat
     import logging
     import shutil
 
-    from pumap_dask import ddp
+    from pumap_dask.distributed import ddp
 
     caplog.set_level(logging.INFO, logger="pumap_dask")
     path, y, work, _ = cells

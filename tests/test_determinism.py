@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pumap_dask import ParametricUMAP
-from pumap_dask.train import TrainConfig, encode, train_encoder
+from pumap_dask.train import TrainConfig, train_encoder
+from pumap_dask.encoder import encode
 
 from .conftest import FAST
 

@@ -62,17 +62,18 @@ def test_transform_independent_of_batch_size(fitted, blobs):
 
 def test_save_load_roundtrip(fitted, blobs, tmp_path):
     path = fitted.save(tmp_path / "model")
-    # a small in-memory fit stores its rows, so the loaded model polishes as this one does
-    assert sorted(os.listdir(path)) == ["config.json", "embedding.npy", "training_data.npy",
-                                        "weights.pt"]
+    # no copy of the training data unless asked for
+    assert sorted(os.listdir(path)) == ["config.json", "embedding.npy", "weights.pt"]
     m = pumap_dask.load(path)
     np.testing.assert_array_equal(m.transform(blobs[1]), fitted.transform(blobs[1]))
-    np.testing.assert_array_equal(m.transform(blobs[1], refine=False),
-                                  fitted.transform(blobs[1], refine=False))
-    lean = pumap_dask.load(fitted.save(tmp_path / "lean", include_training_data=False))
-    assert "training_data.npy" not in os.listdir(lean.model_path_)
-    np.testing.assert_array_equal(lean.transform(blobs[1]),  # no rows: the encoder alone
-                                  fitted.transform(blobs[1], refine=False))
+    with pytest.raises(pumap_dask.InputError, match="include_training_data=True"):
+        m.transform(blobs[1], refine=True)  # no rows stored: the polish says how to get them
+    full = pumap_dask.load(fitted.save(tmp_path / "full", include_training_data=True))
+    assert "training_data.npy" in os.listdir(full.model_path_)
+    # the stored rows let the loaded model polish as this one does
+    np.testing.assert_array_equal(full.transform(blobs[1], refine=True),
+                                  fitted.transform(blobs[1], refine=True))
+    np.testing.assert_array_equal(full.transform(blobs[1]), fitted.transform(blobs[1]))
     np.testing.assert_array_equal(m.embedding_, fitted.embedding_)
     assert m.get_params() == fitted.get_params()
     assert m.loss_history_ == pytest.approx(fitted.loss_history_)
@@ -234,9 +235,8 @@ def test_sklearn_estimator_checks():
 def test_partitioned_fit_needs_shared_work_dir_with_remote_workers(monkeypatch):
     import distributed
 
+    from pumap_dask.distributed import ddp
     from pumap_dask.pipeline import require_local_workers
-
-    from pumap_dask import ddp
 
     monkeypatch.setattr(distributed, "get_client", lambda: object())
     monkeypatch.setattr(ddp, "eligible_workers",

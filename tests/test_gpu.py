@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import pumap_dask
-from pumap_dask.knn import exact_knn, resolve_device
+from pumap_dask.knn import exact_knn
+from pumap_dask.params import resolve_device
 
 from .conftest import FAST
 
@@ -80,7 +81,7 @@ def test_saved_models_load_with_and_without_precision(fitted, tmp_path):
 
 # --------------------------------------------------------------------------- CuPy chunks
 class _FakeCupyArray(np.ndarray):
-    """A numpy array that passes for CuPy once ``train.is_cupy`` is patched (CPU stand-in;
+    """A numpy array that passes for CuPy once ``is_cupy`` is patched (CPU stand-in;
     a type whose module is "cupy" would make dask import the real CuPy)."""
 
 
@@ -101,12 +102,16 @@ def test_cupy_code_path_with_a_cpu_stand_in(fitted, blobs, monkeypatch):
     import dask.array as da
 
     tr = importlib.import_module("pumap_dask.transform")  # the module, not the function
-    from pumap_dask import train
     from pumap_dask.train import TrainConfig, build_encoder, train_encoder
 
-    monkeypatch.setattr(tr, "_cupy", _fake_cupy)
-    monkeypatch.setattr(train, "is_cupy", lambda x: isinstance(x, _FakeCupyArray))
-    is_cupy = train.is_cupy
+    def is_cupy(x):
+        return isinstance(x, _FakeCupyArray)
+
+    monkeypatch.setattr(tr, "cupy_module", _fake_cupy)
+    for name in ("arrays", "transform", "train", "inputs", "refine"):  # every user of is_cupy
+        mod = importlib.import_module(f"pumap_dask.{name}")
+        if hasattr(mod, "is_cupy"):
+            monkeypatch.setattr(mod, "is_cupy", is_cupy)
     X = blobs[1]
     fake = X.view(_FakeCupyArray)
     assert is_cupy(fake) and not is_cupy(X)

@@ -12,7 +12,8 @@ import dask.array as da
 
 from pumap_dask.datasets import cell_like
 from pumap_dask.graph import categorical_intersection, fuzzy_simplicial_set, graph_to_edges
-from pumap_dask.graph_dask import EdgeStore, build_edge_store
+from pumap_dask.distributed.edges import EdgeStore
+from pumap_dask.distributed.graph_dask import build_edge_store
 from pumap_dask.knn import exact_knn
 
 K = 10

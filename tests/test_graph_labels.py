@@ -9,7 +9,7 @@ import dask.array as da
 from pumap_dask import ParametricUMAP
 from pumap_dask.graph import (categorical_intersection, far_label_distance,
                               fuzzy_simplicial_set, label_codes)
-from pumap_dask.io import InputError
+from pumap_dask.errors import InputError
 from pumap_dask.knn import exact_knn
 
 from .conftest import FAST
@@ -144,7 +144,7 @@ def test_partitioned_fit_with_labels(tmp_path, monkeypatch):
 
     from pumap_dask import pipeline
     from pumap_dask.datasets import clusters, train_test_split
-    from pumap_dask.edges import EdgeStore
+    from pumap_dask.distributed.edges import EdgeStore
 
     monkeypatch.setattr(pipeline, "N_LANDMARKS", 500)  # landmark layout, as at scale
     # few features: the clusters touch (raw 15-NN accuracy 0.99), so labels have edges to cut

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
 
-from pumap_dask.io import InputError
+from pumap_dask.errors import InputError
 from pumap_dask.knn import (check_precomputed, exact_knn, knn_recall, nearest_neighbors_numpy,
                             sample_recall)
 

@@ -13,7 +13,7 @@ import dask.array as da
 from pumap_dask import ParametricUMAP, load
 from pumap_dask.knn import (exact_knn, knn_recall, nearest_neighbors_numpy, normalize_rows,
                             sample_recall)
-from pumap_dask.knn_dask import nearest_neighbors
+from pumap_dask.distributed.knn_dask import nearest_neighbors
 
 from .conftest import FAST
 

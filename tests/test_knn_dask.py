@@ -7,10 +7,10 @@ import dask
 import dask.array as da
 
 from pumap_dask.datasets import cell_like, write_cell_like_zarr
-from pumap_dask.io import InputError
+from pumap_dask.errors import InputError
 from pumap_dask.knn import exact_knn, knn_recall
-from pumap_dask import knn_dask
-from pumap_dask.knn_dask import merge_candidates, nearest_neighbors
+from pumap_dask.distributed import knn_dask
+from pumap_dask.distributed.knn_dask import merge_candidates, nearest_neighbors
 
 K = 15
 

@@ -11,7 +11,7 @@ import dask.array as da
 
 from pumap_dask import ParametricUMAP
 from pumap_dask import knn as knn_stage
-from pumap_dask import knn_dask
+from pumap_dask.distributed import knn_dask
 from pumap_dask.datasets import cell_like
 from pumap_dask.knn import exact_knn, hnsw_knn, knn_recall, nearest_neighbors_numpy
 

@@ -13,7 +13,7 @@ from sklearn.base import clone
 
 import pumap_dask
 from pumap_dask import InputError, ModelFileError, NotFittedError, ParametricUMAP
-from pumap_dask import networks
+from pumap_dask import networks, reconstruction
 from pumap_dask.model import CONFIG_HASH, DECODER, config_sha256
 from tests import nets_for_tests
 
@@ -194,7 +194,7 @@ def test_reconstruction_lowers_held_out_error(recon_fit, digits_split):
     val = recon_fit.validation_reconstruction_
     assert len(val) == len(recon_fit.reconstruction_history_) == recon_fit.n_epochs_run_
     untrained = networks.build_decoder(None, (64,), 2, "mse", (32, 32), Xtr, seed=0)
-    err0 = networks.reconstruction_error(recon_fit.encoder_, untrained, Xte)
+    err0 = reconstruction.reconstruction_error(recon_fit.encoder_, untrained, Xte)
     variance = float(Xte.var(0).mean())  # the error of predicting the held-out mean
     rec = recon_fit.inverse_transform(recon_fit.transform(Xte, refine=False))
     err = float(((rec - Xte) ** 2).mean())
@@ -286,9 +286,9 @@ def test_reconstruction_parameter_errors(digits_split):
         ParametricUMAP(parametric_reconstruction=True, **FAST).fit(X, validation_data=Xv[:, :10])
     with pytest.raises(ValueError, match="reconstruction_loss must be one of"):
         ParametricUMAP(parametric_reconstruction=True, reconstruction_loss="l1").fit(X)
-    with pytest.raises(ValueError, match="train_world_size=2 cannot be used with custom"):
+    with pytest.raises(ValueError, match="train_world_size=2 cannot be used with parametric_r"):
         ParametricUMAP(parametric_reconstruction=True, train_world_size=2).fit(X)
-    with pytest.raises(ValueError, match="train_world_size=2 cannot be used with custom"):
+    with pytest.raises(ValueError, match="train_world_size=2 cannot be used with custom netw"):
         ParametricUMAP(encoder=ENC, train_world_size=2).fit(X)
 
 

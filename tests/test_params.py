@@ -9,7 +9,7 @@ import pytest
 
 import pumap_dask
 from pumap_dask import ParametricUMAP
-from pumap_dask.graph_dask import build_edge_store
+from pumap_dask.distributed.graph_dask import build_edge_store
 
 NAN = float("nan")
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pumap_dask import ParametricUMAP, pipeline
+from pumap_dask import ParametricUMAP, inputs, pipeline
 from pumap_dask.datasets import clusters
 from pumap_dask.init import landmark_rows
 
@@ -92,7 +92,7 @@ def test_negative_modes_train(blobs, negatives):
     cfg = pipeline.train_config({**PARAMS, **FAST}, len(edges), X.shape[1], "cpu", m.a_, m.b_)
     cfg = dataclasses.replace(cfg, negatives=negatives)
     trained = pipeline.run_train(X, edges, None, cfg)
-    from pumap_dask.train import encode
+    from pumap_dask.encoder import encode
 
     acc = KNeighborsClassifier(15).fit(encode(trained.encoder, X), y).score(
         encode(trained.encoder, Xte), yte)
@@ -104,10 +104,10 @@ def test_training_memory_budget_fails_before_any_stage(monkeypatch):
 
     import dask.array as da
 
-    from pumap_dask.io import InputError
+    from pumap_dask.errors import InputError
 
     X = da.random.random((2_000_000, 50), chunks=(100_000, 50)).astype(np.float32)
-    monkeypatch.setattr(pipeline, "TRAIN_MEMORY_BUDGET", 100 << 20)
+    monkeypatch.setattr(inputs, "TRAIN_MEMORY_BUDGET", 100 << 20)
     t0 = time.perf_counter()
     with pytest.raises(InputError, match="training memory budget"):
         ParametricUMAP().fit(X)
@@ -118,7 +118,8 @@ def test_training_resumes_from_its_checkpoint_bitwise(blobs, tmp_path):
     """A training run killed after some epochs, rerun, ends equal to an uninterrupted one."""
     import dataclasses
 
-    from pumap_dask.train import encode, train_encoder
+    from pumap_dask.encoder import encode
+    from pumap_dask.train import train_encoder
 
     X = blobs[0]
     handle = pipeline.open_input(X)

@@ -6,7 +6,7 @@ import scipy.sparse as sp
 
 from pumap_dask import ParametricUMAP, fuzzy_simplicial_set
 from pumap_dask.graph import check_precomputed_graph
-from pumap_dask.io import InputError
+from pumap_dask.errors import InputError
 from pumap_dask.knn import exact_knn
 
 from .conftest import FAST

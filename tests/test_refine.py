@@ -35,26 +35,21 @@ def test_refine_improves_heldout_accuracy(digits_fit):
     a0, a1 = _acc(model, ytr, plain, yte), _acc(model, ytr, refined, yte)
     assert a1 >= a0 + 0.01, (a0, a1)
     assert a1 >= 0.93
-    # the default polishes a small in-memory fit's new points (refine="auto")
-    np.testing.assert_array_equal(model.transform(Xte), refined)
+    # the default is the encoder alone: the polish is opt-in
+    np.testing.assert_array_equal(model.transform(Xte), plain)
 
 
-def test_auto_refine_only_where_cheap(digits_fit, monkeypatch):
-    import pumap_dask.refine as refine_mod
-
+def test_default_transform_is_the_encoder_for_every_container(digits_fit):
     model, Xtr, _, Xte, _ = digits_fit
     plain = model.transform(Xte[:40], refine=False)
-    assert not np.array_equal(model.transform(Xte[:40]), plain)
-    # lazy input: the encoder alone, as pumap_dask.transform
+    np.testing.assert_array_equal(model.transform(Xte[:40]), plain)
+    assert not np.array_equal(model.transform(Xte[:40], refine=True), plain)
     with dask.config.set(scheduler="threads"):
         lazy = model.transform(da.from_array(Xte[:40], chunks=20)).compute()
     np.testing.assert_array_equal(lazy, plain)
-    # a model fitted on more rows than AUTO_REFINE_MAX_ROWS: the encoder alone
-    monkeypatch.setattr(refine_mod, "AUTO_REFINE_MAX_ROWS", len(Xtr) - 1)
-    np.testing.assert_array_equal(model.transform(Xte[:40]), plain)
-    assert refine_mod.auto_refine(model, Xte) is False
-    with pytest.raises(ValueError, match="refine must be True, False or 'auto'"):
-        model.transform(Xte[:5], refine="yes")
+    for bad in ("auto", "yes", 1):
+        with pytest.raises(ValueError, match="refine must be True"):
+            model.transform(Xte[:5], refine=bad)
 
 
 def test_training_rows_keep_their_training_position(digits_fit):
@@ -62,7 +57,7 @@ def test_training_rows_keep_their_training_position(digits_fit):
     the encoder's output (scikit-learn's fit_transform == fit().transform check)."""
     model, Xtr, _, Xte, _ = digits_fit
     mixed = np.concatenate([Xtr[:30], Xte[:30]])
-    out = model.transform(mixed)
+    out = model.transform(mixed, refine=True)
     np.testing.assert_array_equal(out[:30], model.transform(Xtr[:30], refine=False))
     np.testing.assert_allclose(out[:30], model.embedding_[:30], atol=1e-4)
     assert not np.array_equal(out[30:], model.transform(Xte[:30], refine=False))
@@ -115,7 +110,7 @@ def test_saved_training_data_round_trip(digits_fit, tmp_path):
     model, Xtr, _, Xte, _ = digits_fit
     path = model.save(tmp_path / "m", include_training_data=True)
     assert stored_reference(model.save(tmp_path / "plain", include_training_data=False)) is None
-    assert stored_reference(model.save(tmp_path / "auto")) is not None  # small: stored
+    assert stored_reference(model.save(tmp_path / "default")) is None  # opt-in only
     loaded = load(path)
     np.testing.assert_allclose(loaded.transform(Xte[:30], refine=True, refine_epochs=10),
                                model.transform(Xte[:30], refine=True, refine_epochs=10),

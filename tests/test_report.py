@@ -14,14 +14,14 @@ import pytest
 
 from pumap_dask import ParametricUMAP
 from pumap_dask.datasets import clusters
-from pumap_dask.model import CONFIG, ModelFileError
+from pumap_dask.model import CONFIG
+from pumap_dask.errors import ModelFileError
 
 pytest.importorskip("matplotlib")
 zarr = pytest.importorskip("zarr")
 
-from pumap_dask.report import (  # noqa: E402
-    NEEDS_DATA, format_info, knn_preservation, load_labels, model_summary, sample_rows,
-    write_report)
+from pumap_dask.report import NEEDS_DATA, format_info, model_summary, write_report
+from pumap_dask.report_metrics import knn_preservation, load_labels, sample_rows
 
 N, D, K = 600, 16, 5
 

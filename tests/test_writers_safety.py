@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pumap_dask.io import InputError
+from pumap_dask.errors import InputError
 from pumap_dask.writers import (OutputLock, check_output_path, transform_to_zarr,
                                 write_anndata_obsm)
 

@@ -23,7 +23,7 @@ Launchers:
   workers to rejoin, from the last checkpoint when ``checkpoint_dir`` is set (bitwise the
   run an uninterrupted one would have been), up to ``max_restarts`` times; then a
   RuntimeError names the last failure. A rerun with the same checkpoint directory resumes.
-* ``python -m pumap_dask.ddp`` under ``torchrun --nproc-per-node N`` (or ``srun``, ranks
+* ``python -m pumap_dask.distributed.ddp`` under ``torchrun --nproc-per-node N`` (or ``srun``, ranks
   from ``SLURM_PROCID``/``SLURM_NTASKS``): the same :func:`train_rank`, ranks from the
   environment.
 """
@@ -41,7 +41,17 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import dask
 import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..encoder import Encoder
+from ..errors import ParameterError, RankLostError
+from ..inputs import open_input
+from ..train import TrainConfig, build_encoder, find_ab_params, train_encoder
+from ..transform import limit_threads_to_worker
+from .edges import EdgeStore
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +66,10 @@ def own_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
 
 
 def _read_own_edges(edge_dir: str, rank: int, world_size: int):
-    from .edges import EdgeStore
-
     store = EdgeStore(edge_dir)
     mine = own_shards(len(store), rank, world_size)
     if not mine:
-        raise ValueError(f"the edge store has {len(store)} shards, fewer than the "
+        raise ParameterError(f"the edge store has {len(store)} shards, fewer than the "
                          f"{world_size} training ranks; use at most {len(store)} ranks")
     parts = [store.read_shard(i) for i in mine]
     itype = np.int32 if store.n_vertices < 2**31 else np.int64
@@ -98,13 +106,6 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
         "seconds": float, "start_epoch": int}`` (``start_epoch`` > 0 when training resumed
         from a checkpoint in ``cfg.checkpoint_dir``); None on the other ranks.
     """
-    import dask
-    import torch
-    import torch.distributed as dist
-
-    from .pipeline import open_input
-    from .train import build_encoder, train_encoder
-    from .transform import limit_threads_to_worker
 
     limit_threads_to_worker()
     cuda = str(cfg.device) in ("auto",) or str(cfg.device).startswith("cuda")
@@ -164,10 +165,6 @@ def eligible_workers(client) -> list[str]:
     return sorted(info.get("workers", {}))
 
 
-class RankLost(RuntimeError):
-    """A rank's Dask worker left the cluster (killed, out of memory, lost) mid-training."""
-
-
 def _await_ranks(client, futures: list, ranks: list[str], poll_s: float = 0.5) -> dict:
     """Rank 0's result, watching every rank: a rank's error, or its worker leaving the
     cluster, fails the attempt at once (a worker's death makes Dask reschedule its task,
@@ -182,7 +179,7 @@ def _await_ranks(client, futures: list, ranks: list[str], poll_s: float = 0.5) -
             if bad and bad[0][1].status == "error":
                 exc = bad[0][1].exception()
                 why = f"; then rank {bad[0][0]} failed: {type(exc).__name__}: {exc}"[:600]
-            raise RankLost(f"the Dask worker of {', '.join(lost)} left the cluster during "
+            raise RankLostError(f"the Dask worker of {', '.join(lost)} left the cluster during "
                            f"training (killed, out of memory, or lost){why}")
         if bad:
             r, f = bad[0]
@@ -237,10 +234,6 @@ def train_on_dask(client, source: Any, key: str | None, edge_dir: str, cfg: Any,
         The trained encoder (CPU, eval mode), the loss per epoch (from the first epoch,
         also when resumed) and the number of ranks that finished it.
     """
-    import torch
-
-    from .edges import EdgeStore
-    from .model import Encoder
 
     last_exc: BaseException | None = None
     target = None
@@ -301,14 +294,13 @@ def env_ranks() -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pumap_dask.ddp INPUT WORK_DIR OUT`` under torchrun/srun.
+    """``python -m pumap_dask.distributed.ddp INPUT WORK_DIR OUT`` under torchrun/srun.
 
     Trains on the edge store a fit left in ``WORK_DIR/graph`` and writes the encoder's
     state_dict to ``OUT`` (rank 0).
     """
-    from .train import TrainConfig, find_ab_params
 
-    ap = argparse.ArgumentParser(prog="python -m pumap_dask.ddp")
+    ap = argparse.ArgumentParser(prog="python -m pumap_dask.distributed.ddp")
     ap.add_argument("input", help="training Zarr array / AnnData store (every rank reads it)")
     ap.add_argument("work_dir", help="work_dir of a fit (its graph/ holds the edge shards)")
     ap.add_argument("out", help="where rank 0 writes the encoder state_dict (.pt)")

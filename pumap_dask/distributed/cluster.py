@@ -20,11 +20,11 @@ import time
 import uuid
 from typing import Any
 
+from distributed import Client, LocalCluster
+
+from ..errors import ClusterError
+
 logger = logging.getLogger(__name__)
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not be started or reached (the message says how to fix it)."""
 
 
 def _hpc_missing(what: str, package: str) -> ClusterError:
@@ -116,7 +116,6 @@ def connect(settings: dict[str, Any], *, debug: bool = False):
         return _remote(address, timeout, f"--scheduler-file {settings['scheduler_file']}")
     if kind == "threads":
         return None
-    from distributed import Client, LocalCluster
 
     if kind == "local":
         try:
@@ -155,8 +154,6 @@ def _owned(client, cluster):
 
 
 def _remote(address: str, timeout: float, what: str):
-    from distributed import Client
-
     try:
         return Client(address, timeout=f"{timeout}s")
     except (OSError, TimeoutError, ValueError) as exc:

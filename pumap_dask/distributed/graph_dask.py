@@ -33,6 +33,7 @@ file system that every worker sees.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -40,13 +41,27 @@ import shutil
 import time
 import uuid
 
+import dask
+import dask.array as da
 import numpy as np
 import scipy.sparse as sp
+import zarr
+from dask import delayed
+from dask.base import tokenize
 
+from ..errors import ParameterError
+from ..graph import (
+    SMOOTH_K_TOLERANCE,
+    fuzzy_set_union,
+    label_codes,
+    label_rows,
+    membership_strengths,
+    smooth_knn_dist,
+)
+from ..io import write_json_atomic
+from ..params import check_graph_params, optional_positive_int
+from ..params import work_dir as check_work_dir
 from .edges import META, EdgeStore
-from .io import write_json_atomic
-from .graph import (SMOOTH_K_TOLERANCE, fuzzy_set_union, label_codes, label_rows,
-                    membership_strengths, smooth_knn_dist)
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +134,6 @@ def _block_max(G: sp.csr_matrix) -> float:
 
 def _write_shard(G: sp.csr_matrix, gdir: str, b: int, offset: int, threshold: float) -> int:
     """Write one block's pruned edges atomically (temp dir, rename, then marker)."""
-    import zarr
 
     coo = G.tocoo()
     w = coo.data.astype(np.float32)
@@ -143,22 +157,19 @@ def _write_shard(G: sp.csr_matrix, gdir: str, b: int, offset: int, threshold: fl
 
 # --------------------------------------------------------------------------- driver
 def _fingerprint(indices, distances) -> str:
-    from dask.base import tokenize
-
     return tokenize(indices.name, distances.name)
 
 
 def _label_plan(y, target_weight: float, n: int) -> tuple[np.ndarray, dict]:
     """Label codes of ``y`` (computed once if lazy) and their entry in the graph parameters."""
-    import hashlib
 
     target_weight = float(target_weight)
     if not 0.0 <= target_weight <= 1.0:
-        raise ValueError(f"target_weight must lie in [0, 1], got {target_weight}")
+        raise ParameterError(f"target_weight must lie in [0, 1], got {target_weight}")
     y = np.asarray(y.compute() if hasattr(y, "compute") else y)
     codes = label_codes(y)
     if codes.shape[0] != n:
-        raise ValueError(f"y has {codes.shape[0]} labels for a graph of {n} points")
+        raise ParameterError(f"y has {codes.shape[0]} labels for a graph of {n} points")
     # the smallest code type: every worker holds all n codes (the columns reach any row)
     codes = codes.astype(np.int32 if codes.max(initial=0) < 2**31 - 1 else np.int64)
     digest = hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int64).tobytes()).hexdigest()
@@ -224,22 +235,17 @@ def build_edge_store(
     -------
     EdgeStore
     """
-    import dask
-    import dask.array as da
-    from dask import delayed
-
-    from .params import check_graph_params, optional_positive_int, work_dir as check_work_dir
 
     check_graph_params(set_op_mix_ratio, local_connectivity, tolerance)
     optional_positive_int("n_epochs", n_epochs or None)
     if check_work_dir(work_dir) is None:
-        raise ValueError("work_dir is required: the edge shards are written there")
+        raise ParameterError("work_dir is required: the edge shards are written there")
     if not isinstance(indices, da.Array):
         indices = da.from_array(np.asarray(indices), chunks=(min(len(indices), 100_000), -1))
     if not isinstance(distances, da.Array):
         distances = da.from_array(np.asarray(distances), chunks=indices.chunks)
     if indices.shape != distances.shape or indices.chunks[0] != distances.chunks[0]:
-        raise ValueError("indices and distances must have the same shape and row chunks")
+        raise ParameterError("indices and distances must have the same shape and row chunks")
     indices = indices.rechunk({1: -1})
     distances = distances.rechunk({1: -1})
     sched = {"scheduler": client} if client is not None else {}

@@ -1,6 +1,6 @@
 """The edge store: the contract between the graph stage and training.
 
-:func:`pumap_dask.graph_dask.build_edge_store` writes the pruned symmetric fuzzy graph as
+:func:`pumap_dask.distributed.graph_dask.build_edge_store` writes the pruned symmetric fuzzy graph as
 one Zarr shard per row block (``head`` int64, ``tail`` int64, ``weight`` float32, rows of the
 block as heads) plus ``meta.json``; :class:`EdgeStore` reads it back, shard by shard or
 whole, for the trainer. Layout of ``work_dir/graph``::
@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 import scipy.sparse as sp
+import zarr
 
 META = "meta.json"
 
@@ -108,8 +109,6 @@ class EdgeStore:
 
 
 def _read_shard(path: str):
-    import zarr
-
     g = zarr.open_group(path, mode="r")
     return (np.asarray(g["head"][:], dtype=np.int64), np.asarray(g["tail"][:], dtype=np.int64),
             np.asarray(g["weight"][:], dtype=np.float32))

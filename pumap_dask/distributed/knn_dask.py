@@ -34,18 +34,29 @@ k-means on their sample rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import time
+import uuid
 from typing import Any
 
+import dask
+import dask.array as da
 import numpy as np
+import psutil
+from dask import delayed
 from dask.base import tokenize
+from distributed import default_client, futures_of
+from sklearn.cluster import KMeans
 
-from .io import InputError, as_dask, check_array, checked_finite, is_lazy, write_json_atomic
-from . import knn as knn_stage
+from .. import knn as knn_stage
+from .. import params as P
+from ..errors import InputError, ParameterError
+from ..io import as_dask, check_array, checked_finite, is_lazy, write_json_atomic
+from ..params import KNN_METHODS, LOCAL_METHODS, METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +124,6 @@ def worker_memory_per_thread(client=None) -> float:
     """Memory one task may use: the smallest worker's limit over its threads."""
     if client is None:
         try:
-            from distributed import default_client
-
             client = default_client()
         except (ImportError, ValueError):
             client = None
@@ -123,7 +132,6 @@ def worker_memory_per_thread(client=None) -> float:
         per = [w["memory_limit"] / max(1, w["nthreads"]) for w in workers if w.get("memory_limit")]
         if per:
             return float(min(per))
-    import psutil
 
     return psutil.virtual_memory().available / max(1, os.cpu_count() or 1)
 
@@ -158,7 +166,6 @@ def _nearest(X: np.ndarray, C: np.ndarray, overlap: int) -> np.ndarray:
 def fit_partitions(sample: np.ndarray, n_partitions: int, overlap: int, n_total: int,
                    max_rows: int, min_rows: int, random_state: int | None) -> np.ndarray:
     """Centroids from a sample; oversized partitions split, near-empty ones dropped."""
-    from sklearn.cluster import KMeans
 
     if n_partitions <= 1:
         return sample.mean(0, keepdims=True).astype(np.float32)
@@ -373,7 +380,6 @@ def _partition_pass(darr, n_neighbors: int, centroids: np.ndarray, overlap: int,
                     local_method: str = "nndescent", local_kwds: dict | None = None) -> list:
     """Delayed per-block candidate triples of one partitioning (list over partitions of
     lists over blocks)."""
-    from dask import delayed
 
     bounds = _block_bounds(darr.chunks[0])
     blocks = darr.to_delayed().ravel()
@@ -391,9 +397,6 @@ def _partition_pass(darr, n_neighbors: int, centroids: np.ndarray, overlap: int,
 
 
 def _assemble(darr, per_block: list, n_neighbors: int):
-    import dask.array as da
-    from dask import delayed
-
     bounds = _block_bounds(darr.chunks[0])
     ind_blocks, dist_blocks = [], []
     for b, cands in enumerate(per_block):
@@ -456,18 +459,12 @@ def _token(darr) -> str:
 
 def _wait(*collections) -> None:
     """Block until persisted collections are in memory on the workers; raise their errors."""
-    try:
-        from distributed import futures_of
-    except ImportError:
-        return
     for f in (f for c in collections for f in futures_of(c)):
         if f.exception() is not None:  # waits through the future's own client
             f.result()
 
 
 def _compute(x, client=None):
-    import dask
-
     if client is not None:
         return dask.compute(x, scheduler=client)[0]
     return x.compute()
@@ -490,12 +487,10 @@ def lazy_sample_recall(darr, indices, n_samples: int = 1000, random_state: int |
     Only the sampled rows are gathered; each row block of ``darr`` is searched on the
     workers against them and the per-block top lists are merged.
     """
-    from dask import delayed
 
     n = darr.shape[0]
     k = indices.shape[1]
     rows = _sample_rows(n, n_samples, None if random_state is None else int(random_state) + 1)
-    import dask
 
     sched = {"scheduler": client} if client is not None else {}
     Q, approx = dask.compute(darr[rows], indices[rows], **sched)
@@ -539,7 +534,6 @@ def _store_fingerprint(path: str | None) -> str | None:
     """
     if path is None or not os.path.isdir(path):
         return None
-    import hashlib
 
     h = hashlib.sha256()
     for root, dirs, files in os.walk(path):
@@ -552,8 +546,6 @@ def _store_fingerprint(path: str | None) -> str | None:
 
 
 def _load_cached(knn_dir: str, params: dict, darr):
-    import dask.array as da
-
     meta_path = os.path.join(knn_dir, "meta.json")
     if not os.path.exists(meta_path):
         return None
@@ -573,9 +565,6 @@ def _load_cached(knn_dir: str, params: dict, darr):
 
 
 def _store(knn_dir: str, ind, dist, params: dict, info: dict, client=None):
-    import dask
-    import dask.array as da
-
     os.makedirs(knn_dir, exist_ok=True)
     meta_path = os.path.join(knn_dir, "meta.json")
     if os.path.exists(meta_path):
@@ -587,7 +576,6 @@ def _store(knn_dir: str, ind, dist, params: dict, info: dict, client=None):
     w1 = da.to_zarr(ind, os.path.join(knn_dir, "indices"), overwrite=True, compute=False)
     w2 = da.to_zarr(dist, os.path.join(knn_dir, "distances"), overwrite=True, compute=False)
     dask.compute(w1, w2, **sched)
-    import uuid
 
     write_json_atomic(meta_path, {"complete": True, "params": params,
                                    "run_id": uuid.uuid4().hex, **info})
@@ -596,8 +584,8 @@ def _store(knn_dir: str, ind, dist, params: dict, info: dict, client=None):
 # --------------------------------------------------------------------------- public
 def resolve_method(method: str, X: Any, n: int, d: int, device: str) -> str:
     """The ``auto`` rule: see :data:`PARTITION_THRESHOLD`."""
-    if method not in knn_stage.KNN_METHODS:
-        raise ValueError(f"method must be one of {knn_stage.KNN_METHODS}, got {method!r}")
+    if method not in KNN_METHODS:
+        raise ParameterError(f"method must be one of {KNN_METHODS}, got {method!r}")
     if method != "auto":
         return method
     if is_lazy(X) and n > PARTITION_THRESHOLD:
@@ -689,19 +677,15 @@ def nearest_neighbors(
     InputError
         Invalid input; NaN/inf found in a row block (the block is named).
     """
-    import dask
-    import dask.array as da
-
-    from . import params as P
 
     P.positive_int("n_neighbors", n_neighbors)
     P.positive_int("overlap", overlap)
     P.optional_positive_int("n_partitions", n_partitions)
     P.optional_positive_int("partition_rows", partition_rows)
     P.positive_int("recall_samples", recall_samples, minimum=0)
-    P.choice("method", method, knn_stage.KNN_METHODS)
-    P.choice("metric", metric, knn_stage.METRICS)
-    P.choice("local_method", local_method, knn_stage.LOCAL_METHODS)
+    P.choice("method", method, KNN_METHODS)
+    P.choice("metric", metric, METRICS)
+    P.choice("local_method", local_method, LOCAL_METHODS)
     method_kwds = P.knn_kwds(method_kwds, "method_kwds", local_method=False)
     P.device(device)
     P.random_state(random_state)

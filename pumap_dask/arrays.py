@@ -1,0 +1,43 @@
+"""Host and device arrays: CuPy detection, copies to the host, torch tensors (DLPack).
+
+The one place that knows about CuPy; imported by training and projection alike, so
+projection never imports training code for them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def is_cupy(x: Any) -> bool:
+    """Whether ``x`` is a CuPy array (checked by type, without importing CuPy)."""
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def to_host(block: Any) -> np.ndarray:
+    """A CuPy array (or block) as a numpy array in host memory; numpy passes through."""
+    return block.get() if is_cupy(block) else np.asarray(block)
+
+
+def as_tensor(x: Any, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rows as a float32 torch tensor on ``device``.
+
+    A CuPy array is handed over through DLPack (``torch.from_dlpack``, zero copy, no host
+    round trip) and stays on its GPU unless ``device`` is the CPU; anything else goes
+    through numpy.
+    """
+    device = torch.device(device)
+    if is_cupy(x):  # a host copy only when asked for by a CPU device
+        return torch.from_dlpack(x).to(device=device, dtype=torch.float32).contiguous()
+    t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
+    return t.to(device) if device.type != "cpu" else t
+
+
+def cupy_module():
+    """The cupy module (only ever imported for CuPy data, so never where it is absent)."""
+    import cupy
+
+    return cupy

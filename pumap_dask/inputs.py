@@ -1,0 +1,147 @@
+"""The fit's input, opened once: the handle every stage reads, and the checks made at the door.
+
+:func:`open_input` validates ``X`` lazily (shape, dtype, chunks; NaN for numpy) into an
+:class:`InputHandle`; :func:`check_sizes` and :func:`check_labels` are the pre-flight
+checks the pipeline, the command line and ``embed`` share.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .arrays import is_cupy, to_host
+from .errors import InputError
+from .graph import label_codes
+from .io import as_dask, check_array, checked_finite, flatten_input, input_shape_of, is_lazy
+
+logger = logging.getLogger(__name__)
+# Largest training matrix (bytes, float32) loaded into the training process for lazy input.
+TRAIN_MEMORY_BUDGET = 4 << 30
+
+
+@dataclass
+class InputHandle:
+    """The validated input, opened once.
+
+    Attributes
+    ----------
+    darr
+        Lazy float32 dask array (features in one chunk), nothing computed.
+    data
+        The rows in memory (numpy input, or lazy input once loaded), else None.
+    lazy
+        Whether the input came as a dask/Zarr array or a path.
+    source
+        The input, as given (a path stays a path, so the stages reopen nothing else).
+    key
+        Array inside a Zarr group.
+    """
+
+    darr: Any
+    data: np.ndarray | None
+    lazy: bool
+    source: Any
+    key: str | None
+    input_shape: tuple | None = None  # trailing shape of n-D numpy input (rows flattened)
+
+    @property
+    def n(self) -> int:
+        return int(self.darr.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.darr.shape[1])
+
+    def check_budget(self) -> None:
+        """Fail (before any stage) when the training matrix would not fit
+        :data:`TRAIN_MEMORY_BUDGET` bytes."""
+        budget = TRAIN_MEMORY_BUDGET
+        need = self.n * self.d * 4
+        if self.data is None and need > budget:
+            raise InputError(
+                f"the training matrix needs {need / 2**30:.1f} GiB, above the training "
+                f"memory budget of {budget / 2**30:.1f} GiB "
+                "(pumap_dask.pipeline.TRAIN_MEMORY_BUDGET); raise it, or reduce the features "
+                "first (e.g. PCA to 50 components, as single-cell pipelines do)")
+
+    def load(self) -> np.ndarray:
+        """The rows in memory (loaded block by block, NaN-checked, once)."""
+        if self.data is None:
+            self.check_budget()
+            logger.info("loading %d x %d input into memory for training", self.n, self.d)
+            self.data = check_array(checked_finite(self.darr).compute(), what="X")
+        return self.data
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Some rows (sorted ids) in memory, read from the input without loading the rest."""
+        if self.data is not None:
+            return self.data[ids]
+        return check_array(checked_finite(self.darr)[ids].compute(), what="X")
+
+
+def open_input(X: Any, key: str | None = None) -> InputHandle:
+    """Validate ``X`` lazily (shape, dtype, chunks; NaN for numpy) and open it once."""
+
+    lazy = is_lazy(X)
+    if lazy:
+        flatten_input(X)  # n-D lazy input: a clear error
+        if is_cupy(getattr(X, "_meta", None)) or is_cupy(X):
+            X = X.map_blocks(to_host, dtype=X.dtype, meta=np.empty((0,) * X.ndim, X.dtype))
+            logger.info("fit: CuPy chunks are copied to host memory block by block (the kNN "
+                        "and graph stages run on the host; training uses the GPU when "
+                        "device allows)")
+        return InputHandle(as_dask(X, key=key), None, True, X, key)
+    if is_cupy(X):
+        logger.info("fit: copying the CuPy array to host memory (the kNN and graph stages "
+                    "run on the host; training uses the GPU when device allows)")
+        X = to_host(X)
+    # n-D numpy input (n, *dims): every stage sees flattened rows; the shape is kept for
+    # the networks (see pumap_dask.networks)
+    shape = input_shape_of(X)
+    data = check_array(flatten_input(X), what="X", min_samples=1)
+    return InputHandle(as_dask(data), data, False, X if shape is None else data, key, shape)
+
+
+def check_sizes(handle: InputHandle, n_neighbors: int) -> None:
+    """Fail before any stage when there are too few rows for ``n_neighbors``."""
+    if handle.n < n_neighbors + 1:
+        raise InputError(f"X has {handle.n} samples but n_neighbors={n_neighbors} needs at "
+                         f"least {n_neighbors + 1}; lower n_neighbors or add samples")
+
+
+def check_labels(y: Any, n: int) -> np.ndarray:
+    """Validate the labels of a semi-supervised fit before any stage runs.
+
+    Parameters
+    ----------
+    y
+        One label per row of X: numpy, a list, or a dask array (computed here, once: n
+        labels are held on the client for in-memory and partitioned fits alike).
+    n
+        The number of rows of X.
+
+    Returns
+    -------
+    numpy.ndarray
+        The labels, in memory.
+
+    Raises
+    ------
+    InputError
+        When y is not a 1-d vector of n labels, or its labels cannot be compared (mixed
+        types).
+    """
+    y = np.asarray(y.compute() if hasattr(y, "compute") else y)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise InputError(f"y must be a 1-d vector of {n} labels (one per row of X; -1 for "
+                         f"unknown), got shape {y.shape}")
+    try:
+        label_codes(y)
+    except TypeError as exc:
+        raise InputError(f"y: the labels must be of one comparable type (ints, floats or "
+                         f"strings), got {y.dtype} values that cannot be sorted: {exc}") from exc
+    return y
