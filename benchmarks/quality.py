@@ -5,10 +5,15 @@ rows are split 70/30; each method fits on 70% and projects the held-out 30%. Eve
 in a fresh Python process (so JIT compilation and imports count as a user sees them).
 
 Reported per method: trustworthiness (k=15) of the held-out embedding, held-out 15-NN
-classifier accuracy (classifier trained on the training embedding), fit and transform time.
+classifier accuracy (classifier trained on the training embedding), kNN preservation
+(:func:`pumap_dask.report_metrics.knn_preservation`: the share of each row's 15
+input-space neighbours among its 15 embedding neighbours, on a seeded sample of
+``--kp-sample`` rows, the same rows for every method) of the training embedding
+(``kp_train``) and of the transformed held-out rows (``kp_test``), fit and transform time.
 pumap_dask gives two rows from the same fitted model (same process, same fit), each with
-its own transform time: ``pumap_dask`` is ``transform(X)`` (the estimator's default) and
-``pumap_dask (encoder)`` is ``transform(X, refine=False)`` (the encoder alone).
+its own transform time: ``pumap_dask`` is ``transform(X)`` (the estimator's default, the
+encoder) and ``pumap_dask (encoder)`` is ``transform(X, refine=False)`` (the same, kept
+as a row for older result files).
 
 Usage::
 
@@ -41,7 +46,9 @@ recall@15 (against exact search on ``--recall-samples`` rows) of ``nndescent`` a
 Last, one line per data set against the targets (means over seeds): ``PASS`` when the
 default ``pumap_dask`` transform's held-out accuracy >= umap-learn's transform's and its
 trustworthiness >= umap-learn's - 0.01, else ``MISS``.
-``cells20k`` is :func:`pumap_dask.datasets.cell_like` (20,000 rows, 50 features).
+``cells20k`` is :func:`pumap_dask.datasets.cell_like` (20,000 rows, 50 features);
+``traj20k`` is :func:`pumap_dask.datasets.trajectory_like` (20,000 rows, 50 features:
+24 populations and differentiation paths labelled by origin, issue 20).
 """
 
 from __future__ import annotations
@@ -87,6 +94,10 @@ def load_dataset(name: str):
         from pumap_dask.datasets import cell_like
 
         return cell_like(20000, 50, random_state=0)
+    if name == "traj20k":
+        from pumap_dask.datasets import trajectory_like
+
+        return trajectory_like(20000, 50, random_state=0)
     if name == "mnist":
         img = os.path.join(MNIST_DIR, "t10k-images-idx3-ubyte.gz")
         if not os.path.exists(img):
@@ -139,13 +150,23 @@ def worker(method: str, dataset: str, seed: int, out: str, refine: bool = False,
              timing=np.array([t0 - t_import, t1 - t0, t2 - t1]), **extra)
 
 
+def kp_sample(n: int, size: int, seed: int) -> np.ndarray:
+    """The rows (sorted, seeded) whose kNN preservation is measured: every method scores
+    the same rows."""
+    rng = np.random.default_rng([seed, n, 0xC0])
+    return np.sort(rng.choice(n, size=min(n, size), replace=False))
+
+
 def evaluate(dataset: str, method: str, seed: int, refine: bool = False,
-             knn_method: str = "auto") -> list[dict]:
+             knn_method: str = "auto", kp_rows: int = 3000) -> list[dict]:
     from sklearn.manifold import trustworthiness
     from sklearn.neighbors import KNeighborsClassifier
 
+    from pumap_dask.report_metrics import knn_preservation
+
     X, y = load_dataset(dataset)
     tr, te = split(len(X), seed)
+    s_tr, s_te = kp_sample(len(tr), kp_rows, seed), kp_sample(len(te), kp_rows, seed + 1)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "res.npz")
         t = time.perf_counter()
@@ -159,7 +180,8 @@ def evaluate(dataset: str, method: str, seed: int, refine: bool = False,
     base = {"kind": "quality", "dataset": dataset, "seed": seed,
             "knn_method": knn_method if method == "pumap_dask" else None,
             "n_train": len(tr), "n_test": len(te), "fit_s": float(timing[1]),
-            "process_s": wall}
+            "process_s": wall,
+            "kp_train": knn_preservation(X[tr][s_tr], E_tr[s_tr], 15)}
     rows = []
     for name, E, secs in [(method, E_te, timing[2])] + [
             (method + suffix, res[f"test_{key}"], res[f"{key}_s"])
@@ -168,6 +190,7 @@ def evaluate(dataset: str, method: str, seed: int, refine: bool = False,
         rows.append({**base, "method": name,
                      "trust_test": float(trustworthiness(X[te], E, n_neighbors=15)),
                      "knn_acc_test": float(clf.score(E, y[te])),
+                     "kp_test": knn_preservation(X[te][s_te], E[s_te], 15),
                      "transform_s": float(secs)})
     return rows
 
@@ -239,7 +262,7 @@ def target_line(dataset: str, rows: list[dict], ours: str, theirs: str) -> str |
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--datasets", nargs="+", default=["digits", "clusters", "mnist"])
+    ap.add_argument("--datasets", nargs="+", default=["digits", "clusters", "mnist", "traj20k"])
     ap.add_argument("--methods", nargs="+", default=["pumap_dask", "umap-learn"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--json", help="also write the rows to this JSON file")
@@ -257,6 +280,8 @@ def main(argv=None) -> None:
                     help="also kNN recall@15 and time of nndescent and hnsw")
     ap.add_argument("--recall-samples", type=int, default=1000,
                     help="rows whose exact neighbours score --knn's recall")
+    ap.add_argument("--kp-sample", type=int, default=3000,
+                    help="rows whose kNN preservation is measured (training and held out)")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -270,16 +295,16 @@ def main(argv=None) -> None:
             print(f"{d:9} (not available, skipped)")
     rows = []
     print(f"{'dataset':9} {'method':20} {'seed':>4} {'trust':>7} {'knn_acc':>8} "
-          f"{'fit_s':>7} {'transform_s':>11}")
+          f"{'kp_train':>8} {'kp_test':>7} {'fit_s':>7} {'transform_s':>11}")
     for dataset in datasets:
         for seed in args.seeds:
             for method in args.methods:
                 for r in evaluate(dataset, method, seed, refine=args.refine,
-                                  knn_method=args.knn_method):
+                                  knn_method=args.knn_method, kp_rows=args.kp_sample):
                     rows.append(r)
                     print(f"{dataset:9} {r['method']:20} {seed:4d} {r['trust_test']:7.4f} "
-                          f"{r['knn_acc_test']:8.4f} {r['fit_s']:7.2f} "
-                          f"{r['transform_s']:11.4f}", flush=True)
+                          f"{r['knn_acc_test']:8.4f} {r['kp_train']:8.4f} {r['kp_test']:7.4f} "
+                          f"{r['fit_s']:7.2f} {r['transform_s']:11.4f}", flush=True)
     if args.landmarks:
         import landmarks as lm
 
@@ -315,6 +340,8 @@ def main(argv=None) -> None:
                 continue
             print(f"{dataset:9} d_acc {mean(a, 'knn_acc_test') - mean(b, 'knn_acc_test'):+.4f} "
                   f"d_trust {mean(a, 'trust_test') - mean(b, 'trust_test'):+.4f} "
+                  f"d_kp_train {mean(a, 'kp_train') - mean(b, 'kp_train'):+.4f} "
+                  f"d_kp_test {mean(a, 'kp_test') - mean(b, 'kp_test'):+.4f} "
                   f"fit {mean(a, 'fit_s') / mean(b, 'fit_s'):.2f}x "
                   f"transform speed-up {mean(b, 'transform_s') / mean(a, 'transform_s'):.0f}x")
     lines = [target_line(d, [r for r in rows if r["kind"] == "quality"],

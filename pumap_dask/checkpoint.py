@@ -65,7 +65,7 @@ class Checkpoint:
             logger.warning("ignoring unreadable training checkpoint %s (%s)", self.path, exc)
             return 0, []
         if state.get("fingerprint") != self.fingerprint:
-            logger.info("training checkpoint %s is of another configuration; starting over",
+            logger.info("training checkpoint %s is of other input or parameters; starting over",
                         self.path)
             return 0, []
         encoder.load_state_dict(state["encoder"])

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 import traceback
+from typing import Any
 
 import dask
 import distributed  # noqa: F401 (sets up its loggers on import; quiet them after)
@@ -26,7 +27,13 @@ from sklearn.neighbors import KNeighborsClassifier
 from .config import FIT_KEYS, cluster_settings, memory_size, read_file, run_record, scheduler_name
 from .continued import check_architecture
 from .datasets import clusters
-from .distributed.cluster import check_shared_directory, close, connect, describe
+from .distributed.cluster import (
+    check_shared_directory,
+    close,
+    connect,
+    describe,
+    workers_lost_error,
+)
 from .errors import (
     EXIT_CLUSTER,
     EXIT_FAILED,
@@ -40,14 +47,18 @@ from .errors import (
     exit_code,
 )
 from .estimator import ParametricUMAP, load
+from .export import check_export_path
 from .inputs import check_sizes, open_input
-from .io import as_dask, check_n_features, to_jsonable, write_json_atomic
+from .io import as_dask, check_n_features, path_within, to_jsonable, write_json_atomic
 from .model import check_model_path, load_encoder, read_config
+from .networks import factories_by_name
 from .params import device, landmark_positions
 from .plotting import plot_train_test
-from .report import format_info, model_summary, write_report
+from .report import check_report_dir, format_info, model_summary, write_report
+from .report_metrics import read_labels_file
 from .transform import model_source
-from .writers import check_output_path, transform_to_zarr, write_anndata_obsm
+from .workdir import claim_work_dir, is_work_dir
+from .writers import OutputLock, check_output_path, transform_to_zarr, write_anndata_obsm
 
 logger = logging.getLogger("pumap_dask.cli")
 
@@ -167,11 +178,12 @@ def _init_model_defaults(path: str | None) -> dict:
     return {k: v for k, v in doc["params"].items() if k in valid and k not in NOT_INHERITED}
 
 
-def _check_init_model(path: str, n_features: int, params: dict) -> None:
+def _check_init_model(path: str, n_features: int, params: dict,
+                      networks: dict | None = None) -> None:
     """The saved encoder of ``--init-model`` must fit the input and parameters."""
 
     try:
-        encoder, _ = load_encoder(path)
+        encoder, _ = load_encoder(path, networks=networks)
         check_architecture(encoder, n_features, params)
     except (ModelFileError, ValueError) as exc:
         raise CLIError(f"--init-model {path}: {exc}") from None
@@ -208,6 +220,15 @@ def _check_model_out(path: str, input_path: str) -> None:
         raise CLIError(str(exc)) from None
 
 
+def _check_work_dir_apart(work_dir: str | None, model: str) -> None:
+    """An explicit work directory must lie outside MODEL_DIR (and MODEL_DIR outside it): the
+    save replaces the model directory, and the fit fills the work directory."""
+    if work_dir and (path_within(work_dir, model) or path_within(model, work_dir)):
+        raise CLIError(f"--work-dir {work_dir} overlaps the model directory {model}: the save "
+                       "replaces MODEL_DIR; pass a --work-dir outside it (or leave --work-dir "
+                       "out: MODEL_DIR.work)")
+
+
 def _positionals(args, table: dict, names: tuple[str, ...]) -> None:
     """Fill positional arguments (and --key) left out from the job file's table."""
     for name in names:
@@ -221,9 +242,6 @@ def _positionals(args, table: dict, names: tuple[str, ...]) -> None:
         args.key = table.get("key")
 
 
-WORK_MARKER = ".pumap-work"
-
-
 def _work_dir(args, params: dict) -> tuple[str, bool]:
     """The fit's work directory (kNN, graph shards, training checkpoints) and whether this
     command made it (then it is removed after success unless --keep-work).
@@ -234,12 +252,10 @@ def _work_dir(args, params: dict) -> tuple[str, bool]:
     if params.get("work_dir"):
         return params["work_dir"], False
     path = os.path.abspath(args.model.rstrip("/\\") + ".work")
-    if os.path.exists(path) and not os.path.exists(os.path.join(path, WORK_MARKER)):
+    if os.path.exists(path) and not is_work_dir(path):
         raise CLIError(f"{path} exists and is not a pumap-dask work directory; pass "
                        "--work-dir PATH (on a file system every worker sees)")
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, WORK_MARKER), "w") as f:
-        f.write("pumap-dask fit work directory; removed after a successful fit\n")
+    claim_work_dir(path, "pumap-dask fit work directory; removed after a successful fit\n")
     params["work_dir"] = path
     return path, True
 
@@ -277,12 +293,16 @@ def cmd_fit(args) -> None:
     except InputError as exc:
         raise CLIError(f"{exc} (flag --n-neighbors)") from None
     darr = handle.darr
+    init_model = None
     if args.init_model:
-        _check_init_model(args.init_model, darr.shape[1], model.get_params())
+        nets = _allowed_networks(args)
+        _check_init_model(args.init_model, darr.shape[1], model.get_params(), nets)
+        init_model = load(args.init_model, networks=nets) if nets else args.init_model
     positions = None
     if args.landmarks:
         positions = _read_landmarks(args.landmarks, darr.shape[0], model.n_components)
     _check_model_out(args.model, args.input)
+    _check_work_dir_apart(params.get("work_dir"), args.model)
     resolved = {"input": args.input, "model": args.model, "key": args.key,
                 "init_model": args.init_model, "landmarks": args.landmarks,
                 "params": {k: v for k, v in model.get_params().items()
@@ -291,24 +311,26 @@ def cmd_fit(args) -> None:
     if args.dry_run:
         _dry_run(args, resolved)
         return
-    client = _client(args)
-    try:
-        work_dir, owned = _work_dir(args, params)
-        model.set_params(work_dir=work_dir)
-        resolved["params"]["work_dir"] = work_dir
-        logger.info("work directory %s (a rerun of this command resumes from it)", work_dir)
+    with OutputLock(args.model):  # one fit per model directory: a second fails at once
+        client = _client(args)
         try:
-            check_shared_directory(client, work_dir)
-        except ClusterError as exc:
-            raise CLIError(str(exc), EXIT_CLUSTER) from None
-        model.fit(args.input, key=args.key, init_model=args.init_model,
-                  landmark_positions=positions)
-    finally:
-        _close(client)
-    model.save(args.model)
-    _write_run_record(args.model, args, resolved)
-    if owned and not args.keep_work:
-        shutil.rmtree(work_dir, ignore_errors=True)
+            work_dir, owned = _work_dir(args, params)
+            model.set_params(work_dir=work_dir)
+            resolved["params"]["work_dir"] = work_dir
+            logger.info("work directory %s (a rerun of this command resumes from it)",
+                        work_dir)
+            try:
+                check_shared_directory(client, work_dir)
+            except ClusterError as exc:
+                raise CLIError(str(exc), EXIT_CLUSTER) from None
+            model.fit(args.input, key=args.key, init_model=init_model,
+                      landmark_positions=positions)
+        finally:
+            _close(client)
+        model.save(args.model)
+        _write_run_record(args.model, args, resolved)
+        if owned and not args.keep_work:
+            shutil.rmtree(work_dir, ignore_errors=True)
     print(model)
     logger.info("model saved to %s", args.model)
 
@@ -317,10 +339,11 @@ def cmd_transform(args) -> None:
     doc = _read_config(args)
     table = dict(doc.get("transform", {}))
     _positionals(args, table, ("input", "model"))
-    for name in ("out", "obsm", "device"):
+    for name in ("out", "obsm", "device", "nan_policy"):
         if getattr(args, name) is None:
             setattr(args, name, table.get(name))
     args.device = args.device or "auto"
+    args.nan_policy = args.nan_policy or "raise"
     args.overwrite = args.overwrite or bool(table.get("overwrite", False))
     _resolve_cluster(args, doc)
     if bool(args.obsm) == bool(args.out):
@@ -330,7 +353,8 @@ def cmd_transform(args) -> None:
         device(args.device, "--device")
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    source = model_source(args.model)  # checks the model directory before any work
+    model = _saved_model(args, args.model)
+    source = model_source(model)  # checks the model directory before any work
     darr = as_dask(args.input, key=args.key)
     check_n_features(darr.shape[1], source.n_features)
     if args.out:
@@ -338,18 +362,24 @@ def cmd_transform(args) -> None:
     if args.dry_run:
         _dry_run(args, {"input": args.input, "model": args.model, "key": args.key,
                         "out": args.out, "obsm": args.obsm, "device": args.device,
-                        "overwrite": args.overwrite, "cluster": args.cluster})
+                        "nan_policy": args.nan_policy, "overwrite": args.overwrite,
+                        "cluster": args.cluster})
         return
     client = _client(args)
     try:
         if args.obsm:
-            write_anndata_obsm(args.input, args.model, key=args.key, obsm_key=args.obsm,
-                               resume=not args.overwrite, device=args.device)
+            write_anndata_obsm(args.input, model, key=args.key, obsm_key=args.obsm,
+                               resume=not args.overwrite, device=args.device,
+                               nan_policy=args.nan_policy)
             logger.info("wrote obsm/%s into %s", args.obsm, args.input)
         else:
-            transform_to_zarr(args.input, args.model, args.out, key=args.key,
-                              resume=not args.overwrite, device=args.device)
+            transform_to_zarr(args.input, model, args.out, key=args.key,
+                              resume=not args.overwrite, device=args.device,
+                              nan_policy=args.nan_policy)
             logger.info("embedding written to %s", args.out)
+    except InputError as exc:  # the library names its keyword; say the flag
+        raise CLIError(str(exc).replace("pass nan_policy='nan'", "pass --nan-policy nan")
+                       ) from None
     finally:
         _close(client)
 
@@ -359,9 +389,12 @@ def cmd_info(args) -> None:
 
 
 def cmd_export(args) -> None:
-    if os.path.exists(args.out) and not args.overwrite:
-        raise CLIError(f"{args.out} exists; pass --overwrite to replace it")
-    model = load(args.model)
+    try:
+        check_export_path(args.out, overwrite=args.overwrite)  # owned: before any work
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    model = _saved_model(args, args.model)
+    model = load(model) if isinstance(model, str) else model
     try:
         path = model.export_onnx(args.out)
     except ImportError as exc:
@@ -370,9 +403,13 @@ def cmd_export(args) -> None:
 
 
 def cmd_report(args) -> None:
-    if args.labels and not args.data and not args.labels.endswith(".npy"):
+    check_report_dir(args.out or args.model)  # a file, or a report we did not write: refused
+    labels_file = bool(args.labels) and os.path.isfile(args.labels)
+    if args.labels and not args.data and not labels_file and not args.labels.endswith(".npy"):
         raise CLIError("--labels KEY names an array inside --data; pass --data INPUT too "
                        "(or --labels FILE.npy)")
+    if labels_file:
+        read_labels_file(args.labels)  # a file that is not .npy fails now, not after the work
     if args.data:
         as_dask(args.data, key=args.key)  # checked before any work
     doc = write_report(args.model, args.out, data=args.data, key=args.key,
@@ -501,6 +538,27 @@ def _add_global_args(p: argparse.ArgumentParser, default) -> None:
                    help="log level (default info; the job file's log_level)",
                    **({"default": None} if default is None else unset))
     p.add_argument("--debug", action="store_true", help="print tracebacks of errors", **unset)
+    p.add_argument("--allow-network", action="append", metavar="PKG.MOD:FACTORY",
+                   help="import and allow this custom network factory for the saved models "
+                        "the command loads (a model file never runs code by itself); "
+                        "repeatable",
+                   **({"default": []} if default is None else unset))
+
+
+def _allowed_networks(args) -> dict:
+    """The custom network factories ``--allow-network`` names, imported (the user's
+    consent: a model file never makes the command import anything)."""
+    try:
+        return factories_by_name(getattr(args, "allow_network", None) or [])
+    except ImportError as exc:
+        raise CLIError(f"--allow-network: {exc}") from None
+
+
+def _saved_model(args, path: str) -> Any:
+    """A saved model for the command: its path, or, with ``--allow-network``, the model
+    loaded with those factories."""
+    nets = _allowed_networks(args)
+    return load(path, networks=nets) if nets else path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -550,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--obsm", help="write into this obsm key of the AnnData store instead")
     p.add_argument("--key", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--nan-policy", choices=("raise", "nan"), default=None,
+                   help="rows with NaN or infinite values: 'raise' (default) fails naming "
+                        "them, 'nan' gives them NaN embeddings")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier pumap-dask output instead of resuming it (never "
                         "anything pumap-dask did not write)")
@@ -574,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="the frozen encoder as ONNX (linear output)")
     p.add_argument("model", help="saved model directory")
     p.add_argument("out", help="the .onnx file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier pumap-dask export (never another file)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the seed vignette on a local Dask cluster")
@@ -614,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as exc:
         return _fail(str(exc), args, exc.code)
     except (Exception, KeyboardInterrupt) as exc:  # the code from pumap_dask.errors' one table
+        lost = workers_lost_error(exc, getattr(args, "cluster", None))
+        if lost is not None:  # workers killed again and again (out of memory): the cluster
+            return _fail(str(lost), args, EXIT_CLUSTER)
         code = exit_code(exc)
         if code == EXIT_INTERRUPTED:
             return _fail("interrupted", args, code)

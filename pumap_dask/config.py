@@ -96,6 +96,7 @@ TRANSFORM_KEYS: dict[str, Any] = {
     "obsm": lambda n, v: _optional_str(n, v),
     "key": lambda n, v: _optional_str(n, v),
     "device": lambda n, v: checks.device(v, n),
+    "nan_policy": lambda n, v: checks.choice(n, v, checks.NAN_POLICIES),
     "overwrite": lambda n, v: _bool(n, v),
 }
 TOP_KEYS = ("log_level", "fit", "transform", "cluster", "slurm")
@@ -144,7 +145,7 @@ def scheduler_name(name: str, v: Any) -> str:
     if isinstance(v, str) and (v in SCHEDULER_KINDS or "://" in v or ":" in v):
         return v
     raise ParameterError(f"{name} must be one of {SCHEDULER_KINDS} or a scheduler address such as "
-                     f"tcp://host:8786, got {v!r}")
+                         f"tcp://host:8786, got {v!r}")
 
 
 def read_file(path: str) -> dict[str, Any]:

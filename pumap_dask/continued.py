@@ -97,7 +97,7 @@ def resolve_init_model(init_model: Any) -> Encoder:
     if hasattr(init_model, "get_params"):
         raise ParameterError("init_model is not fitted; fit it (or load a saved model) first")
     raise ParameterError("init_model must be a fitted ParametricUMAP or the path of a saved "
-                     f"model directory, got {type(init_model).__name__}")
+                         f"model directory, got {type(init_model).__name__}")
 
 
 def _is_encoder(obj: Any) -> bool:
@@ -119,23 +119,23 @@ def check_architecture(encoder: Any, n_features: int, params: dict) -> None:
     """
     if encoder.n_features != n_features:  # worded as sklearn's feature-count check
         raise ParameterError(f"X has {n_features} features, but init_model is expecting "
-                         f"{encoder.n_features} features as input (n_features: the number it "
-                         "was fitted on); continued training needs the same features")
+                             f"{encoder.n_features} features as input (n_features: the number it "
+                             "was fitted on); continued training needs the same features")
     custom_init = not isinstance(encoder, Encoder)
     custom_here = params.get("encoder") is not None
     if custom_init != custom_here:
         which = ("a custom encoder network" if custom_init else "the default MLP encoder")
         raise ParameterError(f"init_model has {which} but this estimator "
-                         f"{'does not' if custom_init else 'does'} set encoder=; continued "
-                         "training needs the same architecture: use ParametricUMAP("
-                         "**old.get_params())")
+                             f"{'does not' if custom_init else 'does'} set encoder=; continued "
+                             "training needs the same architecture: use ParametricUMAP("
+                             "**old.get_params())")
     if custom_init:
         want = {"n_features": n_features, "n_components": int(params["n_components"])}
         have = {"n_features": encoder.n_features, "n_components": encoder.n_components}
         diff = [f"{k}: init_model {have[k]} vs {want[k]}" for k in want if have[k] != want[k]]
         if diff:
             raise ParameterError("init_model's encoder does not match this fit (" + "; ".join(diff)
-                             + "); continued training needs the same architecture")
+                                 + "); continued training needs the same architecture")
         return
     n_proj = params["n_projection"] if 0 < params["n_projection"] < n_features else 0
     want = {"n_features": n_features, "n_components": int(params["n_components"]),
@@ -147,10 +147,10 @@ def check_architecture(encoder: Any, n_features: int, params: dict) -> None:
     diff = [f"{k}: init_model {have[k]} vs {want[k]}" for k in want if have[k] != want[k]]
     if diff:
         raise ParameterError("init_model's encoder does not match this fit ("
-                         + "; ".join(diff) + "); continued training needs the same "
-                         "architecture: give this estimator init_model's n_components, "
-                         "hidden_layers and n_projection (e.g. ParametricUMAP(**"
-                         "old.get_params())) and data with the same features")
+                             + "; ".join(diff) + "); continued training needs the same "
+                             "architecture: give this estimator init_model's n_components, "
+                             "hidden_layers and n_projection (e.g. ParametricUMAP(**"
+                             "old.get_params())) and data with the same features")
 
 
 # --------------------------------------------------------------------------- decoder
@@ -197,11 +197,12 @@ def check_decoder(decoder: Any, params: dict, input_shape: tuple[int, ...]) -> N
         diff += [f"weight {k}: init_model {shapes[k]} vs none"
                  for k in shapes if k not in fresh.state_dict()]
     if diff:
-        raise ParameterError("init_model's decoder does not match this fit (" + "; ".join(diff[:4])
-                         + "); continued training starts from init_model's decoder, so it "
-                         "needs the same decoder architecture: give this estimator init_model's "
-                         "decoder, reconstruction_loss and hidden_layers (e.g. ParametricUMAP(**"
-                         "old.get_params())), or fit with parametric_reconstruction=False")
+        raise ParameterError(
+            "init_model's decoder does not match this fit (" + "; ".join(diff[:4])
+            + "); continued training starts from init_model's decoder, so it needs the same "
+            "decoder architecture: give this estimator init_model's decoder, "
+            "reconstruction_loss and hidden_layers (e.g. ParametricUMAP(**old.get_params())), "
+            "or fit with parametric_reconstruction=False")
 
 
 # --------------------------------------------------------------------------- kept landmarks
@@ -248,25 +249,25 @@ def sample_landmark_rows(n: int, sample_pct: Any = 0.01, sample_mode: str = "uni
         k = int(n * pct)
         if k == 0:
             raise ParameterError(f"sample_pct={pct:g} of {n} rows picks no landmark row; raise "
-                             f"sample_pct to at least {1 / n:.3g}, or choose the rows with "
-                             "sample_mode='predetermined', idx=[...]")
+                                 f"sample_pct to at least {1 / n:.3g}, or choose the rows with "
+                                 "sample_mode='predetermined', idx=[...]")
         rng = np.random.default_rng(random_state)
         return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
     if idx is None:
         raise ParameterError("sample_mode='predetermined' needs idx: the ids of the rows of X to "
-                         "keep as landmarks (or use sample_mode='uniform' with sample_pct)")
+                             "keep as landmarks (or use sample_mode='uniform' with sample_pct)")
     ids = np.asarray(idx)
     if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":
         raise ParameterError("idx must be a non-empty 1-d sequence of integer row ids, got "
-                         f"{ids.dtype} array of shape {ids.shape}")
+                             f"{ids.dtype} array of shape {ids.shape}")
     bad = (ids < 0) | (ids >= n)
     if bad.any():
         raise ParameterError(f"idx holds row id {int(ids[bad][0])}, outside [0, {n}) (X has {n} "
-                         "rows)")
+                             "rows)")
     ids = np.sort(ids.astype(np.int64))
     if (np.diff(ids) == 0).any():
         raise ParameterError(f"idx holds row id {int(ids[:-1][np.diff(ids) == 0][0])} more than "
-                         "once; give each landmark row once")
+                             "once; give each landmark row once")
     return ids
 
 
@@ -375,22 +376,22 @@ def append_kept_landmarks(kept: KeptLandmarks, X: Any, y: Any, landmark_position
                              "rows instead), or fit without a precomputed " + what)
     if kept.positions.shape[1] != n_components:
         raise ParameterError(f"the landmarks kept by add_landmarks have {kept.positions.shape[1]} "
-                         f"dimensions but this fit has n_components={n_components}; call "
-                         "remove_landmarks() or keep n_components")
+                             f"dimensions but this fit has n_components={n_components}; call "
+                             "remove_landmarks() or keep n_components")
     width = int(np.prod(kept.X.shape[1:]))
     if is_lazy(X):
         darr = as_dask(X, key=key)
         if darr.shape[1] != width:
             raise ParameterError(f"X has {darr.shape[1]} features, but the landmarks kept by "
-                             f"add_landmarks have {width}; call remove_landmarks() first")
+                                 f"add_landmarks have {width}; call remove_landmarks() first")
         rows = kept.X.reshape(len(kept), width)
         X_fit = da.concatenate([darr, da.from_array(rows, chunks=rows.shape)], axis=0)
     else:
         X = np.asarray(X)
         if X.ndim < 2 or int(np.prod(X.shape[1:])) != width:
             raise ParameterError(f"X has samples of shape {X.shape[1:]}, but the landmarks kept by "
-                             f"add_landmarks have {kept.X.shape[1:]}; call remove_landmarks() "
-                             "first")
+                                 f"add_landmarks have {kept.X.shape[1:]}; call remove_landmarks() "
+                                 "first")
         X_fit = np.concatenate([X, kept.X.reshape((len(kept),) + X.shape[1:])], axis=0)
     n = int(X_fit.shape[0]) - len(kept)
     positions = np.full((n + len(kept), n_components), np.nan, dtype=np.float32)

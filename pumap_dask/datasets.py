@@ -201,3 +201,198 @@ def write_cell_like_zarr(
         if lab is not None:
             lab[a:b] = y
     return arr
+
+
+# --------------------------------------------------------------------------- trajectory-rich data
+# Issue 20: about twice cell_like's populations, of varied size and width, and a third of
+# the cells on curved differentiation paths between pairs of nearby populations, each path
+# cell labelled by the population it leaves (so a label follows the position along a path).
+# Rows are drawn in fixed blocks of TRAJ_BLOCK_ROWS, each with its own seed, so a row
+# depends only on (random_state, its index): never on n_samples or on the chunking.
+TRAJ_LATENT_DIM = 10
+TRAJ_N_POPULATIONS = 24
+TRAJ_N_PATHS = 16
+TRAJ_PATH_FRACTION = 1.0 / 3.0
+TRAJ_BLOCK_ROWS = 8192
+TRAJ_PATH_NOISE = 0.5
+
+
+def _trajectory_layout(n_features: int, random_state: int) -> dict:
+    """Global layout of :func:`trajectory_like`, a function of the seed (and n_features)."""
+    rng = np.random.default_rng([int(random_state), 0x7A1E])
+    L, P, T = TRAJ_LATENT_DIM, TRAJ_N_POPULATIONS, TRAJ_N_PATHS
+    centres = rng.uniform(-6.0, 6.0, size=(P, L))
+    # widths differing about 6-fold (log-uniform), each population anisotropic and rotated
+    widths = np.exp(rng.uniform(np.log(0.5), np.log(3.0), size=P))
+    spreads = widths[:, None] * np.geomspace(1.0, 0.3, L)[None, :]
+    rot = np.stack([np.linalg.qr(rng.standard_normal((L, L)))[0] for _ in range(P)])
+    w = rng.lognormal(0.0, 1.0, size=P)
+    w = w / w.sum() * (1.0 - TRAJ_PATH_FRACTION)
+    # paths: from a population to one of its 4 nearest others, a quadratic Bezier curve
+    # whose control point is pushed off the chord (perpendicular) by 25-50% of its length
+    dist = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    np.fill_diagonal(dist, np.inf)
+    pairs: list[tuple[int, int]] = []
+    starts = rng.permutation(P)
+    while len(pairs) < T:
+        a = int(starts[len(pairs) % P])
+        near = np.argsort(dist[a])[:4]
+        b = int(near[rng.integers(0, 4)])
+        if (a, b) in pairs or (b, a) in pairs:
+            b = int(next((c for c in near if (a, c) not in pairs and (c, a) not in pairs), b))
+        pairs.append((a, b))
+    ends = np.array(pairs, dtype=np.int64)
+    chord = centres[ends[:, 1]] - centres[ends[:, 0]]
+    off = rng.standard_normal((T, L))
+    off -= (np.sum(off * chord, 1) / np.sum(chord * chord, 1))[:, None] * chord
+    off *= (rng.uniform(0.25, 0.5, size=T) * np.linalg.norm(chord, axis=1)
+            / np.linalg.norm(off, axis=1))[:, None]
+    control = 0.5 * (centres[ends[:, 0]] + centres[ends[:, 1]]) + off
+    tw = rng.uniform(0.5, 1.5, size=T)
+    tw = tw / tw.sum() * TRAJ_PATH_FRACTION
+    basis = rng.standard_normal((L, n_features)) / np.sqrt(L)
+    scales = 6.0 * (1.0 + np.arange(n_features)) ** -0.9
+    noise = 0.05 + 0.15 * (1.0 + np.arange(n_features)) ** -0.5
+    return {"centres": centres, "spreads": spreads, "rot": rot, "ends": ends,
+            "control": control, "weights": np.concatenate([w, tw]),
+            "map": basis * scales[None, :], "noise": noise}
+
+
+def _trajectory_block(layout: dict, random_state: int, block: int):
+    """All TRAJ_BLOCK_ROWS rows of one generation block: X, labels, path ids (-1: a
+    population cell) and positions t along the path (NaN for population cells)."""
+    rng = np.random.default_rng([int(random_state), int(block), 0x7A1E])
+    n, L, P = TRAJ_BLOCK_ROWS, TRAJ_LATENT_DIM, TRAJ_N_POPULATIONS
+    comp = rng.choice(len(layout["weights"]), size=n, p=layout["weights"])
+    eps = rng.standard_normal((n, L))
+    t = rng.uniform(0.0, 1.0, size=n)
+    Z = np.empty((n, L))
+    pop = comp < P
+    ci = comp[pop]
+    Z[pop] = layout["centres"][ci] + np.einsum("nl,nlm->nm", eps[pop] * layout["spreads"][ci],
+                                               layout["rot"][ci])
+    path = np.where(pop, -1, comp - P).astype(np.int64)
+    on = ~pop
+    j, tt = path[on], t[on][:, None]
+    start = layout["centres"][layout["ends"][j, 0]]
+    end = layout["centres"][layout["ends"][j, 1]]
+    Z[on] = ((1 - tt) ** 2 * start + 2 * (1 - tt) * tt * layout["control"][j] + tt ** 2 * end
+             + TRAJ_PATH_NOISE * eps[on])
+    labels = np.where(pop, comp, layout["ends"][np.maximum(path, 0), 0]).astype(np.int64)
+    X = Z @ layout["map"] + rng.standard_normal((n, layout["map"].shape[1])) * layout["noise"]
+    return X.astype(np.float32), labels, path, np.where(pop, np.nan, t)
+
+
+def _trajectory_rows(layout: dict, random_state: int, start: int, stop: int):
+    """Rows ``start:stop``, from the generation blocks that cover them."""
+    first, last = start // TRAJ_BLOCK_ROWS, (stop - 1) // TRAJ_BLOCK_ROWS
+    parts = [_trajectory_block(layout, random_state, k) for k in range(first, last + 1)]
+    lo = start - first * TRAJ_BLOCK_ROWS
+    return tuple(np.concatenate([p[i] for p in parts])[lo:lo + stop - start] for i in range(4))
+
+
+def _check_trajectory_args(n_samples: int, n_features: int, chunk_rows: int = 1) -> None:
+    if n_samples < 1 or n_features < 1 or chunk_rows < 1:
+        raise ParameterError("n_samples, n_features and chunk_rows must be positive")
+
+
+def trajectory_like(
+    n_samples: int, n_features: int = 50, random_state: int = 0, *,
+    return_paths: bool = False,
+) -> tuple[np.ndarray, ...]:
+    """Trajectory-rich synthetic cells, in memory (issue 20's harder benchmark data).
+
+    A latent space of :data:`TRAJ_LATENT_DIM` dimensions holds
+    :data:`TRAJ_N_POPULATIONS` populations of log-normal sizes and widths differing about
+    6-fold (anisotropic, rotated Gaussians), and :data:`TRAJ_N_PATHS` differentiation paths,
+    each from a population to one of its four nearest others: a quadratic Bezier curve
+    bent off the chord by 25-50% of its length, with Gaussian noise of
+    :data:`TRAJ_PATH_NOISE`. About a third of the cells (:data:`TRAJ_PATH_FRACTION`) lie on
+    paths, at a uniform position along them, each labelled by the population its path
+    leaves, so a label follows the position along a path. The latent rows are mapped
+    linearly into ``n_features`` with scales decaying like a PCA spectrum, plus small noise.
+
+    Rows are generated in fixed blocks of :data:`TRAJ_BLOCK_ROWS`, each with its own seed
+    ``(random_state, block index)``: row ``i`` is the same for every ``n_samples > i`` and
+    equals :func:`write_trajectory_like_zarr`'s at any ``chunk_rows``.
+
+    Parameters
+    ----------
+    n_samples, n_features
+        Shape of the output.
+    random_state
+        Seed of the layout and of every block.
+    return_paths
+        Also return each row's path id (-1 for population cells) and position t in [0, 1]
+        along it (NaN for population cells).
+
+    Returns
+    -------
+    X : float32 array (n_samples, n_features)
+    labels : int64 array (n_samples,)
+        Population ids in ``[0, TRAJ_N_POPULATIONS)``; a path cell has its start's id.
+    path : int64 array (n_samples,), only with ``return_paths``
+    t : float64 array (n_samples,), only with ``return_paths``
+    """
+    _check_trajectory_args(n_samples, n_features)
+    layout = _trajectory_layout(n_features, random_state)
+    X, y, path, t = _trajectory_rows(layout, random_state, 0, n_samples)
+    return (X, y, path, t) if return_paths else (X, y)
+
+
+def trajectory_layout(n_features: int = 50, random_state: int = 0) -> dict[str, np.ndarray]:
+    """The population centres and path end points of :func:`trajectory_like` in input space.
+
+    Returns
+    -------
+    dict
+        ``centres`` (TRAJ_N_POPULATIONS, n_features): the populations' centres mapped into
+        input space; ``ends`` (TRAJ_N_PATHS, 2): each path's start and end population.
+    """
+    _check_trajectory_args(1, n_features)
+    layout = _trajectory_layout(n_features, random_state)
+    return {"centres": (layout["centres"] @ layout["map"]).astype(np.float32),
+            "ends": layout["ends"].copy()}
+
+
+def write_trajectory_like_zarr(
+    path: str, n_samples: int, n_features: int = 50, chunk_rows: int = 100_000,
+    random_state: int = 0, *, labels_path: str | None = None, overwrite: bool = True,
+):
+    """Write :func:`trajectory_like` data to a Zarr array chunk by chunk, in bounded memory.
+
+    One chunk of ``chunk_rows`` rows (plus at most two generation blocks) is in memory at a
+    time, so any ``n_samples`` can be written; the rows equal :func:`trajectory_like`'s
+    whatever ``chunk_rows`` is. The Zarr chunking is ``chunk_rows``.
+
+    Parameters
+    ----------
+    path
+        Where to create the Zarr (v3) array of shape (n_samples, n_features), float32.
+    n_samples, n_features, random_state
+        As in :func:`trajectory_like`.
+    chunk_rows
+        Rows per written chunk.
+    labels_path
+        If given, also write the int64 labels to a Zarr array there.
+    overwrite
+        Replace existing arrays at the paths.
+
+    Returns
+    -------
+    zarr.Array
+    """
+    _check_trajectory_args(n_samples, n_features, chunk_rows)
+    layout = _trajectory_layout(n_features, random_state)
+    arr = zarr.create_array(path, shape=(n_samples, n_features), chunks=(chunk_rows, n_features),
+                            dtype="float32", zarr_format=3, overwrite=overwrite)
+    lab = None
+    if labels_path is not None:
+        lab = zarr.create_array(labels_path, shape=(n_samples,), chunks=(chunk_rows,),
+                                dtype="int64", zarr_format=3, overwrite=overwrite)
+    for _, a, b in _chunk_bounds(n_samples, chunk_rows):
+        X, y, _, _ = _trajectory_rows(layout, random_state, a, b)
+        arr[a:b] = X
+        if lab is not None:
+            lab[a:b] = y
+    return arr

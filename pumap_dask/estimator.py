@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -599,13 +599,21 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
                                           include_training_data=include_training_data)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ParametricUMAP":
+    def load(cls, path: str | os.PathLike,
+             networks: Mapping[str, Callable] | None = None) -> "ParametricUMAP":
         """Load a model saved by :meth:`save`.
+
+        A model file is data: loading never imports or calls code it names. A model with a
+        custom encoder or decoder records its factory's name; pass the factory itself,
+        ``networks={"pkg.mod:make_encoder": make_encoder}`` (as Keras' ``custom_objects``),
+        else :class:`~pumap_dask.ModelFileError` names the factory and how to pass it.
 
         Parameters
         ----------
         path
             The model directory.
+        networks
+            Factories of the model's custom networks, by the name it records.
 
         Returns
         -------
@@ -618,7 +626,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             When the directory is missing, incomplete, of an unreadable format version, or
             any of its files was modified or corrupted since it was saved.
         """
-        params, fitted = load_estimator_state(path, cls().get_params())
+        params, fitted = load_estimator_state(path, cls().get_params(), networks)
         params["hidden_layers"] = tuple(params.get("hidden_layers", DEFAULT_HIDDEN))
         m = cls(**params)
         m.__dict__.update(fitted)
@@ -648,6 +656,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         return tags
 
 
-def load(path: str | os.PathLike) -> ParametricUMAP:
-    """Load a model saved with :meth:`ParametricUMAP.save`."""
-    return ParametricUMAP.load(path)
+def load(path: str | os.PathLike,
+         networks: Mapping[str, Callable] | None = None) -> ParametricUMAP:
+    """Load a model saved with :meth:`ParametricUMAP.save` (see there for ``networks``)."""
+    return ParametricUMAP.load(path, networks)

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .errors import InputError
+
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "X"
@@ -43,6 +45,62 @@ def _require_onnx() -> Any:
     return onnx
 
 
+def is_pumap_onnx(path: str | os.PathLike) -> bool:
+    """True when ``path`` is an ONNX file :func:`export_encoder` wrote (its metadata names
+    pumap_dask as the producer); False for anything else, or without ``onnx``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return False
+    try:
+        import onnx
+    except ImportError:
+        return False
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # not ONNX: onnx raises several types (DecodeError, OSError, ...)
+        return False
+    return any(p.key == "producer" and p.value == "pumap_dask" for p in model.metadata_props)
+
+
+def check_export_path(path: str | os.PathLike, *, overwrite: bool = True) -> str:
+    """Refuse an export path where writing would replace something pumap_dask did not write.
+
+    Parameters
+    ----------
+    path
+        The ``.onnx`` file to write.
+    overwrite
+        Whether an earlier pumap_dask export there may be replaced (never anything else).
+
+    Returns
+    -------
+    str
+        The absolute path.
+
+    Raises
+    ------
+    InputError
+        For a directory, an existing file without ``overwrite``, or a file pumap_dask did
+        not export (the message names ``--overwrite`` or asks for another path).
+    ImportError
+        When a file is there and ``onnx`` is not installed to read it.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"the export path {path} is a directory; pass the path of the .onnx "
+                         f"file to write, e.g. {os.path.join(path, 'encoder.onnx')}")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise InputError(f"{path} exists; pass --overwrite to replace an earlier export, "
+                             "or choose another path")
+        _require_onnx()  # to tell an earlier export from anything else
+        if not is_pumap_onnx(path):
+            raise InputError(f"{path} exists and is not an ONNX model pumap_dask exported; it "
+                             "is never overwritten (not even with --overwrite): choose another "
+                             "path or move the file away")
+    return path
+
+
 def export_encoder(encoder: torch.nn.Module, path: str | os.PathLike, *,
                    opset_version: int | None = None,
                    metadata: dict[str, Any] | None = None) -> str:
@@ -53,7 +111,8 @@ def export_encoder(encoder: torch.nn.Module, path: str | os.PathLike, *,
     encoder
         The frozen encoder; it is copied to the CPU in eval mode, the original is untouched.
     path
-        The ``.onnx`` file to write (its directory is created; an existing file is replaced).
+        The ``.onnx`` file to write (its directory is created; an earlier export there is
+        replaced, anything else is refused: :func:`check_export_path`).
     opset_version
         ONNX opset of the export (None: torch's default, 18 or above with current torch).
     metadata
@@ -68,9 +127,11 @@ def export_encoder(encoder: torch.nn.Module, path: str | os.PathLike, *,
     ------
     ImportError
         When ``onnx`` is not installed (the message says how to install it).
+    InputError
+        When ``path`` is a directory or a file pumap_dask did not export.
     """
     onnx = _require_onnx()
-    path = os.path.abspath(os.fspath(path))
+    path = check_export_path(path)  # an earlier export is replaced, nothing else
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     enc = copy.deepcopy(encoder).cpu().float().eval()
     for p in enc.parameters():

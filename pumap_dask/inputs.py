@@ -8,7 +8,8 @@ checks the pipeline, the command line and ``embed`` share.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,17 @@ import numpy as np
 from .arrays import is_cupy, to_host
 from .errors import InputError
 from .graph import label_codes
-from .io import as_dask, check_array, checked_finite, flatten_input, input_shape_of, is_lazy
+from .io import (
+    as_dask,
+    block_digests,
+    block_sha256,
+    check_array,
+    checked_finite,
+    content_sha256,
+    flatten_input,
+    input_shape_of,
+    is_lazy,
+)
 
 logger = logging.getLogger(__name__)
 # Largest training matrix (bytes, float32) loaded into the training process for lazy input.
@@ -47,6 +58,7 @@ class InputHandle:
     source: Any
     key: str | None
     input_shape: tuple | None = None  # trailing shape of n-D numpy input (rows flattened)
+    _identity: dict | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
@@ -75,6 +87,28 @@ class InputHandle:
             logger.info("loading %d x %d input into memory for training", self.n, self.d)
             self.data = check_array(checked_finite(self.darr).compute(), what="X")
         return self.data
+
+    def identity(self) -> dict:
+        """What the input is, by content: ``{"rows", "features", "sha256"}``.
+
+        In-memory rows are hashed directly; lazy input block by block on the workers, in
+        one read that also checks every block for NaN (so a bad late block fails here,
+        before the kNN). Work-directory artefacts (kNN cache, training checkpoints) are
+        reused only for the same identity, and the saved model records it.
+        """
+        if self._identity is None:
+            if self.data is not None:
+                sha = content_sha256(np.frombuffer(bytes.fromhex(block_sha256(self.data)),
+                                                   np.uint8), self.data.shape,
+                                     (self.data.shape[0],))
+            else:
+                t0 = time.perf_counter()
+                digests = block_digests(self.darr).compute()
+                sha = content_sha256(digests, self.darr.shape, self.darr.chunks[0])
+                logger.info("input identity: %d blocks read and hashed in %.1fs",
+                            len(digests), time.perf_counter() - t0)
+            self._identity = {"rows": self.n, "features": self.d, "sha256": sha}
+        return self._identity
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Some rows (sorted ids) in memory, read from the input without loading the rest."""

@@ -7,6 +7,7 @@ actually read, and name the offending row block.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -60,12 +61,18 @@ def open_zarr(path: str | os.PathLike, key: str | None = None):
         if key is not None:
             raise InputError(f"{path!r} is a Zarr array, not a group; drop key={key!r}")
         return node
+    if key is not None:
+        check_key(key, path)
     keys = [key] if key is not None else [DEFAULT_ANNDATA_KEY, "X"]
     for k in keys:
         try:
             arr = node[k]
         except KeyError:
             continue
+        except ValueError as exc:  # a path zarr refuses to resolve
+            raise InputError(f"key {k!r} is not an array path inside {path!r} ({exc}); pass "
+                             "key= (CLI: --key) naming one of its arrays, such as "
+                             f"{DEFAULT_ANNDATA_KEY!r}") from None
         if isinstance(arr, zarr.Array):
             if key is None and k != DEFAULT_ANNDATA_KEY:
                 logger.warning("%s has no %r; using its %r array (%d x %d). Pass key= (CLI: "
@@ -81,6 +88,36 @@ def open_zarr(path: str | os.PathLike, key: str | None = None):
         f"no array {' or '.join(repr(k) for k in keys)} in the Zarr group {path!r}; "
         f"pass key= naming one of its arrays (top level: {sorted(node.keys())})"
     )
+
+
+def check_key(key: Any, path: str = "the store") -> str:
+    """Refuse a ``key`` that is not a plain array path inside a Zarr group.
+
+    Parameters
+    ----------
+    key
+        An array path such as ``obsm/X_pca``: non-empty ``/``-separated names, none of them
+        ``.`` or ``..`` (a key never reaches outside its store).
+    path
+        The store, for the message.
+
+    Returns
+    -------
+    str
+        ``key``.
+
+    Raises
+    ------
+    InputError
+        For anything else, naming ``--key``.
+    """
+    parts = key.strip("/").split("/") if isinstance(key, str) else []
+    if not parts or any(p in ("", ".", "..") for p in parts):
+        raise InputError(f"key {key!r} is not an array path inside {path!r}: pass key= (CLI: "
+                         f"--key) naming an array of that store, such as "
+                         f"{DEFAULT_ANNDATA_KEY!r} (no '.' or '..' parts; to read another "
+                         "store, pass its path as the input)")
+    return key
 
 
 def _check_shape_dtype(shape: tuple, dtype: np.dtype, what: str) -> None:
@@ -133,7 +170,7 @@ def check_array(X: Any, *, what: str = "X", min_samples: int = 1) -> np.ndarray:
     _check_shape_dtype(arr.shape, arr.dtype, what)
     if arr.shape[0] < min_samples:
         raise InputError(f"{what} has {arr.shape[0]} samples; at least {min_samples} needed")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    arr = _to_float32(arr, what=what, copy=False)
     finite = np.isfinite(arr)
     if not finite.all():
         bad = np.flatnonzero(~finite.all(axis=1))
@@ -142,6 +179,7 @@ def check_array(X: Any, *, what: str = "X", min_samples: int = 1) -> np.ndarray:
             f"(first: {bad[:5].tolist()}); "
             "impute or drop them first"
         )
+    _check_range(arr, what, "")
     return arr
 
 
@@ -193,26 +231,138 @@ def as_dask(X: Any, *, key: str | None = None, what: str = "X", chunk_rows: int 
                     "(call x.rechunk({1: -1}) yourself to avoid this)", what, len(darr.chunks[1]))
         darr = darr.rechunk({1: -1})
     if darr.dtype != np.float32:
-        darr = darr.astype(np.float32)
+        if np.issubdtype(darr.dtype, np.floating) and darr.dtype.itemsize > 4:
+            # the one cast to float32, checked: values beyond its range fail by name
+            meta = getattr(darr, "_meta", None)
+            meta = meta.astype(np.float32) if meta is not None else np.empty((0, 0), np.float32)
+            darr = darr.map_blocks(_to_float32, what=what, dtype=np.float32, meta=meta)
+        else:
+            darr = darr.astype(np.float32)
     return darr
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def float32_limit(n_features: int) -> float:
+    """The largest absolute value rows of ``n_features`` values may hold so that squared
+    distances between them stay finite in float32 (the kNN, graph and training compute in
+    float32): ``sqrt(float32 max / (4 n_features))``."""
+    return math.sqrt(FLOAT32_MAX / (4 * max(1, int(n_features))))
+
+
+def _where(block_info) -> str:
+    if not block_info:
+        return ""
+    loc = block_info[0]["array-location"][0]
+    return f" in row block [{loc[0]}, {loc[1]})"
+
+
+def _overflow_error(what: str, largest: float, where: str, detail: str) -> InputError:
+    return InputError(
+        f"{what} has values up to {largest:.3g} in absolute value{where}, which overflow "
+        f"float32 ({detail}): scale the data down first, e.g. standardise each feature or "
+        f"divide {what} by {largest:.0e}")
+
+
+def _to_float32(block: Any, block_info=None, what: str = "X", copy: bool = True) -> Any:
+    """``block`` as float32, failing (by name, not as infinities later) when finite values
+    lie beyond float32's range."""
+    with np.errstate(over="ignore"):  # an overflow is reported below, by name
+        out = block.astype(np.float32, copy=copy) if hasattr(block, "astype") \
+            else np.asarray(block, dtype=np.float32)
+    if np.issubdtype(block.dtype, np.floating) and block.dtype.itemsize > 4 \
+            and bool(np.isinf(out).any()):
+        src_finite = np.isfinite(block)
+        if bool((src_finite & ~np.isfinite(out)).any()):
+            finite = block[src_finite]
+            largest = max(float(finite.max()), -float(finite.min()))
+            raise _overflow_error(what, largest, _where(block_info),
+                                  f"its largest value is {FLOAT32_MAX:.3g}, and the input is "
+                                  "cast to float32")
+    if not copy:
+        out = np.ascontiguousarray(out)
+    return out
+
+
+def _check_range(block: Any, what: str, where: str, largest: float | None = None) -> None:
+    """Fail when finite values are so large that squared distances between rows overflow
+    float32 (which otherwise surfaces as an empty kNN graph or NaN training)."""
+    if block.size == 0:
+        return
+    if largest is None:
+        largest = max(float(block.max()), -float(block.min()))
+    d = block.shape[1] if block.ndim == 2 else 1
+    limit = float32_limit(d)
+    if largest > limit:
+        raise _overflow_error(what, largest, where,
+                              f"squared distances between rows of {d} features overflow "
+                              f"float32 above {limit:.2g}")
+
+
 def _finite_block(block: np.ndarray, block_info=None, what: str = "X") -> np.ndarray:
-    if not np.isfinite(block).all():
+    """``block`` unchanged, after checking that it is finite and within float32's usable
+    range: two reductions (the max and min propagate NaN and infinities), no temporary."""
+    if block.size == 0:
+        return block
+    hi, lo = float(block.max()), float(block.min())
+    if not (math.isfinite(hi) and math.isfinite(lo)):
         loc = block_info[0]["array-location"][0] if block_info else ("?", "?")
         rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
+        start = int(loc[0]) if block_info else 0
         raise InputError(
             f"{what} contains NaN or infinite values in row block [{loc[0]}, {loc[1]}) "
-            f"(first bad rows: {[int(loc[0]) + int(r) for r in rows[:5]]}); "
+            f"(first bad rows: {[start + int(r) for r in rows[:5]]}); "
             "impute or drop them first"
         )
+    _check_range(block, what, _where(block_info), largest=max(hi, -lo))
     return block
+
+
+def block_sha256(block: np.ndarray) -> str:
+    """sha256 of a block's rows as C-ordered float32 (its shape included): the content
+    identity of one block of an input."""
+    arr = np.ascontiguousarray(block, dtype=np.float32)
+    h = hashlib.sha256(f"{arr.shape}".encode())
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
+def _digest_block(block: np.ndarray, block_info=None, what: str = "X",
+                  finite: bool = True) -> np.ndarray:
+    """The content digest of one block and (``finite``) its finiteness check, in one read."""
+    if finite:
+        _finite_block(block, block_info, what)
+    return np.frombuffer(bytes.fromhex(block_sha256(block)), dtype=np.uint8)[None, :]
+
+
+def block_digests(darr, what: str = "X", finite: bool = True):
+    """A lazy (n_blocks, 32) uint8 array: each row block's sha256, computed in the same
+    pass as its finiteness check (:func:`checked_finite`; ``finite=False``: no check), so
+    a caller that reads every block anyway gets the identity for the cost of hashing."""
+    darr = darr.rechunk({1: -1}) if len(darr.chunks[1]) > 1 else darr
+    return darr.map_blocks(_digest_block, what=what, finite=finite, dtype=np.uint8,
+                           chunks=((1,) * len(darr.chunks[0]), (32,)),
+                           meta=np.empty((0, 0), np.uint8))
+
+
+def content_sha256(digests: np.ndarray, shape: tuple, chunks: tuple) -> str:
+    """One identity for a whole input from its per-block digests and its blocking."""
+    h = hashlib.sha256(f"{tuple(map(int, shape))}{tuple(map(int, chunks))}".encode())
+    h.update(np.ascontiguousarray(digests, dtype=np.uint8).tobytes())
+    return h.hexdigest()
 
 
 def checked_finite(darr, what: str = "X"):
     """Return ``darr`` with a per-block finiteness check that runs when blocks are computed."""
     return darr.map_blocks(_finite_block, what=what, dtype=darr.dtype,
                            meta=np.empty((0, 0), darr.dtype))
+
+
+def path_within(inner: str | os.PathLike, outer: str | os.PathLike) -> bool:
+    """True when ``inner`` is ``outer`` or lies inside it (symbolic links resolved)."""
+    a, b = os.path.realpath(os.fspath(inner)), os.path.realpath(os.fspath(outer))
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
 
 
 def write_json_atomic(path: str, doc: dict) -> None:
@@ -294,3 +444,43 @@ def to_jsonable(value: Any, *, float32: bool = False) -> Any:
     if hasattr(value, "tolist"):
         return to_jsonable(value.tolist(), float32=float32)
     return str(value)
+
+
+def current_umask() -> int:
+    """The process's file mode creation mask (read without changing it for long)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give a directory tree the modes the user's umask asks for.
+
+    Directories become ``0o777 & ~umask`` and files ``0o666 & ~umask`` (what ``mkdir`` and
+    ``open`` make), so a tree built in a private temporary directory (``mkdtemp`` makes
+    0700) and renamed into place is as readable as anything else the user writes.
+    Symbolic links are left alone and never followed.
+
+    Parameters
+    ----------
+    path
+        A directory (its whole tree) or a single file.
+    """
+    mask = current_umask()
+    dir_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
+    path = os.fspath(path)
+    if os.path.islink(path):
+        return
+    if not os.path.isdir(path):
+        os.chmod(path, file_mode)
+        return
+    os.chmod(path, dir_mode)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, dir_mode)
+        for name in files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, file_mode)

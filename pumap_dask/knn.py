@@ -435,7 +435,7 @@ def nearest_neighbors_numpy(
     }
     if method not in backends:
         raise ParameterError(f"knn_method for in-memory data must be one of {sorted(backends)} or "
-                         f"'auto', got {method!r}")
+                             f"'auto', got {method!r}")
     t0 = time.perf_counter()
     out = backends[method]()
     logger.info("kNN (%s, %s, k=%d) on %d x %d in %.2fs", method, metric, n_neighbors,

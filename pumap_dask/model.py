@@ -38,14 +38,15 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, NoReturn
+from typing import Any, Mapping, NoReturn
 
 import numpy as np
 import torch
 
-from . import networks
 from .encoder import Encoder, encoder_spec
-from .errors import ModelFileError
+from .errors import ModelFileError, NetworkError, TrainingError
+from .io import apply_umask
+from .networks import decoder_from_spec, encoder_from_spec
 from .params import METRICS, writable_location
 
 logger = logging.getLogger(__name__)
@@ -297,6 +298,12 @@ def validate_config(doc: Any, path: str | os.PathLike) -> dict[str, Any]:
     for key in ("reconstruction_history", "validation_reconstruction"):
         _require(fitted, key, lambda v: v is None or _number_list(v), "a list of numbers",
                  "fitted", cfg_path, optional=True)
+    _require(fitted, "input_identity",
+             lambda v: v is None or (is_dict(v) and _pos_int(v.get("rows"))
+                                     and _pos_int(v.get("features"))
+                                     and _sha256_str(v.get("sha256"))),
+             "null or an object of rows, features and a sha256", "fitted", cfg_path,
+             optional=True)
     for key in ("peak_memory", "worker_peak_memory"):  # bytes per stage (optional)
         _require(fitted, key, lambda v: is_dict(v) and all(map(_is_number, v.values())),
                  "an object of numbers", "fitted", cfg_path, optional=True)
@@ -401,6 +408,12 @@ def save_model(path: str | os.PathLike, encoder: Encoder, config: dict[str, Any]
     path = os.path.abspath(os.fspath(path))
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    for what, net in (("encoder", encoder), ("decoder", decoder)):
+        bad = None if net is None else nonfinite_tensor(net.state_dict())
+        if bad is not None:
+            raise TrainingError(f"refusing to save a model whose {what} has non-finite weights "
+                                f"({bad!r}): the fit diverged; refit with a lower "
+                                "learning_rate")
     check_model_path(path)
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
@@ -435,6 +448,7 @@ def save_model(path: str | os.PathLike, encoder: Encoder, config: dict[str, Any]
         doc[CONFIG_HASH] = config_sha256(doc)
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(doc, f, indent=2, sort_keys=True)
+        apply_umask(tmp)  # mkdtemp makes 0700: the model follows the user's umask
         if os.path.exists(path):
             old = path + ".old-" + os.path.basename(tmp)
             os.rename(path, old)
@@ -556,13 +570,29 @@ def checked_file(path: str | os.PathLike, name: str, sha256: str, what: str,
 def _read_state(fpath: str) -> Any:
     """A torch state dict from a model file (checked by :func:`checked_file` first)."""
     try:
-        return torch.load(fpath, map_location="cpu", weights_only=True)
+        state = torch.load(fpath, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelFileError(f"cannot read {fpath} ({type(exc).__name__}: {exc}); the file is "
                              f"corrupt: {_FIX}") from exc
+    bad = nonfinite_tensor(state) if isinstance(state, dict) else None
+    if bad is not None:
+        raise ModelFileError(f"{fpath} holds non-finite weights ({bad!r} has NaN or infinite "
+                             "values): the fit that saved it diverged; refit with a lower "
+                             "learning_rate")
+    return state
 
 
-def load_encoder(path: str | os.PathLike, verify: bool = True) -> tuple[Encoder, dict[str, Any]]:
+def nonfinite_tensor(state: Mapping[str, Any]) -> str | None:
+    """The name of the first floating tensor of ``state`` with a NaN or infinite value."""
+    for name, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() \
+                and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
+def load_encoder(path: str | os.PathLike, verify: bool = True,
+                 networks: Mapping[str, Any] | None = None) -> tuple[Encoder, dict[str, Any]]:
     """Rebuild the encoder of a saved model and check its weights against the stored hash.
 
     Parameters
@@ -571,6 +601,9 @@ def load_encoder(path: str | os.PathLike, verify: bool = True) -> tuple[Encoder,
         The model directory.
     verify
         Check ``weights.pt`` against the sha256 recorded in ``config.json``.
+    networks
+        Factories of custom networks, by the name the model records (see
+        :func:`rebuild_network`); the built-in encoder needs none.
 
     Returns
     -------
@@ -588,7 +621,7 @@ def load_encoder(path: str | os.PathLike, verify: bool = True) -> tuple[Encoder,
     state = _read_state(wpath)
     spec = doc["encoder"]
     if "factory" in spec:  # a custom network: its factory rebuilds it (no pickle)
-        custom = rebuild_network(spec, "encoder", path)
+        custom = rebuild_network(spec, "encoder", path, networks)
         expected = {k: tuple(v.shape) for k, v in custom.state_dict().items()}
     else:
         custom = None
@@ -612,25 +645,26 @@ def load_encoder(path: str | os.PathLike, verify: bool = True) -> tuple[Encoder,
     return enc.eval(), doc
 
 
-def rebuild_network(spec: dict[str, Any], what: str, path: str | os.PathLike) -> Any:
-    """An untrained custom encoder or decoder rebuilt from its config block.
+def rebuild_network(spec: dict[str, Any], what: str, path: str | os.PathLike,
+                    networks: Mapping[str, Any] | None = None) -> Any:
+    """An untrained custom encoder or decoder rebuilt from its config block, by a factory
+    the caller passed in ``networks`` (name -> callable); nothing named in the file is
+    imported.
 
     Raises
     ------
     ModelFileError
-        When its factory cannot be imported, fails, or builds a network of another shape.
+        When its factory is not in ``networks`` (the message says how to pass it), fails,
+        or builds a network of another shape.
     """
-
-    build = networks.encoder_from_spec if what == "encoder" else networks.decoder_from_spec
+    build = encoder_from_spec if what == "encoder" else decoder_from_spec
     name = spec.get("factory", "the default decoder")
     try:
         with torch.random.fork_rng(devices=[]):  # weights are loaded next: keep the RNG
-            return build(spec)
-    except ImportError as exc:
-        raise ModelFileError(f"cannot load the model at {os.fspath(path)!r}: its {what} is "
-                             f"built by the factory {name!r}, which cannot be imported "
-                             f"({exc}); install or put on the Python path the package that "
-                             "defines it, under the same name") from None
+            return build(spec, networks)
+    except NetworkError as exc:
+        raise ModelFileError(f"cannot load the model at {os.fspath(path)!r}: its {what} "
+                             f"{exc}") from None
     except Exception as exc:
         raise ModelFileError(f"cannot load the model at {os.fspath(path)!r}: the factory "
                              f"{name!r} of its {what} failed when called with "
@@ -638,7 +672,8 @@ def rebuild_network(spec: dict[str, Any], what: str, path: str | os.PathLike) ->
                              ) from exc
 
 
-def load_decoder(path: str | os.PathLike, doc: dict[str, Any], verify: bool = True) -> Any:
+def load_decoder(path: str | os.PathLike, doc: dict[str, Any], verify: bool = True,
+                 networks: Mapping[str, Any] | None = None) -> Any:
     """The trained decoder of a saved model, or None when it has none.
 
     Parameters
@@ -654,13 +689,14 @@ def load_decoder(path: str | os.PathLike, doc: dict[str, Any], verify: bool = Tr
     ------
     ModelFileError
         When ``decoder.pt`` is missing, does not match its checksum, cannot be read, its
-        factory cannot be imported, or it does not fit the recorded architecture.
+        factory is not in ``networks`` (see :func:`rebuild_network`), or it does not fit the
+        recorded architecture.
     """
     if "decoder" not in doc:
         return None
     dpath = checked_file(path, DECODER, doc["decoder_sha256"], "decoder was", verify)
     state = _read_state(dpath)
-    dec = rebuild_network(doc["decoder"], "decoder", path)
+    dec = rebuild_network(doc["decoder"], "decoder", path, networks)
     problem = _state_mismatch(state, {k: tuple(v.shape) for k, v in dec.state_dict().items()})
     if problem:
         raise ModelFileError(f"{dpath} does not fit the decoder described in {CONFIG} "

@@ -53,7 +53,7 @@ import copy
 import importlib
 import logging
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -265,7 +265,7 @@ class Decoder(nn.Module):
         super().__init__()
         if loss not in RECONSTRUCTION_LOSSES:
             raise NetworkError(f"reconstruction_loss must be one of {RECONSTRUCTION_LOSSES}, "
-                             f"got {loss!r}")
+                               f"got {loss!r}")
         self.net = net
         self.n_components = int(n_components)
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -384,30 +384,58 @@ def build_decoder(spec: Any, input_shape: tuple[int, ...], n_components: int, lo
     return Decoder(net, n_components, input_shape, loss)
 
 
-def encoder_from_spec(spec: dict[str, Any]) -> CustomEncoder:
-    """Rebuild (untrained) the custom encoder a config's ``encoder`` block describes.
+def allowed_factory(name: str, factories: Mapping[str, Callable] | None) -> Callable:
+    """The factory a saved model names, taken only from ``factories`` (what the caller
+    passed): a model file is data and never makes this package import or call code.
 
     Raises
     ------
-    ImportError
-        When the factory cannot be imported; NetworkError when it builds no fitting module.
+    NetworkError
+        When ``name`` is not among ``factories`` (the message says how to allow it).
     """
-    fn = import_factory(spec["factory"])
+    fn = (factories or {}).get(name)
+    if fn is None or not callable(fn):
+        raise NetworkError(
+            f"is built by the custom network factory {name!r}, and a model file never "
+            "runs code it names: pass it when loading, "
+            f"pumap_dask.load(path, networks={{{name!r}: the_factory}}) (command line: "
+            f"--allow-network {name})")
+    return fn
+
+
+def factories_by_name(names: Iterable[str]) -> dict[str, Callable]:
+    """Import the named factories the user allows (CLI ``--allow-network NAME``)."""
+    return {name: import_factory(name) for name in names}
+
+
+def encoder_from_spec(spec: dict[str, Any],
+                      factories: Mapping[str, Callable] | None = None) -> CustomEncoder:
+    """Rebuild (untrained) the custom encoder a config's ``encoder`` block describes, with
+    its factory taken from ``factories`` (see :func:`allowed_factory`).
+
+    Raises
+    ------
+    NetworkError
+        When the factory is not allowed, or builds no fitting module.
+    """
+    fn = allowed_factory(spec["factory"], factories)
     net = build(fn, _call_arg(spec["factory_arg"]))
     setattr(net, FACTORY_ATTR, spec["factory"])
     setattr(net, FACTORY_ARG_ATTR, spec["factory_arg"])
     return CustomEncoder(net, tuple(spec["input_shape"]), spec["n_components"])
 
 
-def decoder_from_spec(spec: dict[str, Any]) -> Decoder:
-    """Rebuild (untrained) the decoder a config's ``decoder`` block describes."""
+def decoder_from_spec(spec: dict[str, Any],
+                      factories: Mapping[str, Callable] | None = None) -> Decoder:
+    """Rebuild (untrained) the decoder a config's ``decoder`` block describes (a custom
+    one's factory taken from ``factories``, see :func:`allowed_factory`)."""
     shape = tuple(spec["input_shape"])
     if "factory" not in spec:
         net = default_decoder_net(spec["n_components"], spec["n_features"],
                                   tuple(spec["hidden_layers"]))
         return Decoder(net, spec["n_components"], shape, spec.get("loss", "mse"),
                        hidden_layers=tuple(spec["hidden_layers"]))
-    fn = import_factory(spec["factory"])
+    fn = allowed_factory(spec["factory"], factories)
     net = build(fn, _call_arg(spec["factory_arg"]))
     setattr(net, FACTORY_ATTR, spec["factory"])
     setattr(net, FACTORY_ARG_ATTR, spec["factory_arg"])

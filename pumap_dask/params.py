@@ -118,10 +118,11 @@ def layers(name: str, value: Any) -> tuple[int, ...]:
         widths = tuple(value)
     except TypeError:
         raise ParameterError(f"{name} must be a non-empty sequence of positive integers, e.g. "
-                         f"(128, 64, 32), got {value!r}") from None
+                             f"(128, 64, 32), got {value!r}") from None
     if not widths:
-        raise ParameterError(f"{name} must hold at least one hidden layer width, e.g. (128, 64, 32); "
-                         "got an empty sequence")
+        raise ParameterError(f"{name} must hold at least one hidden layer width, e.g. "
+                             "(128, 64, 32); "
+                             "got an empty sequence")
     for w in widths:
         positive_int(f"each width in {name}", w)
     return tuple(int(w) for w in widths)
@@ -133,7 +134,7 @@ def min_dist_spread(min_dist: Any, spread: Any) -> tuple[float, float]:
     m = real("min_dist", min_dist, low=0.0)
     if m > s:
         raise ParameterError(f"min_dist must not exceed spread (min_dist={min_dist!r}, "
-                         f"spread={spread!r}); lower min_dist or raise spread")
+                             f"spread={spread!r}); lower min_dist or raise spread")
     return m, s
 
 
@@ -162,7 +163,7 @@ def writable_location(path: str, name: str) -> None:
         raise ParameterError(f"{name}={path!r} cannot be created: {probe!r} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ParameterError(f"{name}={path!r} is not writable (no write permission on "
-                         f"{probe!r}); choose another location")
+                             f"{probe!r}); choose another location")
 
 
 def knn_kwds(value: Any, name: str = "knn_kwds", *, local_method: bool = True) -> dict:
@@ -177,7 +178,7 @@ def knn_kwds(value: Any, name: str = "knn_kwds", *, local_method: bool = True) -
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ParameterError(f"{name} must be None or a dict with string keys, e.g. "
-                         f"{{'M': 16, 'ef': 64}}, got {value!r}"[:200])
+                             f"{{'M': 16, 'ef': 64}}, got {value!r}"[:200])
     for k, v in value.items():
         if k in ("M", "ef_construction", "ef", "n_trees", "n_iters", "max_candidates",
                  "block_size"):
@@ -185,7 +186,7 @@ def knn_kwds(value: Any, name: str = "knn_kwds", *, local_method: bool = True) -
         elif k == "local_method":
             if not local_method:
                 raise ParameterError(f"{name} cannot hold 'local_method'; pass local_method= "
-                                 "instead")
+                                     "instead")
             choice(f"{name}['local_method']", v, ("nndescent", "hnsw"))
     return dict(value)
 
@@ -278,12 +279,13 @@ def callbacks(value: Any) -> list:
         return []
     if callable(value) or not isinstance(value, (list, tuple)):
         raise ParameterError("callbacks must be None or a list of callables "
-                         "callback(epoch, loss, model) -> bool | None, got "
-                         f"{type(value).__name__} {value!r}"[:200])
+                             "callback(epoch, loss, model) -> bool | None, got "
+                             f"{type(value).__name__} {value!r}"[:200])
     for i, cb in enumerate(value):
         if not callable(cb):
-            raise ParameterError(f"callbacks[{i}] must be callable as callback(epoch, loss, model), "
-                             f"got {cb!r}"[:200])
+            raise ParameterError(f"callbacks[{i}] must be callable as callback(epoch, loss, "
+                                 "model), "
+                                 f"got {cb!r}"[:200])
     return list(value)
 
 
@@ -315,20 +317,20 @@ def landmark_positions(value: Any, n_samples: int, n_components: int,
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         raise ParameterError(f"{name} must be a numeric array of shape ({n_samples}, "
-                         f"{n_components}) (NaN rows for points without a landmark), got "
-                         f"{type(value).__name__}") from None
+                             f"{n_components}) (NaN rows for points without a landmark), got "
+                             f"{type(value).__name__}") from None
     if arr.shape != (n_samples, n_components):
         raise ParameterError(f"{name} must have shape ({n_samples}, {n_components}): one row per "
-                         f"row of X, one column per embedding dimension (NaN rows for points "
-                         f"without a landmark); got shape {arr.shape}")
+                             f"row of X, one column per embedding dimension (NaN rows for points "
+                             f"without a landmark); got shape {arr.shape}")
     nan = np.isnan(arr)
     partial = nan.any(1) & ~nan.all(1)
     if partial.any():
         raise ParameterError(f"{name} row {int(np.flatnonzero(partial)[0])} is NaN in some "
-                         "coordinates only; a row is either a full position or all NaN")
+                             "coordinates only; a row is either a full position or all NaN")
     if np.isinf(arr).any():
         raise ParameterError(f"{name} must be finite (or NaN for rows without a landmark); row "
-                         f"{int(np.flatnonzero(np.isinf(arr).any(1))[0])} is infinite")
+                             f"{int(np.flatnonzero(np.isinf(arr).any(1))[0])} is infinite")
     rows = np.flatnonzero(~nan.any(1)).astype(np.int64)
     if len(rows) == 0:
         return None
@@ -362,10 +364,10 @@ def check_network_param(name: str, value: Any) -> None:
     if isinstance(value, str):
         if ":" not in value and "." not in value:
             raise ParameterError(f"{name} must name an importable factory as "
-                             f"'package.module:function', got {value!r}")
+                                 f"'package.module:function', got {value!r}")
         return
     raise ParameterError(f"{name} must be None, a torch.nn.Module, a factory callable or a "
-                     f"'package.module:function' string, got {type(value).__name__}")
+                         f"'package.module:function' string, got {type(value).__name__}")
 
 
 def check_network_params(est: Any) -> None:
@@ -378,7 +380,7 @@ def check_network_params(est: Any) -> None:
         raise ParameterError(f"parametric_reconstruction must be True or False, got {recon!r}")
     if not isinstance(getattr(est, "autoencoder_loss", False), (bool, np.bool_)):
         raise ParameterError("autoencoder_loss must be True or False, got "
-                         f"{getattr(est, 'autoencoder_loss', None)!r}")
+                             f"{getattr(est, 'autoencoder_loss', None)!r}")
     real("parametric_reconstruction_loss_weight",
          getattr(est, "parametric_reconstruction_loss_weight", 1.0), low=0.0)
     choice("reconstruction_loss", getattr(est, "reconstruction_loss", "mse"),

@@ -18,16 +18,13 @@ here, and nothing is gathered on the client for lazy input except the training m
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import distributed
 import numpy as np
@@ -57,6 +54,7 @@ from .params import refuse_ddp, single_process_reasons
 from .progress import Progress, stage
 from .reconstruction import build_for_fit, check_validation, reconstruction_error
 from .train import TrainConfig, build_encoder, default_epochs, find_ab_params, train_encoder
+from .workdir import work_directory
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +141,7 @@ class FitResult:
     input_shape: tuple | None = None
     reconstruction_history: list | None = None
     validation_reconstruction: list | None = None
+    input_identity: dict | None = None  # rows, features and content sha256 of X
 
     @property
     def n_epochs_run(self) -> int:
@@ -185,10 +184,13 @@ def knn_plan(handle: InputHandle, params: dict, device: str) -> str:
 
 
 def run_knn(handle: InputHandle, params: dict, device: str, *, work_dir: str | None = None,
-            knn: tuple | None = None, method: str | None = None) -> Neighbors:
+            knn: tuple | None = None, method: str | None = None,
+            content: str | None = None) -> Neighbors:
     """The kNN stage: precomputed, in memory, or partitioned across the Dask workers.
 
-    ``method`` is :func:`knn_plan`'s answer when the caller has it already.
+    ``method`` is :func:`knn_plan`'s answer when the caller has it already; ``content``
+    the input's digest (:meth:`InputHandle.identity`), which keys the work directory's
+    kNN cache.
     """
     k = params["n_neighbors"]
     if knn is not None:
@@ -202,7 +204,8 @@ def run_knn(handle: InputHandle, params: dict, device: str, *, work_dir: str | N
                                 random_state=params["random_state"], device=params["device"],
                                 key=handle.key, work_dir=work_dir,
                                 metric=params.get("metric", "euclidean"),
-                                local_method=local_method, method_kwds=kwds or None)
+                                local_method=local_method, method_kwds=kwds or None,
+                                content=content)
         return Neighbors(res.indices, res.distances, "partitioned",
                          None if res.recall is None else float(res.recall))
     X = handle.load()
@@ -259,11 +262,12 @@ def apply_labels(edges: Edges, y: np.ndarray, target_weight: float) -> Edges:
     ``target_weight`` semantics), pruned again.
 
     Partitioned fits mix the labels in on the workers instead
-    (:func:`pumap_dask.distributed.graph_dask.build_edge_store` with ``y``), through :func:`run_graph`.
+    (:func:`pumap_dask.distributed.graph_dask.build_edge_store` with ``y``), through
+    :func:`run_graph`.
     """
     if edges.graph is None:
         raise ParameterError("apply_labels needs the in-memory graph; a partitioned fit mixes the "
-                         "labels into its edge shards: pass y to run_graph")
+                             "labels into its edge shards: pass y to run_graph")
     graph = graph_stage.categorical_intersection(edges.graph, y, target_weight)
     head, tail, weight = graph_stage.graph_to_edges(graph, n_epochs=PRUNE_EPOCHS)
     n_known = int((graph_stage.label_codes(y) >= 0).sum())
@@ -374,21 +378,6 @@ def feature_stats(X: np.ndarray) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- driver
-@contextlib.contextmanager
-def work_directory(work_dir: str | None) -> Iterator[str]:
-    """The given work directory, or a temporary one (local workers only) removed after."""
-    if work_dir is not None:
-        os.makedirs(work_dir, exist_ok=True)
-        yield os.fspath(work_dir)
-        return
-    require_local_workers()
-    tmp = tempfile.mkdtemp(prefix="pumap_dask-")
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = None,
         y: Any = None, init_model: Any = None, landmark_positions: Any = None,
         validation_data: Any = None, graph: Any = None,
@@ -486,15 +475,17 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
         y = check_labels(y, handle.n)
     plan = plan_training(params, partitioned=partitioned, source=handle.source,
                          landmarks=landmarks is not None, init_model=init_encoder is not None)
+    identity = handle.identity()  # one read: NaN check and content digest, before the kNN
     timings["input"] = time.perf_counter() - t0
-    with (work_directory(params.get("work_dir")) if partitioned
-          else contextlib.nullcontext()) as wdir:
+    if partitioned and not params.get("work_dir"):
+        require_local_workers()  # a temporary work directory lives on this machine
+    with work_directory(params.get("work_dir"), temporary=partitioned) as wdir:
         if graph is not None:  # precomputed fuzzy graph: no kNN, no graph stage
             neighbors = Neighbors(None, None, "precomputed-graph")
         else:
             with timed("knn"):
                 neighbors = run_knn(handle, params, device, work_dir=wdir, knn=knn,
-                                    method=method)
+                                    method=method, content=identity["sha256"])
         with timed("graph"):
             edges = (run_graph(neighbors, params, work_dir=wdir, y=y) if graph is None
                      else precomputed_edges(graph))
@@ -509,9 +500,9 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                                                                     device)
         with timed("train"):
             cfg = train_config(params, len(edges), handle.d, device, a, b)
+            cfg = dataclasses.replace(cfg, input_sha256=identity["sha256"])
             if params.get("work_dir"):  # checkpoints beside the kNN and graph: a rerun resumes
-                cfg = dataclasses.replace(
-                    cfg, checkpoint_dir=os.path.join(params["work_dir"], "train"))
+                cfg = dataclasses.replace(cfg, checkpoint_dir=os.path.join(wdir, "train"))
             network, recon = build_for_fit(params, input_shape, cfg, Xtr,
                                            init_decoder=init_decoder)
             world = plan.world_size
@@ -545,7 +536,8 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                     input_shape=handle.input_shape,
                     reconstruction_history=None if recon is None else recon.history,
                     validation_reconstruction=(None if validation is None
-                                               else recon.validation))
+                                               else recon.validation),
+                    input_identity=identity)
     return res if n_new is None else drop_kept_rows(res, n_new)
 
 

@@ -30,9 +30,9 @@ import dask
 import numpy as np
 
 from . import plotting
-from .errors import ModelFileError, ParameterError
+from .errors import InputError, ModelFileError, ParameterError
 from .io import as_dask, check_n_features, to_jsonable, write_json_atomic
-from .model import EMBEDDING, load_embedding, load_encoder, read_config
+from .model import EMBEDDING, WEIGHTS, checked_file, load_embedding, read_config
 from .report_format import (
     NOT_RECORDED,
     RUN_CONFIG,
@@ -109,7 +109,8 @@ def model_summary(model_dir: str | os.PathLike) -> dict[str, Any]:
         When the directory is missing, incomplete, corrupt or was modified.
     """
     path = os.path.abspath(os.fspath(model_dir))
-    _, doc = load_encoder(path, verify=True)
+    doc = read_config(path)  # described, never rebuilt: a custom network's code is not run
+    checked_file(path, WEIGHTS, doc["weights_sha256"], "weights were")
     fitted, params, enc = doc["fitted"], doc["params"], doc["encoder"]
     history = [float(x) for x in fitted["loss_history"]]
     # optional (fits since peak-memory tracking); {} means nothing was recorded
@@ -140,6 +141,7 @@ def model_summary(model_dir: str | os.PathLike) -> dict[str, Any]:
         "run_config": _read_run_config(path),
         "has_embedding": "embedding_sha256" in doc,
         "weights_sha256": doc["weights_sha256"],
+        "input_identity": fitted.get("input_identity"),
     }
 
 
@@ -149,6 +151,13 @@ def model_summary(model_dir: str | os.PathLike) -> dict[str, Any]:
 def _kv(rows: list[tuple[str, Any]], indent: str = "  ") -> list[str]:
     width = max((len(k) for k, _ in rows), default=0)
     return [f"{indent}{k:<{width}}  {v}" for k, v in rows]
+
+
+def _identity_text(ident: dict | None) -> str:
+    if not ident:
+        return NOT_RECORDED
+    return (f"{fmt_num(ident['rows'])} x {fmt_num(ident['features'])} rows, content sha256 "
+            f"{ident['sha256'][:16]}...")
 
 
 def format_info(summary: dict[str, Any]) -> str:
@@ -184,6 +193,7 @@ def format_info(summary: dict[str, Any]) -> str:
         ("training embedding", f"saved ({EMBEDDING})" if summary["has_embedding"]
          else "not saved"),
         ("weights sha256", summary["weights_sha256"][:16] + "..."),
+        ("fitted on", _identity_text(summary.get("input_identity"))),
     ])
     lines += ["", "Parameters"]
     lines += _kv([(k, json.dumps(v)) for k, v in sorted(summary["params"].items())])
@@ -300,6 +310,58 @@ def _draw_embedding(emb: np.ndarray, codes: np.ndarray | None, names: list[str] 
     return out
 
 
+def _is_report_file(path: str) -> bool:
+    """True when ``path`` is a report.json / report.html that :func:`write_report` wrote."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+            return isinstance(doc, dict) and "report_version" in doc and "summary" in doc
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        return head.startswith(b"<!DOCTYPE html>") and b"<title>pumap_dask report:" in head
+    except (OSError, ValueError):
+        return False
+
+
+def check_report_dir(out_dir: str | os.PathLike) -> str:
+    """Refuse a report location where writing would replace something pumap_dask did not write.
+
+    ``out_dir`` may be absent, a directory, or a directory holding an earlier report (whose
+    two files a new report replaces); a file there, or a ``report.json`` / ``report.html``
+    written by anything else, is refused.
+
+    Parameters
+    ----------
+    out_dir
+        The intended report directory.
+
+    Returns
+    -------
+    str
+        The absolute path.
+
+    Raises
+    ------
+    InputError
+        Naming the path and what to pass instead (CLI: ``--out``).
+    """
+    out = os.path.abspath(os.fspath(out_dir))
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise InputError(f"the report directory {out} exists and is not a directory; pass a "
+                         "directory for report.html and report.json (CLI: --out DIR, new or "
+                         "holding an earlier report)")
+    for name in (REPORT_JSON, REPORT_HTML):
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and not _is_report_file(path):
+            raise InputError(f"{path} exists and was not written by pumap_dask; it is never "
+                             "overwritten: pass another report directory (CLI: --out DIR) or "
+                             "move the file away")
+    return out
+
+
 def write_report(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                  data: Any = None, key: str | None = None, labels: Any = None,
                  n_sample: int = 5000, n_neighbors: int = 15, random_state: int = 0,
@@ -311,7 +373,9 @@ def write_report(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     model_dir
         The saved model.
     out_dir
-        Where to write the two files (default: ``model_dir``); created if missing.
+        Where to write the two files (default: ``model_dir``); created if missing. An
+        earlier report there is replaced; a file there, or a ``report.json`` /
+        ``report.html`` pumap_dask did not write, is refused (:func:`check_report_dir`).
     data
         Rows to embed and measure: anything :func:`pumap_dask.io.as_dask` accepts (a Zarr
         array / AnnData store path, ``zarr.Array``, dask or numpy array). Without it the
@@ -344,7 +408,8 @@ def write_report(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     ImportError
         When matplotlib is missing (``pip install pumap_dask[plot]``).
     InputError
-        For data or labels that do not fit the model.
+        For data or labels that do not fit the model, or an ``out_dir`` that is a file or
+        holds report files pumap_dask did not write (:func:`check_report_dir`).
     """
 
     plotting.require_matplotlib()  # fail before any expensive work
@@ -354,10 +419,14 @@ def write_report(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                 or value < least:
             raise ParameterError(f"{name} must be an integer >= {least}, got {value!r}")
     t_start = time.perf_counter()
+    out_dir = check_report_dir(out_dir if out_dir is not None else model_dir)
     summary = model_summary(model_dir)
     model_dir = summary["model_dir"]
-    out_dir = os.path.abspath(os.fspath(out_dir if out_dir is not None else model_dir))
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the report directory {out_dir} ({exc.strerror}): "
+                         "pass a writable out_dir (CLI: --out DIR)") from None
     steps: dict[str, float] = {}
     figures: dict[str, bytes] = {}
     codes, names = None, None
@@ -441,6 +510,6 @@ def write_report(model_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     return {**report, "paths": {"json": json_path, "html": html_path}}
 
 
-__all__ = ["ModelFileError", "embed_all", "format_info", "knn_preservation",
+__all__ = ["ModelFileError", "check_report_dir", "embed_all", "format_info", "knn_preservation",
            "load_labels", "model_summary", "quality_metrics", "sample_rows",
            "write_report"]

@@ -45,6 +45,29 @@ def _read_zarr_labels(node: Any, where: str) -> tuple[np.ndarray, list[str] | No
                      "(codes + categories)")
 
 
+def read_labels_file(path: str | os.PathLike) -> np.ndarray:
+    """The labels saved in a ``.npy`` file (strings or numbers; pickled objects are refused).
+
+    Raises
+    ------
+    InputError
+        When the file is not a readable ``.npy`` array, saying how to make one.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise ValueError("no .npy header: not written by numpy.save")
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        why = str(exc).split(". ")[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"labels file {path} is not a readable .npy array ({why}): save the labels with "
+            "numpy.save('labels.npy', np.asarray(labels, dtype=str)) and pass that file (CLI: "
+            "--labels FILE.npy), or name an array inside the data (e.g. obs/cell_type)"
+        ) from None
+
+
 def load_labels(labels: Any, data: Any = None, n_rows: int | None = None
                 ) -> tuple[np.ndarray, list[str]]:
     """Resolve labels to integer codes (-1: missing) and their names.
@@ -73,7 +96,7 @@ def load_labels(labels: Any, data: Any = None, n_rows: int | None = None
     if isinstance(labels, (str, os.PathLike)):
         spec = os.fspath(labels)
         if os.path.isfile(spec):
-            values = np.load(spec, allow_pickle=False)
+            values = read_labels_file(spec)
         else:
             if isinstance(data, (str, os.PathLike)):
                 try:

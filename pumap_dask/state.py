@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 SAVED_FIELDS = ("a", "b", "n_features_in", "n_samples_fit", "n_epochs", "knn_method", "n_edges",
                 "loss_history", "feature_stats", "timings", "knn_recall", "init",
                 "train_world_size", "peak_memory", "worker_peak_memory", "input_shape",
-                "reconstruction_history", "validation_reconstruction")
+                "reconstruction_history", "validation_reconstruction", "input_identity")
 FITTED_ATTRS = {f"{name}_": name for name in SAVED_FIELDS}
 # fitted attributes not in config.json: weights, embedding and decoder are files; the graph
 # and the kept training rows are not saved
@@ -80,7 +80,8 @@ def save_estimator(path: str | os.PathLike, est: Any, *, include_embedding: bool
     raw["encoder"] = spec.get("factory")
     raw["decoder"] = None if decoder is None else decoder.spec().get("factory")
     params = to_jsonable(raw, float32=True)
-    fitted = {key: to_jsonable(getattr(est, attr, None), float32=True) for attr, key in FITTED_ATTRS.items()}
+    fitted = {key: to_jsonable(getattr(est, attr, None), float32=True)
+              for attr, key in FITTED_ATTRS.items()}
     fitted["loss_history"] = [float(x) for x in fitted["loss_history"]]
     embedding = est.embedding_ if include_embedding else None
     training_data = None
@@ -90,8 +91,9 @@ def save_estimator(path: str | os.PathLike, est: Any, *, include_embedding: bool
                       decoder=decoder, training_data=training_data)
 
 
-def load_estimator_state(path: str | os.PathLike,
-                         valid_params: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_estimator_state(path: str | os.PathLike, valid_params: dict,
+                         networks: Mapping[str, Any] | None = None
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Constructor parameters and fitted attributes of a saved estimator.
 
     Parameters
@@ -100,6 +102,9 @@ def load_estimator_state(path: str | os.PathLike,
         The model directory.
     valid_params
         The estimator's parameter names (others are ignored with a warning).
+    networks
+        Factories of custom networks by the name the model records
+        (:func:`pumap_dask.model.rebuild_network`).
 
     Returns
     -------
@@ -107,7 +112,7 @@ def load_estimator_state(path: str | os.PathLike,
         ``attributes`` holds ``encoder_``, the fitted ``*_`` attributes, ``embedding_`` when
         saved, ``model_path_`` and ``model_sha256_``.
     """
-    encoder, doc = load_encoder(path)  # config verified and validated
+    encoder, doc = load_encoder(path, networks=networks)  # config verified and validated
     params = dict(doc["params"])
     unknown = sorted(set(params) - set(valid_params))
     if unknown:
@@ -126,7 +131,7 @@ def load_estimator_state(path: str | os.PathLike,
     emb = load_embedding(path, doc)
     if emb is not None:
         attrs["embedding_"] = emb
-    dec = load_decoder(path, doc)
+    dec = load_decoder(path, doc, networks=networks)
     if dec is not None:
         attrs["decoder_"] = dec
     if attrs.get("input_shape_") is not None:

@@ -29,7 +29,7 @@ from .arrays import as_tensor, is_cupy
 from .checkpoint import Checkpoint, run_fingerprint, state_digest
 from .collectives import all_sum, rank_and_world
 from .encoder import Encoder
-from .errors import ParameterError
+from .errors import ParameterError, TrainingError
 from .landmarks import LandmarkTerm
 from .params import NEGATIVE_MODES, PRECISIONS
 
@@ -41,7 +41,7 @@ def find_ab_params(spread: float = 1.0, min_dist: float = 0.1) -> tuple[float, f
 
     if spread <= 0 or min_dist < 0 or min_dist > spread:
         raise ParameterError(f"need spread > 0 and 0 <= min_dist <= spread; got spread={spread}, "
-                         f"min_dist={min_dist}")
+                             f"min_dist={min_dist}")
 
     def curve(x, a, b):
         return 1.0 / (1.0 + a * x ** (2 * b))
@@ -92,6 +92,9 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
     precision: str = "fp32"
+    # the training rows' content (pumap_dask.inputs.InputHandle.identity): part of the
+    # checkpoint fingerprint, so a checkpoint of other data is never resumed
+    input_sha256: str | None = None
 
 
 # Training precisions: "fp32", or "bf16" autocast of the network on CUDA.
@@ -114,6 +117,22 @@ def default_epochs(n_edges: int, batch_size: int) -> int:
     steps_per_epoch = -(-n_edges // max(1, batch_size))
     epochs = max(MIN_EPOCHS, -(-TARGET_STEPS // steps_per_epoch))
     return max(1, min(epochs, MAX_STEPS // steps_per_epoch))
+
+
+def check_finite_loss(loss: float, epoch: int, cfg: TrainConfig) -> None:
+    """Stop a diverged fit: a non-finite epoch loss means NaN or infinite weights, and a
+    model trained on would embed everything as NaN.
+
+    Raises
+    ------
+    TrainingError
+        Naming the epoch and ``learning_rate`` (the usual cause).
+    """
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"training diverged: the loss is {loss} after epoch {epoch + 1} of {cfg.n_epochs} "
+            f"(learning_rate={cfg.learning_rate:g}); lower learning_rate (e.g. "
+            f"{cfg.learning_rate / 10:g}) or check the input's scale")
 
 
 def sample_edges(cum: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -292,10 +311,10 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
         sched = None
     else:
         raise ParameterError(f"lr_schedule must be 'linear', 'cosine' or 'constant', "
-                         f"got {cfg.lr_schedule!r}")
+                             f"got {cfg.lr_schedule!r}")
     if landmarks is not None and world > 1:
         raise ParameterError("landmarks are not supported with DDP training (world size "
-                         f"{world}); train in one process (train_world_size=1)")
+                             f"{world}); train in one process (train_world_size=1)")
     extra = None  # continued training and landmarks: a checkpoint must match them too
     if cfg.checkpoint_dir is not None and (from_model or landmarks is not None):
         extra = {"start": state_digest(encoder) if from_model else None,
@@ -304,8 +323,8 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     if reconstruction is not None:
         if world > 1:
             raise ParameterError("parametric_reconstruction is not supported with DDP training "
-                             f"(world size {world}); train in one process "
-                             "(train_world_size=1)")
+                                 f"(world size {world}); train in one process "
+                                 "(train_world_size=1)")
         extra = dict(extra or {}, reconstruction=reconstruction.fingerprint())
         saved = nn.ModuleDict({"encoder": encoder, "decoder": reconstruction.decoder})
     ckpt = Checkpoint(cfg.checkpoint_dir,
@@ -384,6 +403,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
                 sched.step()
             ep_loss += float(loss.detach())
         history.append(ep_loss / steps_per_epoch)
+        check_finite_loss(history[-1], epoch, cfg)
         if reconstruction is not None:
             reconstruction.end_epoch()
         stop = bool(callback(epoch, history[-1])) if callback is not None else False

@@ -24,9 +24,9 @@ from distributed import get_worker
 
 from .arrays import as_tensor, cupy_module, is_cupy
 from .encoder import Encoder, encode, encoder_spec
-from .errors import InputError
+from .errors import InputError, ModelFileError
 from .io import as_dask, check_n_features
-from .model import WEIGHTS, checked_file, load_encoder, read_config, rebuild_network
+from .model import WEIGHTS, checked_file, load_encoder, read_config
 from .params import check_transform_args, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -72,15 +72,20 @@ def model_source(model: Any) -> ModelRef | ModelBlob:
     if isinstance(model, (ModelRef, ModelBlob)):
         return model
     loaded_from = getattr(model, "model_path_", None)
-    if loaded_from and getattr(model, "model_sha256_", None) and os.path.exists(loaded_from):
+    custom = hasattr(getattr(model, "encoder_", None), "spec")
+    if loaded_from and getattr(model, "model_sha256_", None) and os.path.exists(loaded_from) \
+            and not custom:
         model = loaded_from  # a loaded model: ship its path, not its weights
     if isinstance(model, (str, os.PathLike)):
         doc = read_config(model)
         spec = doc["encoder"]
         checked_file(model, WEIGHTS, doc["weights_sha256"], "weights were")
-        if "factory" in spec:  # a custom encoder: an unimportable factory fails here, now
-
-            rebuild_network(spec, "encoder", model)
+        if "factory" in spec:  # workers never rebuild a network from the name in a file
+            raise ModelFileError(
+                f"the model at {os.fspath(model)!r} has a custom encoder (factory "
+                f"{spec['factory']!r}): load it with pumap_dask.load(path, networks="
+                f"{{{spec['factory']!r}: the_factory}}) and pass the loaded model (command "
+                f"line: --allow-network {spec['factory']})")
         return ModelRef(os.path.abspath(os.fspath(model)), doc["weights_sha256"],
                         spec["n_features"], spec["n_components"])
     if not hasattr(model, "encoder_"):

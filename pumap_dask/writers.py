@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 
 from .errors import InputError
-from .io import as_dask, open_zarr
+from .io import as_dask, block_digests, open_zarr
 from .params import check_transform_args, check_writer_args
 from .progress import stage
 from .transform import model_source, ood_mask, report_ood, transform
@@ -32,6 +32,9 @@ DONE_DIR = ".pumap_done"
 ANNDATA_OBSM_KEY = "X_pumap"
 OWNER_KEY = "pumap_dask"  # attribute that marks an array as written by us
 LOCK_SUFFIX = ".pumap-lock"
+# a lock file is written right after it is created: one that names no writer for longer
+# was left by a job that crashed in between (or was damaged) and is taken over
+GARBLED_LOCK_GRACE_S = 5.0
 
 
 def _regular_rows(darr, chunk_rows: int | None):
@@ -46,21 +49,47 @@ def _done_path(out_path: str, i: int) -> str:
     return os.path.join(out_path, DONE_DIR, str(i))
 
 
-def _write_block(emb: np.ndarray, ood: np.ndarray, out_path: str, start: int,
-                 i: int) -> tuple[int, int]:
+def _write_block(emb: np.ndarray, ood: np.ndarray, digest: np.ndarray, out_path: str,
+                 start: int, i: int) -> tuple[int, int]:
     """Write one block's embedding at rows [start, start+len) and mark it finished.
 
+    The marker records the input block's content digest (from the same read that fed the
+    encoder), so a resumed transform keeps this block only for the same input rows.
     Returns the block's counts of NaN rows and out-of-distribution rows.
     """
-
     z = zarr.open_array(out_path, mode="r+")
     z[start:start + emb.shape[0]] = emb
     marker = _done_path(out_path, i)
     tmp = marker + ".tmp"
     with open(tmp, "w") as f:
-        f.write(str(emb.shape[0]))
+        json.dump({"rows": int(emb.shape[0]), "input_sha256": bytes(digest.ravel()).hex()}, f)
     os.replace(tmp, marker)
     return int(np.isnan(emb[:, 0]).sum()), int(ood.sum())
+
+
+def _marker_digest(out_path: str, i: int) -> str | None:
+    """The input digest a block's marker records (None: unreadable, or written before
+    markers recorded one)."""
+    try:
+        with open(_done_path(out_path, i)) as f:
+            return json.load(f).get("input_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_kept_blocks(digests, kept: list[int], starts: np.ndarray, rows: tuple,
+                       out_path: str) -> None:
+    """Refuse to resume when a finished block was computed from other input rows."""
+    if not kept:
+        return
+    found = dask.compute(*[digests[i] for i in kept])
+    for i, dig in zip(kept, found):
+        if _marker_digest(out_path, i) != bytes(np.asarray(dig).ravel()).hex():
+            lo, hi = int(starts[i]), int(starts[i]) + int(rows[i])
+            raise InputError(
+                f"{out_path} was made from other input: its finished block {i} (rows {lo} to "
+                f"{hi}) does not match those rows of this input; pass resume=False (CLI: "
+                "--overwrite) to replace it, or choose another output path")
 
 
 def _node_kind(path: str) -> str | None:
@@ -140,9 +169,17 @@ def check_output_path(out_path: str | os.PathLike, X: Any = None, *, resume: boo
     Raises
     ------
     InputError
-        With a message that says what is at the path and what to do instead.
+        With a message that says what is at the path and what to do instead (a symbolic
+        link is followed only to resume the pumap_dask output it points to).
     """
-    out = os.path.realpath(os.fspath(out_path))
+    given = os.path.abspath(os.fspath(out_path))
+    if os.path.islink(given) and not (resume and is_pumap_output(given)):
+        target = os.path.realpath(given)
+        raise InputError(f"the output {given} is a symbolic link (to {target}); pumap_dask never "
+                         f"replaces a link or deletes through one: pass the target {target} "
+                         "itself (with --overwrite to replace an earlier output there) or "
+                         "another output path")
+    out = os.path.realpath(given)
     src = _input_root(X)
     if src is not None and (_contains(src, out) or _contains(out, src)):
         raise InputError(f"the output {out} is the input {src} or overlaps it; writing there "
@@ -185,7 +222,10 @@ class OutputLock:
     """An exclusive lock file beside an output, so two writers never interleave.
 
     The lock is ``<parent>/.<name>.pumap-lock``, created with ``O_EXCL``; it records the
-    owner's host and pid. A lock left by a process that died on this host is taken over.
+    owner's host and pid. A lock left by a process that died on this host is taken over, and
+    so is one that names no writer (garbled, e.g. by a crash between its creation and its
+    first write) once it is :data:`GARBLED_LOCK_GRACE_S` old; one this user cannot read is
+    refused with a message, never waited for.
     """
 
     def __init__(self, out_path: str) -> None:
@@ -193,22 +233,70 @@ class OutputLock:
         self.path = os.path.join(parent, f".{name}{LOCK_SUFFIX}")
         self.held = False
 
-    def _owner(self) -> dict:
+    def _read(self) -> tuple[dict, str | None]:
+        """(owner, None) for a lock naming its writer; ({}, why) when the file is gone
+        (``"gone"``), cannot be read (``"unreadable"``) or names no writer (``"garbled"``)."""
         try:
             with open(self.path) as f:
                 doc = json.load(f)
-            return doc if isinstance(doc, dict) else {}
-        except (OSError, ValueError):
-            return {}
+        except FileNotFoundError:
+            return {}, "gone"
+        except OSError:
+            return {}, "unreadable"
+        except ValueError:
+            return {}, "garbled"
+        if isinstance(doc, dict) and isinstance(doc.get("host"), str) \
+                and isinstance(doc.get("pid"), int) and not isinstance(doc.get("pid"), bool):
+            return doc, None
+        return {}, "garbled"
+
+    def _owner(self) -> dict:
+        return self._read()[0]
+
+    def _what(self) -> str:
+        return os.path.join(os.path.dirname(self.path),
+                            os.path.basename(self.path)[1:-len(LOCK_SUFFIX)])
+
+    def _take_over_garbled(self, deadline: float) -> None:
+        """A lock that names no writer: wait out the instant between its creation and its
+        first write, then take it over (a crash left it), so it never blocks for good."""
+        try:
+            age = time.time() - os.stat(self.path).st_mtime
+        except FileNotFoundError:
+            return
+        if age < GARBLED_LOCK_GRACE_S and time.monotonic() < deadline:
+            time.sleep(0.1)
+            return
+        logger.warning("the lock %s names no writer (garbled, %.0f s old; left by a job that "
+                       "crashed while taking it): taking it over", self.path, age)
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise InputError(f"the lock {self.path} names no writer and cannot be removed "
+                             f"({exc.strerror}): delete it yourself if no job writes "
+                             f"{self._what()}") from None
 
     def acquire(self) -> "OutputLock":
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        for _ in range(3):
+        deadline = time.monotonic() + GARBLED_LOCK_GRACE_S + 5.0
+        while time.monotonic() < deadline + 1.0:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
+                owner, why = self._read()
+                if why == "gone":
+                    continue
+                if why == "unreadable":  # e.g. another user's lock: never taken over
+                    raise InputError(
+                        f"the lock {self.path} cannot be read (another user's job may be "
+                        f"writing {self._what()}); wait for that job, or delete the lock if no "
+                        "job runs") from None
+                if why == "garbled":
+                    self._take_over_garbled(deadline)
+                    continue
                 if owner.get("host") == me["host"] and not _pid_alive(owner.get("pid")):
                     logger.warning("taking over the lock %s left by process %s, which is gone",
                                    self.path, owner.get("pid"))
@@ -217,13 +305,13 @@ class OutputLock:
                     except FileNotFoundError:
                         pass
                     continue
-                since = time.strftime("%Y-%m-%d %H:%M:%S",
-                                      time.localtime(owner.get("since", 0) or 0))
+                since = owner.get("since")
+                since = (time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since))
+                         if isinstance(since, (int, float)) and since > 0 else "")
                 raise InputError(
-                    f"another writer (pid {owner.get('pid', '?')} on {owner.get('host', '?')}, "
-                    f"since {since}) is writing {os.path.dirname(self.path)}/"
-                    f"{os.path.basename(self.path)[1:-len(LOCK_SUFFIX)]}; wait for it to finish, "
-                    f"or if that job is dead, delete {self.path}") from None
+                    f"another writer (pid {owner['pid']} on {owner['host']}{since}) is writing "
+                    f"{self._what()}; wait for it to finish, or if that job is dead, delete "
+                    f"{self.path}") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
@@ -356,12 +444,15 @@ def _write_all(darr, emb, model, source, out_path: str, state: str, sharded: boo
     os.makedirs(os.path.join(out_path, DONE_DIR), exist_ok=True)
     starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(int)
     todo = [i for i in range(len(rows)) if not os.path.exists(_done_path(out_path, i))]
+    digests = block_digests(darr, finite=False).to_delayed().ravel()  # nan_policy decides
+    kept = sorted(set(range(len(rows))) - set(todo))
+    _check_kept_blocks(digests, kept, starts, rows, out_path)  # reads only the kept blocks
     logger.info("transform_to_zarr %s: %d of %d blocks to compute (%d already done)",
                 out_path, len(todo), len(rows), len(rows) - len(todo))
     t0 = time.perf_counter()
     blocks = emb.to_delayed().ravel()
     ood = ood_mask(darr, model).to_delayed().ravel()
-    tasks = [dask.delayed(_write_block, pure=False)(blocks[i], ood[i], out_path,
+    tasks = [dask.delayed(_write_block, pure=False)(blocks[i], ood[i], digests[i], out_path,
                                                     int(starts[i]), i)
              for i in todo]
     with stage("transform"):  # progress of the blocks' tasks (at INFO)
@@ -434,12 +525,38 @@ def write_anndata_obsm(
     if "obsm" not in root:
         g = zarr.open_group(store, mode="r+").create_group("obsm")
         g.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-    out = transform_to_zarr(src, model, out_path, resume=resume, zarr_format=fmt,
-                            _store=store, **kwargs)
-    arr = zarr.open_array(out_path, mode="r+")
+    if resume and os.path.exists(out_path):  # in place and complete: verified, not redone
+        return transform_to_zarr(src, model, out_path, resume=True, zarr_format=fmt,
+                                 _store=store, **kwargs)
+    # written beside the store under a hidden name, moved in only when complete: an
+    # interrupted write never leaves a readable partial obsm array (and its lock lives
+    # outside the AnnData groups)
+    partial = _partial_obsm_path(store, obsm_key)
+    transform_to_zarr(src, model, partial, resume=resume, zarr_format=fmt, **kwargs)
+    arr = zarr.open_array(partial, mode="r+")
     arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    with OutputLock(out_path):
+        _move_into_place(partial, out_path)
     _drop_consolidated(store)
-    return out
+    return zarr.open_array(out_path, mode="r")
+
+
+def _partial_obsm_path(store: str, obsm_key: str) -> str:
+    """Where an ``obsm`` array is written until it is complete: beside the store."""
+    parent, name = os.path.split(store.rstrip(os.sep))
+    return os.path.join(parent, f".{name}.obsm-{obsm_key}.partial")
+
+
+def _move_into_place(partial: str, final: str) -> None:
+    """Replace ``final`` (absent, or an earlier pumap_dask output) by the complete
+    ``partial`` array with renames, so readers see the old array or the new one."""
+    old = None
+    if os.path.exists(final):
+        old = f"{final}.old-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(partial, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _anndata_n_obs(root) -> int | None:

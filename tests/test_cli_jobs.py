@@ -1,7 +1,11 @@
 """Scheduled jobs through the command line: job files, precedence, info/report, resume after a
-kill, exit codes. Most run ``pumap-dask`` as a subprocess, as a batch scheduler would."""
+kill, exit codes. The commands run in this process (``cli.main`` returns the exit code, its
+stderr is captured, its log lines reach ``caplog``); a real ``pumap-dask`` subprocess is used
+where the process is the point: the jobs that get killed, and one check that the exit code and
+the one-line reason reach a batch scheduler (about 7 s of imports per subprocess)."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -149,8 +153,26 @@ queue = "short"
     assert "dask" in out and "--nthreads" in out
 
 
-# ---------------------------------------------------------------- end to end, subprocesses
-def test_fit_info_transform_report_end_to_end(blobs, store, tmp_path):
+# ---------------------------------------------------------------- end to end
+@pytest.fixture()
+def run_cli(capsys, caplog, monkeypatch):
+    """Run ``pumap-dask`` in this process; returns (code, stdout, stderr + the log lines).
+
+    The log lines (progress included) go to ``caplog`` here rather than to stderr; the
+    command's own level (``-q`` or not) decides which are emitted, as in a subprocess."""
+    monkeypatch.setenv("PUMAP_PROGRESS_INTERVAL", "0.2")
+    caplog.set_level(logging.INFO, logger="pumap_dask")  # restored after the test
+
+    def run(*args):
+        caplog.clear()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err + caplog.text
+
+    return run
+
+
+def test_fit_info_transform_report_end_to_end(blobs, store, tmp_path, run_cli):
     query = _store(tmp_path / "query.zarr", blobs[1])
     labels = tmp_path / "labels.npy"
     np.save(labels, blobs[3])
@@ -170,22 +192,22 @@ out = "{tmp_path / 'emb.zarr'}"
 [cluster]
 scheduler = "threads"
 """)
-    code, out, err = _cli("fit", "--config", job, "--random-state", "7")
+    code, out, err = run_cli("fit", "--config", job, "--random-state", "7")
     assert code == 0, err
     assert "train: 4/4 epochs" in err  # progress as log lines (stderr is not a terminal)
     assert not os.path.exists(str(model) + ".work")  # default work dir removed after success
     run = json.load(open(model / "run_config.json"))
     assert run["resolved"]["params"]["random_state"] == 7 and run["config_file"] == job
-    code, out, err = _cli("info", model)
+    code, out, err = run_cli("info", model)
     assert code == 0, err
     assert "random_state" in out and "n_epochs" in out and str(len(blobs[0])) in out
-    code, out, err = _cli("transform", "--config", job)
+    code, out, err = run_cli("transform", "--config", job)
     assert code == 0, err
     fitted = pumap_dask.load(model)
     emb = zarr.open_array(str(tmp_path / "emb.zarr"), mode="r")[:]
     assert np.abs(emb - fitted.transform(blobs[1], refine=False)).max() <= 1e-5
-    code, out, err = _cli("report", model, "--data", query, "--labels", labels,
-                          "--sample", "300")
+    code, out, err = run_cli("report", model, "--data", query, "--labels", labels,
+                             "--sample", "300")
     assert code == 0, err
     rep = json.load(open(model / "report.json"))
     html = (model / "report.html").read_text()
@@ -193,11 +215,12 @@ scheduler = "threads"
     assert json.dumps(rep)  # plain JSON
     assert any("trust" in k.lower() for k in json.dumps(rep).split('"'))
     # a refit replaces the model with its run config and report (never anything else)
-    code, out, err = _cli("fit", "--config", job, "-q")
+    code, out, err = run_cli("fit", "--config", job, "-q")
     assert code == 0, err
     assert not (model / "report.html").exists() and (model / "run_config.json").exists()
 
 
+# ---------------------------------------------------------------- a killed job resumes
 def _wait_for(pred, proc, timeout=120):
     t0 = time.time()
     while not pred():
@@ -210,13 +233,15 @@ def _wait_for(pred, proc, timeout=120):
         time.sleep(0.05)
 
 
-def test_killed_fit_resumes_from_its_work_directory(blobs, tmp_path):
+def test_killed_fit_resumes_from_its_work_directory(blobs, tmp_path, run_cli):
     from pumap_dask.datasets import clusters
 
     X, _ = clusters(3000, 16, 5, random_state=1)
     src = _store(tmp_path / "big.zarr", X, chunk=500)
     work = tmp_path / "work"
-    params = json.dumps({"n_epochs": 40, "batch_size": 512, "hidden_layers": [32],
+    # 12 epochs: the job is killed 0.3 s after its first checkpoint, and the rerun trains the
+    # rest in this process (40 epochs took 20 s here for no more proof)
+    params = json.dumps({"n_epochs": 12, "batch_size": 512, "hidden_layers": [32],
                          "knn_method": "partitioned", "device": "cpu"})
     cmd = [sys.executable, "-m", "pumap_dask.cli", "fit", src, str(tmp_path / "m"),
            "--scheduler", "threads", "--work-dir", str(work), "--params", params]
@@ -227,17 +252,21 @@ def test_killed_fit_resumes_from_its_work_directory(blobs, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "m" / "config.json").exists()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert "kNN reused" in p.stderr and "graph reused" in p.stderr
-    assert "resuming training from" in p.stderr
-    assert pumap_dask.load(tmp_path / "m").n_epochs_ == 40
+    # the rerun (the same command) in this process: only the killed job needs its own
+    code, _, err = run_cli(*cmd[3:])
+    assert code == 0, err
+    assert "kNN reused" in err and "graph reused" in err
+    assert "resuming training from" in err
+    assert pumap_dask.load(tmp_path / "m").n_epochs_ == 12
     assert work.exists()  # a work directory given by the user is never removed
 
 
-def test_killed_transform_resumes_unfinished_blocks(fitted, tmp_path):
+def test_killed_transform_resumes_unfinished_blocks(fitted, tmp_path, run_cli):
     rng = np.random.default_rng(0)
-    X = rng.normal(size=(40000, 16)).astype(np.float32)
+    # 300 blocks of 40 rows: the job is killed once 5 are done, and the rerun (in this
+    # process) computes the rest; 1,000 blocks cost 18 s more here for no more proof
+    n_blocks = 300
+    X = rng.normal(size=(40 * n_blocks, 16)).astype(np.float32)
     src = _store(tmp_path / "q.zarr", X, chunk=40)
     model = fitted.save(str(tmp_path / "model"))
     out = tmp_path / "emb.zarr"
@@ -253,30 +282,32 @@ def test_killed_transform_resumes_unfinished_blocks(fitted, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_done = len(os.listdir(done))
-    assert 0 < n_done < 1000
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert f"({n_done} already done)" in p.stderr or "already done" in p.stderr
+    assert 0 < n_done < n_blocks
+    code, _, err = run_cli(*cmd[3:])  # the rerun, in this process
+    assert code == 0, err
+    assert f"({n_done} already done)" in err or "already done" in err
     emb = zarr.open_array(str(out), mode="r")[:]
     assert np.abs(emb - fitted.transform(X, refine=False)).max() <= 1e-5
 
 
 # ---------------------------------------------------------------- exit codes and messages
-def test_exit_codes_and_one_line_reasons(store, fitted, tmp_path):
-    code, _, err = _cli("fit", tmp_path / "missing.zarr", tmp_path / "m", "--scheduler",
-                        "threads")
-    assert code == EXIT_USAGE and "missing.zarr" in _errline(err)
-    anndata_like = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
-    anndata_like.create_array("obsm/X_pca", shape=(50, 4), dtype="float32")
-    code, _, err = _cli("fit", tmp_path / "g.zarr", tmp_path / "m", "--key", "obsm/X_umap",
-                        "--scheduler", "threads")
-    assert code == EXIT_USAGE and "X_umap" in _errline(err)
-    bad = _toml(tmp_path / "bad.toml", "[fit]\nn_neighbors = 'many'\n")
-    code, _, err = _cli("fit", store, tmp_path / "m", "--config", bad)
-    assert code == EXIT_USAGE and "n_neighbors" in _errline(err)
+def test_exit_codes_and_one_line_reasons(store, fitted, tmp_path, run_cli):
+    # one real subprocess: the exit code and the one-line reason reach the batch scheduler
     code, _, err = _cli("fit", store, tmp_path / "m", "--scheduler-file",
                         tmp_path / "nowhere.json", "--connect-timeout", "1")
     assert code == EXIT_CLUSTER and "did not appear within 1 s" in _errline(err)
+    # the rest in this process: main() returns the code, its one line goes to stderr
+    code, _, err = run_cli("fit", tmp_path / "missing.zarr", tmp_path / "m", "--scheduler",
+                           "threads")
+    assert code == EXIT_USAGE and "missing.zarr" in _errline(err)
+    anndata_like = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    anndata_like.create_array("obsm/X_pca", shape=(50, 4), dtype="float32")
+    code, _, err = run_cli("fit", tmp_path / "g.zarr", tmp_path / "m", "--key", "obsm/X_umap",
+                           "--scheduler", "threads")
+    assert code == EXIT_USAGE and "X_umap" in _errline(err)
+    bad = _toml(tmp_path / "bad.toml", "[fit]\nn_neighbors = 'many'\n")
+    code, _, err = run_cli("fit", store, tmp_path / "m", "--config", bad)
+    assert code == EXIT_USAGE and "n_neighbors" in _errline(err)
     model = fitted.save(str(tmp_path / "model"))
     cfg = json.load(open(os.path.join(model, "config.json")))
     cfg["format_version"] = 99
@@ -284,7 +315,7 @@ def test_exit_codes_and_one_line_reasons(store, fitted, tmp_path):
         json.dump(cfg, f)
     for cmd in (("info", model), ("transform", store, model, "--out", tmp_path / "e.zarr",
                                   "--scheduler", "threads")):
-        code, _, err = _cli(*cmd)
+        code, _, err = run_cli(*cmd)
         assert code == EXIT_USAGE, err
         assert "version" in _errline(err)
 

@@ -19,7 +19,7 @@ LAYERS = [
     {"collectives", "checkpoint", "callbacks", "reconstruction", "train", "transform", "refine"},
     {"distributed", "distributed.edges", "distributed.cluster", "distributed.knn_dask",
      "distributed.graph_dask", "distributed.ddp"},
-    {"continued", "writers", "state"},
+    {"continued", "writers", "workdir", "state"},
     {"pipeline"},
     {"estimator", "embed", "config", "export", "plotting", "report_format", "report_metrics",
      "report_html", "report", "cli", ""},

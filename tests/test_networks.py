@@ -19,6 +19,10 @@ from tests import nets_for_tests
 
 FAST = dict(n_epochs=8, batch_size=1024, hidden_layers=(32, 32), device="cpu", random_state=0)
 ENC = "tests.nets_for_tests:make_encoder"
+# the factories a caller allows when loading (a model file never makes load import them)
+NETS = {ENC: nets_for_tests.make_encoder,
+        "tests.nets_for_tests:make_conv_encoder": nets_for_tests.make_conv_encoder,
+        "tests.nets_for_tests:make_image_decoder": nets_for_tests.make_image_decoder}
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +61,11 @@ def test_factory_name_fit_save_load(named_fit, digits_split, tmp_path):
         doc = json.load(f)
     assert doc["encoder"]["factory"] == ENC and doc["encoder"]["factory_arg"] == 64
     assert doc["params"]["encoder"] == ENC
-    loaded = pumap_dask.load(path)
+    loaded = pumap_dask.load(path, networks=NETS)
     assert loaded.encoder == ENC
     np.testing.assert_array_equal(loaded.transform(Xte), named_fit.transform(Xte))
-    # the lazy transform rebuilds it on the workers from the saved path / in-memory model
-    lazy = pumap_dask.transform(da.from_array(Xte, chunks=(100, 64)), path).compute()
+    # the lazy transform ships the loaded (or in-memory) module; a bare path is refused
+    lazy = pumap_dask.transform(da.from_array(Xte, chunks=(100, 64)), loaded).compute()
     np.testing.assert_allclose(lazy, named_fit.transform(Xte, refine=False), atol=1e-6)
     lazy2 = named_fit.transform(da.from_array(Xte, chunks=(100, 64))).compute()
     np.testing.assert_allclose(lazy2, named_fit.transform(Xte, refine=False), atol=1e-6)
@@ -70,7 +74,7 @@ def test_factory_name_fit_save_load(named_fit, digits_split, tmp_path):
 def test_callable_factory_is_saved_by_name(digits_split, tmp_path):
     Xtr, Xte = digits_split
     m = ParametricUMAP(encoder=nets_for_tests.make_encoder, **FAST).fit(Xtr[:300])
-    loaded = pumap_dask.load(m.save(tmp_path / "m"))
+    loaded = pumap_dask.load(m.save(tmp_path / "m"), networks=NETS)
     assert loaded.encoder == ENC  # the function's importable name
     np.testing.assert_array_equal(loaded.transform(Xte), m.transform(Xte))
 
@@ -95,7 +99,7 @@ def test_module_built_by_named_factory_saves(digits_split, tmp_path):
     Xtr, Xte = digits_split
     net = networks.build(ENC, 64)
     m = ParametricUMAP(encoder=net, **FAST).fit(Xtr[:300])
-    loaded = pumap_dask.load(m.save(tmp_path / "m"))
+    loaded = pumap_dask.load(m.save(tmp_path / "m"), networks=NETS)
     np.testing.assert_array_equal(loaded.transform(Xte), m.transform(Xte))
 
 
@@ -106,17 +110,38 @@ def test_lambda_factory_fits_but_cannot_be_saved(digits_split, tmp_path):
         m.save(tmp_path / "m")
 
 
-def test_unimportable_factory_is_a_model_file_error(named_fit, tmp_path):
+def test_a_model_file_never_runs_the_code_it_names(named_fit, tmp_path, monkeypatch):
+    """load/transform/info never import or call a factory named in config.json; only the
+    factories the caller passes are used (issue 17: "os:_exit" ended the process)."""
     path = named_fit.save(tmp_path / "m")
-    _edit(path, lambda d: d["encoder"].__setitem__("factory", "no_such_pkg.nets:make"))
-    with pytest.raises(ModelFileError, match=r"'no_such_pkg.nets:make', which cannot be "
-                                             r"imported.*No module named 'no_such_pkg'"):
+    with pytest.raises(ModelFileError, match=r"custom network factory "
+                                             r"'tests.nets_for_tests:make_encoder'.*"
+                                             r"networks=.*--allow-network"):
         pumap_dask.load(path)
-    with pytest.raises(ModelFileError, match="cannot be imported"):
+    with pytest.raises(ModelFileError, match="networks="):
         pumap_dask.transform(np.zeros((3, 64), np.float32), path)
-    _edit(path, lambda d: d["encoder"].__setitem__("factory", "tests.nets_for_tests:nope"))
-    with pytest.raises(ModelFileError, match="has no attribute 'nope'"):
-        pumap_dask.load(path)
+    calls = []
+    monkeypatch.setattr(os, "_exit", lambda *a: calls.append(a))
+    # a hostile edit: the checksum is recomputed, so only the rule protects the reader
+    _edit(path, lambda d: d["encoder"].__setitem__("factory", "os:_exit"))
+    for attempt in (lambda: pumap_dask.load(path), lambda: pumap_dask.load(path, networks=NETS),
+                    lambda: pumap_dask.transform(np.zeros((3, 64), np.float32), path)):
+        with pytest.raises(ModelFileError, match="'os:_exit'"):
+            attempt()
+    assert not calls
+    from pumap_dask.report import model_summary  # info describes it without building it
+    assert model_summary(path)["model_dir"] == os.path.abspath(path)
+    assert not calls
+
+
+def test_the_allowed_factory_fails_cleanly(named_fit, tmp_path):
+    path = named_fit.save(tmp_path / "m")
+
+    def broken(_arg):
+        raise RuntimeError("boom")
+
+    with pytest.raises(ModelFileError, match="failed when called with 64.*boom"):
+        pumap_dask.load(path, networks={ENC: broken})
 
 
 def test_bad_networks_fail_before_training(digits_split):
@@ -159,10 +184,10 @@ def test_images_with_a_conv_encoder(conv_fit, digits_split, tmp_path):
     with pytest.raises(InputError, match=r"shape \(4, 16\).*fitted on samples of shape"):
         conv_fit.transform(Xte.reshape(-1, 4, 16))
     path = conv_fit.save(tmp_path / "m")
-    loaded = pumap_dask.load(path)
+    loaded = pumap_dask.load(path, networks=NETS)
     assert loaded.input_shape_ == (8, 8)
     np.testing.assert_array_equal(loaded.transform(imgs), Z)
-    lazy = pumap_dask.transform(da.from_array(Xte, chunks=(150, 64)), path).compute()
+    lazy = pumap_dask.transform(da.from_array(Xte, chunks=(150, 64)), loaded).compute()
     np.testing.assert_allclose(lazy, conv_fit.transform(imgs, refine=False), atol=1e-5)
 
 
@@ -270,7 +295,7 @@ def test_custom_decoder_images_and_bce(digits_split, tmp_path):
     lazy = m.inverse_transform(da.from_array(m.transform(imgs[:10]), chunks=(5, 2)))
     assert lazy.shape == (10, 8, 8)
     np.testing.assert_allclose(lazy.compute(), out, atol=1e-5)
-    loaded = pumap_dask.load(m.save(tmp_path / "m"))
+    loaded = pumap_dask.load(m.save(tmp_path / "m"), networks=NETS)
     assert loaded.decoder == "tests.nets_for_tests:make_image_decoder"
     np.testing.assert_array_equal(loaded.inverse_transform(m.transform(imgs[:10])), out)
     with pytest.raises(networks.NetworkError, match=r"bce.*needs data in \[0, 1\]"):

@@ -15,16 +15,29 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import uuid
 from typing import Any
 
+import dask
+import psutil
+from dask.system import CPU_COUNT
+from dask.utils import format_bytes, parse_bytes
 from distributed import Client, LocalCluster
+from distributed.scheduler import KilledWorker
+from distributed.system import MEMORY_LIMIT
 
 from ..errors import ClusterError
 
 logger = logging.getLogger(__name__)
+
+# below this a LocalCluster worker cannot even hold torch and pumap_dask (about 400 MiB on
+# the CPU): it is paused or restarted by its nanny forever, so the job would never end
+MIN_WORKER_MEMORY = 512 * 2**20
+# how long the workers of a new LocalCluster have to connect and load the package
+WORKER_START_S = 60.0
 
 
 def _hpc_missing(what: str, package: str) -> ClusterError:
@@ -61,6 +74,7 @@ def describe(settings: dict[str, Any]) -> str:
         finally:
             cluster.close()
     if kind == "local":
+        check_local_memory(settings)
         return (f"start a LocalCluster of {settings['workers']} worker process(es), "
                 f"{settings['threads']} thread(s) each, memory {settings['memory']}")
     if kind == "threads":
@@ -118,6 +132,7 @@ def connect(settings: dict[str, Any], *, debug: bool = False):
         return None
 
     if kind == "local":
+        check_local_memory(settings)  # an impossible limit fails before any process starts
         try:
             # the client re-raises a task's error (reported once, on one line); the workers'
             # own "Compute Failed" tracebacks are shown only with --debug
@@ -129,7 +144,13 @@ def connect(settings: dict[str, Any], *, debug: bool = False):
         except Exception as exc:
             raise ClusterError(f"cannot start a local Dask cluster ({type(exc).__name__}: "
                                f"{exc}); check --workers/--threads/--memory") from exc
-        return _owned(Client(cluster), cluster)
+        client = _owned(Client(cluster), cluster)
+        try:
+            check_worker_memory(client, settings, timeout=max(WORKER_START_S, timeout))
+        except BaseException:
+            close(client)
+            raise
+        return client
     if kind == "slurm":
         cluster = slurm_cluster(settings)
         cluster.scale(jobs=settings.get("slurm", {}).get("jobs", 1))
@@ -142,10 +163,127 @@ def connect(settings: dict[str, Any], *, debug: bool = False):
             from dask_mpi import initialize
         except ImportError:
             raise ClusterError("scheduler = 'mpi' needs dask-mpi and mpi4py: pip install "
-                               "'pumap_dask[mpi]' (mpi4py builds against your MPI library)") from None
+                               "'pumap_dask[mpi]' (mpi4py builds against your MPI "
+                               "library)") from None
         initialize()  # only the client rank returns
         return Client()
     return _remote(kind, timeout, f"--scheduler {kind}")
+
+
+def worker_memory(settings: dict[str, Any]) -> int:
+    """The memory limit, in bytes, of each LocalCluster worker the settings start.
+
+    ``auto`` is dask's: the worker's share of the machine's memory, its threads over the
+    machine's cores.
+    """
+    value = settings.get("memory", "auto")
+    if value in (None, "auto"):
+        threads = max(1, int(settings.get("threads") or 1))
+        return int(MEMORY_LIMIT * min(1.0, threads / CPU_COUNT))
+    n = parse_bytes(value) if isinstance(value, str) else int(value)
+    return int(min(n, MEMORY_LIMIT))
+
+
+def _memory_flag(settings: dict[str, Any]) -> str:
+    value = settings.get("memory", "auto")
+    if value in (None, "auto"):
+        return (f"--memory auto (each worker's share of {format_bytes(MEMORY_LIMIT)}: its "
+                f"--threads over {CPU_COUNT} cores)")
+    return f"--memory {value}"
+
+
+def check_local_memory(settings: dict[str, Any]) -> None:
+    """Refuse, before anything starts, a LocalCluster whose workers cannot run at all.
+
+    Raises
+    ------
+    ClusterError
+        When each worker would get less than :data:`MIN_WORKER_MEMORY` (naming ``--memory``).
+    """
+    limit = worker_memory(settings)
+    if 0 < limit < MIN_WORKER_MEMORY:
+        raise ClusterError(
+            f"{_memory_flag(settings)}: each Dask worker gets {format_bytes(limit)}, less than "
+            f"the {format_bytes(MIN_WORKER_MEMORY)} a worker needs to load torch and "
+            "pumap-dask (it would be paused or restarted forever): raise --memory (e.g. "
+            "--memory 4GiB)")
+
+
+def _worker_baseline(dask_worker=None) -> tuple[int, int]:
+    """(resident bytes, memory limit) of a worker once this package (and torch) is loaded:
+    unpickling this function imports pumap_dask there."""
+    limit = getattr(getattr(dask_worker, "memory_manager", None), "memory_limit", None)
+    return int(psutil.Process().memory_info().rss), int(limit or 0)
+
+
+def _pause_fraction() -> float:
+    for key in ("distributed.worker.memory.pause", "distributed.worker.memory.terminate"):
+        frac = dask.config.get(key, None)
+        if isinstance(frac, (int, float)) and not isinstance(frac, bool) and 0 < frac <= 1:
+            return float(frac)
+    return 0.95
+
+
+def check_worker_memory(client, settings: dict[str, Any], timeout: float = WORKER_START_S
+                        ) -> None:
+    """Fail in bounded time when the workers of a new LocalCluster cannot work.
+
+    Waits up to ``timeout`` s for the workers, then has each load pumap_dask and report its
+    memory: a worker that dies doing so (its nanny kills it for exceeding the limit), or
+    that already uses most of its limit (dask would pause it before it holds any data),
+    can never finish a task, and the job would wait forever.
+
+    Raises
+    ------
+    ClusterError
+        Naming ``--memory``.
+    """
+    n = int(settings.get("workers") or 1)
+    hint = "raise --memory (e.g. --memory 4GiB)"
+    try:
+        client.wait_for_workers(n, timeout=timeout)
+    except (TimeoutError, OSError) as exc:
+        raise ClusterError(
+            f"{_memory_flag(settings)}: the {n} local Dask worker(s) did not start within "
+            f"{timeout:g} s ({type(exc).__name__}; a worker over its memory limit is "
+            f"restarted again and again): {hint}") from None
+    results = client.run(_worker_baseline, on_error="return")
+    died = sorted(w for w, r in results.items() if isinstance(r, BaseException))
+    if died:
+        raise ClusterError(
+            f"{_memory_flag(settings)}: {len(died)} of {len(results)} Dask workers died while "
+            f"loading torch and pumap-dask ({type(results[died[0]]).__name__}; killed for "
+            f"exceeding its memory limit of {format_bytes(worker_memory(settings))}): {hint}")
+    frac = _pause_fraction()
+    for addr, (rss, limit) in sorted(results.items()):
+        if limit and rss > 0.9 * frac * limit:
+            need = 2 ** math.ceil(math.log2(max(2 * rss, MIN_WORKER_MEMORY)))
+            raise ClusterError(
+                f"{_memory_flag(settings)}: each Dask worker already uses {format_bytes(rss)} "
+                f"of its {format_bytes(limit)} once torch and pumap-dask are loaded, too close "
+                f"to the {frac:.0%} at which dask pauses a worker (its tasks would wait "
+                f"forever): raise --memory to at least {format_bytes(need)} (e.g. --memory "
+                f"{max(1, need >> 30)}GiB)")
+    logger.debug("Dask workers ready: %s", {w: format_bytes(r[0]) for w, r in results.items()})
+
+
+def workers_lost_error(exc: BaseException, settings: dict[str, Any] | None = None
+                       ) -> ClusterError | None:
+    """A :class:`ClusterError` naming ``--memory`` when ``exc`` (or what caused it) is
+    distributed's ``KilledWorker``: the workers running a task kept dying (in practice:
+    killed for exceeding their memory limit); None for anything else."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KilledWorker):
+            memory = "" if not settings else f" (now {_memory_flag(settings)})"
+            task = getattr(exc, "task", None)
+            return ClusterError(
+                f"Dask workers kept dying while running {task or 'a task'} (the usual cause: "
+                f"each exceeded its memory limit and was restarted): raise --memory{memory}, "
+                "or use fewer --threads per worker or smaller input chunks")
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _owned(client, cluster):

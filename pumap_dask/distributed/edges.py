@@ -1,9 +1,9 @@
 """The edge store: the contract between the graph stage and training.
 
-:func:`pumap_dask.distributed.graph_dask.build_edge_store` writes the pruned symmetric fuzzy graph as
-one Zarr shard per row block (``head`` int64, ``tail`` int64, ``weight`` float32, rows of the
-block as heads) plus ``meta.json``; :class:`EdgeStore` reads it back, shard by shard or
-whole, for the trainer. Layout of ``work_dir/graph``::
+:func:`pumap_dask.distributed.graph_dask.build_edge_store` writes the pruned symmetric
+fuzzy graph as one Zarr shard per row block (``head`` int64, ``tail`` int64, ``weight``
+float32, rows of the block as heads) plus ``meta.json``; :class:`EdgeStore` reads it back,
+shard by shard or whole, for the trainer. Layout of ``work_dir/graph``::
 
     meta.json                  parameters, kNN fingerprint, max weight, threshold, shards
     shard-00000.zarr/          a Zarr group {head, tail, weight}

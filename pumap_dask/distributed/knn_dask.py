@@ -510,7 +510,7 @@ def lazy_sample_recall(darr, indices, n_samples: int = 1000, random_state: int |
 # --------------------------------------------------------------------------- cache
 def _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_rows, refine,
                   random_state, source, metric="euclidean", local_method="nndescent",
-                  method_kwds=None) -> dict:
+                  method_kwds=None, content=None) -> dict:
     # the metric, local method and back-end options are recorded only when not the
     # defaults, so caches written before they existed stay valid
     extra = {} if metric == "euclidean" else {"metric": metric}
@@ -518,6 +518,8 @@ def _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_ro
         extra["local_method"] = local_method
     if method_kwds:
         extra["method_kwds"] = {str(k): method_kwds[k] for k in sorted(method_kwds)}
+    if content:  # the input's content digest: a cache of other data is never reused
+        extra["input_sha256"] = content
     return {**extra, "shape": list(map(int, darr.shape)),
             "chunks": [int(c) for c in darr.chunks[0]],
             "n_neighbors": int(n_neighbors), "method": method, "overlap": int(overlap),
@@ -545,14 +547,15 @@ def _store_fingerprint(path: str | None) -> str | None:
     return h.hexdigest()
 
 
-def _load_cached(knn_dir: str, params: dict, darr):
+def _load_cached(knn_dir: str, params: dict, darr, reused: bool = True):
     meta_path = os.path.join(knn_dir, "meta.json")
     if not os.path.exists(meta_path):
         return None
     with open(meta_path) as fh:
         meta = json.load(fh)
     if not meta.get("complete") or meta.get("params") != params:
-        logger.info("kNN cache in %s is incomplete or for other parameters; recomputing", knn_dir)
+        logger.info("kNN cache in %s is incomplete or for other input or parameters; "
+                    "recomputing it there", knn_dir)
         return None
     # names carry the id of the run that wrote the arrays: dask names Zarr arrays by path,
     # and later stages (the graph's cache) must see a recomputed kNN as new
@@ -560,7 +563,8 @@ def _load_cached(knn_dir: str, params: dict, darr):
     ind = da.from_zarr(os.path.join(knn_dir, "indices"), name=f"knn-indices-{run}")
     dist = da.from_zarr(os.path.join(knn_dir, "distances"), name=f"knn-distances-{run}")
     ind, dist = ind.rechunk({0: darr.chunks[0]}), dist.rechunk({0: darr.chunks[0]})
-    logger.info("kNN reused from %s", knn_dir)
+    if reused:  # (else: read back just after this run stored it)
+        logger.info("kNN reused from %s", knn_dir)
     return ind, dist, meta
 
 
@@ -611,6 +615,7 @@ def nearest_neighbors(
     metric: str = "euclidean",
     local_method: str = "nndescent",
     method_kwds: dict | None = None,
+    content: str | None = None,
 ) -> KNNResult:
     """Approximate kNN of numpy, dask or Zarr input, as dask arrays row-aligned with X.
 
@@ -664,6 +669,10 @@ def nearest_neighbors(
         ``ef_construction``, ``ef`` (see :func:`pumap_dask.knn.hnsw_knn`); for
         ``"nndescent"`` pynndescent's arguments; for ``"exact"`` ``block_size``. For the
         partitioned method they reach every partition's local search.
+    content
+        A digest of X's content (:meth:`pumap_dask.inputs.InputHandle.identity`): the
+        ``work_dir`` cache is reused only for input of the same content (without it, for
+        the same array name, shape and, for a Zarr path, file sizes and times).
 
     Returns
     -------
@@ -704,7 +713,7 @@ def nearest_neighbors(
     source = os.path.abspath(os.fspath(X)) if isinstance(X, (str, os.PathLike)) else None
     params = _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_rows,
                            refine, random_state, source, metric, local_method,
-                           method_kwds)
+                           method_kwds, content)
     knn_dir = os.path.join(os.fspath(work_dir), "knn") if work_dir is not None else None
     if knn_dir is not None:
         cached = _load_cached(knn_dir, params, darr)
@@ -736,7 +745,7 @@ def nearest_neighbors(
         dist = da.from_array(dd, chunks=(darr.chunks[0], n_neighbors))
     if knn_dir is not None:
         _store(knn_dir, ind, dist, params, {"n_partitions": n_parts}, client=client)
-        ind, dist, _ = _load_cached(knn_dir, params, darr)
+        ind, dist, _ = _load_cached(knn_dir, params, darr, reused=False)
     timings["knn"] = time.perf_counter() - t0
     logger.info("kNN (%s, %s, k=%d%s) of %d x %d in %.2fs", method, metric, n_neighbors,
                 f", {n_parts} partitions, overlap {overlap}" if n_parts else "", n, d,
