@@ -26,6 +26,7 @@ from .refine import (
     refine_transform,
 )
 from .state import FITTED_ATTRS, STALE_ATTRS, load_estimator_state, save_estimator, set_fitted
+from .transform import check_finite_output
 from .transform import transform as lazy_transform
 
 logger = logging.getLogger(__name__)
@@ -507,6 +508,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         X = check_array(flatten_input(X, getattr(self, "input_shape_", None)), what="X")
         check_n_features(X.shape[1], self.n_features_in_)
         emb = encode(self.encoder_, X, batch_size=batch_size)
+        check_finite_output(emb)  # X is finite (check_array): so must its embedding be
         return emb if ref is None else refine_transform(X, emb, ref, n_epochs=epochs)
 
     def inverse_transform(self, Z: Any, *, batch_size: int = 65536):

@@ -77,7 +77,7 @@ class InputHandle:
             raise InputError(
                 f"the training matrix needs {need / 2**30:.1f} GiB, above the training "
                 f"memory budget of {budget / 2**30:.1f} GiB "
-                "(pumap_dask.pipeline.TRAIN_MEMORY_BUDGET); raise it, or reduce the features "
+                "(pumap_dask.inputs.TRAIN_MEMORY_BUDGET); raise it, or reduce the features "
                 "first (e.g. PCA to 50 components, as single-cell pipelines do)")
 
     def load(self) -> np.ndarray:

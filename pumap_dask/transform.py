@@ -164,9 +164,31 @@ def transform_block(block: Any, source: ModelRef | ModelBlob, batch_size: int = 
                                   block_info)
         block = np.where(bad[:, None], 0.0, block).astype(np.float32)
     out = encode(enc, block, batch_size=batch_size, device=dev)
+    check_finite_output(out, bad, block_info)
     if bad.any():
         out[bad] = np.nan
     return out
+
+
+def check_finite_output(out: np.ndarray, skip: np.ndarray | None = None,
+                        block_info: dict | None = None) -> None:
+    """A finite input row must encode to a finite embedding: otherwise the model itself is
+    broken (diverged or corrupt weights), and its output must never be published.
+
+    Raises
+    ------
+    ModelFileError
+        Naming the first such row.
+    """
+    bad = ~np.isfinite(out).all(axis=1)
+    if skip is not None:
+        bad &= ~skip
+    if bad.any():
+        start = block_info[0]["array-location"][0][0] if block_info else 0
+        raise ModelFileError(
+            f"the model encodes {int(bad.sum())} finite input rows to NaN or infinite values "
+            f"(first: row {start + int(np.flatnonzero(bad)[0])}): its weights are broken "
+            "(a diverged fit or a corrupt model); refit it, with a lower learning_rate")
 
 
 def _bad_rows_error(n_bad: int, first: list[int], block_info: dict | None) -> InputError:

@@ -152,3 +152,19 @@ def test_model_directory_follows_the_umask(fitted, tmp_path):
         os.umask(old)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o755
     assert stat.S_IMODE(os.stat(os.path.join(path, "weights.pt")).st_mode) == 0o644
+
+
+def test_finite_input_encoding_to_non_finite_rows_is_an_error(fitted, blobs):
+    """A model whose weights make finite rows non-finite (here: an infinite bias) never
+    publishes that output, in memory or lazily."""
+    import copy
+
+    broken = copy.deepcopy(fitted)
+    with torch.no_grad():
+        last = [m for m in broken.encoder_.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.bias[0] = float("inf")
+    with pytest.raises(ModelFileError, match="finite input rows to NaN or infinite.*refit"):
+        broken.transform(blobs[1])
+    with dask.config.set(scheduler="threads"), \
+            pytest.raises(ModelFileError, match="finite input rows"):
+        broken.transform(da.from_array(blobs[1], chunks=50)).compute()

@@ -38,13 +38,30 @@ def _adata_store(path, X, chunk=128):
     return str(path)
 
 
-def _run(script, *args, cwd, env=None, timeout=600):
+def _start(script, *args, cwd, env=None):
+    """Start a pipeline script (as sbatch would, without SLURM's variables); see _finish."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     full.update(env or {})
-    p = subprocess.run(["bash", os.path.join(PIPELINES, script), *map(str, args)], cwd=cwd,
-                       env=full, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{script} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p
+    return subprocess.Popen(["bash", os.path.join(PIPELINES, script), *map(str, args)],
+                            cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _finish(proc, timeout=600):
+    """Wait for a started script, which must succeed; returns its CompletedProcess."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    script = os.path.basename(proc.args[1])
+    assert proc.returncode == 0, f"{script} failed:\n{out[-3000:]}\n{err[-3000:]}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _run(script, *args, cwd, env=None, timeout=600):
+    return _finish(_start(script, *args, cwd=cwd, env=env), timeout)
 
 
 def _job(tmp_path, store, extra=""):
@@ -76,9 +93,13 @@ def test_job_array_projects_each_store(blobs, fitted, tmp_path):
     stores = [_adata_store(tmp_path / f"s{i}.zarr", X) for i, X in enumerate(blobs[:2])]
     (tmp_path / "stores.txt").write_text("\n".join(stores) + "\n")
     model = fitted.save(str(tmp_path / "model"))
-    for task in range(2):
-        _run("job_array.sh", tmp_path / "stores.txt", model, cwd=tmp_path,
-             env={"SLURM_ARRAY_TASK_ID": str(task), "PUMAP_SCHEDULER": "threads"})
+    # the array's tasks run at the same time, as SLURM runs them (and the two processes'
+    # imports share the 2 cores instead of following each other)
+    tasks = [_start("job_array.sh", tmp_path / "stores.txt", model, cwd=tmp_path,
+                    env={"SLURM_ARRAY_TASK_ID": str(task), "PUMAP_SCHEDULER": "threads"})
+             for task in range(2)]
+    for proc in tasks:
+        _finish(proc)
     for store, X in zip(stores, blobs[:2]):
         np.testing.assert_allclose(anndata.read_zarr(store).obsm["X_pumap"],
                                    fitted.transform(X, refine=False), atol=1e-5)
