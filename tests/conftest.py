@@ -66,6 +66,35 @@ def scheduler(request):
             yield client
 
 
+def slow_writer(call: str) -> list[str]:
+    """A command line running ``call`` (a ``pumap_dask.writers`` call, module as ``w``) in
+    a real process, each block's write slowed, so a test can kill it halfway."""
+    import sys
+    import textwrap
+
+    return [sys.executable, "-c", textwrap.dedent(f"""
+        import time, dask, pumap_dask.writers as w
+        orig = w._write_block
+        def slow(*a, **k):
+            time.sleep(0.05)
+            return orig(*a, **k)
+        w._write_block = slow
+        with dask.config.set(scheduler="synchronous"):
+            {call}
+    """)]
+
+
+@pytest.fixture()
+def store(blobs, tmp_path):
+    """The seed clusters' training rows as a Zarr array (chunks of 64 rows); its path."""
+    import zarr
+
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=blobs[0].shape, chunks=(64, 16),
+                          dtype="float32")
+    z[:] = blobs[0]
+    return str(tmp_path / "in.zarr")
+
+
 # --------------------------------------------------------------------------- run control
 INTERRUPT_GRACE_S = float(os.environ.get("PUMAP_TEST_INTERRUPT_GRACE", "10"))
 

@@ -14,14 +14,6 @@ from pumap_dask.cli import EXIT_CLUSTER, EXIT_FAILED, EXIT_USAGE, main
 
 
 @pytest.fixture()
-def store(blobs, tmp_path):
-    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=blobs[0].shape, chunks=(64, 16),
-                          dtype="float32")
-    z[:] = blobs[0]
-    return str(tmp_path / "in.zarr")
-
-
-@pytest.fixture()
 def no_cluster(monkeypatch):
     """Fail the test if a command starts (or connects to) a cluster."""
     def boom(args):

@@ -24,14 +24,6 @@ FAST = dict(n_epochs=4, batch_size=1024, hidden_layers=(16,), device="cpu", rand
 
 
 @pytest.fixture()
-def store(blobs, tmp_path):
-    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=blobs[0].shape, chunks=(64, 16),
-                          dtype="float32")
-    z[:] = blobs[0]
-    return str(tmp_path / "in.zarr")
-
-
-@pytest.fixture()
 def model_dir(fitted, tmp_path):
     return fitted.save(str(tmp_path / "model"))
 

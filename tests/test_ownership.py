@@ -17,7 +17,7 @@ from pumap_dask.cli import EXIT_USAGE, main
 from pumap_dask.workdir import WORK_MARKER, claim_work_dir
 from pumap_dask.writers import write_anndata_obsm
 
-from .conftest import FAST
+from .conftest import FAST, slow_writer
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +108,7 @@ def test_killed_obsm_write_leaves_no_readable_partial_array(saved, blobs, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         adata.write_zarr(store)
-    script = textwrap.dedent(f"""
-        import time, dask, pumap_dask.writers as w
-        orig = w._write_block
-        def slow(*a, **k):
-            time.sleep(0.05)
-            return orig(*a, **k)
-        w._write_block = slow
-        with dask.config.set(scheduler="synchronous"):
-            w.write_anndata_obsm({store!r}, {str(saved)!r}, chunk_rows=100)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script])
+    proc = subprocess.Popen(slow_writer(f"w.write_anndata_obsm({store!r}, {str(saved)!r}, chunk_rows=100)"))
     partial = os.path.join(str(tmp_path), ".cells.zarr.obsm-X_pumap.partial")
     deadline = time.time() + 60
     while time.time() < deadline:

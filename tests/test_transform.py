@@ -1,8 +1,6 @@
 import os
 import pickle
 import subprocess
-import sys
-import textwrap
 import warnings
 
 import dask
@@ -14,6 +12,8 @@ import zarr
 import pumap_dask
 from pumap_dask import InputError, ModelFileError
 from pumap_dask.writers import transform_to_zarr, write_anndata_obsm
+
+from .conftest import slow_writer
 
 
 @pytest.fixture(scope="module")
@@ -148,17 +148,7 @@ def test_transform_to_zarr_killed_process(saved, blobs, tmp_path):
     z[:] = X
     full = transform_to_zarr(str(src), saved, tmp_path / "full.zarr")[:]
     out = tmp_path / "killed.zarr"
-    script = textwrap.dedent(f"""
-        import time, dask, pumap_dask.writers as w
-        orig = w._write_block
-        def slow(*a, **k):
-            time.sleep(0.05)
-            return orig(*a, **k)
-        w._write_block = slow
-        with dask.config.set(scheduler="synchronous"):
-            w.transform_to_zarr({str(src)!r}, {str(saved)!r}, {str(out)!r})
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script])
+    proc = subprocess.Popen(slow_writer(f"w.transform_to_zarr({str(src)!r}, {str(saved)!r}, {str(out)!r})"))
     done = out / ".pumap_done"
     n_blocks = -(-X.shape[0] // 200)
     import time
