@@ -8,7 +8,7 @@ import numpy as np
 from pumap_dask import load
 from pumap_dask.cli import EXIT_OK, EXIT_USAGE, main
 
-from .test_cli_errors import _run, no_cluster, store  # noqa: F401  (fixtures)
+from .test_cli_errors import _run, no_cluster  # noqa: F401  (fixtures)
 
 FIT = {"n_epochs": 4, "batch_size": 1024, "hidden_layers": [16], "device": "cpu"}
 
