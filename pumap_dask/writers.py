@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 
 from .errors import InputError
-from .io import as_dask, block_digests, open_zarr
+from .io import as_dask, block_digests, open_zarr, path_within
 from .params import check_transform_args, check_writer_args
 from .progress import stage
 from .transform import model_source, ood_mask, report_ood, transform
@@ -141,10 +141,6 @@ def _input_root(X: Any) -> str | None:
     return None
 
 
-def _contains(outer: str, inner: str) -> bool:
-    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
-
-
 def check_output_path(out_path: str | os.PathLike, X: Any = None, *, resume: bool = True,
                       store: str | None = None) -> str:
     """Refuse an output location that would overwrite or corrupt data pumap_dask did not write.
@@ -181,12 +177,12 @@ def check_output_path(out_path: str | os.PathLike, X: Any = None, *, resume: boo
                          "another output path")
     out = os.path.realpath(given)
     src = _input_root(X)
-    if src is not None and (_contains(src, out) or _contains(out, src)):
+    if src is not None and (path_within(out, src) or path_within(src, out)):
         raise InputError(f"the output {out} is the input {src} or overlaps it; writing there "
                          "would destroy the input: choose an output path outside the input")
     parent = os.path.dirname(out)
     while parent and parent != os.path.dirname(parent):
-        if store is not None and _contains(os.path.realpath(store), parent):
+        if store is not None and path_within(parent, store):
             break
         kind = _node_kind(parent)
         if kind is not None:
