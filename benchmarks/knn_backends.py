@@ -14,6 +14,15 @@ compilation is paid by a warm-up call before the timings. :func:`run` and
 
     python benchmarks/knn_backends.py --cells-n 200000 --metrics euclidean cosine \\
         --json knn_backends.json
+
+``--hnsw-libs hnswlib usearch faiss`` compares HNSW libraries instead (issue 19: the back-end
+must install from wheels): each builds one index (``M``, ``ef_construction`` and ``ef`` as
+:mod:`pumap_dask.knn`'s defaults, one build and query thread) and every row queries it;
+printed are build and query seconds (wall and process CPU) and recall@k against exact search
+of all rows, then a Markdown table. Cosine searches the unit rows in L2, as the package does::
+
+    OMP_NUM_THREADS=1 python benchmarks/knn_backends.py --cells-n 20000 \\
+        --metrics euclidean --hnsw-libs hnswlib usearch faiss
 """
 
 from __future__ import annotations
@@ -62,6 +71,96 @@ def warm_up_nndescent(k: int = 15) -> float:
     nndescent_knn(np.random.default_rng(0).normal(size=(2000, 8)).astype(np.float32), k,
                   random_state=0)
     return time.perf_counter() - t0
+
+
+HNSW_LIBS = ("hnswlib", "usearch", "faiss")
+
+
+def hnsw_lib_search(lib: str, X: np.ndarray, k1: int, seed: int = 0) -> tuple:
+    """One HNSW index of library ``lib`` over ``X`` (float32, one thread), queried by every
+    row for ``k1`` neighbours with pumap_dask's default ``M``/``ef_construction``/``ef``.
+
+    Returns ``(labels, build wall s, query wall s, build+query CPU s)``.
+    """
+    from pumap_dask.knn import HNSW_EF, HNSW_EF_CONSTRUCTION, HNSW_M
+
+    n, d = X.shape
+    ef = max(HNSW_EF, 2 * k1)
+    c0, t0 = time.process_time(), time.perf_counter()
+    if lib == "hnswlib":
+        import hnswlib
+
+        index = hnswlib.Index(space="l2", dim=d)
+        index.init_index(max_elements=n, ef_construction=HNSW_EF_CONSTRUCTION, M=HNSW_M,
+                         random_seed=seed)
+        index.add_items(X, np.arange(n), num_threads=1)
+        index.set_ef(ef)
+        t1 = time.perf_counter()
+        labels, _ = index.knn_query(X, k=k1, num_threads=1)
+    elif lib == "usearch":
+        from usearch.index import Index
+
+        index = Index(ndim=d, metric="l2sq", dtype="f32", connectivity=HNSW_M,
+                      expansion_add=HNSW_EF_CONSTRUCTION, expansion_search=ef)
+        index.add(np.arange(n), X, threads=1)
+        t1 = time.perf_counter()
+        labels = index.search(X, k1, threads=1).keys
+    elif lib == "faiss":
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        index = faiss.IndexHNSWFlat(d, HNSW_M)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = ef
+        index.hnsw.rng = faiss.RandomGenerator(seed)
+        index.add(X)
+        t1 = time.perf_counter()
+        _, labels = index.search(X, k1)
+    else:
+        raise ValueError(f"unknown HNSW library {lib!r}; one of {HNSW_LIBS}")
+    t2 = time.perf_counter()
+    return np.asarray(labels, dtype=np.int64), t1 - t0, t2 - t1, time.process_time() - c0
+
+
+def compare_hnsw_libs(name: str, X: np.ndarray, metric: str = "euclidean",
+                      libs=HNSW_LIBS, k: int = 15) -> list[dict]:
+    """Build and query time and recall@k (all rows, against exact search) of each HNSW
+    library of ``libs`` on ``X``; a library that is not installed is skipped."""
+    import importlib.util
+
+    from pumap_dask.knn import exact_knn, knn_recall, normalize_rows
+
+    exact_ind, _ = exact_knn(X, k, device="cpu", metric=metric)
+    Xs = normalize_rows(X) if metric == "cosine" else np.ascontiguousarray(X, np.float32)
+    n = len(X)
+    rows = []
+    for lib in libs:
+        if importlib.util.find_spec(lib) is None:
+            print(f"{lib} not installed; skipped", file=sys.stderr)
+            continue
+        labels, build, query, cpu = hnsw_lib_search(lib, Xs, k + 1)
+        keep = labels != np.arange(n)[:, None]  # drop self (or the last when self is absent)
+        keep[keep.all(axis=1), -1] = False
+        ind = labels[keep].reshape(n, k)
+        recall = knn_recall(ind, exact_ind)
+        rows.append({"data": name, "metric": metric, "lib": lib, "n": n, "d": X.shape[1],
+                     "k": k, "build_s": build, "query_s": query, "cpu_s": cpu,
+                     "recall": recall})
+        print(f"{name:22} {metric:9} {lib:8} build {build:7.2f}s query {query:7.2f}s "
+              f"cpu {cpu:7.2f}s  recall@{k} {recall:.4f}", flush=True)
+    return rows
+
+
+def hnsw_table(rows: list[dict]) -> str:
+    """The rows of :func:`compare_hnsw_libs` as a Markdown table."""
+    k = rows[0]["k"] if rows else 15
+    head = f"| data | metric | library | build s | query s | build+query s | CPU s | recall@{k} |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['data']} | {r['metric']} | {r['lib']} | {r['build_s']:.2f} | "
+                     f"{r['query_s']:.2f} | {r['build_s'] + r['query_s']:.2f} | "
+                     f"{r['cpu_s']:.2f} | {r['recall']:.4f} |")
+    return "\n".join(lines)
 
 
 def run(name: str, X: np.ndarray, metric: str = "euclidean",
@@ -113,7 +212,19 @@ def main(argv=None) -> None:
                     help="largest n searched exactly (else recall is sampled)")
     ap.add_argument("--recall-samples", type=int, default=1000)
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--hnsw-libs", nargs="+", choices=HNSW_LIBS,
+                    help="compare these HNSW libraries (one thread) instead of the back-ends")
     args = ap.parse_args(argv)
+    if args.hnsw_libs:
+        rows = []
+        for name, X in datasets(args).items():
+            for metric in args.metrics:
+                rows += compare_hnsw_libs(name, X, metric, args.hnsw_libs, args.k)
+        print(hnsw_table(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
 
     import torch
 

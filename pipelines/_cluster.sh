@@ -4,6 +4,7 @@
 #
 #   start_dask_cluster RUN_DIR NWORKERS THREADS [extra dask-worker args...]
 #   -> exports PUMAP_SCHEDULER_FILE
+# PUMAP_SRUN_ARGS: more options for the workers' srun step (multi_gpu.sh: --gpus-per-task=1).
 start_dask_cluster() {
     local run_dir=$1 nworkers=$2 threads=$3
     shift 3
@@ -15,7 +16,8 @@ start_dask_cluster() {
         --dashboard-address :0 >"$run_dir/scheduler.log" 2>&1 &
     if [ -n "${SLURM_JOB_ID:-}" ]; then
         # one worker process per SLURM task, spread over the allocation's nodes
-        srun --ntasks="$nworkers" --cpus-per-task="$threads" \
+        # shellcheck disable=SC2086  # PUMAP_SRUN_ARGS: several options, split on spaces
+        srun --ntasks="$nworkers" --cpus-per-task="$threads" ${PUMAP_SRUN_ARGS:-} \
             dask worker --scheduler-file "$PUMAP_SCHEDULER_FILE" --nthreads "$threads" \
             --nworkers 1 --local-directory "${TMPDIR:-/tmp}" "$@" \
             >"$run_dir/workers.log" 2>&1 &
@@ -23,7 +25,8 @@ start_dask_cluster() {
         dask worker --scheduler-file "$PUMAP_SCHEDULER_FILE" --nthreads "$threads" \
             --nworkers "$nworkers" "$@" >"$run_dir/workers.log" 2>&1 &
     fi
-    trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
+    # (|| true: workers that have already exited must not fail a job that succeeded)
+    trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null' EXIT
     # wait until the workers have registered (pumap-dask waits for the file itself)
     python - "$PUMAP_SCHEDULER_FILE" "$nworkers" <<'PY'
 import sys, time

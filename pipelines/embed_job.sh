@@ -26,12 +26,22 @@ if [ $# -lt 2 ]; then
     sed -n '2,8p' "$0" >&2
     exit 2
 fi
+# --- site setup: `module load ...` and `conda activate ENV` (or `source VENV/bin/activate`)
+# go here, or in a file PUMAP_SETUP names, sourced here (see pipelines/README.md) ----------
+set +u; if [ -n "${PUMAP_SETUP:-}" ]; then source "$PUMAP_SETUP"; fi; set -u  # for conda
+# --- end of site setup ------------------------------------------------------------------
 ref=$1
 model=$2
 shift 2
 scheduler=${PUMAP_SCHEDULER:-local}
 key=${PUMAP_KEY:-obsm/X_pca}
 params=${PUMAP_PARAMS:-{\}}
+for query in "$@"; do  # before the fit: a typo in a query path costs no fit
+    if [ ! -e "$query" ]; then
+        echo "embed_job.sh: no query store $query; check the path (nothing was run)" >&2
+        exit 2
+    fi
+done
 
 if [ -d "$model" ] && [ "${PUMAP_REFIT:-0}" != "1" ]; then
     echo "reusing model $model (PUMAP_REFIT=1 to refit)"

@@ -14,6 +14,10 @@ set -euo pipefail
 list=${1:?usage: job_array.sh STORES.txt MODEL_DIR}
 model=${2:?usage: job_array.sh STORES.txt MODEL_DIR}
 task=${SLURM_ARRAY_TASK_ID:?SLURM_ARRAY_TASK_ID is not set (run under sbatch --array)}
+# --- site setup: `module load ...` and `conda activate ENV` (or `source VENV/bin/activate`)
+# go here, or in a file PUMAP_SETUP names, sourced here (see pipelines/README.md) ----------
+set +u; if [ -n "${PUMAP_SETUP:-}" ]; then source "$PUMAP_SETUP"; fi; set -u  # for conda
+# --- end of site setup ------------------------------------------------------------------
 store=$(sed -n "$((task + 1))p" "$list")
 if [ -z "$store" ]; then
     echo "no store on line $((task + 1)) of $list" >&2

@@ -9,4 +9,10 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 job=${1:-$here/jobqueue.toml}
 shift || true
+# --- site setup: `module load ...` and `conda activate ENV` (or `source VENV/bin/activate`)
+# go here, or in a file PUMAP_SETUP names, sourced here (see pipelines/README.md) ----------
+set +u; if [ -n "${PUMAP_SETUP:-}" ]; then source "$PUMAP_SETUP"; fi; set -u  # for conda
+# --- end of site setup ------------------------------------------------------------------
+
+pumap-dask check-job "$job"  # the whole job file, before any SLURM job is submitted
 pumap-dask fit --config "$job" "$@"

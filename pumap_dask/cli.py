@@ -1,5 +1,5 @@
 """Command line for batch jobs: ``pumap-dask fit | transform | info | report | export |
-demo``.
+demo | check-job | job-get``.
 
 Every command checks its input, parameters, paths and job file before any cluster starts,
 prints one line on stderr when it fails and exits with a code a scheduler can act on
@@ -24,7 +24,15 @@ import numpy as np
 import zarr
 from sklearn.neighbors import KNeighborsClassifier
 
-from .config import FIT_KEYS, cluster_settings, memory_size, read_file, run_record, scheduler_name
+from .config import (
+    FIT_KEYS,
+    cluster_settings,
+    job_value,
+    memory_size,
+    read_file,
+    run_record,
+    scheduler_name,
+)
 from .continued import check_architecture
 from .datasets import clusters
 from .distributed.cluster import (
@@ -54,11 +62,18 @@ from .model import check_model_path, load_encoder, read_config
 from .networks import factories_by_name
 from .params import device, landmark_positions
 from .plotting import plot_train_test
-from .report import check_report_dir, format_info, model_summary, write_report
-from .report_metrics import read_labels_file
+from .report import check_query, check_report_dir, format_info, model_summary, write_report
+from .report_metrics import load_labels
 from .transform import model_source
 from .workdir import claim_work_dir, is_work_dir
-from .writers import OutputLock, check_output_path, transform_to_zarr, write_anndata_obsm
+from .writers import (
+    OutputLock,
+    check_output_path,
+    check_store_uns,
+    transform_to_zarr,
+    uns_name,
+    write_anndata_obsm,
+)
 
 logger = logging.getLogger("pumap_dask.cli")
 
@@ -244,23 +259,35 @@ def _positionals(args, table: dict, names: tuple[str, ...]) -> None:
 
 def _work_dir(args, params: dict) -> tuple[str, bool]:
     """The fit's work directory (kNN, graph shards, training checkpoints) and whether this
-    command made it (then it is removed after success unless --keep-work).
+    command makes it (then it is removed after success unless --keep-work); checked, not
+    yet made (see ``_claim_work_dir``).
 
     Given (flag or job file): used as is and never removed. Otherwise ``MODEL_DIR.work``, so
     a killed job rerun with the same command resumes the finished stages.
     """
-    if params.get("work_dir"):
-        return params["work_dir"], False
-    path = os.path.abspath(args.model.rstrip("/\\") + ".work")
-    if os.path.exists(path) and not is_work_dir(path):
-        raise CLIError(f"{path} exists and is not a pumap-dask work directory; pass "
-                       "--work-dir PATH (on a file system every worker sees)")
-    claim_work_dir(path, "pumap-dask fit work directory; removed after a successful fit\n")
-    params["work_dir"] = path
-    return path, True
+    given = params.get("work_dir")
+    path = os.path.abspath(given or args.model.rstrip("/\\") + ".work")
+    if os.path.lexists(path) and not is_work_dir(path):
+        if not given:
+            raise CLIError(f"{path} exists and is not a pumap-dask work directory; pass "
+                           "--work-dir PATH (on a file system every worker sees)")
+        if not os.path.isdir(path) or os.listdir(path):
+            raise CLIError(f"--work-dir {given} exists and holds files pumap-dask did not "
+                           "write (they are never overwritten or deleted): pass a new or "
+                           "empty directory")
+    return (given, False) if given else (path, True)
+
+
+def _claim_work_dir(path: str, owned: bool, params: dict) -> None:
+    """Make the default work directory (a given one is claimed by the fit itself)."""
+    if owned:
+        claim_work_dir(path, "pumap-dask fit work directory; removed after a successful fit\n")
+        params["work_dir"] = path
 
 
 def _dry_run(args, resolved: dict) -> None:
+    if getattr(args, "check_only", False):  # check-job: checked; print and describe nothing
+        return
     print(json.dumps(resolved, indent=2, default=str))
     try:
         print(describe(args.cluster))
@@ -293,6 +320,7 @@ def cmd_fit(args) -> None:
     except InputError as exc:
         raise CLIError(f"{exc} (flag --n-neighbors)") from None
     darr = handle.darr
+    args.n_features = darr.shape[1]  # check-job compares the [transform] input with it
     init_model = None
     if args.init_model:
         nets = _allowed_networks(args)
@@ -303,6 +331,7 @@ def cmd_fit(args) -> None:
         positions = _read_landmarks(args.landmarks, darr.shape[0], model.n_components)
     _check_model_out(args.model, args.input)
     _check_work_dir_apart(params.get("work_dir"), args.model)
+    work_dir, owned = _work_dir(args, params)  # owned by us or new: checked before any work
     resolved = {"input": args.input, "model": args.model, "key": args.key,
                 "init_model": args.init_model, "landmarks": args.landmarks,
                 "params": {k: v for k, v in model.get_params().items()
@@ -314,7 +343,7 @@ def cmd_fit(args) -> None:
     with OutputLock(args.model):  # one fit per model directory: a second fails at once
         client = _client(args)
         try:
-            work_dir, owned = _work_dir(args, params)
+            _claim_work_dir(work_dir, owned, params)
             model.set_params(work_dir=work_dir)
             resolved["params"]["work_dir"] = work_dir
             logger.info("work directory %s (a rerun of this command resumes from it)",
@@ -353,12 +382,16 @@ def cmd_transform(args) -> None:
         device(args.device, "--device")
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    model = _saved_model(args, args.model)
-    source = model_source(model)  # checks the model directory before any work
+    n_features = getattr(args, "model_features", None)  # check-job: the job's fit makes it
+    if n_features is None:
+        model = _saved_model(args, args.model)
+        n_features = model_source(model).n_features  # checks the model before any work
     darr = as_dask(args.input, key=args.key)
-    check_n_features(darr.shape[1], source.n_features)
+    check_n_features(darr.shape[1], n_features)
     if args.out:
         check_output_path(args.out, args.input, resume=not args.overwrite)
+    else:  # its uns record (uns[NAME without 'X_']) must be ours too, before any cluster
+        check_store_uns(os.path.abspath(args.input), uns_name(args.obsm))
     if args.dry_run:
         _dry_run(args, {"input": args.input, "model": args.model, "key": args.key,
                         "out": args.out, "obsm": args.obsm, "device": args.device,
@@ -371,7 +404,8 @@ def cmd_transform(args) -> None:
             write_anndata_obsm(args.input, model, key=args.key, obsm_key=args.obsm,
                                resume=not args.overwrite, device=args.device,
                                nan_policy=args.nan_policy)
-            logger.info("wrote obsm/%s into %s", args.obsm, args.input)
+            logger.info("wrote obsm/%s and uns/%s into %s", args.obsm, uns_name(args.obsm),
+                        args.input)
         else:
             transform_to_zarr(args.input, model, args.out, key=args.key,
                               resume=not args.overwrite, device=args.device,
@@ -402,21 +436,95 @@ def cmd_export(args) -> None:
     print(f"wrote {path}")
 
 
-def cmd_report(args) -> None:
-    check_report_dir(args.out or args.model)  # a file, or a report we did not write: refused
-    labels_file = bool(args.labels) and os.path.isfile(args.labels)
-    if args.labels and not args.data and not labels_file and not args.labels.endswith(".npy"):
+def _check_report(out: str, data: str | None, key: str | None, labels: str | None):
+    """The report's checks before any work; returns the --data array (lazy) or None."""
+    check_report_dir(out)  # a file, or a report we did not write: refused
+    labels_file = bool(labels) and os.path.isfile(labels)
+    if labels and not data and not labels_file and not labels.endswith(".npy"):
         raise CLIError("--labels KEY names an array inside --data; pass --data INPUT too "
                        "(or --labels FILE.npy)")
-    if labels_file:
-        read_labels_file(args.labels)  # a file that is not .npy fails now, not after the work
-    if args.data:
-        as_dask(args.data, key=args.key)  # checked before any work
+    darr = as_dask(data, key=key) if data else None
+    if labels:  # missing, unreadable or not one per row: fails now, not after the work
+        load_labels(labels, data, None if darr is None else darr.shape[0])
+    return darr
+
+
+def cmd_report(args) -> None:
+    _check_report(args.out or args.model, args.data, args.key, args.labels)
+    query_key = args.query_key or args.key
+    if args.query_labels and not args.query:
+        raise CLIError("--query-labels names the labels of --query rows; pass --query DATA "
+                       "too")
+    if args.query:  # readable, labels found: fails now, not after the reference's work
+        check_query(args.query, query_key)
+        if args.query_labels:
+            load_labels(args.query_labels, args.query, None)
     doc = write_report(args.model, args.out, data=args.data, key=args.key,
-                       labels=args.labels, n_sample=args.sample)
+                       labels=args.labels, query=args.query, query_key=query_key,
+                       query_labels=args.query_labels, n_sample=args.sample)
     out = args.out or args.model
     print(f"wrote {os.path.join(out, 'report.html')} and {os.path.join(out, 'report.json')}")
     logger.debug("report: %s", sorted(doc))
+
+
+def _job_args(command: str, args, doc: dict) -> argparse.Namespace:
+    """``command``'s arguments from the job file ``doc`` alone (as the pipeline scripts run
+    it), checked only: its dry run neither prints nor describes the cluster."""
+    sub = build_parser().parse_args([command, "--config", args.config, "--dry-run"])
+    sub.check_only, sub.job_doc = True, doc
+    sub.allow_network, sub.debug = getattr(args, "allow_network", None), args.debug
+    return sub
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and \
+        os.path.realpath(a) == os.path.realpath(b)
+
+
+def cmd_check_job(args) -> None:
+    """Check a whole job file as ``fit``, ``transform`` and the pipelines' ``report`` would
+    (keys, values, inputs, output ownership), starting no cluster and writing nothing."""
+    doc = _read_config(args)
+    fit, transform, report = (doc.get(t) for t in ("fit", "transform", "report"))
+    if fit is None and transform is None:
+        raise CLIError(f"{args.config} has neither a [fit] nor a [transform] table: nothing "
+                       "to run")
+    done, n_features = [], None
+    if fit is not None:
+        fargs = _job_args("fit", args, doc)
+        cmd_fit(fargs)
+        n_features = fargs.n_features
+        done.append(f"fit {fargs.input} -> {fargs.model}")
+    if transform is not None:
+        targs = _job_args("transform", args, doc)
+        if fit is not None and _same_path(transform.get("model"), fit.get("model")):
+            targs.model_features = n_features  # made by this job's fit
+        cmd_transform(targs)
+        done.append(f"transform {targs.input} -> "
+                    f"{targs.out or f'{targs.input} obsm/{targs.obsm}'}")
+    if report is not None:
+        model = (fit or {}).get("model") or (transform or {}).get("model")
+        data = _check_report(report.get("out") or model, report.get("data"),
+                             report.get("key"), report.get("labels"))
+        if data is not None and n_features is not None:
+            check_n_features(data.shape[1], n_features)
+        done.append(f"report of {model}" + (f" on {report['data']}" if data is not None else ""))
+    print(f"{args.config}: ok ({'; '.join(done)})")
+
+
+def cmd_job_get(args) -> None:
+    """Print the values of job-file keys, one a line (strings as they are, others as JSON),
+    for scripts: ``model=$(pumap-dask job-get job.toml fit.model)``."""
+    doc = _read_config(args)
+    for name in args.keys:
+        value = job_value(doc, name, args.config)
+        if value is None and args.default is None:
+            table, _, key = name.rpartition(".")
+            where = f"in the [{table}] table" if table else "at the top level"
+            raise CLIError(f"{args.config} does not set {name}: add {key} = ... {where}, or "
+                           "pass --default VALUE")
+        value = args.default if value is None else value
+        print(value if isinstance(value, str) else json.dumps(value))
 
 
 def cmd_demo(args) -> None:
@@ -627,6 +735,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default=None, help="array inside --data (default obsm/X_pca)")
     p.add_argument("--labels", help="labels: an array inside --data (e.g. obs/cell_type) "
                    "or a .npy file")
+    p.add_argument("--query", metavar="DATA",
+                   help="new rows shown in their own panel over the reference: input rows "
+                        "(Zarr array / AnnData store, embedded by the model) or the Zarr "
+                        "array `pumap-dask transform --out` wrote with this model")
+    p.add_argument("--query-key", default=None,
+                   help="array inside --query (default: --key)")
+    p.add_argument("--query-labels", metavar="LABELS",
+                   help="labels of the query rows: an array inside --query or a .npy file")
     p.add_argument("--out", help="directory for the report (default MODEL_DIR)")
     p.add_argument("--sample", type=_positive_int, default=5000,
                    help="rows sampled for trustworthiness and kNN preservation (default 5000)")
@@ -638,6 +754,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier pumap-dask export (never another file)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("check-job", help="check a whole job file (keys, values, inputs, "
+                       "output ownership) and start nothing: run it before the cluster")
+    p.add_argument("config", metavar="JOB", help="job file (TOML, or YAML with PyYAML)")
+    p.set_defaults(func=cmd_check_job)
+
+    p = sub.add_parser("job-get", help="print values of a job file, one a line (for scripts)")
+    p.add_argument("config", metavar="JOB", help="job file (TOML, or YAML with PyYAML)")
+    p.add_argument("keys", nargs="+", metavar="NAME",
+                   help="TABLE.KEY (e.g. fit.model, report.labels) or log_level")
+    p.add_argument("--default", default=None, metavar="VALUE",
+                   help="printed for a key the file does not set (default: fail, exit 2)")
+    p.set_defaults(func=cmd_job_get)
 
     p = sub.add_parser("demo", help="the seed vignette on a local Dask cluster")
     p.add_argument("--out", default="pumap_demo")

@@ -20,6 +20,10 @@ A job file has one table per command and one for the cluster::
     model = "model_dir"
     out = "emb.zarr"              # or obsm = "X_pumap"
 
+    [report]                      # what the pipeline scripts pass to `pumap-dask report`
+    data = "sample.zarr"          # --data: rows to embed and score (all of them are embedded)
+    labels = "obs/cell_type"      # --labels: an array inside data, or a .npy file
+
     [cluster]
     scheduler = "local"           # local | threads | slurm | mpi | tcp://host:port
     scheduler_file = "sched.json" # the file `dask scheduler --scheduler-file` writes
@@ -99,7 +103,15 @@ TRANSFORM_KEYS: dict[str, Any] = {
     "nan_policy": lambda n, v: checks.choice(n, v, checks.NAN_POLICIES),
     "overwrite": lambda n, v: _bool(n, v),
 }
-TOP_KEYS = ("log_level", "fit", "transform", "cluster", "slurm")
+# [report]: what the pipeline scripts pass to ``pumap-dask report`` (its flags)
+REPORT_KEYS: dict[str, Any] = {
+    "data": lambda n, v: _str(n, v),
+    "key": lambda n, v: _str(n, v),
+    "labels": lambda n, v: _str(n, v),
+    "out": lambda n, v: _str(n, v),
+    "sample": checks.positive_int,
+}
+TOP_KEYS = ("log_level", "fit", "transform", "report", "cluster", "slurm")
 
 
 def _str(name: str, v: Any) -> str:
@@ -188,18 +200,36 @@ def estimator_params() -> dict[str, Any]:
     return ParametricUMAP().get_params()
 
 
+def table_keys() -> dict[str, set[str]]:
+    """The keys each table of a job file takes."""
+
+    return {"fit": set(FIT_KEYS) | set(estimator_params()),
+            "transform": set(TRANSFORM_KEYS), "report": set(REPORT_KEYS),
+            "cluster": set(CLUSTER_KEYS), "slurm": set(SLURM_KEYS)}
+
+
+def _belongs(keys: list[str], allowed: dict[str, set[str]], here: str | None = None) -> str:
+    """'; n_neighbors belongs in the [fit] table' for keys that another table takes."""
+    hints = []
+    for key in keys:
+        tables = [f"[{t}]" for t, names in allowed.items() if key in names and t != here]
+        if tables:
+            either = " or ".join(filter(None, (", ".join(tables[:-1]), tables[-1])))
+            hints.append(f"{key} belongs in the {either} table")
+    return "; " + "; ".join(hints) if hints else ""
+
+
 def check_file(doc: dict[str, Any], path: str) -> None:
     """Refuse unknown tables and keys and values of the wrong kind, naming each."""
+    allowed = table_keys()
     unknown = sorted(set(doc) - set(TOP_KEYS))
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed at the top level: "
+        raise ConfigError(f"{path}: unknown key(s) {unknown} at the top level"
+                          f"{_belongs(unknown, allowed)}; allowed at the top level: "
                           f"{list(TOP_KEYS)}")
     if "log_level" in doc:
         _check(path, "", "log_level", lambda n, v: checks.choice(n, v, LOG_LEVELS),
                doc["log_level"])
-    allowed = {"fit": set(FIT_KEYS) | set(estimator_params()),
-               "transform": set(TRANSFORM_KEYS), "cluster": set(CLUSTER_KEYS),
-               "slurm": set(SLURM_KEYS)}
     for table, keys in allowed.items():
         block = doc.get(table, {})
         if not isinstance(block, dict):
@@ -207,14 +237,16 @@ def check_file(doc: dict[str, Any], path: str) -> None:
                               f"{block!r}")
         bad = sorted(set(block) - keys)
         if bad:
-            raise ConfigError(f"{path}: unknown key(s) {bad} in [{table}]; allowed: "
-                              f"{sorted(keys)}")
+            raise ConfigError(f"{path}: unknown key(s) {bad} in [{table}]"
+                              f"{_belongs(bad, allowed, table)}; allowed: {sorted(keys)}")
     for k, v in doc.get("cluster", {}).items():
         _check(path, "cluster", k, CLUSTER_KEYS[k][1], v)
     for k, v in doc.get("slurm", {}).items():
         _check(path, "slurm", k, SLURM_KEYS[k], v)
     for k, v in doc.get("transform", {}).items():
         _check(path, "transform", k, TRANSFORM_KEYS[k], v)
+    for k, v in doc.get("report", {}).items():
+        _check(path, "report", k, REPORT_KEYS[k], v)
     fit = doc.get("fit", {})
     for k in ("input", "model", "key", "init_model", "landmarks"):
         if k in fit:
@@ -227,6 +259,51 @@ def check_file(doc: dict[str, Any], path: str) -> None:
         est["hidden_layers"] = tuple(est["hidden_layers"])
     if est:
         check_estimator(est, where=f"{path} [fit]")
+
+
+def job_value(doc: dict[str, Any], name: str, path: str) -> Any:
+    """The value of ``name`` (``log_level`` or ``TABLE.KEY``, e.g. ``fit.model``) in a job
+    file read by :func:`read_file`.
+
+    Parameters
+    ----------
+    doc
+        The parsed job file.
+    name
+        A top-level key or ``TABLE.KEY``.
+    path
+        The job file, for the message.
+
+    Returns
+    -------
+    Any
+        The value, or None when the file does not set it.
+
+    Raises
+    ------
+    ConfigError
+        When ``name`` is not a key a job file takes (a typo in a script), naming the keys of
+        that table.
+    """
+    allowed = table_keys()
+    table, _, key = name.rpartition(".")
+    if not table:
+        if name in allowed:
+            raise ConfigError(f"{name} is a table of {path}; name one of its keys as "
+                              f"{name}.KEY: {sorted(allowed[name])}")
+        if name not in TOP_KEYS:
+            raise ConfigError(f"{name} is not a key of a job file; name TABLE.KEY (e.g. "
+                              f"fit.model) or one of the top-level keys ['log_level']"
+                              f"{_belongs([name], allowed)}")
+        return doc.get(name)
+    if table not in allowed:
+        raise ConfigError(f"{name}: [{table}] is not a table of a job file; the tables are "
+                          f"{sorted(allowed)}")
+    if key not in allowed[table]:
+        raise ConfigError(f"{name}: [{table}] takes no key {key!r}"
+                          f"{_belongs([key], allowed, table)}; it takes "
+                          f"{sorted(allowed[table])}")
+    return doc.get(table, {}).get(key)
 
 
 def _check(path: str, table: str, key: str, checker: Any, value: Any) -> Any:

@@ -210,20 +210,23 @@ def write_cell_like_zarr(
 # Rows are drawn in fixed blocks of TRAJ_BLOCK_ROWS, each with its own seed, so a row
 # depends only on (random_state, its index): never on n_samples or on the chunking.
 TRAJ_LATENT_DIM = 10
-TRAJ_N_POPULATIONS = 24
-TRAJ_N_PATHS = 16
+TRAJ_N_POPULATIONS = 32
+TRAJ_N_PATHS = 24
 TRAJ_PATH_FRACTION = 1.0 / 3.0
 TRAJ_BLOCK_ROWS = 8192
-TRAJ_PATH_NOISE = 0.5
+TRAJ_PATH_NOISE = 0.8
+TRAJ_BOX = 3.5  # centres uniform in [-TRAJ_BOX, TRAJ_BOX]^L
+TRAJ_WIDTHS = (0.7, 4.0)  # population widths, log-uniform in this range
+TRAJ_INPUT_NOISE = 4.0  # scale of the per-feature technical noise in input space
 
 
 def _trajectory_layout(n_features: int, random_state: int) -> dict:
     """Global layout of :func:`trajectory_like`, a function of the seed (and n_features)."""
     rng = np.random.default_rng([int(random_state), 0x7A1E])
     L, P, T = TRAJ_LATENT_DIM, TRAJ_N_POPULATIONS, TRAJ_N_PATHS
-    centres = rng.uniform(-6.0, 6.0, size=(P, L))
+    centres = rng.uniform(-TRAJ_BOX, TRAJ_BOX, size=(P, L))
     # widths differing about 6-fold (log-uniform), each population anisotropic and rotated
-    widths = np.exp(rng.uniform(np.log(0.5), np.log(3.0), size=P))
+    widths = np.exp(rng.uniform(np.log(TRAJ_WIDTHS[0]), np.log(TRAJ_WIDTHS[1]), size=P))
     spreads = widths[:, None] * np.geomspace(1.0, 0.3, L)[None, :]
     rot = np.stack([np.linalg.qr(rng.standard_normal((L, L)))[0] for _ in range(P)])
     w = rng.lognormal(0.0, 1.0, size=P)
@@ -252,7 +255,7 @@ def _trajectory_layout(n_features: int, random_state: int) -> dict:
     tw = tw / tw.sum() * TRAJ_PATH_FRACTION
     basis = rng.standard_normal((L, n_features)) / np.sqrt(L)
     scales = 6.0 * (1.0 + np.arange(n_features)) ** -0.9
-    noise = 0.05 + 0.15 * (1.0 + np.arange(n_features)) ** -0.5
+    noise = TRAJ_INPUT_NOISE * (0.05 + 0.15 * (1.0 + np.arange(n_features)) ** -0.5)
     return {"centres": centres, "spreads": spreads, "rot": rot, "ends": ends,
             "control": control, "weights": np.concatenate([w, tw]),
             "map": basis * scales[None, :], "noise": noise}
@@ -304,13 +307,16 @@ def trajectory_like(
 
     A latent space of :data:`TRAJ_LATENT_DIM` dimensions holds
     :data:`TRAJ_N_POPULATIONS` populations of log-normal sizes and widths differing about
-    6-fold (anisotropic, rotated Gaussians), and :data:`TRAJ_N_PATHS` differentiation paths,
+    6-fold (anisotropic, rotated Gaussians, crowded so that neighbours overlap), and
+    :data:`TRAJ_N_PATHS` differentiation paths,
     each from a population to one of its four nearest others: a quadratic Bezier curve
     bent off the chord by 25-50% of its length, with Gaussian noise of
     :data:`TRAJ_PATH_NOISE`. About a third of the cells (:data:`TRAJ_PATH_FRACTION`) lie on
     paths, at a uniform position along them, each labelled by the population its path
     leaves, so a label follows the position along a path. The latent rows are mapped
-    linearly into ``n_features`` with scales decaying like a PCA spectrum, plus small noise.
+    linearly into ``n_features`` with scales decaying like a PCA spectrum, plus per-feature
+    technical noise. Input-space 15-NN accuracy is about 0.86 (45k/5k rows), near the
+    cell data that issue 20 measured on (0.866).
 
     Rows are generated in fixed blocks of :data:`TRAJ_BLOCK_ROWS`, each with its own seed
     ``(random_state, block index)``: row ``i`` is the same for every ``n_samples > i`` and

@@ -17,6 +17,7 @@ from .errors import NotFittedError, ParameterError
 from .export import export_encoder
 from .io import as_dask, check_array, check_n_features, flatten_input, is_lazy
 from .params import check_estimator_params, check_transform_args
+from .progress import show_progress
 from .reconstruction import inverse_transform
 from .refine import (
     DEFAULT_REFINE_EPOCHS,
@@ -82,7 +83,9 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
     random_state
         Seed reaching every stage (seed: ``seed``). None for a random run.
     verbose
-        Log progress at INFO level.
+        Show progress: a bar per long stage (kNN, graph, init, training by epoch with its
+        loss and ETA; ``tqdm.auto``, a widget in a notebook) on a terminal or in a notebook,
+        else log lines at INFO (printed on stderr when logging is not configured).
     work_dir
         Directory for the distributed stages of a partitioned fit (kNN arrays and the edge
         shards); a rerun with the same directory reuses what is finished. None uses a
@@ -347,8 +350,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             if landmark_positions is not None:
                 raise ParameterError("give landmark_positions or its alias landmarks, not both")
             landmark_positions = landmarks
-        if self.verbose:
-            logging.getLogger("pumap_dask").setLevel(logging.INFO)
+        if self.verbose:  # stage bars (tqdm.auto: a notebook widget) or log lines
+            show_progress()
         kept = kept_landmarks(self, init_model)  # add_landmarks' rows
         res = pipeline.fit(self.get_params(), X, key=key, knn=knn, y=y, init_model=init_model,
                            landmark_positions=landmark_positions,

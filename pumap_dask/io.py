@@ -84,9 +84,12 @@ def open_zarr(path: str | os.PathLike, key: str | None = None):
                 f"'X' in {path!r} is a sparse matrix group; pass key= naming a dense array "
                 "such as 'obsm/X_pca'"
             )
+    obsm = node.get("obsm")  # an AnnData store: name its obsm arrays
+    have = (f"its obsm arrays: {sorted(f'obsm/{k}' for k in obsm.array_keys())}"
+            if isinstance(obsm, zarr.Group) else f"its top level: {sorted(node.keys())}")
     raise InputError(
         f"no array {' or '.join(repr(k) for k in keys)} in the Zarr group {path!r}; "
-        f"pass key= naming one of its arrays (top level: {sorted(node.keys())})"
+        f"pass key= (CLI: --key) naming one of its arrays ({have})"
     )
 
 

@@ -26,10 +26,11 @@ from .params import METRICS, positive_int, resolve_device
 logger = logging.getLogger(__name__)
 
 
-# hnswlib defaults. Measured recall@15 (1000 sampled rows, one build thread): MNIST test
-# set 0.999, cell-like 50k x 50 0.999 in both metrics; ef_construction 200 (hnswlib's
-# example) gained nothing over 100 and cost up to twice the build time. ``ef`` is raised to
-# at least 2 (k + 1). See benchmarks/knn_backends.py.
+# HNSW defaults (usearch's connectivity, expansion_add, expansion_search). Measured
+# recall@15 (all rows, one thread): MNIST test set 0.9993, cell-like 20k x 50 0.9994 (as
+# hnswlib with the same settings); ef_construction 200 gained nothing over 100 and cost up
+# to twice the build time. ``ef`` is raised to at least 2 (k + 1). See
+# benchmarks/knn_backends.py and benchmarks/RESULTS.md (issue 19).
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 100
 HNSW_EF = 64
@@ -243,15 +244,15 @@ def _cosine_by_unit_rows(X: np.ndarray, k: int,
     return np.take_along_axis(ind, o, 1), np.take_along_axis(dist, o, 1)
 
 
-def require_hnswlib():
-    """The ``hnswlib`` module, or an ImportError naming the extra that installs it."""
+def require_hnsw():
+    """The ``usearch.index`` module, or a ParameterError naming the extra that installs it."""
     try:
-        import hnswlib
+        from usearch import index as usearch_index
     except ImportError as exc:
-        raise ImportError(
-            "knn_method='hnsw' needs the optional package hnswlib; install it with "
-            f"`pip install '{HNSW_EXTRA}'` (or `pip install hnswlib`)") from exc
-    return hnswlib
+        raise ParameterError(
+            "knn_method='hnsw' (and local_method='hnsw') needs the optional package usearch; "
+            f"install it with `pip install '{HNSW_EXTRA}'` (or `pip install usearch`)") from exc
+    return usearch_index
 
 
 def hnsw_knn(
@@ -265,14 +266,15 @@ def hnsw_knn(
     ef_construction: int = HNSW_EF_CONSTRUCTION,
     ef: int = HNSW_EF,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate kNN with hnswlib's HNSW graph (CPU; optional extra ``pumap_dask[hnsw]``).
+    """Approximate kNN with usearch's HNSW graph (CPU; optional extra ``pumap_dask[hnsw]``).
 
     Every row is inserted into one index, then every row queries it for ``k + 1``
-    neighbours and itself is dropped. Euclidean distances are the square roots of hnswlib's
-    squared ``"l2"`` distances (computed directly, no cancellation). With
-    ``metric="cosine"`` the non-zero unit rows are searched in ``"l2"`` (the same
-    neighbours) and the distances are ``1 - cos`` pair by pair, zero rows as in
-    :func:`nndescent_knn`.
+    neighbours and itself is dropped. Euclidean distances are the square roots of usearch's
+    squared ``"l2sq"`` distances (computed directly, no cancellation). Rows whose search
+    returns fewer than ``k + 1`` neighbours (possible on tiny or badly connected graphs)
+    are searched exactly. With ``metric="cosine"`` the non-zero unit rows are searched in
+    ``"l2sq"`` (the same neighbours) and the distances are ``1 - cos`` pair by pair, zero
+    rows as in :func:`nndescent_knn`.
 
     Parameters
     ----------
@@ -281,17 +283,19 @@ def hnsw_knn(
     n_neighbors
         k, not counting the point itself.
     random_state
-        hnswlib's ``random_seed`` (levels of the inserted points). When given, the index is
-        built with one thread, which makes the result deterministic (hnswlib's parallel
-        insertion order depends on thread timing); None builds with ``n_jobs`` threads.
-        Queries run on ``n_jobs`` threads either way (each query is independent).
+        When given, the index is built with one thread, which makes the result
+        deterministic (a parallel insertion order depends on thread timing); None builds
+        with ``n_jobs`` threads. usearch takes no seed (its level generator is fixed), so
+        every given value gives the same graph. Queries run on ``n_jobs`` threads either way
+        (each query is independent).
     n_jobs
         Threads (-1: all cores).
     metric
         ``"euclidean"`` or ``"cosine"``.
     M, ef_construction, ef
-        hnswlib's graph degree, build-time and query-time candidate list sizes; ``ef`` is
-        raised to at least ``2 (k + 1)``. The defaults give recall@15 >= 0.95 on the data of
+        The graph degree, build-time and query-time candidate list sizes (usearch's
+        ``connectivity``, ``expansion_add``, ``expansion_search``); ``ef`` is raised to at
+        least ``2 (k + 1)``. The defaults give recall@15 >= 0.95 on the data of
         ``benchmarks/knn_backends.py``; raise ``ef`` for more recall at a higher query cost.
 
     Returns
@@ -301,11 +305,13 @@ def hnsw_knn(
 
     Raises
     ------
-    ImportError
-        hnswlib is not installed (the message names the extra).
+    ParameterError
+        usearch is not installed (the message names the extra), or a bad option.
+    InputError
+        Fewer than ``n_neighbors + 1`` rows.
     """
     check_metric(metric)
-    hnswlib = require_hnswlib()
+    usearch_index = require_hnsw()
 
     positive_int("M", M, minimum=2)
     positive_int("ef_construction", ef_construction)
@@ -321,15 +327,24 @@ def hnsw_knn(
     threads = (os.cpu_count() or 1) if n_jobs is None or n_jobs < 1 else int(n_jobs)
     Xc = np.ascontiguousarray(X, dtype=np.float32)
     n, d = Xc.shape
-    index = hnswlib.Index(space="l2", dim=d)
-    index.init_index(max_elements=n, ef_construction=int(ef_construction), M=int(M),
-                     random_seed=0 if random_state is None else int(random_state))
-    index.add_items(Xc, np.arange(n), num_threads=1 if random_state is not None else threads)
     k1 = n_neighbors + 1
-    index.set_ef(max(int(ef), 2 * k1))
-    labels, d2 = index.knn_query(Xc, k=k1, num_threads=threads)
+    index = usearch_index.Index(ndim=d, metric="l2sq", dtype="f32", connectivity=int(M),
+                                expansion_add=int(ef_construction),
+                                expansion_search=max(int(ef), 2 * k1))
+    index.add(np.arange(n, dtype=np.uint64), Xc,
+              threads=1 if random_state is not None else threads)
+    found = index.search(Xc, k1, threads=threads)
+    labels = np.asarray(found.keys, dtype=np.int64).reshape(n, k1)
+    d2 = np.asarray(found.distances, dtype=np.float32).reshape(n, k1)
+    short = np.flatnonzero(np.asarray(found.counts).reshape(n) < k1)
+    d2[short] = 0.0  # unfilled slots hold NaN; these rows are replaced below
     dist = np.sqrt(np.maximum(d2, 0.0))
-    return _drop_self(labels.astype(np.int64), dist, n_neighbors)
+    if short.size:  # the graph search came back short: these rows are searched exactly
+        logger.debug("hnsw: %d of %d rows searched exactly (short result lists)",
+                     short.size, n)
+        labels[short], dist[short] = exact_knn(Xc[short], k1, Y=Xc, device="cpu",
+                                               exclude_self=False)
+    return _drop_self(labels, dist, n_neighbors)
 
 
 def backend_kwds(method: str, kwds: dict) -> dict:

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import cloudpickle
 import distributed
 import numpy as np
 import scipy.sparse as sp
@@ -48,10 +49,11 @@ from .encoder import encode
 from .errors import InputError, ParameterError
 from .init import N_LANDMARKS, landmark_layout, landmark_rows, pca_layout, spectral_layout
 from .inputs import InputHandle, check_labels, check_sizes, open_input
+from .io import is_lazy
 from .landmarks import Landmarks
 from .params import landmark_positions as check_landmarks
 from .params import refuse_ddp, single_process_reasons
-from .progress import Progress, stage
+from .progress import stage, track
 from .reconstruction import build_for_fit, check_validation, reconstruction_error
 from .train import TrainConfig, build_encoder, default_epochs, find_ab_params, train_encoder
 from .workdir import work_directory
@@ -160,6 +162,7 @@ class TrainPlan:
     world_size: int
     reason: str
     client: Any = None
+    placement: str = "worker"  # where DDP ranks go (pumap_dask.distributed.ddp.rank_workers)
 
     @property
     def ddp(self) -> bool:
@@ -338,8 +341,8 @@ def run_train(X: np.ndarray, edges: Edges, layout: Layout | None, cfg: TrainConf
     from_model = encoder is not None
     if encoder is None:
         encoder = network if network is not None else build_encoder(X.shape[1], cfg, X)
-    bar = Progress(cfg.n_epochs, "train", "epoch")  # shown at INFO (verbose / CLI)
-    bar.active = bar.active and verbose
+    # the train stage's bar counts epochs (with the loss and an ETA; shown at INFO)
+    bar = track(cfg.n_epochs, "train") if verbose else None
 
     def cb(epoch, loss):
         bar.update(epoch + 1, postfix=f"loss {loss:.4f}")
@@ -364,7 +367,8 @@ def run_train(X: np.ndarray, edges: Edges, layout: Layout | None, cfg: TrainConf
                                          init_embedding=init, landmarks=landmarks,
                                          from_model=from_model, reconstruction=reconstruction)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return Trained(encoder, history, cfg)
 
 
@@ -474,7 +478,8 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
     if y is not None:
         y = check_labels(y, handle.n)
     plan = plan_training(params, partitioned=partitioned, source=handle.source,
-                         landmarks=landmarks is not None, init_model=init_encoder is not None)
+                         landmarks=landmarks is not None, init_model=init_encoder is not None,
+                         device=device)
     identity = handle.identity()  # one read: NaN check and content digest, before the kNN
     timings["input"] = time.perf_counter() - t0
     if partitioned and not params.get("work_dir"):
@@ -510,7 +515,8 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                 init = None if layout is None else (layout.rows, layout.positions)
                 encoder, history, world = ddp.train_on_dask(
                     plan.client, handle.source, handle.key, os.path.join(wdir, "graph"), cfg,
-                    init, world_size=world, max_restarts=int(params.get("max_restarts", 2)))
+                    init, world_size=world, max_restarts=int(params.get("max_restarts", 2)),
+                    placement=plan.placement)
                 trained = Trained(encoder, history, cfg)
             else:
                 trained = run_train(Xtr, edges, layout, cfg, verbose=bool(params.get("verbose")),
@@ -542,15 +548,20 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
 
 
 def plan_training(params: dict, *, partitioned: bool, source: Any, landmarks: bool = False,
-                  init_model: bool = False) -> TrainPlan:
-    """Decide, once, whether a fit trains in this process or as DDP on the Dask workers.
+                  init_model: bool = False, device: str = "cpu") -> TrainPlan:
+    """Decide, once, whether a fit trains in this process or as DDP on the Dask workers,
+    and where its ranks go.
 
-    DDP (one rank per eligible worker, at most ``train_world_size``) needs a partitioned fit
-    of a Zarr array or path (edge shards and rows every worker can read), an active
-    ``distributed.Client`` and none of the options that train in this process only
-    (:func:`pumap_dask.params.single_process_reasons`). ``train_world_size=1`` forces one
-    process; an explicit ``train_world_size > 1`` that cannot be honoured is an error when
-    an option forbids it, else a warning.
+    DDP needs a partitioned fit of lazy input the workers can read (a Zarr array or path,
+    or a dask array whose graph can be sent to them), an active ``distributed.Client`` and
+    none of the options that train in this process only
+    (:func:`pumap_dask.params.single_process_reasons`). The topology follows the hardware:
+    one rank per GPU worker when training runs on CUDA; on CPUs one rank per *host* using
+    all its cores, so DDP runs across hosts only (on one host, one process with all its
+    cores is faster than DDP over its workers: Gloo's all-reduce each step costs more than
+    it parallelises; ``benchmarks/RESULTS.md``). ``train_world_size=1`` forces one process;
+    an explicit ``train_world_size=N > 1`` asks for N ranks, one per worker; when it cannot
+    be honoured it is an error if an option forbids it, else a warning.
 
     Raises
     ------
@@ -561,9 +572,10 @@ def plan_training(params: dict, *, partitioned: bool, source: Any, landmarks: bo
     """
     wanted = params.get("train_world_size")
     reasons = check_train_world(params, landmarks=landmarks, init_model=init_model)
-    plan = _choose_plan(wanted, reasons, partitioned, source)
+    plan = _choose_plan(wanted, reasons, partitioned, source, device)
     logger.info("training plan: %s (%s)", "one process" if not plan.ddp
-                else f"DDP over {plan.world_size} Dask workers", plan.reason)
+                else f"DDP over {plan.world_size} ranks, one per {plan.placement}",
+                plan.reason)
     return plan
 
 
@@ -577,20 +589,41 @@ def check_train_world(params: dict, *, landmarks: bool = False,
     return reasons
 
 
+# the serialised graph of a dask array input above which DDP ranks are not sent it (it
+# holds in-memory data, which every rank would receive a copy of)
+MAX_SHIPPED_GRAPH = 64 << 20
+
+
+def _unreadable_by_workers(source: Any) -> str | None:
+    """Why the workers cannot reopen this input (None: they can)."""
+    if isinstance(source, (str, os.PathLike)) or type(source).__module__.startswith("zarr"):
+        return None
+    if not is_lazy(source):
+        return "in-memory input"
+    try:
+        size = len(cloudpickle.dumps(source))
+    except Exception as exc:  # e.g. an open h5py file inside the graph
+        return (f"a dask array whose graph cannot be sent to the workers "
+                f"({type(exc).__name__}: {str(exc)[:80]}; build it from file paths, e.g. dask.delayed readers, or "
+                "write it to Zarr)")
+    if size > MAX_SHIPPED_GRAPH:
+        return (f"a dask array holding {size / 2**20:.0f} MiB of in-memory data (every rank "
+                "would receive a copy; write it to Zarr)")
+    return None
+
+
 def _choose_plan(wanted: int | None, reasons: list[str], partitioned: bool,
-                 source: Any) -> TrainPlan:
+                 source: Any, device: str = "cpu") -> TrainPlan:
     if wanted == 1:
         return TrainPlan(1, "train_world_size=1")
     if reasons:
         return TrainPlan(1, " and ".join(reasons) + " given")
-    readable = isinstance(source, (str, os.PathLike)) or \
-        type(source).__module__.startswith("zarr")
-    if not partitioned or not readable:
-        why = ("an in-memory kNN" if not partitioned else
-               "input the workers cannot reopen (DDP needs a Zarr array or path)")
+    why = "an in-memory kNN" if not partitioned else _unreadable_by_workers(source)
+    if why:
         if wanted:
             logger.warning("train_world_size=%d ignored: DDP training needs a partitioned fit "
-                           "of a Zarr array or path; training in one process", wanted)
+                           "of input the workers can read (%s); training in one process",
+                           wanted, why)
         return TrainPlan(1, why)
     try:
         client = distributed.get_client()
@@ -600,11 +633,21 @@ def _choose_plan(wanted: int | None, reasons: list[str], partitioned: bool,
                              "(DDP runs one rank per Dask worker)") from None
         return TrainPlan(1, "no distributed.Client")
     n_workers = len(ddp.eligible_workers(client))
-    world = min(wanted or n_workers, n_workers)
+    if wanted:
+        world = min(wanted, n_workers)
+        if world < 2:
+            return TrainPlan(1, f"{n_workers} eligible Dask worker")
+        return TrainPlan(world, f"train_world_size={wanted}, {n_workers} eligible Dask "
+                                "workers", client, "worker")
+    placement = "gpu" if device != "cpu" and ddp.rank_workers(client, "gpu") else "host"
+    world = len(ddp.rank_workers(client, placement))
     if world < 2:
-        return TrainPlan(1, f"{n_workers} eligible Dask worker")
-    return TrainPlan(world, f"{n_workers} eligible Dask workers" +
-                     (f", train_world_size={wanted}" if wanted else ""), client)
+        why = ("one GPU worker" if placement == "gpu" else
+               f"{n_workers} CPU worker(s) on one host: one process with all its cores "
+               "trains faster than DDP over them")
+        return TrainPlan(1, why)
+    return TrainPlan(world, f"{world} {'GPU workers' if placement == 'gpu' else 'hosts'}",
+                     client, placement)
 
 
 def require_local_workers() -> None:

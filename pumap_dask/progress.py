@@ -1,19 +1,28 @@
-"""Progress and peak memory of the long stages (kNN, graph, training, transform).
+"""Progress and peak memory of the long stages (kNN, graph, init, training, transform).
 
-A progress bar (tqdm) when stderr is a terminal, else a log line every
+A progress bar (``tqdm.auto``: a terminal bar on stderr, a widget in a Jupyter notebook)
+when stderr is a terminal or the code runs in a notebook, else a log line every
 ``PUMAP_PROGRESS_INTERVAL`` seconds (30 by default) and one at the end, which is what a batch
-log needs. Shown only when the ``pumap_dask`` logger is at INFO (``verbose=True``, or the
-command line without ``-q``).
+log needs (``PUMAP_PROGRESS=log`` or ``=bar`` forces either). Shown only when the
+``pumap_dask`` logger is at INFO (``verbose=True``, or the command line without ``-q``).
 
 :func:`stage` wraps one stage: it times it, follows the Dask tasks it runs (dask's local
 callbacks on the threaded scheduler; the scheduler's task groups on a distributed cluster),
-and samples the peak memory of this process and of the largest worker.
+redraws its bar twice a second (a stage longer than a second always shows one, its clock
+moving even while one big task runs) and samples the peak memory of this process and of the
+largest worker. Training counts epochs on its stage's bar instead of tasks (:func:`track`):
+the single-process trainer through its per-epoch callback, DDP training through the small
+file rank 0 rewrites after each epoch (:class:`EpochReport`, read by :class:`EpochWatch`).
+While a terminal bar is drawn, log records of the console handlers are written above it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -23,10 +32,20 @@ from typing import Any, Iterator
 import psutil
 from dask.callbacks import Callback
 from distributed import get_client
+from tqdm.auto import tqdm
+from tqdm.std import tqdm as std_tqdm
+
+from .io import write_json_atomic
 
 logger = logging.getLogger("pumap_dask.progress")
 _ROOT = logging.getLogger("pumap_dask")
 _DONE_STATES = ("memory", "released", "erred", "forgotten")
+# a stage's bar appears once the stage has run this long (short stages leave no line)
+BAR_DELAY_S = 1.0
+# how often a stage samples its tasks and memory, and redraws its bar
+SAMPLE_S = 0.5
+# the least seconds between two writes of rank 0's epoch report (and the last epoch always)
+REPORT_EVERY_S = 1.0
 
 
 def enabled() -> bool:
@@ -41,18 +60,118 @@ def _interval() -> float:
         return 30.0
 
 
-def _use_bar() -> bool:
-    if os.environ.get("PUMAP_PROGRESS", "").lower() == "log":
-        return False
+def show_progress() -> None:
+    """``verbose=True``: progress at INFO, printed also where logging is not configured.
+
+    Sets the ``pumap_dask`` logger to INFO and, when no handler would print its records
+    (nothing configured, as in a fresh script or notebook), gives it one on stderr.
+    """
+    _ROOT.setLevel(logging.INFO)
+    if not _ROOT.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        _ROOT.addHandler(handler)
+
+
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (its stderr is no terminal, yet shows bars)."""
+    ipython = sys.modules.get("IPython")
     try:
-        import tqdm  # noqa: F401
-    except ImportError:
+        shell = ipython.get_ipython() if ipython is not None else None
+        return shell is not None and "IPKernelApp" in shell.config
+    except (AttributeError, TypeError):  # an unusual IPython: no notebook bars
         return False
-    return sys.stderr.isatty()
+
+
+def _use_bar() -> bool:
+    mode = os.environ.get("PUMAP_PROGRESS", "").lower()
+    if mode in ("log", "bar"):
+        return mode == "bar"
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        tty = False
+    return tty or _in_notebook()
+
+
+def _bar_shape() -> dict[str, int]:
+    """tqdm's ``ncols``/``nrows`` where the terminal reports no size.
+
+    A pseudo-terminal nobody sized (``srun --pty``, ``docker exec -t``, some CI runners)
+    reports 0 x 0; tqdm then takes -1 rows and draws nothing at all.
+    """
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (AttributeError, ValueError, OSError):  # not a terminal (a notebook's stream)
+        return {}
+    if size.columns > 0 and size.lines > 0:
+        return {}
+    return {"ncols": size.columns if size.columns > 0 else _env_int("COLUMNS", 80),
+            "nrows": size.lines if size.lines > 0 else _env_int("LINES", 24)}
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``."""
+    s = round(max(0.0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class _AboveBars(logging.StreamHandler):
+    """A console handler's stand-in while terminal bars are drawn: each record is written
+    above the bars (``tqdm.write``) instead of into the line a bar redraws."""
+
+    def __init__(self, orig: logging.StreamHandler) -> None:
+        super().__init__(orig.stream)
+        self.setLevel(orig.level)
+        self.setFormatter(orig.formatter)
+        self.filters = list(orig.filters)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            std_tqdm.write(self.format(record), file=self.stream)
+        except (OSError, ValueError, TypeError):  # as logging's handlers: report, go on
+            self.handleError(record)
+
+
+# the bar of what :func:`track` counts (epochs): the ETA of :meth:`Progress.eta`, not tqdm's
+_COUNT_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} {unit}s [{elapsed}{postfix}]"
+_bars_lock = threading.Lock()
+_bars_open = 0
+_swapped: list[tuple[logging.Logger, logging.Handler, logging.Handler]] = []
+
+
+def _logs_above_bars(opened: bool) -> None:
+    """Count terminal bars; the first swaps the console handlers of the root and package
+    loggers for :class:`_AboveBars`, the last one closed puts them back."""
+    global _bars_open
+    with _bars_lock:
+        _bars_open += 1 if opened else -1
+        if opened and _bars_open == 1:
+            for lg in (logging.getLogger(), _ROOT):
+                for i, h in enumerate(lg.handlers):
+                    if type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout):
+                        lg.handlers[i] = _AboveBars(h)
+                        _swapped.append((lg, h, lg.handlers[i]))
+        elif not opened and _bars_open == 0:
+            for lg, orig, stand_in in _swapped:
+                lg.handlers = [orig if h is stand_in else h for h in lg.handlers]
+            _swapped.clear()
 
 
 class Progress:
-    """Progress of ``total`` units: a tqdm bar on a terminal, periodic log lines otherwise.
+    """Progress of ``total`` units: a tqdm bar on a terminal or in a notebook, periodic log
+    lines (with an ETA) otherwise.
 
     Parameters
     ----------
@@ -62,60 +181,206 @@ class Progress:
         Name of the stage, shown first.
     unit
         Name of one unit (``"epoch"``, ``"task"``, ``"block"``).
+    delay
+        Seconds before the bar is drawn (a stage shorter than that leaves no bar).
     """
 
-    def __init__(self, total: int | None, desc: str, unit: str = "it") -> None:
+    def __init__(self, total: int | None, desc: str, unit: str = "it", *,
+                 delay: float = 0.0) -> None:
         self.total, self.desc, self.unit = total, desc, unit
         self.n = 0
         self.postfix = ""
         self.active = enabled()
-        self._bar = None
+        self.adopted = False  # counts what :func:`track` asked for, not its stage's tasks
+        self.closed = False
+        self._bar: Any = None
+        self._console = False  # a terminal bar (log records are written above it)
+        self._lock = threading.RLock()
+        self._as_bar = self.active and _use_bar()
+        self._delay = delay
         self._t0 = self._last = time.monotonic()
-        if self.active and _use_bar():
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
+        self._base: tuple[float, int] | None = None  # (time, n) of the first count: the ETA's
+        if self._as_bar and delay <= 0:
+            self._open_bar()
 
     def update(self, n: int | None = None, *, total: int | None = None,
                postfix: str = "") -> None:
-        """Set the units done (``n``) and/or the total; log when the interval has passed."""
-        if total is not None:
-            self.total = total
-        if n is not None:
-            self.n = n
-        self.postfix = postfix or self.postfix
-        if not self.active:
-            return
-        if self._bar is not None:
+        """Set the units done (``n``) and/or the total; redraw, or log when the interval
+        has passed."""
+        with self._lock:
             if total is not None:
-                self._bar.total = total
-            self._bar.n = self.n
-            if postfix:
-                self._bar.set_postfix_str(postfix, refresh=False)
-            self._bar.refresh()
+                self.total = total
+            if n is not None:
+                if self._base is None:
+                    self._base = (time.monotonic(), n)
+                self.n = n
+            self.postfix = postfix or self.postfix
+            self._show()
+
+    def tick(self) -> None:
+        """Redraw the bar (its clock moves while nothing is counted), or log when due."""
+        with self._lock:
+            self._show()
+
+    def adopt(self, total: int, unit: str) -> None:
+        """Count ``total`` units of ``unit`` from now on (the stage's tasks no longer)."""
+        with self._lock:
+            self.adopted = True
+            self.total, self.unit, self.n, self.postfix, self._base = total, unit, 0, "", None
+            if self._bar is not None:
+                self._bar.reset(total=total)
+                self._bar.unit = unit
+                self._bar.bar_format = _COUNT_FORMAT
+
+    def eta(self) -> float | None:
+        """Seconds left at the rate since the first count (None before two counts)."""
+        if not self.total or self._base is None:
+            return None
+        t, n = self._base
+        if self.n <= n:
+            return None
+        return (self.total - self.n) * (time.monotonic() - t) / (self.n - n)
+
+    def _show(self) -> None:
+        if not self.active or self.closed:
             return
         now = time.monotonic()
+        if self._as_bar:
+            if self._bar is None and now - self._t0 >= self._delay:
+                self._open_bar()
+            if self._bar is not None:
+                self._draw()
+            return
         if now - self._last >= _interval():
             self._last = now
             self._log()
 
+    def _open_bar(self) -> None:
+        # smoothing=0: a task bar's rate and ETA are the means since the stage started
+        self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, file=sys.stderr,
+                         leave=True, smoothing=0,
+                         bar_format=_COUNT_FORMAT if self.adopted else None, **_bar_shape())
+        self._bar.start_t -= time.monotonic() - self._t0  # the stage's clock, not the bar's
+        self._console = not hasattr(self._bar, "container")  # a notebook's widget has one
+        if self._console:
+            _logs_above_bars(True)
+
+    def _draw(self) -> None:
+        bar = self._bar
+        if self.total is not None and bar.total != self.total:
+            bar.total = self.total
+        postfix = self.postfix
+        eta = self.eta() if self.adopted and self.n < (self.total or 0) else None
+        if eta is not None:  # from the first epoch on: setup and pre-training left out
+            postfix = f"{postfix}, ETA {_duration(eta)}" if postfix else f"ETA {_duration(eta)}"
+        if postfix:
+            bar.set_postfix_str(postfix, refresh=False)
+        bar.n = self.n
+        bar.refresh()
+
     def _log(self, final: bool = False) -> None:
         elapsed = time.monotonic() - self._t0
-        of = f"/{self.total}" if self.total else ""
-        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        if self.total or self.n:
+            of = f"/{self.total}" if self.total else ""
+            pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+            head = f"{self.n}{of} {self.unit}s{pct}"
+        else:
+            head = "running"
         extra = f", {self.postfix}" if self.postfix else ""
-        logger.info("%s: %d%s %ss%s%s in %.0fs%s", self.desc, self.n, of, self.unit, pct, extra,
-                    elapsed, " (done)" if final else "")
+        eta = None if final else self.eta()
+        logger.info("%s: %s%s, %s elapsed%s%s", self.desc, head, extra, _duration(elapsed),
+                    "" if eta is None else f", ETA {_duration(eta)}",
+                    " (done)" if final else "")
 
     def close(self) -> None:
-        """End the bar, or log the last line."""
-        if not self.active:
+        """End the bar (it stays on screen), or log the last line; idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            if not self.active:
+                return
+            if self._bar is not None:
+                self._draw()
+                self._bar.close()
+                self._bar = None
+                if self._console:
+                    _logs_above_bars(False)
+            elif not self._as_bar and (self.total or self.n):
+                self._log(final=True)
+
+
+_stages: list[Progress] = []  # the bars of the stages running now, innermost last
+
+
+def track(total: int, desc: str, unit: str = "epoch") -> Progress:
+    """The bar of the innermost running :func:`stage`, now counting ``total`` units of
+    ``unit`` instead of its tasks (a DDP fit's bar counts epochs, not ranks); a new bar outside a
+    stage. Close it when done (a stage's bar is closed again by its stage: a no-op)."""
+    bar = _stages[-1] if _stages else None
+    if bar is None or bar.closed or bar.adopted:
+        return Progress(total, desc, unit)
+    bar.adopt(total, unit)
+    return bar
+
+
+@dataclasses.dataclass
+class EpochReport:
+    """Rank 0's per-epoch callback under DDP: rewrites the small JSON file ``path`` in the
+    run's work directory (atomically, at most every :data:`REPORT_EVERY_S` seconds and after
+    the last epoch) with the epoch, its loss and the run ``run``, for the client to read
+    (:class:`EpochWatch`). Returns None: it never stops training. A failed write is logged
+    once and training goes on.
+    """
+
+    path: str
+    run: str
+    n_epochs: int
+    _last: float = dataclasses.field(default=-math.inf, repr=False)
+    _failed: bool = dataclasses.field(default=False, repr=False)
+
+    def __call__(self, epoch: int, loss: float) -> None:
+        now = time.monotonic()
+        if now - self._last < REPORT_EVERY_S and epoch + 1 < self.n_epochs:
             return
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        else:
-            self._log(final=True)
+        self._last = now
+        try:
+            write_json_atomic(self.path, {"run": self.run, "epoch": int(epoch) + 1,
+                                          "n_epochs": int(self.n_epochs),
+                                          "loss": float(loss), "time": time.time()})
+        except OSError as exc:
+            if not self._failed:
+                self._failed = True
+                logger.warning("cannot write the training progress to %s: %s", self.path, exc)
+
+
+class EpochWatch:
+    """The client's side of :class:`EpochReport`: :meth:`poll` reads the file and moves
+    ``bar`` (epochs, loss; the bar's periodic log lines carry the ETA)."""
+
+    def __init__(self, report: EpochReport, bar: Progress) -> None:
+        self.report, self.bar = report, bar
+        self._stamp: float | None = None
+
+    def poll(self) -> None:
+        """Read the report when it changed; redraw the bar either way."""
+        try:
+            stamp = os.stat(self.report.path).st_mtime
+            if stamp != self._stamp:
+                with open(self.report.path) as fh:
+                    doc = json.load(fh)
+                self._stamp = stamp
+                if doc.get("run") == self.report.run:
+                    self.bar.update(int(doc["epoch"]), postfix=f"loss {float(doc['loss']):.4f}")
+                    return
+        except (OSError, ValueError, KeyError, TypeError):  # not written yet, or another run's
+            pass
+        self.bar.tick()
+
+    def remove(self) -> None:
+        """Delete the report file (best effort: it is small and in the work directory)."""
+        with contextlib.suppress(OSError):
+            os.remove(self.report.path)
 
 
 def _rss() -> int:
@@ -204,14 +469,13 @@ def stage(name: str, timings: dict | None = None, peaks: dict | None = None,
         except Exception:  # an old or unreachable scheduler: no task progress
             logger.debug("no task progress from the scheduler", exc_info=True)
             poll = None
-    bar = Progress(None, name, "task")
+    bar = Progress(None, name, "task", delay=BAR_DELAY_S)
     local = _LocalTasks()
     peak = {"rss": _rss(), "worker": 0}
     stop = threading.Event()
 
     def sample() -> None:
-        period = 0.5
-        while not stop.wait(period):
+        while not stop.wait(SAMPLE_S):
             observe()
 
     def observe() -> None:
@@ -219,7 +483,8 @@ def stage(name: str, timings: dict | None = None, peaks: dict | None = None,
         if poll is not None:
             try:
                 groups, mem = poll()
-            except Exception:
+            except Exception:  # the scheduler busy or gone: the clock still moves
+                bar.tick()
                 return
             peak["worker"] = max(peak["worker"], mem)
             for gone in set(seen) - set(groups):  # forgotten groups finished
@@ -231,12 +496,16 @@ def stage(name: str, timings: dict | None = None, peaks: dict | None = None,
             done = sum(d for _, d in seen.values())
         else:
             total, done = local.total, local.done
-        if total:
-            bar.update(done, total=total)
+        with bar._lock:  # once training counts epochs on it (track), tasks no longer
+            if total and not bar.adopted:
+                bar.update(done, total=total)
+            else:
+                bar.tick()
 
     thread = threading.Thread(target=sample, name=f"pumap-progress-{name}", daemon=True)
     t0 = time.perf_counter()
     cb = local.callback() if client is None else contextlib.nullcontext()
+    _stages.append(bar)
     thread.start()
     ok = False
     try:
@@ -246,6 +515,7 @@ def stage(name: str, timings: dict | None = None, peaks: dict | None = None,
     finally:
         stop.set()
         thread.join()
+        _stages.remove(bar)
         observe()  # the stage's last counts (a short stage may end between two samples)
         peak["rss"] = max(peak["rss"], _rss())
         if timings is not None:
@@ -254,7 +524,6 @@ def stage(name: str, timings: dict | None = None, peaks: dict | None = None,
             peaks[name] = peak["rss"]
         if worker_peaks is not None and peak["worker"]:
             worker_peaks[name] = peak["worker"]
-        if bar.total:
-            if ok:  # every task of the stage ran (some were counted before it started)
-                bar.n = bar.total
-            bar.close()
+        if ok and bar.total and not bar.adopted:  # every task ran (some counted before it)
+            bar.update(bar.total)
+        bar.close()

@@ -10,7 +10,15 @@ import json
 import os
 from typing import Any
 
-from .report_format import NOT_RECORDED, RUN_CONFIG, fmt_num, recall_text, stage_table
+from .report_format import (
+    NOT_RECORDED,
+    RUN_CONFIG,
+    fmt_num,
+    recall_text,
+    run_config_shown,
+    run_rows,
+    stage_table,
+)
 
 # --------------------------------------------------------------------------- html
 _CSS = """
@@ -22,9 +30,9 @@ h1{font-size:24px;margin:8px 0 2px}h2{font-size:18px;margin:0 0 10px;
 .sub{color:#5b6473;margin-bottom:16px;word-break:break-all}
 section{background:#fff;border:1px solid #dfe3ea;border-radius:8px;padding:16px 20px;
  margin:14px 0}
-.cards{display:flex;flex-wrap:wrap;gap:10px;margin:12px 0}
-.card{flex:1 1 0;background:#fff;border:1px solid #dfe3ea;border-radius:8px;
- padding:10px 14px;min-width:110px}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(100px,1fr));gap:10px;
+ margin:12px 0}
+.card{background:#fff;border:1px solid #dfe3ea;border-radius:8px;padding:10px 12px}
 .card b{display:block;font-size:20px}.card span{color:#5b6473;font-size:12px}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:16px;align-items:start}
 table{border-collapse:collapse;width:100%;font-size:13px}
@@ -40,6 +48,14 @@ img{max-width:100%;height:auto;display:block;margin:0 auto}
 pre{background:#f6f8fa;border:1px solid #e4e7ec;border-radius:6px;padding:10px;
  overflow:auto;font-size:12px;max-height:420px}
 .note{color:#5b6473;font-size:12px;margin-top:6px}
+.legend{margin:10px 0 14px;font-size:12px}.legend .lh{color:#5b6473;margin-bottom:4px}
+.legend ul{list-style:none;margin:0;padding:0;columns:3 260px;column-gap:18px}
+.legend li{display:flex;align-items:baseline;gap:6px;break-inside:avoid;padding:1px 0}
+.legend .sw{flex:none;width:10px;height:10px;border-radius:50%;display:inline-block;
+ position:relative;top:1px}
+.legend .ln{flex:1 1 auto;overflow-wrap:anywhere}
+.legend .lc{flex:none;color:#7a8392;font-variant-numeric:tabular-nums}
+.fig{margin:0 auto;text-align:center}
 """
 
 
@@ -85,17 +101,77 @@ def _metric(v: Any, digits: int = 4) -> Any:
     return round(v, digits) if isinstance(v, float) else v
 
 
+def _card_value(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else "-"
+
+
+def _legend(pic: dict[str, Any], what: str) -> str:
+    """The labels of a picture with their full names, colours and point counts (the
+    figure's own legend wraps and shortens long names)."""
+    rows = pic.get("legend")
+    if not rows:
+        return ""
+    items = "".join(
+        f'<li title="{_e(r["name"])}: {r["count"]:,} points">'
+        f'<span class="sw" style="background:{_e(r["color"])}"></span>'
+        f'<span class="ln">{_e(r["name"])}</span><span class="lc">{r["count"]:,}</span></li>'
+        for r in rows)
+    head = f"{_e(what)}: full names and points drawn"
+    if pic.get("palette"):
+        head += f" (colours: {_e(pic['palette'])})"
+    return f'<div class="legend"><div class="lh">{head}</div><ul>{items}</ul></div>'
+
+
+def _picture_note(pic: dict[str, Any], source: Any) -> str:
+    view = {"scatter": "Drawn as a scatter of small markers",
+            "histogram": "Drawn as a 2-D histogram"}.get(pic.get("view"), "Drawn")
+    text = f"Source: {_e(source)}. {view} ({_e(pic.get('coloured_by'))}"
+    if pic.get("note_text"):
+        text += f"; {_e(pic['note_text'])}"
+    text += ")."
+    if pic.get("note"):
+        text += f" {_e(pic['note'])}."
+    return f'<p class="note">{text}</p>'
+
+
+def _query_section(q: dict[str, Any], figures: dict[str, bytes]) -> str:
+    pic, qm = q.get("picture") or {}, q.get("metrics") or {}
+    sec = ["<section><h2>Query data</h2>"]
+    if "query" in figures:
+        sec.append('<div class="fig">' + _img(figures["query"], "query embedding") + "</div>")
+        how = ("embedded by this model for the report" if q.get("embedded_here")
+               else "an embedding this model's transform wrote, used as it is")
+        sec.append(_picture_note(pic, f"{q['n_rows']:,} rows of {q['source']} ({how})"))
+        sec.append(_legend(pic, "query labels"))
+    else:
+        sec.append(f'<p class="muted">{_e(pic.get("note", "no picture"))}</p>')
+    rows = [("trustworthiness", _metric(qm.get("trustworthiness"))),
+            ("kNN preservation", _metric(qm.get("knn_preservation"))),
+            (("15-NN label transfer accuracy (reference embedding predicts the query's "
+              "labels)"), _metric(qm.get("label_transfer_accuracy")))]
+    sec.append(_table(rows, ("query metric", "value"), kv=True))
+    detail = (f"Measured on a random sample of {qm.get('n_sample', 0):,} query rows, "
+              f"n_neighbors = {qm.get('n_neighbors')}, exact neighbours within the sample.")
+    if isinstance(qm.get("label_transfer_accuracy"), float):
+        detail += (f" Label transfer scored {qm.get('label_transfer_scored', 0):,} query rows"
+                   f" whose label the reference has ({qm.get('label_transfer_unknown', 0):,}"
+                   " with other labels left out).")
+    sec.append(f'<p class="note">{_e(detail)}</p></section>')
+    return "".join(sec)
+
+
 def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     """One self-contained HTML page of a report (figures inline as PNG data URIs)."""
     s, m, pic = report["summary"], report["metrics"], report["picture"]
     fitted, loss = s["fitted"], s["loss"]
     name = os.path.basename(s["model_dir"].rstrip(os.sep)) or s["model_dir"]
-    trust = m.get("trustworthiness")
     cards = [("samples fitted", fmt_num(s["n_samples_fit"])),
              ("features", fmt_num(s["n_features"])), ("components", s["n_components"]),
              ("final loss", "-" if loss["final"] is None else f"{loss['final']:.4g}"),
              ("kNN recall", recall_text(fitted).replace(" kNN", "")),
-             ("trustworthiness", f"{trust:.3f}" if isinstance(trust, float) else "-"),
+             ("trustworthiness", _card_value(m.get("trustworthiness"))),
+             ("kNN preservation", _card_value(m.get("knn_preservation"))),
+             ("15-NN label accuracy", _card_value(m.get("label_accuracy"))),
              ("fit time", f"{sum(s['timings'].values()):.1f} s" if s["timings"] else "-")]
     body = [f"<h1>Parametric UMAP report: {_e(name)}</h1>",
             f'<div class="sub">{_e(s["model_dir"])} &middot; created {_e(report["created"])}'
@@ -107,13 +183,14 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     # embedding
     sec = ["<section><h2>Embedding</h2>"]
     if "embedding_density" in figures:
-        sec.append('<div class="grid">' + _img(figures["embedding"], "embedding by label")
+        sec.append('<div class="grid" style="grid-template-columns:1.2fr 1fr">'
+                   + _img(figures["embedding"], "embedding by label")
                    + _img(figures["embedding_density"], "embedding density") + "</div>")
     elif "embedding" in figures:
-        sec.append(_img(figures["embedding"], "embedding"))
-        sec.append(f'<p class="note">Source: {_e(pic.get("source"))}. Drawn as a 2-D '
-                   f'histogram ({_e(pic.get("coloured_by"))}).'
-                   + (f" {_e(pic['note'])}." if pic.get("note") else "") + "</p>")
+        sec.append('<div class="fig">' + _img(figures["embedding"], "embedding") + "</div>")
+    if "embedding" in figures:
+        sec.append(_picture_note(pic, pic.get("source")))
+        sec.append(_legend(pic, "labels"))
     else:
         sec.append(f'<p class="muted">{_e(pic.get("note", "no picture"))}</p>')
     sec.append("</section>")
@@ -135,6 +212,8 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     body.append("<section><h2>Quality</h2>" + _table(rows, ("metric", "value"), kv=True)
                 + detail
                 + "</section>")
+    if report.get("query"):
+        body.append(_query_section(report["query"], figures))
 
     # training
     stage_head, stage_rows = stage_table(s)
@@ -164,7 +243,8 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     run_cfg = s["run_config"]
     run_html = (f'<p class="muted">{NOT_RECORDED} (no {RUN_CONFIG} in the model '
                 "directory)</p>" if run_cfg is None else
-                "<pre>" + _e(json.dumps(run_cfg, indent=2, sort_keys=True, default=str))
+                "<pre>" + _e(json.dumps(run_config_shown(run_cfg), indent=2, sort_keys=True,
+                                        default=str))
                 + "</pre>")
     body.append("<section><h2>Resolved configuration</h2><div class=\"grid\">"
                 f"<div>{ptab[0]}</div><div>{ptab[1]}</div></div>"
@@ -172,7 +252,8 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
 
     # versions and seeds
     vers = s["versions"]
-    vrows = [(k, v, "recorded in the model") for k, v in sorted(vers["recorded"].items())]
+    where = vers.get("recorded_by") or "recorded in the model"
+    vrows = [(k, v, where) for k, v in sorted(vers["recorded"].items())]
     vrows += [(k, v, "reading environment") for k, v in
               sorted(vers["reading_environment"].items())]
     seeds = [("model random_state", report["seeds"]["model_random_state"]),
@@ -183,7 +264,13 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
         seeds.append(("data", report["data"]["source"]))
         if report["data"].get("labels"):
             seeds.append(("labels", report["data"]["labels"]))
-    body.append("<section><h2>Versions and seeds</h2>"
+    if report.get("query"):
+        seeds.append(("query", report["query"]["source"]))
+        if report["query"].get("labels"):
+            seeds.append(("query labels", report["query"]["labels"]))
+    body.append("<section><h2>Run, versions and seeds</h2>"
+                + _table(run_rows(s.get("run") or {}), ("run", "value"), kv=True)
+                + "<h3>Versions</h3>"
                 + _table(vrows, ("package", "version", "source"), kv=True)
                 + "<h3>Seeds and provenance</h3>" + _table(seeds, ("item", "value"), kv=True)
                 + "</section>")

@@ -3,11 +3,15 @@
 :func:`load_labels` resolves labels given as an array, a ``.npy`` file or a key of a Zarr
 / AnnData store (categoricals decoded) to integer codes; :func:`quality_metrics` measures
 trustworthiness, kNN preservation and, with labels, cross-validated 15-NN accuracy on a
-seeded sample (:func:`sample_rows`). Used by :func:`pumap_dask.report.write_report`.
+seeded sample (:func:`sample_rows`); :func:`load_label_colors` finds the palette an
+AnnData store keeps for an ``obs`` column (``uns/<column>_colors``) and
+:func:`label_transfer_accuracy` scores query rows against a labelled reference. Used by
+:func:`pumap_dask.report.write_report`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -19,6 +23,7 @@ from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from .errors import InputError
 
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- labels
 def _read_zarr_labels(node: Any, where: str) -> tuple[np.ndarray, list[str] | None]:
@@ -146,6 +151,53 @@ def load_labels(labels: Any, data: Any = None, n_rows: int | None = None
     return np.asarray(codes, dtype=np.int32).reshape(-1), names
 
 
+def load_label_colors(labels: Any, data: Any, n_names: int) -> list[str] | None:
+    """The palette an AnnData store keeps for a categorical ``obs`` column, if any.
+
+    scanpy stores one colour per category, in the categories' order, as
+    ``uns/<column>_colors``; :func:`load_labels` decodes the categories in that order, so
+    ``colors[code]`` is the colour of ``names[code]``.
+
+    Parameters
+    ----------
+    labels
+        What :func:`load_labels` was given: only a key ``"obs/<column>"`` of a categorical
+        column has a palette.
+    data
+        The AnnData store (path or ``zarr.Group``).
+    n_names
+        The number of label names (categories) the colours must cover.
+
+    Returns
+    -------
+    list of str or None
+        The colours (as stored: hex strings or colour names), or None when the store has
+        none, or when they do not cover the categories (logged).
+    """
+    if not isinstance(labels, (str, os.PathLike)) or os.path.isfile(os.fspath(labels)):
+        return None
+    spec = os.fspath(labels).strip("/")
+    parts = spec.split("/")
+    if len(parts) != 2 or parts[0] != "obs":
+        return None
+    try:
+        root = data if isinstance(data, zarr.Group) else zarr.open(os.fspath(data), mode="r")
+        column = root[spec] if isinstance(root, zarr.Group) else None
+        if not isinstance(column, zarr.Group) or "categories" not in column:
+            return None  # a plain array: AnnData keeps colours only for categoricals
+        node = root[f"uns/{parts[1]}_colors"]
+    except (KeyError, TypeError, ValueError, OSError, FileNotFoundError):
+        return None
+    if not isinstance(node, zarr.Array) or node.ndim != 1:
+        return None
+    colors = [str(c) for c in np.asarray(node[...]).tolist()]
+    if len(colors) < n_names:
+        logger.warning("uns/%s_colors holds %d colours for %d categories of %s: using the "
+                       "report's own palette", parts[1], len(colors), n_names, spec)
+        return None
+    return colors[:n_names]
+
+
 # --------------------------------------------------------------------------- metrics
 def sample_rows(n: int, n_sample: int, random_state: int) -> np.ndarray:
     """Sorted indices of a seeded random sample of ``min(n, n_sample)`` rows (all when
@@ -207,4 +259,44 @@ def quality_metrics(X: np.ndarray, emb: np.ndarray, codes: np.ndarray | None,
     return out
 
 
-__all__ = ["knn_preservation", "load_labels", "quality_metrics", "sample_rows"]
+def label_transfer_accuracy(ref_emb: np.ndarray, ref_names: np.ndarray, query_emb: np.ndarray,
+                            query_names: np.ndarray, k: int = 15) -> dict[str, Any]:
+    """How often a k-NN classifier on the labelled reference embedding predicts each query
+    row's own label from its embedding.
+
+    Parameters
+    ----------
+    ref_emb, ref_names
+        Reference embedding rows and their label names (None / ``""``: unlabelled).
+    query_emb, query_names
+        Query embedding rows and their label names.
+    k
+        Neighbours of the classifier.
+
+    Returns
+    -------
+    dict
+        ``accuracy`` (a float, or a ``"not computed (...)"`` reason), ``n_scored`` (query rows
+        whose label the reference has) and ``n_unknown`` (query rows whose label it lacks).
+    """
+    ref_names = np.asarray(ref_names, dtype=object)
+    query_names = np.asarray(query_names, dtype=object)
+    ref_ok = np.array([n is not None and n != "" for n in ref_names], dtype=bool)
+    known = set(ref_names[ref_ok].tolist())
+    q_ok = np.array([n in known for n in query_names], dtype=bool)
+    q_lab = np.array([n is not None and n != "" for n in query_names], dtype=bool)
+    out: dict[str, Any] = {"n_scored": int(q_ok.sum()), "n_unknown": int((q_lab & ~q_ok).sum())}
+    if int(ref_ok.sum()) < k:
+        out["accuracy"] = f"not computed (only {int(ref_ok.sum())} labelled reference rows)"
+    elif not q_ok.any():
+        out["accuracy"] = "not computed (no query label is among the reference's labels)"
+    else:
+        clf = KNeighborsClassifier(n_neighbors=k).fit(ref_emb[ref_ok],
+                                                       ref_names[ref_ok].astype(str))
+        pred = clf.predict(query_emb[q_ok])
+        out["accuracy"] = float(np.mean(pred == query_names[q_ok].astype(str)))
+    return out
+
+
+__all__ = ["knn_preservation", "label_transfer_accuracy", "load_label_colors", "load_labels",
+           "quality_metrics", "sample_rows"]

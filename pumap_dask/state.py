@@ -1,16 +1,22 @@
 """The fitted estimator's state: the one list of fitted attributes and its persistence.
 
 :data:`FITTED_ATTRS` maps each fitted attribute to its key in the model's ``fitted``
-block and to the :class:`pumap_dask.pipeline.FitResult` field it comes from.
+block and to the :class:`pumap_dask.pipeline.FitResult` field it comes from, plus
+``fit_record_``: when the fit ran, on which versions and cluster (:func:`fit_record`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import os
+import platform
+from importlib import metadata
 from typing import Any, Mapping
 
+import dask
+import distributed
 import numpy as np
 
 from .encoder import encoder_spec
@@ -26,7 +32,13 @@ SAVED_FIELDS = ("a", "b", "n_features_in", "n_samples_fit", "n_epochs", "knn_met
                 "loss_history", "feature_stats", "timings", "knn_recall", "init",
                 "train_world_size", "peak_memory", "worker_peak_memory", "input_shape",
                 "reconstruction_history", "validation_reconstruction", "input_identity")
-FITTED_ATTRS = {f"{name}_": name for name in SAVED_FIELDS}
+# what the fit itself records beside the FitResult (start and end time, versions, cluster):
+# fitted attribute ``fit_record_``, saved as ``fitted["fit_record"]`` (see :func:`fit_record`)
+RECORD_FIELDS = ("fit_record",)
+FITTED_ATTRS = {f"{name}_": name for name in SAVED_FIELDS + RECORD_FIELDS}
+# packages whose versions a fit records (python's too)
+VERSION_PACKAGES = ("pumap_dask", "torch", "dask", "distributed", "numpy", "scikit-learn",
+                    "zarr")
 # fitted attributes not in config.json: weights, embedding and decoder are files; the graph
 # and the kept training rows are not saved
 UNSAVED_ATTRS = ("encoder_", "embedding_", "decoder_", "graph_", "n_epochs_run_")
@@ -43,6 +55,78 @@ def set_fitted(est: Any, res: Any) -> None:
         if value is not None:
             setattr(est, f.name + "_", value)
     est.n_epochs_run_ = res.n_epochs_run
+    est.fit_record_ = fit_record(res.timings)
+
+
+def package_versions(names: tuple[str, ...] = VERSION_PACKAGES) -> dict[str, str]:
+    """``{"python": ..., package: version}`` of this environment (``"not installed"`` for a
+    package it lacks)."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def active_cluster() -> dict[str, Any]:
+    """Where this process's Dask work runs now: the default ``distributed.Client``'s
+    scheduler (``kind`` ``"local"`` for a LocalCluster this process started, the cluster
+    class's name for another one it started, ``"remote scheduler"`` for one it connected
+    to), else dask's in-process scheduler."""
+    try:
+        client = distributed.default_client()
+    except ValueError:
+        client = None
+    if client is None:
+        name = dask.config.get("scheduler", None) or "threads"
+        return {"kind": "in-process", "scheduler": str(name)}
+    cluster = getattr(client, "cluster", None)
+    if cluster is None:
+        kind = "remote scheduler"
+    elif type(cluster).__name__ == "LocalCluster":
+        kind = "local"
+    else:
+        kind = type(cluster).__name__
+    out: dict[str, Any] = {"kind": kind, "address": None, "n_workers": None}
+    try:
+        out["address"] = str(client.scheduler.address)
+        out["n_workers"] = len(client.scheduler_info().get("workers", {}))
+    except Exception:  # a closing or unreachable scheduler: the kind is still worth keeping
+        logger.debug("could not ask the scheduler for its address and workers",
+                     exc_info=True)
+    return out
+
+
+def _now(t: datetime.datetime | None = None) -> str:
+    t = t or datetime.datetime.now(datetime.timezone.utc)
+    return t.isoformat(timespec="seconds")
+
+
+def fit_record(timings: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """What a fit records about itself when it ends (saved as ``fitted["fit_record"]``).
+
+    Parameters
+    ----------
+    timings
+        The fit's wall time per stage; the stages run one after the other from the fit's
+        first line, so their sum is the fit's wall time.
+
+    Returns
+    -------
+    dict
+        ``started`` and ``finished`` (ISO 8601, UTC; ``started`` is ``finished`` minus the
+        stages' wall time; :func:`save_estimator` adds ``saved``), ``wall_s``, ``host``,
+        ``versions`` (:func:`package_versions`) and ``cluster`` (:func:`active_cluster`).
+    """
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    wall = float(sum((timings or {}).values()))
+    started = finished - datetime.timedelta(seconds=wall)
+    return {"started": started.isoformat(timespec="seconds"),
+            "finished": _now(finished),
+            "wall_s": round(wall, 3), "host": platform.node(),
+            "versions": package_versions(), "cluster": active_cluster()}
 
 
 # estimator parameters left out of config.json
@@ -83,6 +167,8 @@ def save_estimator(path: str | os.PathLike, est: Any, *, include_embedding: bool
     fitted = {key: to_jsonable(getattr(est, attr, None), float32=True)
               for attr, key in FITTED_ATTRS.items()}
     fitted["loss_history"] = [float(x) for x in fitted["loss_history"]]
+    if isinstance(fitted.get("fit_record"), dict):  # this save's time beside the fit's
+        fitted["fit_record"] = {**fitted["fit_record"], "saved": _now()}
     embedding = est.embedding_ if include_embedding else None
     training_data = None
     if include_training_data:

@@ -172,6 +172,32 @@ def _seed_everything_local(seed: int | None) -> torch.Generator:
     return gen
 
 
+class MappedRows:
+    """Training rows kept in a memory-mapped array, preprocessed when gathered.
+
+    Stands in for the preprocessed row tensor of the trainer (``rows[ids]`` with a tensor of
+    row ids): the rows stay in the (node-shared) page cache and each step copies only the
+    rows it encodes. The preprocessing is element-wise (centre, scale) or a fixed
+    projection, so a row's result does not depend on which other rows it is gathered with
+    (up to float rounding with a projection).
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, X: np.ndarray, encoder: Encoder) -> None:
+        self.X = X
+        self.encoder = encoder
+        self.shape = X.shape
+
+    def __len__(self) -> int:
+        return int(self.X.shape[0])
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = np.asarray(self.X[ids.cpu().numpy()], dtype=np.float32)
+        with torch.no_grad():
+            return self.encoder.preprocess(torch.from_numpy(rows))
+
+
 def build_encoder(n_features: int, cfg: TrainConfig, X: np.ndarray | None = None) -> Encoder:
     """A freshly initialised encoder, seeded without touching torch's global RNG."""
     with torch.random.fork_rng(devices=[]):
@@ -272,12 +298,17 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     # training runs the MLP alone on the preprocessed rows. CuPy rows stay on their GPU
     # (DLPack); they are kept there when they fit, as host rows are moved there.
     on_gpu = is_cupy(X) and device.type == "cuda"
-    with torch.no_grad():
-        parts = (encoder.preprocess(as_tensor(X[i:i + 65536], device))
-                 for i in range(0, n, 65536))
-        Xt = torch.cat([p if on_gpu else p.cpu() for p in parts])
-    if device.type != "cpu" and Xt.device.type == "cpu" and Xt.numel() * 4 < (2 << 30):
-        Xt = Xt.to(device)
+    if isinstance(X, np.memmap) and device.type == "cpu":
+        # rows shared by the ranks of a node (pumap_dask.distributed.rowcache): gathered
+        # and preprocessed per step, never copied whole into this process
+        Xt = MappedRows(X, encoder)
+    else:
+        with torch.no_grad():
+            parts = (encoder.preprocess(as_tensor(X[i:i + 65536], device))
+                     for i in range(0, n, 65536))
+            Xt = torch.cat([p if on_gpu else p.cpu() for p in parts])
+        if device.type != "cpu" and Xt.device.type == "cpu" and Xt.numel() * 4 < (2 << 30):
+            Xt = Xt.to(device)
     net = _amp_net(encoder.mlp, cfg.precision, device)
     rank, world = rank_and_world()
     n_edges_total = int(all_sum(len(head), world, torch.int64))  # each rank holds a subset

@@ -14,14 +14,17 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import dask
 import numpy as np
 import zarr
 
+from ._version import __version__
 from .errors import InputError
-from .io import as_dask, block_digests, open_zarr, path_within
+from .io import as_dask, block_digests, open_zarr, path_within, to_jsonable
+from .model import read_config
 from .params import check_transform_args, check_writer_args
 from .progress import stage
 from .transform import model_source, ood_mask, report_ood, transform
@@ -31,6 +34,8 @@ logger = logging.getLogger(__name__)
 DONE_DIR = ".pumap_done"
 ANNDATA_OBSM_KEY = "X_pumap"
 OWNER_KEY = "pumap_dask"  # attribute that marks an array as written by us
+# the keys of every uns record of embed's, also those written before records named their owner
+_RECORD_KEYS = {"params", "use_rep", "n_epochs", "knn_method", "a", "b", "model_dir", "version"}
 LOCK_SUFFIX = ".pumap-lock"
 # a lock file is written right after it is created: one that names no writer for longer
 # was left by a job that crashed in between (or was damaged) and is taken over
@@ -478,12 +483,17 @@ def write_anndata_obsm(
     key: str | None = None,
     obsm_key: str = ANNDATA_OBSM_KEY,
     resume: bool = True,
+    uns_record: Mapping[str, Any] | None = None,
+    _replace_uns: bool = False,
     **kwargs,
 ) -> "zarr.Array":  # noqa: F821
     """Embed an AnnData ``.zarr`` store's data and write it to ``obsm[obsm_key]`` in place.
 
-    Only the new array is written; the rest of the store is untouched. The array carries
-    AnnData's encoding attributes so ``anndata.read_zarr`` sees it as ``obsm[obsm_key]``.
+    Only the new array and its ``uns`` record are written; the rest of the store is
+    untouched. The array carries AnnData's encoding attributes so ``anndata.read_zarr``
+    sees it as ``obsm[obsm_key]``. The record goes to ``uns[uns_name(obsm_key)]`` (named as
+    scanpy names its own, ``X_pumap`` -> ``uns["pumap"]``); an entry there that pumap_dask
+    did not write is refused before any work.
 
     Parameters
     ----------
@@ -497,6 +507,14 @@ def write_anndata_obsm(
         Name of the embedding in ``obsm``.
     resume, kwargs
         As for :func:`transform_to_zarr`.
+    uns_record
+        The record to store in ``uns`` (default: :func:`transform_record`, the model's
+        path, ``n_components`` and parameters).
+
+    Returns
+    -------
+    zarr.Array
+        The ``obsm`` array, read-only.
     """
 
     store = os.path.abspath(os.fspath(store))
@@ -518,23 +536,228 @@ def write_anndata_obsm(
         raise InputError(f"input array has {src.shape[0]} rows but the store has {n_obs} obs")
     fmt = root.metadata.zarr_format
     check_output_path(out_path, src, resume=resume, store=store)
-    if "obsm" not in root:
-        g = zarr.open_group(store, mode="r+").create_group("obsm")
-        g.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+    name = uns_name(obsm_key)
+    check_store_uns(store, name, replace_foreign=_replace_uns)
+    if uns_record is None:
+        uns_record = transform_record(model, key=getattr(src, "path", None) or key or "",
+                                      obsm_key=obsm_key)
+    _require_group(store, "obsm")
     if resume and os.path.exists(out_path):  # in place and complete: verified, not redone
-        return transform_to_zarr(src, model, out_path, resume=True, zarr_format=fmt,
-                                 _store=store, **kwargs)
-    # written beside the store under a hidden name, moved in only when complete: an
-    # interrupted write never leaves a readable partial obsm array (and its lock lives
-    # outside the AnnData groups)
-    partial = _partial_obsm_path(store, obsm_key)
-    transform_to_zarr(src, model, partial, resume=resume, zarr_format=fmt, **kwargs)
-    arr = zarr.open_array(partial, mode="r+")
-    arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-    with OutputLock(out_path):
-        _move_into_place(partial, out_path)
-    _drop_consolidated(store)
+        transform_to_zarr(src, model, out_path, resume=True, zarr_format=fmt, _store=store,
+                          **kwargs)
+    else:
+        # written beside the store under a hidden name, moved in only when complete: an
+        # interrupted write never leaves a readable partial obsm array (and its lock lives
+        # outside the AnnData groups)
+        partial = _partial_obsm_path(store, obsm_key)
+        transform_to_zarr(src, model, partial, resume=resume, zarr_format=fmt, **kwargs)
+        arr = zarr.open_array(partial, mode="r+")
+        arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        with OutputLock(out_path):
+            _move_into_place(partial, out_path)
+    write_store_uns(store, name, uns_record, replace_foreign=_replace_uns)  # consolidates
+    logger.info("wrote obsm/%s and uns/%s into %s", obsm_key, name, store)
     return zarr.open_array(out_path, mode="r")
+
+
+# ------------------------------------------------------------------ uns records
+def uns_name(obsm_key: str) -> str:
+    """The ``uns`` name of the record of ``obsm[obsm_key]``, as scanpy names its own.
+
+    Parameters
+    ----------
+    obsm_key
+        The ``obsm`` key of an embedding.
+
+    Returns
+    -------
+    str
+        ``obsm_key`` without its ``X_`` prefix (``"X_pumap"`` -> ``"pumap"``, ``"X_foo"``
+        -> ``"foo"``); a key without that prefix is the name itself.
+    """
+    return obsm_key[2:] if obsm_key.startswith("X_") and len(obsm_key) > 2 else obsm_key
+
+
+def is_our_record(record: Any) -> bool:
+    """True when an ``uns`` value is a record pumap_dask wrote (``embed`` or ``transform``;
+    also one written before records named their owner)."""
+    if not isinstance(record, Mapping):
+        return False
+    return record.get("written_by") == OWNER_KEY or _RECORD_KEYS <= set(record)
+
+
+def storable(value: Any) -> Any:
+    """``value`` in types AnnData writes to ``.h5ad`` and ``.zarr`` alike.
+
+    Parameters
+    ----------
+    value
+        A parameter value or a dict of them (nested dicts are kept).
+
+    Returns
+    -------
+    Any
+        Numbers, strings and bools as they are; lists and tuples of numbers, strings or
+        bools as numpy arrays, other lists as their JSON text; other objects as ``str``.
+        None (also a non-finite float) has no stored form: it is returned as None and
+        dropped from dicts.
+    """
+    return _storable(to_jsonable(value))
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, dict):
+        out = {k: _storable(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v is not None}
+    if not isinstance(value, list):
+        return value
+    for kind, dtype in ((bool, bool), (int, np.int64), ((int, float), np.float64), (str, str)):
+        if value and all(isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
+                         for v in value):
+            return np.asarray(value, dtype=dtype)
+    return json.dumps(value)  # empty, nested or mixed: its JSON text
+
+
+def transform_record(model: Any, *, key: str = "", obsm_key: str = ANNDATA_OBSM_KEY
+                     ) -> dict[str, Any]:
+    """The ``uns`` record of an embedding written by :func:`write_anndata_obsm`.
+
+    Parameters
+    ----------
+    model
+        The fitted estimator or saved-model path that made the embedding.
+    key
+        The input array inside the store.
+    obsm_key
+        The ``obsm`` key of the embedding.
+
+    Returns
+    -------
+    dict
+        ``model`` (the saved model's directory, ``""`` for an unsaved one),
+        ``n_components``, ``params`` (a dict, with the fitted ``a`` and ``b`` as
+        ``sc.tl.umap`` records them), ``use_rep``, ``version``, ``written_by`` and
+        ``obsm_keys``, in types AnnData stores.
+    """
+    source = model_source(model)
+    path = getattr(source, "path", "")
+    if hasattr(model, "get_params"):
+        params = {k: v for k, v in model.get_params().items()
+                  if k not in ("verbose", "work_dir", "callbacks")}
+        params.update(a=getattr(model, "a_", None), b=getattr(model, "b_", None))
+    else:
+        doc = read_config(path)
+        params = {k: v for k, v in doc["params"].items() if k not in ("verbose", "work_dir")}
+        params.update(a=doc["fitted"]["a"], b=doc["fitted"]["b"])
+    return storable({"model": path, "model_sha256": source.sha256,
+                     "n_components": int(source.n_components), "params": params,
+                     "use_rep": key.removeprefix("obsm/"), "version": __version__,
+                     "written_by": OWNER_KEY, "obsm_keys": [obsm_key]})
+
+
+def anndata_elem_io() -> tuple[Any, Any]:
+    """anndata's ``(read_elem, write_elem)``; ``(None, None)`` without anndata."""
+    try:
+        from anndata.io import read_elem, write_elem
+    except ImportError:
+        try:
+            from anndata.experimental import read_elem, write_elem
+        except ImportError:
+            return None, None
+    return read_elem, write_elem
+
+
+def read_store_uns(store: str, name: str) -> Any:
+    """The ``uns/<name>`` entry of an AnnData ``.zarr`` store: None when absent, its value
+    when it can be read, else False (something that is not a record)."""
+    try:
+        root = zarr.open_group(store, mode="r", use_consolidated=False)
+        node = root["uns"][name] if "uns" in root and name in root["uns"] else None
+    except (KeyError, ValueError, TypeError, OSError):
+        return None
+    if node is None:
+        return None
+    fallback = node.attrs.get(OWNER_KEY) if isinstance(node, zarr.Group) else None
+    if isinstance(fallback, Mapping):  # written without anndata: attributes of a group
+        return fallback
+    read_elem = anndata_elem_io()[0]
+    if read_elem is not None:
+        try:
+            return read_elem(node)
+        except Exception:  # not an element anndata can read: not ours
+            return False
+    if isinstance(node, zarr.Group):  # without anndata: judge by the entry names
+        return dict.fromkeys(node.keys(), "")
+    return False
+
+
+def check_store_uns(store: str, name: str, *, replace_foreign: bool = False) -> None:
+    """Refuse an ``uns/<name>`` entry of a store that pumap_dask did not write.
+
+    Parameters
+    ----------
+    store
+        Path of the AnnData ``.zarr`` store.
+    name
+        The ``uns`` entry (see :func:`uns_name`).
+    replace_foreign
+        Allow replacing an entry pumap_dask did not write (``embed(..., overwrite=True)``).
+
+    Raises
+    ------
+    InputError
+        When the entry exists and is not pumap_dask's record.
+    """
+    record = read_store_uns(store, name)
+    if record is not None and not is_our_record(record) and not replace_foreign:
+        raise InputError(f"uns/{name} in {store} exists and was not written by pumap_dask; it "
+                         "is never replaced: move it away first, or write the embedding under "
+                         "another obsm key (its record goes to uns/<key without 'X_'>)")
+
+
+def write_store_uns(store: str, name: str, record: Mapping[str, Any], *,
+                    replace_foreign: bool = False) -> None:
+    """Write ``record`` to ``uns/<name>`` of an AnnData ``.zarr`` store.
+
+    The entry is written beside the store under a hidden name and moved in complete
+    (replacing an earlier record of pumap_dask's), so readers see the old record or the
+    new one, never a partial one.
+
+    Parameters
+    ----------
+    store, name, replace_foreign
+        As for :func:`check_store_uns` (which refuses a foreign entry here too).
+    record
+        A dict of values AnnData can store (see :func:`storable`).
+    """
+    check_store_uns(store, name, replace_foreign=replace_foreign)
+    fmt = zarr.open_group(store, mode="r", use_consolidated=False).metadata.zarr_format
+    _require_group(store, "uns")
+    parent, base = os.path.split(store.rstrip(os.sep))
+    partial = os.path.join(parent, f".{base}.uns-{name}.partial")
+    if os.path.exists(partial):  # left by an interrupted write
+        shutil.rmtree(partial)
+    holder = zarr.open_group(partial, mode="w", zarr_format=fmt)
+    write_elem = anndata_elem_io()[1]
+    if write_elem is not None:
+        write_elem(holder, name, dict(record))
+    else:  # without anndata: the record as attributes of a plain group
+        holder.create_group(name).attrs.update({
+            "encoding-type": "dict", "encoding-version": "0.1.0",
+            OWNER_KEY: to_jsonable(dict(record))})
+    final = os.path.join(store, "uns", name)
+    with OutputLock(final):
+        _move_into_place(os.path.join(partial, name), final)
+    shutil.rmtree(partial, ignore_errors=True)
+    _drop_consolidated(store)
+
+
+def _require_group(store: str, name: str) -> None:
+    """Create the AnnData dict group ``name`` (``obsm``, ``uns``) of a store if absent."""
+    root = zarr.open_group(store, mode="r+", use_consolidated=False)
+    if name not in root:
+        root.create_group(name).attrs.update({"encoding-type": "dict",
+                                              "encoding-version": "0.1.0"})
 
 
 def _partial_obsm_path(store: str, obsm_key: str) -> str:

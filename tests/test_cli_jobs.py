@@ -348,3 +348,102 @@ def test_mpi_without_dask_mpi_says_how_to_install(store, tmp_path, capsys, monke
     assert code == EXIT_CLUSTER
     assert "pumap_dask[mpi]" in _errline(capsys.readouterr().err)
     assert not os.path.exists(tmp_path / "m") and not os.path.exists(tmp_path / "m.work")
+
+
+# ---------------------------------------------------------------- check-job and job-get
+def _full_job(tmp_path, store, **tables):
+    """A job file with [fit], [transform] (into the fit's model) and [report] tables;
+    ``tables`` adds lines: {"fit": "n_neighbors = 500"}."""
+    text = {"fit": f'input = "{store}"\nmodel = "{tmp_path / "m"}"\n',
+            "transform": f'input = "{store}"\nmodel = "{tmp_path / "m"}"\n'
+                         f'out = "{tmp_path / "e.zarr"}"\n',
+            "report": f'data = "{store}"\n'}
+    for table, extra in tables.items():
+        text[table] = text.get(table, "") + extra + "\n"
+    return _toml(tmp_path / "job.toml", "".join(f"[{t}]\n{body}" for t, body in text.items()))
+
+
+def test_check_job_checks_the_whole_file_and_starts_nothing(store, tmp_path, capsys,
+                                                            monkeypatch):
+    monkeypatch.setattr(cli, "_client", lambda args: pytest.fail("cluster started"))
+    job = _full_job(tmp_path, store)
+    assert main(["-q", "check-job", job]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "ok" in out and "fit" in out and "transform" in out and "report" in out
+    assert sorted(os.listdir(tmp_path)) == ["in.zarr", "job.toml"]  # wrote nothing
+
+
+@pytest.mark.parametrize("tables, needle", [
+    ({"fit": 'work_dir = "{tmp}/in.zarr"'}, "--work-dir"),               # not ours
+    ({"transform": 'key = "obsm/X_pca"'}, "drop key="),                  # a plain array
+    ({"report": 'labels = "missing.npy"'}, "missing.npy"),
+    ({"fit": 'n_neighbors = 1000'}, "n_neighbors"),                      # too few rows
+    ({"cluster": 'workers = 0'}, "[cluster] workers"),
+])
+def test_check_job_fails_naming_the_problem(store, tmp_path, capsys, tables, needle):
+    job = _full_job(tmp_path, store, **{t: v.format(tmp=tmp_path) for t, v in tables.items()})
+    assert main(["-q", "check-job", job]) == EXIT_USAGE
+    assert needle in _errline(capsys.readouterr().err)
+    assert sorted(os.listdir(tmp_path)) == ["in.zarr", "job.toml"]
+
+
+def test_check_job_missing_input_and_unowned_output(store, tmp_path, capsys):
+    job = _toml(tmp_path / "job.toml", f'[fit]\ninput = "{tmp_path / "no.zarr"}"\n'
+                                       f'model = "{tmp_path / "m"}"\n')
+    assert main(["-q", "check-job", job]) == EXIT_USAGE
+    assert "no.zarr" in _errline(capsys.readouterr().err)
+    job = _toml(tmp_path / "job.toml", f'[transform]\ninput = "{store}"\n'
+                                       f'model = "{tmp_path / "m"}"\nout = "o.zarr"\n')
+    assert main(["-q", "check-job", job]) == EXIT_USAGE  # no [fit] makes that model
+    assert "no saved model" in _errline(capsys.readouterr().err)
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("keep me")
+    _full_job(tmp_path, store)
+    job = _toml(tmp_path / "job.toml", (tmp_path / "job.toml").read_text().replace(
+        str(tmp_path / "e.zarr"), str(tmp_path / "theirs")))
+    assert main(["-q", "check-job", job]) == EXIT_USAGE
+    assert "not written by pumap_dask" in _errline(capsys.readouterr().err)
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("n_neighbors = 15\n[fit]\nmin_dist = 0.1\n", "n_neighbors belongs in the [fit] table"),
+    ("[cluster]\nmin_dist = 0.1\n", "min_dist belongs in the [fit] table"),
+    ("input = 'x.zarr'\n", "input belongs in the [fit] or [transform] table"),
+    ("[slurm]\nkey = 'obsm/X_pca'\n", "key belongs in the [fit], [transform] or [report] table"),
+])
+def test_a_key_in_the_wrong_table_says_where_it_belongs(tmp_path, capsys, text, needle):
+    job = _toml(tmp_path / "job.toml", text)
+    assert main(["check-job", job]) == EXIT_USAGE
+    line = _errline(capsys.readouterr().err)
+    assert needle in line and "job.toml" in line
+
+
+def test_job_get_toml_and_yaml(tmp_path, capsys):
+    docs = {"job.toml": '[fit]\nmodel = "m dir"\nhidden_layers = [16, 8]\n'
+                        '[report]\nlabels = "obs/cell_type"\n',
+            "job.yaml": "fit:\n  model: m dir\n  hidden_layers: [16, 8]\n"
+                        "report:\n  labels: obs/cell_type\n"}
+    for name, text in docs.items():
+        if name.endswith(".yaml"):
+            pytest.importorskip("yaml")
+        job = _toml(tmp_path / name, text)
+        assert main(["job-get", job, "fit.model", "fit.hidden_layers", "report.labels",
+                     "report.data", "--default", ""]) == EXIT_OK
+        assert capsys.readouterr().out == "m dir\n[16, 8]\nobs/cell_type\n\n"
+        assert main(["job-get", job, "report.data"]) == EXIT_USAGE  # not set, no default
+        assert "add data = ... in the [report] table" in _errline(capsys.readouterr().err)
+        assert main(["job-get", job, "fit.modle"]) == EXIT_USAGE  # a typo in a script
+        assert "[fit] takes no key 'modle'" in _errline(capsys.readouterr().err)
+
+
+def test_wrong_key_of_an_anndata_store_names_its_obsm_arrays(tmp_path, capsys):
+    store = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
+    store.create_array("obsm/X_pca", shape=(50, 4), dtype="float32")
+    store.create_array("obsm/X_umap", shape=(50, 2), dtype="float32")
+    store.create_group("obs")
+    code = main(["fit", str(tmp_path / "a.zarr"), str(tmp_path / "m"), "--key", "obsm/X_pcb",
+                 "--scheduler", "threads", "--dry-run"])
+    line = _errline(capsys.readouterr().err)
+    assert code == EXIT_USAGE and "--key" in line
+    assert "['obsm/X_pca', 'obsm/X_umap']" in line and "'obs'" not in line

@@ -1,7 +1,9 @@
 """DDP training: 2 CPU ranks with Gloo, on Dask workers and under torchrun."""
 
 import dataclasses
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from pumap_dask import ParametricUMAP, pipeline
 from pumap_dask.datasets import write_cell_like_zarr
 from pumap_dask.distributed.ddp import own_shards, train_on_dask
 from pumap_dask.encoder import Encoder, encode
+from pumap_dask.progress import stage
 
 from .conftest import FAST
 
@@ -66,7 +69,7 @@ def test_two_ranks_on_a_local_cluster_match_one(cells, cluster_client, monkeypat
 
         with dask.config.set(scheduler=cluster_client):
             m = ParametricUMAP(knn_method="partitioned", random_state=0, max_restarts=1,
-                               **FAST).fit(path)
+                               train_world_size=2, **FAST).fit(path)
     assert seen["max_restarts"] == 1  # the estimator's parameter reaches the launcher
     assert m.train_world_size_ == 2 and single.train_world_size_ == 1
     a1, a2 = _acc(single.embedding_, y), _acc(m.embedding_, y)
@@ -83,6 +86,31 @@ def test_failing_ranks_restart_then_fail_clearly(cells, cluster_client):
         train_on_dask(cluster_client, path, None, os.path.join(work, "graph"), bad,
                       max_restarts=1, timeout_s=20)
     assert time.perf_counter() - t0 < 60
+
+
+def test_ddp_fit_logs_epoch_progress(cells, cluster_client, caplog, monkeypatch):
+    """A batch log of a DDP fit shows rank 0's epochs with the loss and an ETA (read from
+    its report in the work directory), not the ranks' tasks."""
+    path, _, work, single = cells
+    monkeypatch.setenv("PUMAP_PROGRESS", "log")
+    monkeypatch.setenv("PUMAP_PROGRESS_INTERVAL", "0.2")
+    caplog.set_level(logging.INFO, logger="pumap_dask")
+    cfg = pipeline.train_config({**single.get_params(), **FAST, "n_epochs": 20}, single.n_edges_,
+                                20, "cpu", single.a_, single.b_)
+    with cluster_client.as_current(), stage("train"):  # as the pipeline runs it
+        _, history, world = train_on_dask(cluster_client, path, None,
+                                          os.path.join(work, "graph"), cfg, world_size=2,
+                                          max_restarts=0)
+    assert world == 2 and len(history) == 20
+    msgs = [r.getMessage() for r in caplog.records if r.name == "pumap_dask.progress"]
+    assert msgs and not [m for m in msgs if "task" in m], msgs
+    line = r"train: (\d+)/20 epochs \(\d+%\), loss [\d.]+, \w+ elapsed(, ETA \w+)?"
+    seen = [m for m in (re.fullmatch(line, msg) for msg in msgs) if m]
+    assert [m for m in seen if 0 < int(m[1]) < 20], msgs  # epochs while training ran
+    if len({m[1] for m in seen if 0 < int(m[1]) < 20}) > 1:  # two reports: a rate, an ETA
+        assert [m for m in seen if m[2]], msgs
+    assert msgs[-1].startswith("train: 20/20 epochs (100%), loss ") and "(done)" in msgs[-1]
+    assert not os.path.exists(os.path.join(work, "train_progress.json"))  # removed after
 
 
 def test_torchrun_entry_point_with_two_processes(cells, tmp_path):
@@ -231,7 +259,8 @@ def test_killed_ddp_fit_resumes_from_its_checkpoint(cells, kill_cluster, tmp_pat
     for name in ("ref", "run"):
         dirs[name] = str(tmp_path / name)
         shutil.copytree(work, dirs[name], ignore=shutil.ignore_patterns("train"))
-    kw = dict(knn_method="partitioned", random_state=0, **{**FAST, "n_epochs": 8})
+    kw = dict(knn_method="partitioned", random_state=0, train_world_size=2,
+              **{**FAST, "n_epochs": 8})
     kill_cluster.wait_for_workers(2, timeout=60)  # back from an earlier test's kill
     # as_current alone (no dask.config scheduler=client): a nanny restarting a killed
     # worker passes dask's config to it, and a Client object there cannot be pickled
@@ -257,3 +286,81 @@ def test_killed_ddp_fit_resumes_from_its_checkpoint(cells, kill_cluster, tmp_pat
     assert abs(_acc(m.embedding_, y) - _acc(ref.embedding_, y)) < 0.01
     assert _same_state(m.encoder_, ref.encoder_)
     np.testing.assert_array_equal(m.embedding_, ref.embedding_)
+
+
+def test_cpu_workers_of_one_host_train_as_one_process(cells, cluster_client):
+    """The default topology: one rank per host on CPUs (DDP across hosts only), one rank
+    per worker when train_world_size asks for it; the reason is given."""
+    from pumap_dask.distributed import ddp
+
+    path = cells[0]
+    slots = ddp.rank_workers(cluster_client, "host")
+    assert len(slots) == 1 and slots[0][1] == 2  # one host, both workers' threads
+    assert [w for w, _ in ddp.rank_workers(cluster_client, "worker")] == \
+        ddp.eligible_workers(cluster_client)
+    with cluster_client.as_current():
+        plan = pipeline._choose_plan(None, [], True, path)
+        assert plan.world_size == 1 and "one host" in plan.reason
+        plan = pipeline._choose_plan(2, [], True, path)
+        assert plan.world_size == 2 and plan.placement == "worker"
+
+
+def test_hosts_get_one_rank_each(cluster_client, monkeypatch):
+    from pumap_dask.distributed import ddp
+
+    two_hosts = [("tcp://10.0.0.1:1", 8), ("tcp://10.0.0.2:1", 8)]
+    monkeypatch.setattr(ddp, "rank_workers",
+                        lambda client, placement="worker": two_hosts if placement == "host"
+                        else [])
+    with cluster_client.as_current():
+        plan = pipeline._choose_plan(None, [], True, "x.zarr")
+    assert plan.world_size == 2 and plan.placement == "host" and "2 hosts" in plan.reason
+
+
+def test_input_the_workers_cannot_reopen_trains_in_one_process(monkeypatch):
+    import threading
+
+    import dask.array as da
+
+    assert pipeline._unreadable_by_workers("x.zarr") is None
+    assert pipeline._unreadable_by_workers(np.zeros((4, 2))) == "in-memory input"
+    assert pipeline._unreadable_by_workers(da.zeros((10, 3), chunks=5)) is None
+
+    class Locked:  # like an open h5py dataset: cannot be pickled
+        shape, dtype, ndim = (10, 3), np.dtype("float32"), 2
+        lock = threading.Lock()
+
+        def __getitem__(self, key):
+            return np.zeros((10, 3), np.float32)[key]
+
+    assert "cannot be sent" in pipeline._unreadable_by_workers(da.from_array(Locked(), chunks=5))
+    monkeypatch.setattr(pipeline, "MAX_SHIPPED_GRAPH", 1000)
+    big = da.from_array(np.ones((1000, 3), np.float32), chunks=500)
+    assert "in-memory data" in pipeline._unreadable_by_workers(big)
+
+
+def test_ddp_from_a_dask_array_fills_the_node_row_cache(cells, cluster_client, tmp_path,
+                                                        monkeypatch, caplog):
+    """Any lazy input trains as DDP: the ranks fill one node-local row cache from the
+    dask array (no Zarr path needed) and remove it when training ends."""
+    import logging
+
+    import dask
+    import dask.array as da
+
+    path, y, _, single = cells
+    cache = str(tmp_path / "rows")
+    monkeypatch.setenv("PUMAP_ROW_CACHE", cache)
+    caplog.set_level(logging.INFO, logger="pumap_dask")
+    X = da.from_zarr(path) * 1.0  # a computed dask array, not a store the ranks reopen
+    cluster_client.run(lambda: os.environ.update(PUMAP_ROW_CACHE=cache))
+    try:
+        with cluster_client.as_current(), dask.config.set(scheduler=cluster_client):
+            m = ParametricUMAP(knn_method="partitioned", random_state=0, train_world_size=2,
+                               **FAST).fit(X)
+    finally:
+        cluster_client.run(lambda: os.environ.pop("PUMAP_ROW_CACHE", None))
+    assert m.train_world_size_ == 2
+    assert "DDP over 2 ranks" in caplog.text
+    assert os.listdir(cache) == [".pumap-rowcache"]  # written once, dropped after training
+    assert _acc(m.embedding_, y) > _acc(single.embedding_, y) - 0.03

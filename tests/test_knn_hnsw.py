@@ -1,4 +1,4 @@
-"""knn_method="hnsw" (hnswlib, optional extra): in memory, in the partitioned back-end, in a fit."""
+"""knn_method="hnsw" (usearch, optional extra): in memory, in the partitioned back-end, in a fit."""
 
 import importlib.util
 import sys
@@ -13,14 +13,15 @@ from pumap_dask import ParametricUMAP
 from pumap_dask import knn as knn_stage
 from pumap_dask.distributed import knn_dask
 from pumap_dask.datasets import cell_like
+from pumap_dask.errors import ParameterError
 from pumap_dask.knn import exact_knn, hnsw_knn, knn_recall, nearest_neighbors_numpy
 
 from .conftest import FAST
 
 K = 15
-HAVE_HNSWLIB = importlib.util.find_spec("hnswlib") is not None
-needs_hnswlib = pytest.mark.skipif(not HAVE_HNSWLIB,
-                                   reason="hnswlib not installed (pip install 'pumap_dask[hnsw]')")
+HAVE_USEARCH = importlib.util.find_spec("usearch") is not None
+needs_usearch = pytest.mark.skipif(not HAVE_USEARCH,
+                                   reason="usearch not installed (pip install 'pumap_dask[hnsw]')")
 
 
 def _directional_clusters(n=3000, d=24, n_clusters=12, seed=0):
@@ -54,7 +55,7 @@ def _check_lists(X, ind, dist, metric):
     np.testing.assert_allclose(dist, true, rtol=1e-4, atol=1e-4)
 
 
-@needs_hnswlib
+@needs_usearch
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_hnsw_recall_and_distances(cells, metric):
     X = cells[0] if metric == "euclidean" else _directional_clusters()
@@ -64,14 +65,14 @@ def test_hnsw_recall_and_distances(cells, metric):
     assert knn_recall(ind, ex) >= 0.95
 
 
-@needs_hnswlib
+@needs_usearch
 def test_hnsw_deterministic_and_options(cells):
     X = cells[0][:2000]
     a = hnsw_knn(X, K, random_state=7)
     b = hnsw_knn(X, K, random_state=7)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
-    # the options reach hnswlib: a tiny graph and ef still return valid lists
+    # the options reach usearch: a tiny graph and ef still return valid lists
     i, d = nearest_neighbors_numpy(X, K, "hnsw", random_state=0, device="cpu", M=4,
                                    ef_construction=20, ef=8)
     _check_lists(X, i, d, "euclidean")
@@ -79,7 +80,7 @@ def test_hnsw_deterministic_and_options(cells):
         hnsw_knn(X, K, ef=0)
 
 
-@needs_hnswlib
+@needs_usearch
 def test_hnsw_zero_rows_and_duplicates_cosine():
     X = _directional_clusters(600)
     X[:5] = 0.0  # no direction: distance 1 to everything
@@ -97,13 +98,26 @@ def test_backend_kwds_filtering():
     assert knn_stage.backend_kwds("nndescent", kw) == {"n_trees": 4}
 
 
-def test_missing_hnswlib_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "hnswlib", None)  # import fails as if not installed
+def test_missing_usearch_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "usearch", None)  # import fails as if not installed
     X = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
-    with pytest.raises(ImportError, match=r"pumap_dask\[hnsw\]"):
+    with pytest.raises(ParameterError, match=r"pumap_dask\[hnsw\]"):
         hnsw_knn(X, 5)
-    with pytest.raises(ImportError, match=r"pumap_dask\[hnsw\]"):
+    with pytest.raises(ParameterError, match=r"pumap_dask\[hnsw\]"):
         ParametricUMAP(knn_method="hnsw", n_neighbors=5, **FAST).fit(X)
+    with pytest.raises(ParameterError, match=r"pumap_dask\[hnsw\]"):
+        knn_dask.nearest_neighbors(da.from_array(X, chunks=25), 5, "partitioned",
+                                   local_method="hnsw")
+
+
+@needs_usearch
+def test_hnsw_short_result_lists_are_searched_exactly():
+    # a 16-row graph of degree 2 leaves some rows with fewer than k + 1 results
+    X = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    ind, dist = hnsw_knn(X, 15, random_state=0, M=2, ef_construction=4, ef=4)
+    ex_i, ex_d = exact_knn(X, 15, device="cpu")
+    np.testing.assert_array_equal(np.sort(ind, 1), np.sort(ex_i, 1))
+    np.testing.assert_allclose(dist, ex_d, rtol=1e-4, atol=1e-5)
 
 
 def test_knn_kwds_validation():
@@ -118,7 +132,7 @@ def test_knn_kwds_validation():
         knn_dask.nearest_neighbors(X, 5, "partitioned", local_method="annoy")
 
 
-@needs_hnswlib
+@needs_usearch
 def test_knn_dask_in_memory_hnsw(cells):
     X = cells[0][:1500]
     res = knn_dask.nearest_neighbors(X, K, "hnsw", recall_samples=200,
@@ -129,7 +143,7 @@ def test_knn_dask_in_memory_hnsw(cells):
     np.testing.assert_array_equal(i, ref)
 
 
-@needs_hnswlib
+@needs_usearch
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_partitioned_hnsw_threaded(cells, metric, monkeypatch):
     # force the local approximate search (normally only partitions > ~20k rows)
@@ -157,7 +171,7 @@ def test_partitioned_hnsw_threaded(cells, metric, monkeypatch):
     assert knn_recall(i, ex) >= 0.95 and res.recall >= 0.95
 
 
-@needs_hnswlib
+@needs_usearch
 def test_fit_with_hnsw(cells):
     from sklearn.manifold import trustworthiness
 

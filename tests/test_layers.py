@@ -18,14 +18,16 @@ LAYERS = [
     {"model", "landmarks"},
     {"collectives", "checkpoint", "callbacks", "reconstruction", "train", "transform", "refine"},
     {"distributed", "distributed.edges", "distributed.cluster", "distributed.knn_dask",
-     "distributed.graph_dask", "distributed.ddp"},
+     "distributed.graph_dask", "distributed.rowcache", "distributed.ddp"},
     {"continued", "writers", "workdir", "state"},
     {"pipeline"},
     {"estimator", "embed", "config", "export", "plotting", "report_format", "report_metrics",
      "report_html", "report", "cli", ""},
 ]
 OPTIONAL = {"cupy", "yaml", "tomllib", "tomli", "dask_jobqueue", "dask_mpi", "anndata", "onnx",
-            "onnxruntime", "onnxscript", "hnswlib", "matplotlib", "tqdm",
+            "onnxruntime", "onnxscript", "matplotlib", "tqdm",
+            # the hnsw extra (knn_method="hnsw"): usearch, wheels on every platform
+            "usearch",
             # required, but compiles numba kernels on import (1.5 s of every CLI start)
             "pynndescent"}
 

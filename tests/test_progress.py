@@ -1,6 +1,18 @@
-"""Progress: log lines in batch logs, silence unless at INFO, task counts and peaks per stage."""
+"""Progress: log lines in batch logs, silence unless at INFO, task counts and peaks per stage,
+bars that draw on a terminal, epochs (with the loss and an ETA) on the train stage's bar."""
 
+import fcntl
+import json
 import logging
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import textwrap
 import time
 
 import dask
@@ -8,7 +20,7 @@ import dask.array as da
 import pytest
 
 from pumap_dask import progress
-from pumap_dask.progress import Progress, stage
+from pumap_dask.progress import EpochReport, EpochWatch, Progress, stage, track
 
 
 @pytest.fixture()
@@ -80,3 +92,146 @@ def test_failed_stage_still_records_and_raises(info_logs):
         with stage("knn", timings):
             dask.delayed(lambda: 1 / 0)().compute(scheduler="threads")
     assert "knn" in timings
+
+
+def test_training_counts_epochs_on_its_stage_bar(info_logs):
+    with stage("train") as bar:
+        dask.delayed(_slow)(1).compute(scheduler="threads")  # a task before training starts
+        epochs = track(5, "train")
+        assert epochs is bar and bar.unit == "epoch" and bar.total == 5
+        for e in range(5):
+            time.sleep(0.05)
+            epochs.update(e + 1, postfix=f"loss {1 / (e + 1):.4f}")
+        time.sleep(0.6)  # a stage sample after the epochs: tasks no longer counted
+        epochs.close()
+    assert bar.n == 5 and bar.total == 5
+    msgs = [r.getMessage() for r in info_logs.records if r.name == "pumap_dask.progress"]
+    assert msgs[-1].startswith("train: 5/5 epochs (100%), loss 0.2000") and "(done)" in msgs[-1]
+    assert any(re.search(r"train: \d/5 epochs \(\d+%\), loss [\d.]+, \w+ elapsed, ETA \w+$",
+                         m) for m in msgs), msgs
+    assert len([m for m in msgs if m.endswith("(done)")]) == 1  # closed once (the stage: no-op)
+
+
+def test_track_outside_a_stage_is_its_own_bar(info_logs):
+    bar = track(3, "train")
+    bar.update(3, postfix="loss 0.5")
+    bar.close()
+    msgs = [r.getMessage() for r in info_logs.records if r.name == "pumap_dask.progress"]
+    assert msgs == [msgs[-1]] and msgs[-1].startswith("train: 3/3 epochs (100%), loss 0.5")
+
+
+def test_epoch_report_and_watch(tmp_path, info_logs):
+    path = str(tmp_path / "train_progress.json")
+    report = EpochReport(path, "run1", 10)
+    bar = Progress(10, "train", "epoch")
+    watch = EpochWatch(report, bar)
+    watch.poll()  # nothing written yet
+    assert bar.n == 0
+    report(0, 0.5)
+    report(1, 0.4)  # within REPORT_EVERY_S of the last write: skipped
+    watch.poll()
+    assert bar.n == 1 and bar.postfix == "loss 0.5000"
+    report(9, 0.25)  # the last epoch is always written
+    with open(path) as fh:
+        assert json.load(fh)["epoch"] == 10
+    EpochWatch(EpochReport(path, "other-run", 10), other := Progress(10, "t", "epoch")).poll()
+    assert other.n == 0  # another run's report is not this run's progress
+    watch.poll()
+    assert bar.n == 10 and bar.postfix == "loss 0.2500"
+    assert os.listdir(tmp_path) == ["train_progress.json"]  # written atomically: no tmp left
+    watch.remove()
+    assert not os.path.exists(path)
+
+
+def test_verbose_prints_where_logging_is_not_configured(monkeypatch):
+    root = logging.getLogger("pumap_dask")
+    monkeypatch.setattr(root, "propagate", False)  # as if the root logger had no handler
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    progress.show_progress()
+    assert root.level == logging.INFO and len(root.handlers) == 1
+    progress.show_progress()
+    assert len(root.handlers) == 1  # once
+
+
+_PTY_SNIPPET = textwrap.dedent("""
+    import logging, sys, time
+    import dask, dask.array as da
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from pumap_dask.progress import stage, track
+
+    def slow(x):
+        time.sleep(0.05)
+        return x + 1
+
+    with dask.config.set(scheduler="threads", num_workers=1):
+        print("STAGE knn", flush=True)
+        with stage("knn"):
+            da.ones((50, 2), chunks=(1, 2)).map_blocks(slow).sum().compute()
+            logging.getLogger("pumap_dask.knn").info("LOGMARK")
+        print("STAGE train", flush=True)
+        with stage("train"):
+            bar = track(6, "train")
+            for e in range(6):
+                time.sleep(0.3)
+                bar.update(e + 1, postfix=f"loss {1 / (e + 1):.4f}")
+            bar.close()
+""")
+
+
+def _run_in_pty(code: str, rows: int = 0, cols: int = 0, timeout: float = 240):
+    """Run ``python -c code`` on a pseudo-terminal of rows x cols (0 x 0: a terminal nobody
+    sized, as under ``srun --pty``); returns [(seconds since start, bytes read)], exit code."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PUMAP_PROGRESS", "COLUMNS", "LINES")}
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave,
+                            stderr=slave, env={**env, "OMP_NUM_THREADS": "1"})
+    os.close(slave)
+    chunks = []
+    try:
+        while time.monotonic() - t0 < timeout:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append((time.monotonic() - t0, data))
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return chunks, proc.wait()
+
+
+def _first(chunks, pattern: bytes, after: float = 0.0) -> float:
+    seen = b""
+    for t, data in chunks:
+        seen += data
+        if t >= after and re.search(pattern, seen):
+            return t
+    raise AssertionError(f"{pattern!r} never reached the terminal: {seen[-3000:]!r}")
+
+
+def test_bars_draw_on_an_unsized_terminal():
+    """On a terminal that reports 0 x 0 (tqdm alone draws nothing there) each stage draws a
+    moving bar within seconds of its start, and log records go above the bars."""
+    chunks, code = _run_in_pty(_PTY_SNIPPET)
+    out = b"".join(d for _, d in chunks)
+    assert code == 0, out[-3000:]
+    t_knn = _first(chunks, rb"STAGE knn")
+    assert _first(chunks, rb"knn: +\d+%\|", t_knn) - t_knn < 5
+    assert len(set(re.findall(rb"knn: +(\d+)%", out))) >= 2  # it moves
+    t_train = _first(chunks, rb"STAGE train")
+    assert _first(chunks, rb"train: +\d+%\|", t_train) - t_train < 5
+    assert re.search(rb"train: +\d+%\|.*\| [1-5]/6 epochs \[00:0\d, loss [\d.]+, ETA \d+s\]",
+                     out), out[-3000:]
+    assert re.search(rb"6/6 epochs", out)
+    assert re.search(rb"[\r\n]INFO LOGMARK\r?\n", out)  # its own line, not inside the bar's

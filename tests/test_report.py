@@ -86,7 +86,12 @@ def anndata_store(data, tmp_path_factory):
     cat.create_array("codes", data=y.astype(np.int8))
     cat.create_array("categories", data=names)
     obs.create_array("batch", data=(np.arange(N) % 3).astype(np.int64))
+    # scanpy's palette of the categorical column, one colour per category
+    root.create_group("uns").create_array("cell_type_colors", data=np.array(PALETTE))
     return path
+
+
+PALETTE = ["#102030", "#a0b0c0", "#ff0000", "#00aa00", "#0000ff"]
 
 
 def test_model_summary_reads_the_fit(model_dir):
@@ -102,9 +107,14 @@ def test_model_summary_reads_the_fit(model_dir):
     assert s["peak_memory"] == (cfg["fitted"].get("peak_memory") or None)
     assert s["loss"]["n_epochs"] == 10
     assert s["loss"]["final"] == pytest.approx(cfg["fitted"]["loss_history"][-1])
-    # the model records no versions: the reading environment's are shown, labelled so
-    assert s["versions"]["recorded"] == {}
-    assert {"pumap_dask", "torch", "dask", "numpy"} <= set(s["versions"]["reading_environment"])
+    # the fit recorded its versions, start and end and where it ran
+    assert {"pumap_dask", "torch", "dask", "numpy", "python"} <= set(s["versions"]["recorded"])
+    assert "fit" in s["versions"]["recorded_by"]
+    assert s["versions"]["reading_environment"] == {}
+    run = s["run"]
+    assert run["fit_started"] <= run["fit_finished"] <= run["saved"]
+    assert run["cluster"].startswith("in-process")  # no distributed.Client in this test
+    assert run["command"] is None  # fitted from Python, no run_config.json
     assert s["run_config"] is None and s["has_embedding"]
 
 
@@ -118,10 +128,81 @@ def test_format_info_shows_the_numbers(model_dir):
     assert f"{s['fitted']['n_edges']:,}" in text
     assert f"final loss {s['loss']['final']:.4g}" in text
     assert re.search(rf"^  train\s+{s['timings']['train']:.3f} s ", text, re.M)
-    assert "reading environment" in text
+    assert re.search(r"^Run$", text, re.M)
+    assert re.search(rf"^  fit started\s+{re.escape(s['run']['fit_started'])}$", text, re.M)
+    assert re.search(rf"^  saved\s+{re.escape(s['run']['saved'])}$", text, re.M)
+    versions = text.split("\nVersions\n")[1].split("\nRun config\n")[0]
+    assert "recorded by the fit" in versions and "not recorded" not in versions
     import torch
 
     assert torch.__version__ in text
+
+
+def test_model_without_a_fit_record_says_so(model_copy):
+    # models saved before fits recorded versions, times and cluster
+    _edit_config(model_copy, lambda d: d["fitted"].pop("fit_record"))
+    s = model_summary(model_copy)
+    assert s["versions"]["recorded"] == {} and s["versions"]["recorded_by"] is None
+    assert {"pumap_dask", "torch", "dask", "numpy"} <= set(s["versions"]["reading_environment"])
+    text = format_info(s)
+    assert re.search(r"^  fit started\s+not recorded$", text, re.M)
+    assert "at fit time: not recorded" in text and "reading environment" in text
+
+
+def test_info_reads_versions_save_time_and_cluster_from_run_config(model_copy):
+    # what the CLI writes: run_config.json right after the save ("started" is that time)
+    _edit_config(model_copy, lambda d: d["fitted"].pop("fit_record"))
+    json.dump({"command": "fit", "argv": ["fit", "in.zarr", "m", "--scheduler-file", "s.json"],
+               "started": "2026-01-02T03:04:05+0000", "host": "node7",
+               "versions": {"pumap_dask": "9.9.9", "torch": "1.0"},
+               "resolved": {"cluster": {"scheduler": "local", "scheduler_file": "/sh/s.json",
+                                        "workers": 2, "threads": 1, "memory": "auto"}}},
+              open(os.path.join(model_copy, "run_config.json"), "w"))
+    s = model_summary(model_copy)
+    assert s["versions"]["recorded"] == {"pumap_dask": "9.9.9", "torch": "1.0"}
+    assert "run_config.json" in s["versions"]["recorded_by"]
+    assert s["run"]["saved"] == "2026-01-02T03:04:05+0000" and s["run"]["host"] == "node7"
+    assert s["run"]["cluster"] == "scheduler file /sh/s.json"
+    assert s["run"]["command"] == "pumap-dask fit in.zarr m --scheduler-file s.json"
+    text = format_info(s)
+    assert re.search(r"^  saved\s+2026-01-02T03:04:05\+0000$", text, re.M)
+    assert re.search(r"^  fit started\s+not recorded$", text, re.M)
+    assert '"started"' not in text  # the save time is never called the start
+    assert re.search(r"^  cluster\s+scheduler file /sh/s.json$", text, re.M)
+    assert '"scheduler": "local"' not in text  # the default a scheduler file overrode
+    versions = text.split("\nVersions\n")[1].split("\nRun config\n")[0]
+    assert "9.9.9" in versions and "not recorded" not in versions.split("reading")[0]
+
+
+def test_cluster_text_names_the_cluster_used():
+    from pumap_dask.report_format import cluster_text
+
+    remote = {"kind": "remote scheduler", "address": "tcp://10.0.0.1:8786", "n_workers": 4}
+    assert cluster_text(remote, {"scheduler": "local", "scheduler_file": "/s.json"}) == \
+        "scheduler file /s.json (scheduler tcp://10.0.0.1:8786, 4 workers)"
+    assert cluster_text(remote, None) == "scheduler tcp://10.0.0.1:8786 (4 workers)"
+    local = {"kind": "local", "address": "tcp://127.0.0.1:1", "n_workers": 2}
+    assert cluster_text(local, {"scheduler": "local", "workers": 2, "threads": 3,
+                                "memory": "4GiB"}) == ("local cluster, 2 x 3 threads, memory "
+                                                       "4GiB each (scheduler "
+                                                       "tcp://127.0.0.1:1, 2 workers)")
+    assert cluster_text({"kind": "in-process", "scheduler": "threads"}, None).startswith(
+        "in-process")
+    assert cluster_text(None, {"scheduler": "threads"}).startswith("in-process")
+    assert cluster_text(None, None) == "not recorded"
+
+
+def test_fit_record_names_a_distributed_client():
+    distributed = pytest.importorskip("distributed")
+    from pumap_dask.state import active_cluster, fit_record
+
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1,
+                            dashboard_address=None) as client:
+        rec = fit_record({"knn": 1.5, "train": 2.0})
+        assert rec["cluster"] == {"kind": "local", "address": client.scheduler.address,
+                                  "n_workers": 1}
+    assert rec["wall_s"] == 3.5 and rec["started"] < rec["finished"]
+    assert active_cluster()["kind"] == "in-process"
 
 
 def test_peak_memory_is_optional(model_copy, tmp_path):
@@ -168,7 +249,8 @@ def test_report_without_data(model_copy, tmp_path):
     doc = json.load(open(out / "report.json"))
     assert {"summary", "picture", "metrics", "seeds", "figures"} <= set(doc)
     assert doc["figures"] == ["embedding", "loss", "timings"]
-    assert doc["picture"]["n_points"] == N and doc["picture"]["coloured_by"] == "density"
+    assert doc["picture"]["n_points"] == N and doc["picture"]["view"] == "scatter"
+    assert doc["picture"]["coloured_by"] == "one colour" and doc["query"] is None
     for key in ("trustworthiness", "knn_preservation", "label_accuracy"):
         assert doc["metrics"][key] == NEEDS_DATA
     assert doc["seeds"] == {"report_random_state": 0, "model_random_state": 7}
@@ -201,8 +283,12 @@ def test_report_with_zarr_data_matches_sklearn(model_copy, zarr_array, data, tmp
                                                  abs=1e-6)
     assert m["knn_preservation"] == pytest.approx(knn_preservation(X, E, 10), abs=1e-6)
     assert 0.9 <= m["label_accuracy"] <= 1.0  # 5 well-separated clusters
-    assert rep["picture"]["coloured_by"] == "majority label per bin"
+    assert rep["picture"]["coloured_by"] == "label" and rep["picture"]["view"] == "scatter"
     assert rep["picture"]["n_labels"] == K
+    assert [e["count"] for e in rep["picture"]["legend"]] == np.bincount(y).tolist()
+    page = open(tmp_path / "report.html").read()
+    assert "kNN preservation</span>" in page  # a card beside the accuracy's
+    assert "15-NN label accuracy</span>" in page
     assert rep["data"]["n_rows"] == N
 
 
@@ -285,8 +371,15 @@ def test_report_with_anndata_store_and_categorical_labels(model_copy, anndata_st
     assert rep["data"]["label_names"] == [f"type_{c}" for c in "ABCDE"]
     assert rep["picture"]["n_labels"] == K
     assert isinstance(rep["metrics"]["label_accuracy"], float)
+    # the store's own palette (uns/cell_type_colors), in the categories' order
+    assert [e["color"] for e in rep["picture"]["legend"]] == PALETTE
+    assert "cell_type colours of the AnnData store" in rep["picture"]["palette"]
     page = open(tmp_path / "report.html").read()
     assert "obs/cell_type" in page
+    # plain obs arrays have no palette in AnnData: the report's own
+    rep = write_report(model_copy, tmp_path, data=anndata_store, labels="obs/batch",
+                       n_sample=300)
+    assert rep["picture"]["palette"] == "tab10/tab20"
 
 
 @pytest.mark.filterwarnings("ignore:Writing zarr v2 data:UserWarning")
@@ -298,11 +391,13 @@ def test_report_with_anndata_written_by_anndata(model_copy, data, tmp_path):
                        obs=pd.DataFrame({"cell_type": pd.Categorical(
                            [f"c{v}" for v in y])}, index=[str(i) for i in range(N)]))
     adata.obsm["X_pca"] = X
+    adata.uns["cell_type_colors"] = np.array(PALETTE, dtype=object)
     store = str(tmp_path / "a.zarr")
     adata.write_zarr(store)
     rep = write_report(model_copy, tmp_path / "out", data=store, labels="obs/cell_type",
                        n_sample=300)
     assert rep["data"]["label_names"] == [f"c{i}" for i in range(K)]
+    assert [e["color"] for e in rep["picture"]["legend"]] == PALETTE
 
 
 def test_labels_from_npy_file(model_copy, zarr_array, data, tmp_path):
@@ -313,11 +408,106 @@ def test_labels_from_npy_file(model_copy, zarr_array, data, tmp_path):
     assert rep["data"]["label_names"] == [str(i) for i in range(K)]
 
 
-def test_many_labels_fall_back_to_density(model_copy, zarr_array, tmp_path):
+def test_many_labels_are_not_coloured(model_copy, zarr_array, tmp_path):
     labels = np.arange(N) % 40
     rep = write_report(model_copy, tmp_path, data=zarr_array, labels=labels, n_sample=300)
-    assert rep["picture"]["coloured_by"] == "density"
-    assert rep["picture"]["n_labels"] == 40
+    assert rep["picture"]["coloured_by"] == "one colour"
+    assert rep["picture"]["n_labels"] == 40 and "legend" not in rep["picture"]
+    # above scatter_max: the histogram's density
+    rep = write_report(model_copy, tmp_path, data=zarr_array, labels=labels, n_sample=300,
+                       scatter_max=100)
+    assert rep["picture"]["coloured_by"] == "density" and rep["picture"]["view"] == "histogram"
+
+
+def test_many_points_are_a_histogram_whose_bins_grow_with_n(model_copy, zarr_array, data,
+                                                            tmp_path):
+    from pumap_dask.report import hist_bins
+
+    _, y = data
+    assert hist_bins(5000, 512) == 64  # not 282 x 189 bins for 5k points (speckled)
+    assert hist_bins(400_000, 512) == 316 and hist_bins(10 ** 8, 512) == 512
+    assert hist_bins(10 ** 6, 32) == 32
+    rep = write_report(model_copy, tmp_path, data=zarr_array, labels=y, n_sample=300,
+                       scatter_max=100)
+    pic = rep["picture"]
+    assert pic["view"] == "histogram" and pic["coloured_by"] == "majority label per bin"
+    assert max(pic["bins"]) == 64 and len(pic["legend"]) == K
+    assert rep["figures"] == ["embedding", "embedding_density", "loss", "timings"]
+
+
+def test_long_labels_are_wrapped_in_the_figure_and_whole_in_the_page(model_copy, zarr_array,
+                                                                      data, tmp_path):
+    from pumap_dask.plotting import LEGEND_WIDTH, legend_label
+
+    long = "CD14-positive, CD16-negative classical monocyte of the peripheral blood"
+    short = legend_label(long)
+    assert short.count("\n") == 1 and short.endswith("\u2026")
+    assert all(len(line) <= LEGEND_WIDTH for line in short.split("\n"))
+    assert legend_label("B cell") == "B cell"
+    _, y = data
+    names = np.array([long, "B cell", "natural killer cell", "platelet", "erythrocyte"])
+    write_report(model_copy, tmp_path, data=zarr_array, labels=names[y], n_sample=300)
+    page = open(tmp_path / "report.html").read()
+    assert f'<span class="ln">{long}</span>' in page and f'title="{long}: ' in page
+
+
+def test_query_panel_and_metrics(model_copy, zarr_array, data, tmp_path):
+    X, y = data
+    qpath = str(tmp_path / "q.zarr")
+    zarr.create_array(qpath, shape=(200, D), chunks=(100, D), dtype="float32")[:] = X[:200]
+    qlab = str(tmp_path / "qlab.npy")
+    np.save(qlab, y[:200])
+    rep = write_report(model_copy, tmp_path / "out", data=zarr_array, labels=y, query=qpath,
+                       query_labels=qlab, n_sample=300)
+    q = rep["query"]
+    assert "query" in rep["figures"] and q["n_rows"] == 200 and q["embedded_here"]
+    assert q["picture"]["reference_drawn"] == N and q["picture"]["coloured_by"] == "label"
+    # a label the reference has keeps the reference's colour
+    assert [e["color"] for e in q["picture"]["legend"]] == \
+        [e["color"] for e in rep["picture"]["legend"]]
+    assert isinstance(q["metrics"]["trustworthiness"], float)
+    assert isinstance(q["metrics"]["knn_preservation"], float)
+    assert q["metrics"]["label_transfer_accuracy"] >= 0.9  # the training rows themselves
+    page = open(tmp_path / "out" / "report.html").read()
+    assert "<h2>Query data</h2>" in page and page.count("data:image/png;base64,") == 4
+
+
+def test_query_that_is_a_transform_output(model_copy, data, tmp_path):
+    from pumap_dask.writers import transform_to_zarr
+
+    X, _ = data
+    out = str(tmp_path / "emb.zarr")
+    transform_to_zarr(X[:150], model_copy, out)
+    rep = write_report(model_copy, tmp_path / "rep", query=out)
+    q = rep["query"]
+    assert not q["embedded_here"] and q["n_rows"] == 150
+    assert q["metrics"]["trustworthiness"].startswith("not computed")
+    assert q["metrics"]["label_transfer_accuracy"] == "not computed (pass --query-labels)"
+    # an embedding another model wrote is refused
+    _edit_config(model_copy, lambda d: d.__setitem__("weights_sha256", "0" * 64))
+    with pytest.raises(ModelFileError):  # (the edited model itself no longer verifies)
+        write_report(model_copy, tmp_path / "rep", query=out)
+
+
+def test_query_errors(model_copy, tmp_path):
+    from pumap_dask.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="query_labels needs query"):
+        write_report(model_copy, tmp_path, query_labels="obs/x")
+    with pytest.raises(ValueError, match="expecting 16 features"):
+        write_report(model_copy, tmp_path, query=np.zeros((20, 3), np.float32))
+
+
+def test_report_cli_with_query(model_copy, zarr_array, tmp_path, capsys):
+    from pumap_dask.cli import main
+
+    code = main(["report", model_copy, "--query", zarr_array, "--out", str(tmp_path / "r"),
+                 "--sample", "200", "-q"])
+    assert code == 0, capsys.readouterr().err
+    doc = json.load(open(tmp_path / "r" / "report.json"))
+    assert doc["query"]["n_rows"] == N and "query" in doc["figures"]
+    assert main(["report", model_copy, "--query-labels", "obs/x", "-q"]) == 2
+    assert "--query-labels" in capsys.readouterr().err
 
 
 def test_wrong_feature_count_fails_before_work(model_copy, tmp_path):
@@ -364,7 +554,7 @@ def test_report_renders_in_headless_chromium(model_copy, anndata_store, tmp_path
     import matplotlib.image as mpimg
 
     write_report(model_copy, tmp_path, data=anndata_store, labels="obs/cell_type",
-                 n_sample=300)
+                 n_sample=300, query=anndata_store, query_labels="obs/cell_type")
     shot = tmp_path / "shot.png"
     subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
                     "--hide-scrollbars", f"--screenshot={shot}", "--window-size=1280,2000",

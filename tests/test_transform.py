@@ -182,7 +182,9 @@ def test_anndata_obsm(fitted, saved, blobs, tmp_path):
         for root, _, names in os.walk(store):
             for name in names:
                 rel = os.path.relpath(os.path.join(root, name), store)
-                if not rel.startswith(os.path.join("obsm", "X_pumap")) and name != ".zmetadata":
+                ours = (rel.startswith(os.path.join("obsm", "X_pumap"))
+                        or rel.startswith(os.path.join("uns", "pumap")))
+                if not ours and name != ".zmetadata":
                     with open(os.path.join(root, name), "rb") as f:
                         out[rel] = f.read()
         return out

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import uuid
 from typing import Any
@@ -26,6 +27,7 @@ import psutil
 from dask.system import CPU_COUNT
 from dask.utils import format_bytes, parse_bytes
 from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 from distributed.system import MEMORY_LIMIT
 
@@ -38,6 +40,62 @@ logger = logging.getLogger(__name__)
 MIN_WORKER_MEMORY = 512 * 2**20
 # how long the workers of a new LocalCluster have to connect and load the package
 WORKER_START_S = 60.0
+# numba's on-disk cache of compiled kernels (pynndescent marks many cache=True): a directory
+# the user can write on every node, so every new worker process (each SLURM job starts cold)
+# loads them instead of compiling. A NUMBA_CACHE_DIR the user set wins.
+NUMBA_CACHE_ENV = "NUMBA_CACHE_DIR"
+
+
+def numba_cache_dir() -> str:
+    """Where numba keeps compiled kernels for pumap_dask: ``$NUMBA_CACHE_DIR`` when set, else
+    ``$XDG_CACHE_HOME/pumap_dask/numba`` (default ``~/.cache/pumap_dask/numba``)."""
+    if os.environ.get(NUMBA_CACHE_ENV):
+        return os.environ[NUMBA_CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pumap_dask", "numba")
+
+
+def use_numba_cache(path: str | None = None) -> str:
+    """Point this process's numba cache at ``path`` (default :func:`numba_cache_dir`) unless
+    ``NUMBA_CACHE_DIR`` is already set; returns the directory in use.
+
+    Takes effect for kernels compiled or loaded afterwards (numba re-reads its environment
+    when it compiles), so it must run before pynndescent is imported. numba creates the
+    directory; where it cannot, it falls back to its own default locations.
+    """
+    if not os.environ.get(NUMBA_CACHE_ENV):
+        os.environ[NUMBA_CACHE_ENV] = path or numba_cache_dir()
+        numba = sys.modules.get("numba")
+        if numba is not None:  # already imported: its config was read from the old env
+            numba.core.config.reload_config()
+    return os.environ[NUMBA_CACHE_ENV]
+
+
+class NumbaCache(WorkerPlugin):
+    """Sets numba's cache directory (:func:`use_numba_cache`) on every worker of a client,
+    present and future (a restarted or newly scaled worker gets it too).
+
+    Parameters
+    ----------
+    path
+        The directory; None: each worker's own :func:`numba_cache_dir` (its home directory).
+    """
+
+    name = "pumap-dask-numba-cache"
+    idempotent = True
+
+    def __init__(self, path: str | None = None):
+        self.path = path
+
+    def setup(self, worker=None) -> None:
+        use_numba_cache(self.path)
+
+
+def share_numba_cache(client) -> None:
+    """Register :class:`NumbaCache` on ``client``'s workers (kept by the scheduler for
+    workers that join later); the client's own ``NUMBA_CACHE_DIR``, when set, is used on the
+    workers too, else each worker's :func:`numba_cache_dir`."""
+    client.register_plugin(NumbaCache(os.environ.get(NUMBA_CACHE_ENV) or None))
 
 
 def _hpc_missing(what: str, package: str) -> ClusterError:
@@ -127,7 +185,9 @@ def connect(settings: dict[str, Any], *, debug: bool = False):
     timeout = float(settings["connect_timeout"])
     if settings.get("scheduler_file"):
         address = read_scheduler_file(settings["scheduler_file"], timeout)
-        return _remote(address, timeout, f"--scheduler-file {settings['scheduler_file']}")
+        client = _remote(address, timeout, f"--scheduler-file {settings['scheduler_file']}")
+        share_numba_cache(client)
+        return client
     if kind == "threads":
         return None
 
@@ -140,7 +200,8 @@ def connect(settings: dict[str, Any], *, debug: bool = False):
             cluster = LocalCluster(n_workers=settings["workers"],
                                    threads_per_worker=settings["threads"],
                                    memory_limit=settings["memory"], processes=True,
-                                   dashboard_address=None, silence_logs=quiet)
+                                   dashboard_address=None, silence_logs=quiet,
+                                   env={NUMBA_CACHE_ENV: numba_cache_dir()})
         except Exception as exc:
             raise ClusterError(f"cannot start a local Dask cluster ({type(exc).__name__}: "
                                f"{exc}); check --workers/--threads/--memory") from exc
@@ -155,6 +216,7 @@ def connect(settings: dict[str, Any], *, debug: bool = False):
         cluster = slurm_cluster(settings)
         cluster.scale(jobs=settings.get("slurm", {}).get("jobs", 1))
         client = _owned(Client(cluster), cluster)
+        share_numba_cache(client)
         logger.info("waiting for the first SLURM worker (dashboard %s)", cluster.dashboard_link)
         client.wait_for_workers(1)
         return client
@@ -166,8 +228,12 @@ def connect(settings: dict[str, Any], *, debug: bool = False):
                                "'pumap_dask[mpi]' (mpi4py builds against your MPI "
                                "library)") from None
         initialize()  # only the client rank returns
-        return Client()
-    return _remote(kind, timeout, f"--scheduler {kind}")
+        client = Client()
+        share_numba_cache(client)
+        return client
+    client = _remote(kind, timeout, f"--scheduler {kind}")
+    share_numba_cache(client)
+    return client
 
 
 def worker_memory(settings: dict[str, Any]) -> int:

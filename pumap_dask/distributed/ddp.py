@@ -39,7 +39,7 @@ import socket
 import time
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import dask
 import numpy as np
@@ -49,15 +49,20 @@ import torch.distributed as dist
 from ..encoder import Encoder
 from ..errors import ParameterError, RankLostError
 from ..inputs import open_input
+from ..progress import EpochReport, EpochWatch, Progress, track
 from ..train import TrainConfig, build_encoder, find_ab_params, train_encoder
 from ..transform import limit_threads_to_worker
 from .edges import EdgeStore
+from .rowcache import drop as drop_row_cache
+from .rowcache import node_rows
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
 # Seconds a group restart waits for killed workers to be back (restarted by their nanny).
 RESTART_WAIT_S = 60.0
+# Rank 0's epoch report, in the work directory (beside the edge store; see progress.EpochReport)
+PROGRESS_FILE = "train_progress.json"
 
 
 def own_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
@@ -80,14 +85,19 @@ def _read_own_edges(edge_dir: str, rank: int, world_size: int):
 
 def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
                init: tuple[np.ndarray, np.ndarray] | None, rank: int, world_size: int,
-               init_method: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict | None:
+               init_method: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+               threads: int | None = None,
+               progress: Callable[[int, float], Any] | None = None) -> dict | None:
     """One rank of a DDP training run (runs in a Dask task or a torchrun process).
 
     Parameters
     ----------
     source, key
-        The training input, as :func:`pumap_dask.pipeline.open_input` takes it (a path
-        every rank can read).
+        The training input, as :func:`pumap_dask.inputs.open_input` takes it: a path every
+        rank can read, a Zarr array or any dask array whose graph the workers can compute.
+        When ``cfg.input_sha256`` is set the rows are read once per node into the node-local
+        row cache (:func:`pumap_dask.distributed.rowcache.node_rows`) and every rank of the
+        node maps that one copy; else each rank loads them.
     edge_dir
         The edge store directory (``work_dir/graph``) on a shared file system.
     cfg
@@ -98,6 +108,12 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
         Process-group membership (``init_method`` like ``tcp://host:port``).
     timeout_s
         Seconds a rank waits for the others (joining, and at every collective).
+    threads
+        Torch threads of this rank (one rank per host uses all the host's task threads);
+        default: the worker's task threads.
+    progress
+        Called by rank 0 after each epoch as ``progress(epoch, loss)``
+        (:class:`pumap_dask.progress.EpochReport`: the client's bar of epochs).
 
     Returns
     -------
@@ -107,7 +123,10 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
         from a checkpoint in ``cfg.checkpoint_dir``); None on the other ranks.
     """
 
-    limit_threads_to_worker()
+    if threads:
+        torch.set_num_threads(int(threads))
+    else:
+        limit_threads_to_worker()
     cuda = str(cfg.device) in ("auto",) or str(cfg.device).startswith("cuda")
     cuda = cuda and torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
@@ -125,10 +144,16 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
         # inside a rank's task would wait for workers whose only thread holds another rank
         # (and, after a restart, for keys of the failed attempt's lost tasks).
         with dask.config.set(scheduler="threads", num_workers=torch.get_num_threads()):
-            X = open_input(source, key).load()
+            handle = open_input(source, key)
+            if cfg.input_sha256:  # one copy per node, mapped by every rank of it
+                X = node_rows(handle.darr, {"rows": handle.n, "features": handle.d,
+                                            "sha256": cfg.input_sha256})
+            else:
+                X = handle.load()
         head, tail, weight = _read_own_edges(edge_dir, rank, world_size)
         encoder = build_encoder(X.shape[1], cfg, X)  # identical on every rank
         encoder, history = train_encoder(X, head, tail, weight, cfg, encoder,
+                                         callback=progress if rank == 0 else None,
                                          init_embedding=init)
         if rank != 0:
             return None
@@ -165,10 +190,45 @@ def eligible_workers(client) -> list[str]:
     return sorted(info.get("workers", {}))
 
 
-def _await_ranks(client, futures: list, ranks: list[str], poll_s: float = 0.5) -> dict:
+PLACEMENTS = ("worker", "host", "gpu")
+
+
+def _hardware() -> dict:
+    """This worker's CUDA device count (asked of the GPU placement only)."""
+    return {"gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+
+
+def rank_workers(client, placement: str = "worker") -> list[tuple[str, int | None]]:
+    """The workers that hold one training rank each, and each rank's torch threads.
+
+    ``"worker"``: every eligible worker (its own task threads). ``"host"``: one rank per
+    host, on its first worker by address, using the task threads of all the host's
+    workers (a CPU host trains fastest as one process with all its cores; DDP then runs
+    across hosts). ``"gpu"``: every worker that sees a CUDA device (one rank per GPU, as
+    ``dask-cuda`` starts one worker per GPU).
+    """
+    if placement not in PLACEMENTS:
+        raise ParameterError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    info = client.sync(client.scheduler.identity, n_workers=-1).get("workers", {})
+    addrs = sorted(info)
+    if placement == "worker":
+        return [(w, None) for w in addrs]
+    if placement == "gpu":
+        gpus = client.run(_hardware, workers=addrs) if addrs else {}
+        return [(w, None) for w in addrs if gpus.get(w, {}).get("gpus", 0) > 0]
+    hosts: dict[str, list[str]] = {}
+    for w in addrs:
+        hosts.setdefault(str(info[w].get("host", w)), []).append(w)
+    return [(ws[0], sum(int(info[w].get("nthreads", 1)) for w in ws))
+            for _, ws in sorted(hosts.items(), key=lambda kv: kv[1][0])]
+
+
+def _await_ranks(client, futures: list, ranks: list[str], poll_s: float = 0.5,
+                 on_poll: Callable[[], None] | None = None) -> dict:
     """Rank 0's result, watching every rank: a rank's error, or its worker leaving the
     cluster, fails the attempt at once (a worker's death makes Dask reschedule its task,
-    which the pinning to a dead worker would leave waiting for ever)."""
+    which the pinning to a dead worker would leave waiting for ever). ``on_poll`` is called
+    every ``poll_s`` seconds meanwhile (the bar of epochs)."""
     while True:
         alive = set(eligible_workers(client))
         lost = [f"rank {r} ({w})" for r, w in enumerate(ranks) if w not in alive]
@@ -188,6 +248,8 @@ def _await_ranks(client, futures: list, ranks: list[str], poll_s: float = 0.5) -
             raise RuntimeError(f"rank {r}'s task was {f.status} by the scheduler")
         if all(f.status == "finished" for f in futures):
             return futures[0].result()
+        if on_poll is not None:
+            on_poll()
         time.sleep(poll_s)
 
 
@@ -203,7 +265,8 @@ def _wait_for_workers(client, n: int, timeout_s: float) -> None:
 def train_on_dask(client, source: Any, key: str | None, edge_dir: str, cfg: Any,
                   init: tuple[np.ndarray, np.ndarray] | None = None, *,
                   world_size: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                  max_restarts: int = 2, rejoin_s: float = RESTART_WAIT_S):
+                  max_restarts: int = 2, rejoin_s: float = RESTART_WAIT_S,
+                  placement: str = "worker"):
     """Train with one DDP rank per Dask worker; returns (encoder, history, world_size).
 
     Parameters
@@ -213,7 +276,10 @@ def train_on_dask(client, source: Any, key: str | None, edge_dir: str, cfg: Any,
     source, key, edge_dir, cfg, init
         As for :func:`train_rank`.
     world_size
-        Ranks (default: every worker, at most one per edge shard).
+        Ranks (default: one per placement slot, at most one per edge shard).
+    placement
+        Where ranks go (:func:`rank_workers`): ``"worker"`` (one per worker), ``"host"``
+        (one per host, with all its task threads) or ``"gpu"`` (one per GPU worker).
     timeout_s
         Group timeout: a rank that never starts, or hangs, makes the others fail within
         it. A rank whose worker dies is noticed at once (Gloo/NCCL report the broken
@@ -235,29 +301,63 @@ def train_on_dask(client, source: Any, key: str | None, edge_dir: str, cfg: Any,
         also when resumed) and the number of ranks that finished it.
     """
 
+    bar = track(cfg.n_epochs, "train")  # the train stage's bar counts epochs, not ranks
+    try:
+        return _train_attempts(client, source, key, edge_dir, cfg, init, world_size, timeout_s,
+                               max_restarts, rejoin_s, placement, bar)
+    finally:
+        bar.close()
+        try:  # rank 0's epoch report (a failed attempt's rank may still rewrite it: harmless)
+            os.remove(_progress_path(edge_dir))
+        except OSError:
+            pass
+        if cfg.input_sha256:  # the node-local row caches of this run (see rowcache)
+            _drop_row_caches(client, source, key, cfg)
+
+
+def _drop_row_caches(client, source: Any, key: str | None, cfg: Any) -> None:
+    try:
+        shape = open_input(source, key).darr.shape
+        identity = {"rows": int(shape[0]), "features": int(shape[1]),
+                    "sha256": cfg.input_sha256}
+        client.run(drop_row_cache, identity)
+    except Exception as exc:  # cleanup must not hide the training's own outcome
+        logger.warning("could not remove the node-local row caches: %s", exc)
+
+
+def _progress_path(edge_dir: str) -> str:
+    """Where rank 0 reports its epochs: the work directory holding the edge store."""
+    return os.path.join(os.path.dirname(os.path.abspath(edge_dir)), PROGRESS_FILE)
+
+
+def _train_attempts(client, source, key, edge_dir, cfg, init, world_size, timeout_s,
+                    max_restarts, rejoin_s, placement, bar: Progress):
     last_exc: BaseException | None = None
     target = None
     for attempt in range(max_restarts + 1):
         if attempt and target:
             _wait_for_workers(client, target, rejoin_s)
-        workers = eligible_workers(client)
-        world = min(world_size or len(workers), len(workers), len(EdgeStore(edge_dir)))
+        slots = rank_workers(client, placement)
+        world = min(world_size or len(slots), len(slots), len(EdgeStore(edge_dir)))
         if world < 1:
-            raise RuntimeError("no Dask workers to train on")
+            raise RuntimeError(f"no Dask workers to train on (placement {placement!r})")
         target = target or world
-        ranks = workers[:world]
+        ranks = [w for w, _ in slots[:world]]
+        threads = [t for _, t in slots[:world]]
         host, port = client.run(_free_port, workers=[ranks[0]])[ranks[0]]
         init_method = f"tcp://{host}:{port}"
         run = uuid.uuid4().hex[:8]
+        report = EpochReport(_progress_path(edge_dir), run, cfg.n_epochs)
         logger.info("DDP training on %d ranks (%s), attempt %d of %d", world, init_method,
                     attempt + 1, max_restarts + 1)
         futures = [client.submit(train_rank, source, key, edge_dir, cfg, init, r, world,
-                                 init_method, timeout_s, workers=[w],
+                                 init_method, timeout_s, threads[r], progress=report,
+                                 workers=[w],
                                  allow_other_workers=False, retries=0, pure=False,
                                  key=f"pumap-ddp-{run}-rank{r}")
                    for r, w in enumerate(ranks)]
         try:
-            out = _await_ranks(client, futures, ranks)
+            out = _await_ranks(client, futures, ranks, on_poll=EpochWatch(report, bar).poll)
         except Exception as exc:  # a rank failed or its worker died: restart the group
             last_exc = exc
             client.cancel(futures)

@@ -3,7 +3,7 @@
 1. k-means on a random sample of rows gives ``P`` centroids.
 2. Every row block sends each of its rows to the ``overlap`` partitions with the nearest
    centroids (a shuffle keyed by partition: one small task per (block, partition) pair).
-3. Each partition builds a local kNN on a worker (pynndescent on CPU, or hnswlib with
+3. Each partition builds a local kNN on a worker (pynndescent on CPU, or usearch's HNSW with
    ``local_method="hnsw"``; exact blockwise search when the partition is small or the
    worker has CUDA) and maps local ids back to global int64 row ids; its results are
    bucketed by the row block they belong to.
@@ -72,7 +72,7 @@ PARTITION_MEMORY_FRACTION = 0.5
 # m = 3k rows at d = 50)
 LOCAL_EXACT_WORK = 5e8
 LOCAL_NNDESCENT = {"n_trees": 8, "max_candidates": 32}
-# hnswlib inside a partition: the single-machine defaults (pumap_dask.knn.HNSW_*)
+# HNSW (usearch) inside a partition: the single-machine defaults (pumap_dask.knn.HNSW_*)
 LOCAL_HNSW: dict = {}
 KMEANS_SAMPLE_PER_PARTITION = 256
 KMEANS_MAX_SAMPLE = 100_000
@@ -626,7 +626,7 @@ def nearest_neighbors(
     n_neighbors
         k, not counting the point itself.
     method
-        ``"auto"``, ``"exact"``, ``"nndescent"``, ``"hnsw"`` (hnswlib, optional extra
+        ``"auto"``, ``"exact"``, ``"nndescent"``, ``"hnsw"`` (usearch, optional extra
         ``pumap_dask[hnsw]``) or ``"partitioned"``. ``auto``: numpy input
         uses :func:`pumap_dask.knn.choose_method`; lazy input with more than
         :data:`PARTITION_THRESHOLD` rows uses ``"partitioned"``, smaller lazy input is loaded
@@ -662,7 +662,7 @@ def nearest_neighbors(
         every row, see :mod:`pumap_dask.knn`). Every method, and the recall, uses it.
     local_method
         The search inside each partition of the partitioned method (partitions too large
-        for exact search): ``"nndescent"`` (pynndescent) or ``"hnsw"`` (hnswlib). Ignored
+        for exact search): ``"nndescent"`` (pynndescent) or ``"hnsw"`` (usearch). Ignored
         by the other methods.
     method_kwds
         Options of the search back-end: for ``"hnsw"`` (and ``local_method="hnsw"``) ``M``,
@@ -709,7 +709,7 @@ def nearest_neighbors(
     dev = knn_stage.resolve_device(device)
     method = resolve_method(method, X, n, d, dev)
     if method == "hnsw" or (method == "partitioned" and local_method == "hnsw"):
-        knn_stage.require_hnswlib()  # the extra is missing: say so before any work
+        knn_stage.require_hnsw()  # the extra is missing: say so before any work
     source = os.path.abspath(os.fspath(X)) if isinstance(X, (str, os.PathLike)) else None
     params = _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_rows,
                            refine, random_state, source, metric, local_method,

@@ -1,0 +1,165 @@
+"""Partial labels (issue 19): do labels on some rows help, or hurt, the unlabelled rows?
+
+For each method, seed and fraction of labels known, one semi-supervised fit on all rows
+(``fit(X, y)`` with ``y = -1`` on the unlabelled rows) against the same method's
+unsupervised fit (``fit(X)``, same seed). The labelled rows are the first ``f * n`` of a
+seeded permutation, so the rows known at 10% are known at 50% and 90% too.
+
+The measure: 15-NN accuracy of the unlabelled rows in the training embedding, each row's
+15 nearest other training rows voting with their true labels (every row votes, labelled
+or not), scored on the unlabelled rows only; the unsupervised fit is scored on the same
+rows. Partial labels should never lower it.
+
+Methods: ``pumap`` (in-memory fit), ``pumap-partitioned`` (``knn_method="partitioned"``
+on a 2-worker ``distributed.LocalCluster``, labels mixed in on the workers), ``umap``
+(umap-learn's ``UMAP``, its default epochs unless ``--umap-epochs``).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/partial_labels.py --data digits --epochs 20
+    OMP_NUM_THREADS=1 python benchmarks/partial_labels.py --data digits \
+        --methods pumap pumap-partitioned umap --fractions 0.1 0.5 0.9 --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/partial_labels.py --data mnist --methods pumap
+
+Prints one line per fit as it goes, then a markdown table: method x fraction known, means
+over seeds of the unsupervised and the semi-supervised accuracy, their difference and
+the worst seed's difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+K = 15
+
+
+def load(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(X float32, labels) of ``digits`` or ``mnist`` (the 10k MNIST test set)."""
+    from quality import load_dataset
+
+    data = load_dataset(name)
+    if data is None:
+        raise SystemExit(f"data set {name} is not available")
+    return data
+
+
+def known_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Rows whose labels are known: the first ``fraction * n`` of a seeded permutation."""
+    order = np.random.default_rng(seed).permutation(n)
+    known = np.zeros(n, dtype=bool)
+    known[order[:int(round(fraction * n))]] = True
+    return known
+
+
+def unlabelled_accuracy(emb: np.ndarray, y: np.ndarray, known: np.ndarray, k: int = K) -> float:
+    """15-NN accuracy of the unlabelled rows (true labels of all other rows vote)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    rows = np.flatnonzero(~known)
+    _, ind = NearestNeighbors(n_neighbors=k + 1).fit(emb).kneighbors(emb[rows])
+    votes = np.zeros((len(rows), int(y.max()) + 1))
+    for j in range(k + 1):
+        other = ind[:, j] != rows  # the row itself is not its own neighbour
+        np.add.at(votes, (np.flatnonzero(other), y[ind[other, j]]), 1.0)
+    return float((votes.argmax(1) == y[rows]).mean())
+
+
+def fit_embedding(method: str, X: np.ndarray, y: np.ndarray | None, seed: int,
+                  epochs: int | None, umap_epochs: int | None, work: str) -> np.ndarray:
+    """The training embedding of one fit."""
+    if method == "umap":
+        import umap
+
+        model = umap.UMAP(random_state=seed, n_epochs=umap_epochs)
+        return model.fit_transform(X, y)
+    from pumap_dask import ParametricUMAP
+
+    if method == "pumap":
+        return ParametricUMAP(random_state=seed, n_epochs=epochs, device="cpu").fit(X, y).embedding_
+    if method == "pumap-partitioned":
+        import dask.array as da
+
+        Xd = da.from_array(X, chunks=(-(-len(X) // 4), -1))
+        model = ParametricUMAP(random_state=seed, n_epochs=epochs, device="cpu",
+                               knn_method="partitioned", work_dir=tempfile.mkdtemp(dir=work),
+                               train_world_size=1)
+        return np.asarray(model.fit(Xd, y).embedding_)
+    raise ValueError(method)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="digits", choices=["digits", "mnist"])
+    ap.add_argument("--methods", nargs="+", default=["pumap", "pumap-partitioned", "umap"])
+    ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.5, 0.9])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=None, help="pumap_dask n_epochs (default: "
+                    "the estimator's)")
+    ap.add_argument("--umap-epochs", type=int, default=None, help="umap-learn n_epochs")
+    ap.add_argument("--json", default=None, help="also write the per-fit results here")
+    args = ap.parse_args()
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    X, y = load(args.data)
+    client = None
+    if "pumap-partitioned" in args.methods:
+        import distributed
+
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                           dashboard_address=":0", memory_limit="3GiB")
+        client = distributed.Client(cluster)
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for method in args.methods:
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                base = fit_embedding(method, X, None, seed, args.epochs, args.umap_epochs, work)
+                print(f"{method} seed {seed} unsupervised fit {time.perf_counter() - t0:.0f}s",
+                      flush=True)
+                for f in args.fractions:
+                    known = known_mask(len(X), f, seed)
+                    t0 = time.perf_counter()
+                    emb = fit_embedding(method, X, np.where(known, y, -1), seed, args.epochs,
+                                        args.umap_epochs, work)
+                    r = {"method": method, "known": f, "seed": seed,
+                         "unsup": unlabelled_accuracy(base, y, known),
+                         "semi": unlabelled_accuracy(emb, y, known),
+                         "fit_s": time.perf_counter() - t0}
+                    rows.append(r)
+                    print(f"  known {f:.0%}: unsup {r['unsup']:.4f} semi {r['semi']:.4f} "
+                          f"({r['fit_s']:.0f}s)", flush=True)
+    if client is not None:
+        client.close()
+        cluster.close()
+    print(f"\n{args.data}, {len(X)} rows, pumap_dask n_epochs={args.epochs or 'default'}, "
+          f"umap-learn n_epochs={args.umap_epochs or 'default'}, seeds {args.seeds}; "
+          f"{K}-NN accuracy of the unlabelled rows\n")
+    print("| method | known | unsupervised | semi-supervised | diff | worst seed diff |")
+    print("|---|---|---|---|---|---|")
+    for method in args.methods:
+        for f in args.fractions:
+            sel = [r for r in rows if r["method"] == method and r["known"] == f]
+            u = np.mean([r["unsup"] for r in sel])
+            s = np.mean([r["semi"] for r in sel])
+            worst = min(r["semi"] - r["unsup"] for r in sel)
+            print(f"| {method} | {f:.0%} | {u:.4f} | {s:.4f} | {s - u:+.4f} | {worst:+.4f} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
