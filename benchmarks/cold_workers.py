@@ -79,6 +79,7 @@ def main(argv=None) -> None:
     client = cluster.connect({"scheduler": "local", "workers": args.workers, "threads": 1,
                               "memory": "3GiB", "connect_timeout": 120})
     parts = [f"cluster start {time.perf_counter() - t0:.1f}s"]
+    print(f"  {parts[-1]}", flush=True)
     try:
         if args.local_exact_work is not None:
             client.run(_set_exact_work, args.local_exact_work)
@@ -91,6 +92,7 @@ def main(argv=None) -> None:
             wall = time.perf_counter() - t
             cpu = sum(client.run(_cpu).values()) - c0
             parts.append(f"{label} {wall:.1f}s (worker CPU {cpu:.1f}s)")
+            print(f"  {parts[-1]}", flush=True)
 
         if args.warm_up:
             timed("warm-up", lambda: client.gather(

@@ -364,6 +364,7 @@ def trajectory_layout(n_features: int = 50, random_state: int = 0) -> dict[str, 
 def write_trajectory_like_zarr(
     path: str, n_samples: int, n_features: int = 50, chunk_rows: int = 100_000,
     random_state: int = 0, *, labels_path: str | None = None, overwrite: bool = True,
+    start: int = 0,
 ):
     """Write :func:`trajectory_like` data to a Zarr array chunk by chunk, in bounded memory.
 
@@ -383,12 +384,17 @@ def write_trajectory_like_zarr(
         If given, also write the int64 labels to a Zarr array there.
     overwrite
         Replace existing arrays at the paths.
+    start
+        Index of the first row written: rows ``start:start + n_samples`` of the same
+        population (e.g. held-out queries beside a training set written from 0).
 
     Returns
     -------
     zarr.Array
     """
     _check_trajectory_args(n_samples, n_features, chunk_rows)
+    if start < 0:
+        raise ParameterError(f"start must be >= 0, got {start}")
     layout = _trajectory_layout(n_features, random_state)
     arr = zarr.create_array(path, shape=(n_samples, n_features), chunks=(chunk_rows, n_features),
                             dtype="float32", zarr_format=3, overwrite=overwrite)
@@ -397,7 +403,7 @@ def write_trajectory_like_zarr(
         lab = zarr.create_array(labels_path, shape=(n_samples,), chunks=(chunk_rows,),
                                 dtype="int64", zarr_format=3, overwrite=overwrite)
     for _, a, b in _chunk_bounds(n_samples, chunk_rows):
-        X, y, _, _ = _trajectory_rows(layout, random_state, a, b)
+        X, y, _, _ = _trajectory_rows(layout, random_state, start + a, start + b)
         arr[a:b] = X
         if lab is not None:
             lab[a:b] = y

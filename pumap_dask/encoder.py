@@ -13,21 +13,32 @@ import torch
 from torch import nn
 
 
+# the activation after each hidden layer, by name (pumap_dask.params.ACTIVATIONS)
+_ACTIVATION_LAYERS = {"leaky_relu": lambda: nn.LeakyReLU(0.1, inplace=True),
+                      "silu": lambda: nn.SiLU(inplace=True)}
+
+
 class Encoder(nn.Module):
     """Input normalisation (+ optional fixed linear projection) followed by an MLP.
 
     The normalisation and projection are buffers, part of the saved state, so a loaded
-    encoder reproduces the original exactly and transform stays one forward pass.
+    encoder reproduces the original exactly and transform stays one forward pass. Each
+    hidden layer is followed by ``activation`` (``"leaky_relu"``: LeakyReLU(0.1), or
+    ``"silu"``).
     """
 
     def __init__(self, n_features: int, n_components: int = 2,
                  hidden_layers: Sequence[int] = (128, 64, 32), n_projection: int = 0,
-                 negative_slope: float = 0.1) -> None:
+                 activation: str = "leaky_relu") -> None:
         super().__init__()
+        if activation not in _ACTIVATION_LAYERS:
+            raise ValueError(f"activation must be one of {tuple(_ACTIVATION_LAYERS)}, got "
+                             f"{activation!r}")
         self.n_features = n_features
         self.n_components = n_components
         self.hidden_layers = tuple(int(h) for h in hidden_layers)
         self.n_projection = int(n_projection)
+        self.activation = activation
         self.register_buffer("center", torch.zeros(n_features))
         self.register_buffer("scale", torch.ones(()))
         width = n_features
@@ -36,7 +47,7 @@ class Encoder(nn.Module):
             width = self.n_projection
         layers: list[nn.Module] = []
         for h in self.hidden_layers:
-            layers += [nn.Linear(width, h), nn.LeakyReLU(negative_slope, inplace=True)]
+            layers += [nn.Linear(width, h), _ACTIVATION_LAYERS[activation]()]
             width = h
         layers.append(nn.Linear(width, n_components))
         self.mlp = nn.Sequential(*layers)
@@ -113,4 +124,5 @@ def encoder_spec(encoder: Encoder) -> dict[str, Any]:
         "n_components": encoder.n_components,
         "hidden_layers": list(encoder.hidden_layers),
         "n_projection": encoder.n_projection,
+        "activation": encoder.activation,
     }

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 # Chosen by benchmarks/quality.py (see benchmarks/RESULTS.md).
 DEFAULT_HIDDEN = (128, 64, 32)
+DEFAULT_ACTIVATION = "leaky_relu"  # see the activation parameter
 DEFAULT_PROJECTION = 64
 
 
@@ -56,7 +57,11 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         Zarr, paths) of more than ``pumap_dask.distributed.knn_dask.PARTITION_THRESHOLD`` rows uses
         ``"partitioned"``; numpy input never does.
     hidden_layers
-        Widths of the encoder's hidden layers (LeakyReLU(0.1) after each).
+        Widths of the encoder's hidden layers (``activation`` after each).
+    activation
+        The activation after each hidden layer: ``"silu"`` or ``"leaky_relu"``
+        (LeakyReLU(0.1), the only one before this parameter existed; models saved then load
+        with it). A smooth activation keeps more local structure; see ``docs/results.md``.
     n_projection
         Width of a fixed PCA projection in front of the MLP (0 disables; ignored when the
         input has fewer features).
@@ -233,6 +238,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         parametric_reconstruction_loss_weight: float = 1.0,
         reconstruction_loss: str = "mse",
         autoencoder_loss: bool = False,
+        activation: str = DEFAULT_ACTIVATION,
     ) -> None:
         self.n_components = n_components
         self.n_neighbors = n_neighbors
@@ -240,6 +246,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         self.spread = spread
         self.knn_method = knn_method
         self.hidden_layers = hidden_layers
+        self.activation = activation
         self.n_projection = n_projection
         self.learning_rate = learning_rate
         self.n_epochs = n_epochs

@@ -47,7 +47,7 @@ from .encoder import Encoder, encoder_spec
 from .errors import ModelFileError, NetworkError, TrainingError
 from .io import apply_umask
 from .networks import decoder_from_spec, encoder_from_spec
-from .params import METRICS, writable_location
+from .params import ACTIVATIONS, METRICS, writable_location
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +219,8 @@ def validate_config(doc: Any, path: str | os.PathLike) -> dict[str, Any]:
     if custom:
         _check_network_block(enc, "encoder", n_features, cfg_path)
     _require(enc, "n_projection", lambda v: v == 0 or _dim(v), "a non-negative integer",
+             "encoder", cfg_path, optional=True)
+    _require(enc, "activation", lambda v: v in ACTIVATIONS, f"one of {ACTIVATIONS}",
              "encoder", cfg_path, optional=True)
 
     params = _require(doc, "params", is_dict, "an object", "the config", cfg_path)
@@ -625,8 +627,9 @@ def load_encoder(path: str | os.PathLike, verify: bool = True,
         expected = {k: tuple(v.shape) for k, v in custom.state_dict().items()}
     else:
         custom = None
+        # models saved before the activation was recorded used LeakyReLU(0.1)
         args = (spec["n_features"], spec["n_components"], spec["hidden_layers"],
-                spec.get("n_projection", 0))
+                spec.get("n_projection", 0), spec.get("activation", "leaky_relu"))
         # compare shapes on a storage-free skeleton first: a bad spec allocates nothing
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in Encoder(*args).state_dict().items()}

@@ -23,6 +23,9 @@ DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("raise", "nan")
 ZARR_FORMATS = (2, 3)
 PRECISIONS = ("fp32", "bf16")
+# The default encoder's activation after each hidden layer; models saved before it was a
+# parameter used "leaky_relu" (LeakyReLU(0.1)).
+ACTIVATIONS = ("leaky_relu", "silu")
 
 
 def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
@@ -224,6 +227,7 @@ def check_estimator_params(est: Any) -> None:
     knn_kwds(getattr(est, "knn_kwds", None))
     choice("init", est.init, INIT_METHODS)
     layers("hidden_layers", est.hidden_layers)
+    choice("activation", getattr(est, "activation", "leaky_relu"), ACTIVATIONS)
     device(est.device)
     random_state(est.random_state)
     if not isinstance(est.verbose, (bool, numbers.Integral)):

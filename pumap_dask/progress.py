@@ -67,10 +67,20 @@ def show_progress() -> None:
     (nothing configured, as in a fresh script or notebook), gives it one on stderr.
     """
     _ROOT.setLevel(logging.INFO)
-    if not _ROOT.hasHandlers():
+    if not _printed(_ROOT):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         _ROOT.addHandler(handler)
+
+
+def _printed(lg: logging.Logger) -> bool:
+    """Whether a handler other than a NullHandler (the package's own) gets ``lg``'s records."""
+    node: logging.Logger | None = lg
+    while node is not None:
+        if any(not isinstance(h, logging.NullHandler) for h in node.handlers):
+            return True
+        node = node.parent if node.propagate else None
+    return False
 
 
 def _in_notebook() -> bool:
@@ -146,6 +156,8 @@ class _AboveBars(logging.StreamHandler):
 
 # the bar of what :func:`track` counts (epochs): the ETA of :meth:`Progress.eta`, not tqdm's
 _COUNT_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} {unit}s [{elapsed}{postfix}]"
+# a stage that has counted nothing yet (no tasks of its own, or none seen yet): its clock
+_CLOCK_FORMAT = "{desc}: running [{elapsed}]"
 _bars_lock = threading.Lock()
 _bars_open = 0
 _swapped: list[tuple[logging.Logger, logging.Handler, logging.Handler]] = []
@@ -200,6 +212,7 @@ class Progress:
         self._delay = delay
         self._t0 = self._last = time.monotonic()
         self._base: tuple[float, int] | None = None  # (time, n) of the first count: the ETA's
+        self._t_n = self._t0  # when n last changed
         if self._as_bar and delay <= 0:
             self._open_bar()
 
@@ -211,8 +224,11 @@ class Progress:
             if total is not None:
                 self.total = total
             if n is not None:
+                now = time.monotonic()
                 if self._base is None:
-                    self._base = (time.monotonic(), n)
+                    self._base = (now, n)
+                if n != self.n:
+                    self._t_n = now
                 self.n = n
             self.postfix = postfix or self.postfix
             self._show()
@@ -227,19 +243,22 @@ class Progress:
         with self._lock:
             self.adopted = True
             self.total, self.unit, self.n, self.postfix, self._base = total, unit, 0, "", None
+            self._t_n = time.monotonic()
             if self._bar is not None:
                 self._bar.reset(total=total)
                 self._bar.unit = unit
-                self._bar.bar_format = _COUNT_FORMAT
+                self._bar.bar_format = self._format()
 
     def eta(self) -> float | None:
-        """Seconds left at the rate since the first count (None before two counts)."""
+        """Seconds left at the rate from the first count to the last one, less the time
+        since the last (None before two counts)."""
         if not self.total or self._base is None:
             return None
         t, n = self._base
         if self.n <= n:
             return None
-        return (self.total - self.n) * (time.monotonic() - t) / (self.n - n)
+        left = (self.total - self.n) * (self._t_n - t) / (self.n - n)
+        return max(0.0, left - (time.monotonic() - self._t_n))
 
     def _show(self) -> None:
         if not self.active or self.closed:
@@ -258,15 +277,20 @@ class Progress:
     def _open_bar(self) -> None:
         # smoothing=0: a task bar's rate and ETA are the means since the stage started
         self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, file=sys.stderr,
-                         leave=True, smoothing=0,
-                         bar_format=_COUNT_FORMAT if self.adopted else None, **_bar_shape())
+                         leave=True, smoothing=0, bar_format=self._format(), **_bar_shape())
         self._bar.start_t -= time.monotonic() - self._t0  # the stage's clock, not the bar's
         self._console = not hasattr(self._bar, "container")  # a notebook's widget has one
         if self._console:
             _logs_above_bars(True)
 
+    def _format(self) -> str | None:
+        if self.adopted:
+            return _COUNT_FORMAT
+        return None if self.total else _CLOCK_FORMAT  # None: tqdm's own
+
     def _draw(self) -> None:
         bar = self._bar
+        bar.bar_format = self._format()
         if self.total is not None and bar.total != self.total:
             bar.total = self.total
         postfix = self.postfix
@@ -310,14 +334,21 @@ class Progress:
                 self._log(final=True)
 
 
-_stages: list[Progress] = []  # the bars of the stages running now, innermost last
+_running = threading.local()  # per thread: the bars of the stages running, innermost last
+
+
+def _stages() -> list[Progress]:
+    if not hasattr(_running, "stages"):
+        _running.stages = []
+    return _running.stages
 
 
 def track(total: int, desc: str, unit: str = "epoch") -> Progress:
     """The bar of the innermost running :func:`stage`, now counting ``total`` units of
     ``unit`` instead of its tasks (a DDP fit's bar counts epochs, not ranks); a new bar outside a
     stage. Close it when done (a stage's bar is closed again by its stage: a no-op)."""
-    bar = _stages[-1] if _stages else None
+    stages = _stages()
+    bar = stages[-1] if stages else None
     if bar is None or bar.closed or bar.adopted:
         return Progress(total, desc, unit)
     bar.adopt(total, unit)
@@ -360,12 +391,13 @@ class EpochWatch:
 
     def __init__(self, report: EpochReport, bar: Progress) -> None:
         self.report, self.bar = report, bar
-        self._stamp: float | None = None
+        self._stamp: tuple[int, int, int] | None = None
 
     def poll(self) -> None:
         """Read the report when it changed; redraw the bar either way."""
         try:
-            stamp = os.stat(self.report.path).st_mtime
+            st = os.stat(self.report.path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # each write is a new file
             if stamp != self._stamp:
                 with open(self.report.path) as fh:
                     doc = json.load(fh)
@@ -376,11 +408,6 @@ class EpochWatch:
         except (OSError, ValueError, KeyError, TypeError):  # not written yet, or another run's
             pass
         self.bar.tick()
-
-    def remove(self) -> None:
-        """Delete the report file (best effort: it is small and in the work directory)."""
-        with contextlib.suppress(OSError):
-            os.remove(self.report.path)
 
 
 def _rss() -> int:
@@ -505,7 +532,7 @@ def stage(name: str, timings: dict | None = None, peaks: dict | None = None,
     thread = threading.Thread(target=sample, name=f"pumap-progress-{name}", daemon=True)
     t0 = time.perf_counter()
     cb = local.callback() if client is None else contextlib.nullcontext()
-    _stages.append(bar)
+    _stages().append(bar)
     thread.start()
     ok = False
     try:
@@ -515,7 +542,7 @@ def stage(name: str, timings: dict | None = None, peaks: dict | None = None,
     finally:
         stop.set()
         thread.join()
-        _stages.remove(bar)
+        _stages().remove(bar)
         observe()  # the stage's last counts (a short stage may end between two samples)
         peak["rss"] = max(peak["rss"], _rss())
         if timings is not None:

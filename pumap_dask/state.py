@@ -205,6 +205,8 @@ def load_estimator_state(path: str | os.PathLike, valid_params: dict,
         logger.warning("ignoring parameters %s of the model at %s (saved by another "
                        "pumap_dask version?)", unknown, path)
     params = {k: v for k, v in params.items() if k in valid_params}
+    if "activation" in valid_params and hasattr(encoder, "activation"):
+        params["activation"] = encoder.activation  # older models: LeakyReLU, not recorded
     f = doc["fitted"]
     attrs: dict[str, Any] = {"encoder_": encoder}
     for attr, key in FITTED_ATTRS.items():

@@ -72,6 +72,7 @@ class TrainConfig:
     n_components: int = 2
     hidden_layers: tuple = (128, 64, 32)
     n_projection: int = 0
+    activation: str = "leaky_relu"
     learning_rate: float = 1e-2
     n_epochs: int = 100
     batch_size: int = 16384
@@ -202,7 +203,8 @@ def build_encoder(n_features: int, cfg: TrainConfig, X: np.ndarray | None = None
     """A freshly initialised encoder, seeded without touching torch's global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.random_state if cfg.random_state is not None else torch.seed())
-        enc = Encoder(n_features, cfg.n_components, cfg.hidden_layers, cfg.n_projection)
+        enc = Encoder(n_features, cfg.n_components, cfg.hidden_layers, cfg.n_projection,
+                      cfg.activation)
     if X is not None:
         enc.prepare(X, seed=cfg.random_state or 0)
     return enc

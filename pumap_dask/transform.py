@@ -120,7 +120,7 @@ def _get_encoder(source: ModelRef | ModelBlob, device: str):
             else:
                 s = source.spec
                 enc = Encoder(s["n_features"], s["n_components"], s["hidden_layers"],
-                              s.get("n_projection", 0))
+                              s.get("n_projection", 0), s.get("activation", "leaky_relu"))
                 enc.load_state_dict(torch.load(io.BytesIO(source.state), weights_only=True))
             enc = enc.to(device).eval()
             limit_threads_to_worker()

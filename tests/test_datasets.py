@@ -124,6 +124,10 @@ def test_trajectory_like_zarr_is_chunk_independent(tmp_path):
         np.testing.assert_array_equal(arr[:], X)
         np.testing.assert_array_equal(zarr.open_array(str(tmp_path / f"y{chunk_rows}.zarr"))[:],
                                       y)
+    # rows from an offset: the same rows as the whole set's tail (held-out queries)
+    tail = write_trajectory_like_zarr(str(tmp_path / "tail.zarr"), n - 7000, n_features=12,
+                                      chunk_rows=3000, random_state=7, start=7000)
+    np.testing.assert_array_equal(tail[:], X[7000:])
 
 
 def test_trajectory_like_rejects_bad_sizes():

@@ -316,3 +316,34 @@ def test_save_never_replaces_a_non_model(fitted, tmp_path):
         assert check_model_path(tmp_path / target) == str(tmp_path / target)
         fitted.save(tmp_path / target)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_activation_is_recorded_and_older_models_load_with_leaky_relu(blobs, model_dir,
+                                                                        tmp_path):
+    """The encoder's activation is part of the saved architecture; a model saved before it
+    was recorded (no ``activation`` key) is rebuilt with the LeakyReLU it was trained with."""
+    X = blobs[1]
+    m = pumap_dask.load(model_dir)
+    want = m.transform(X)
+    doc = read_doc(model_dir)
+    assert doc["encoder"]["activation"] == m.activation
+
+    def old(d):
+        d["encoder"].pop("activation")
+        d["params"].pop("activation", None)
+
+    edit_config(model_dir, old, mode="rehash")
+    older = pumap_dask.load(model_dir)
+    assert older.activation == "leaky_relu" == m.activation
+    np.testing.assert_array_equal(older.transform(X), want)
+    np.testing.assert_array_equal(pumap_dask.transform(X, model_dir).compute(), want)
+
+    silu = pumap_dask.ParametricUMAP(activation="silu", n_epochs=2, batch_size=256,
+                                     hidden_layers=(8,), device="cpu").fit(blobs[0])
+    path = silu.save(str(tmp_path / "silu"))
+    back = pumap_dask.load(path)
+    assert back.activation == "silu" and type(back.encoder_.mlp[1]).__name__ == "SiLU"
+    np.testing.assert_array_equal(back.transform(X), silu.transform(X))
+    np.testing.assert_array_equal(pumap_dask.transform(X, path).compute(), silu.transform(X))
+    edit_config(path, lambda d: d["encoder"].__setitem__("activation", "tanh"), mode="rehash")
+    assert_rejected(path, X, r"activation")

@@ -197,7 +197,7 @@ def test_fit_record_names_a_distributed_client():
     from pumap_dask.state import active_cluster, fit_record
 
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=1,
-                            dashboard_address=None) as client:
+                            dashboard_address=":0") as client:
         rec = fit_record({"knn": 1.5, "train": 2.0})
         assert rec["cluster"] == {"kind": "local", "address": client.scheduler.address,
                                   "n_workers": 1}

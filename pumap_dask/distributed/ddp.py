@@ -38,8 +38,9 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import dask
 import numpy as np
@@ -370,9 +371,11 @@ def _train_attempts(client, source, key, edge_dir, cfg, init, world_size, timeou
         if out.get("start_epoch"):
             logger.info("DDP training resumed from the checkpoint in %s after epoch %d",
                         cfg.checkpoint_dir, out["start_epoch"])
+        if out["history"]:  # the last epoch (rank 0 may end before the bar's next poll)
+            bar.update(len(out["history"]), postfix=f"loss {out['history'][-1]:.4f}")
         state = torch.load(io.BytesIO(out["state"]), weights_only=True)
         enc = Encoder(int(state["center"].shape[0]), cfg.n_components, cfg.hidden_layers,
-                      cfg.n_projection)
+                      cfg.n_projection, cfg.activation)
         enc.load_state_dict(state)
         enc.start_epoch_ = int(out.get("start_epoch", 0))
         return enc.eval(), out["history"], world
