@@ -1,9 +1,9 @@
 """Recall@k and time of the in-memory kNN back-ends on the same data (tracker issue 11).
 
 Back-ends: ``exact`` (blockwise torch, the ground truth), ``nndescent`` (pynndescent, all
-cores), ``hnsw`` (hnswlib with the default ``M``/``ef_construction``/``ef``, index built
-with one thread because a ``random_state`` is given: deterministic) and ``hnsw-mt``
-(hnswlib built on all cores, ``random_state=None``: not deterministic).
+cores), ``hnsw`` (usearch since issue 19, with the default ``M``/``ef_construction``/``ef``,
+index built with one thread because a ``random_state`` is given: deterministic) and
+``hnsw-mt`` (built on all cores, ``random_state=None``: not deterministic).
 
 Data: cell-like n x 50 (:func:`pumap_dask.datasets.cell_like`) and the MNIST test set
 (10k x 784) when ``/work/shared/data/mnist10k`` holds it (as ``benchmarks/quality.py``).
@@ -57,10 +57,11 @@ def datasets(args) -> dict:
 
 
 def have_hnswlib() -> bool:
-    """Whether the optional package hnswlib is importable."""
+    """Whether the hnsw back-end's optional package (usearch since issue 19; the name is
+    kept for ``benchmarks/quality.py``) is importable."""
     import importlib.util
 
-    return importlib.util.find_spec("hnswlib") is not None
+    return importlib.util.find_spec("usearch") is not None
 
 
 def warm_up_nndescent(k: int = 15) -> float:

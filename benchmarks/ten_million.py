@@ -172,9 +172,11 @@ def run_size(n: int, args) -> dict:
                          os.path.join(tmp, "query.log"))
         row = {"n": n, "query": args.query, "fit_s": fit_s, **{f"fit_{k}": v
                                                               for k, v in fit_mem.items()},
-               "stages": {k: round(float(v), 1) for k, v in (m.timings_ or {}).items()},
-               "knn_recall": m.knn_recall_, "n_epochs": m.n_epochs_, "n_edges": m.n_edges_,
-               "train_world_size": m.train_world_size_,
+               "stages": {k: round(float(v), 1)
+                          for k, v in (getattr(m, "timings_", None) or {}).items()},
+               "knn_recall": getattr(m, "knn_recall_", None),
+               "n_epochs": getattr(m, "n_epochs_", None), "n_edges": getattr(m, "n_edges_", None),
+               "train_world_size": getattr(m, "train_world_size_", None),
                "transform_s": tr_s, "transform_worker_rss_max": tr_mem["worker_rss_max"],
                "query_transform_s": q_s, **quality(paths, emb_tr, emb_q)}
         return row

@@ -34,7 +34,11 @@ logger = logging.getLogger(__name__)
 
 # Chosen by benchmarks/quality.py (see benchmarks/RESULTS.md).
 DEFAULT_HIDDEN = (128, 64, 32)
-DEFAULT_ACTIVATION = "leaky_relu"  # see the activation parameter
+# Chosen by benchmarks/local_structure.py on trajectory-rich data (benchmarks/RESULTS.md,
+# issue 20): SiLU and 4x more, smaller steps at the same samples per edge keep more local
+# structure than LeakyReLU at 16,384 edges per step, at about the same cost.
+DEFAULT_ACTIVATION = "silu"
+DEFAULT_BATCH = 4096
 DEFAULT_PROJECTION = 64
 
 
@@ -51,9 +55,9 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         Shape of the low-dimensional similarity curve, fitted to a and b.
     knn_method
         ``"auto"``, ``"exact"`` (blockwise torch), ``"nndescent"`` (pynndescent),
-        ``"hnsw"`` (hnswlib, optional extra ``pumap_dask[hnsw]``) or ``"partitioned"``
+        ``"hnsw"`` (usearch, optional extra ``pumap_dask[hnsw]``) or ``"partitioned"``
         (Dask, for chunked input; ``knn_kwds={"local_method": "hnsw"}`` searches each
-        partition with hnswlib instead of pynndescent). With ``"auto"``, lazy input (dask,
+        partition with usearch HNSW instead of pynndescent). With ``"auto"``, lazy input (dask,
         Zarr, paths) of more than ``pumap_dask.distributed.knn_dask.PARTITION_THRESHOLD`` rows uses
         ``"partitioned"``; numpy input never does.
     hidden_layers
@@ -61,17 +65,18 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
     activation
         The activation after each hidden layer: ``"silu"`` or ``"leaky_relu"``
         (LeakyReLU(0.1), the only one before this parameter existed; models saved then load
-        with it). A smooth activation keeps more local structure; see ``docs/results.md``.
+        with it). The smooth SiLU keeps more local structure; see ``docs/results.md``.
     n_projection
         Width of a fixed PCA projection in front of the MLP (0 disables; ignored when the
         input has fewer features).
     learning_rate
         Adam's initial learning rate, decayed linearly to zero.
     n_epochs
-        Passes over the edge list. ``None`` picks enough epochs for about 1000 optimiser
-        steps (at least 10 epochs).
+        Passes over the edge list. ``None`` picks at least 10 epochs and about 16.4M
+        positive-edge samples, at most 98M (:func:`pumap_dask.train.default_epochs`).
     batch_size
-        Positive edges per optimiser step.
+        Positive edges per optimiser step (4096: smaller steps than before at the same
+        samples per edge keep more local structure; the budget is in samples).
     negative_sample_rate
         Negatives per positive edge.
     local_connectivity, set_op_mix_ratio, tolerance
@@ -212,7 +217,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         n_projection: int = DEFAULT_PROJECTION,
         learning_rate: float = 1e-2,
         n_epochs: int | None = None,
-        batch_size: int = 16384,
+        batch_size: int = DEFAULT_BATCH,
         negative_sample_rate: int = 5,
         local_connectivity: float = 1.0,
         set_op_mix_ratio: float = 1.0,

@@ -72,10 +72,10 @@ class TrainConfig:
     n_components: int = 2
     hidden_layers: tuple = (128, 64, 32)
     n_projection: int = 0
-    activation: str = "leaky_relu"
+    activation: str = "silu"
     learning_rate: float = 1e-2
     n_epochs: int = 100
-    batch_size: int = 16384
+    batch_size: int = 4096
     negative_sample_rate: int = 5
     negative_pool: int | None = None
     correlation_weight: float = 0.0
@@ -99,25 +99,29 @@ class TrainConfig:
 
 
 # Training precisions: "fp32", or "bf16" autocast of the network on CUDA.
-# Default training budget (see default_epochs), from benchmarks/train_budget.py on cell-like
-# data (RESULTS.md): held-out accuracy saturates near 10 epochs (about 200 positive samples
-# per row) at 50k and 200k rows; small data needs a floor in steps, and large data a cap
-# so time grows no faster than the kNN (the encoder generalises across rows, so per-row
-# samples can fall as n grows: 900k training rows at the cap get 4 epochs).
-TARGET_STEPS = 1000
+# Default training budget (see default_epochs), in positive-edge samples (steps x batch),
+# so it is the same at any batch size. From benchmarks/train_budget.py on cell-like data
+# (RESULTS.md): held-out accuracy saturates near 10 epochs (about 200 positive samples per
+# row) at 50k and 200k rows; small data needs a floor in samples, and large data a cap so
+# time grows no faster than the kNN (the encoder generalises across rows, so per-row
+# samples can fall as n grows: 900k training rows at the cap get 4 epochs). The floor and
+# cap were 1,000 and 6,000 steps of 16,384 edges.
+TARGET_SAMPLES = 1000 * 16384
 MIN_EPOCHS = 10
-MAX_STEPS = 6000
+MAX_SAMPLES = 6000 * 16384
 
 
 def default_epochs(n_edges: int, batch_size: int) -> int:
     """Epochs (passes over the edges) when the user gives none.
 
-    At least :data:`MIN_EPOCHS` epochs and :data:`TARGET_STEPS` optimiser steps, but no more
-    epochs than fit in :data:`MAX_STEPS` steps (and at least one).
+    At least :data:`MIN_EPOCHS` epochs and :data:`TARGET_SAMPLES` positive-edge samples,
+    but no more epochs than fit in :data:`MAX_SAMPLES` samples (and at least one). An epoch
+    is ``ceil(n_edges / batch_size)`` steps of ``batch_size`` samples, so the budget in
+    samples is the same at any batch size (smaller batches: more, cheaper steps).
     """
-    steps_per_epoch = -(-n_edges // max(1, batch_size))
-    epochs = max(MIN_EPOCHS, -(-TARGET_STEPS // steps_per_epoch))
-    return max(1, min(epochs, MAX_STEPS // steps_per_epoch))
+    per_epoch = -(-n_edges // max(1, batch_size)) * max(1, batch_size)
+    epochs = max(MIN_EPOCHS, -(-TARGET_SAMPLES // per_epoch))
+    return max(1, min(epochs, MAX_SAMPLES // per_epoch))
 
 
 def check_finite_loss(loss: float, epoch: int, cfg: TrainConfig) -> None:

@@ -44,9 +44,11 @@ def test_onnx_output_layer_is_linear(fitted, tmp_path):
     assert last.op_type not in ACTIVATIONS, last.op_type
     assert last.op_type in ("Gemm", "Add", "MatMul"), last.op_type
     assert graph.node[-1].op_type not in ACTIVATIONS
-    # the hidden layers keep their LeakyReLU, the preprocessing is in the graph
+    # the hidden layers keep their activation (SiLU: x * sigmoid(x); LeakyReLU), the
+    # preprocessing is in the graph
     ops = [n.op_type for n in graph.node]
-    assert ops.count("LeakyRelu") == len(fitted.hidden_layers)
+    act = {"silu": "Sigmoid", "leaky_relu": "LeakyRelu"}[fitted.activation]
+    assert ops.count(act) == len(fitted.hidden_layers)
     assert ops[0] == "Sub"
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["n_components"] == "2" and meta["producer"] == "pumap_dask"

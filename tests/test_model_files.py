@@ -318,28 +318,28 @@ def test_save_never_replaces_a_non_model(fitted, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
-def test_activation_is_recorded_and_older_models_load_with_leaky_relu(blobs, model_dir,
-                                                                        tmp_path):
+def test_activation_is_recorded_and_older_models_load_with_leaky_relu(blobs, tmp_path):
     """The encoder's activation is part of the saved architecture; a model saved before it
     was recorded (no ``activation`` key) is rebuilt with the LeakyReLU it was trained with."""
     X = blobs[1]
-    m = pumap_dask.load(model_dir)
-    want = m.transform(X)
-    doc = read_doc(model_dir)
-    assert doc["encoder"]["activation"] == m.activation
+    tiny = dict(n_epochs=2, batch_size=256, hidden_layers=(8,), device="cpu")
+    leaky = pumap_dask.ParametricUMAP(activation="leaky_relu", **tiny).fit(blobs[0])
+    path = leaky.save(str(tmp_path / "leaky"))
+    want = leaky.transform(X)
+    assert read_doc(path)["encoder"]["activation"] == "leaky_relu"
 
     def old(d):
         d["encoder"].pop("activation")
         d["params"].pop("activation", None)
 
-    edit_config(model_dir, old, mode="rehash")
-    older = pumap_dask.load(model_dir)
-    assert older.activation == "leaky_relu" == m.activation
+    edit_config(path, old, mode="rehash")
+    older = pumap_dask.load(path)
+    assert older.activation == "leaky_relu"  # not the new default
     np.testing.assert_array_equal(older.transform(X), want)
-    np.testing.assert_array_equal(pumap_dask.transform(X, model_dir).compute(), want)
+    np.testing.assert_array_equal(pumap_dask.transform(X, path).compute(), want)
 
-    silu = pumap_dask.ParametricUMAP(activation="silu", n_epochs=2, batch_size=256,
-                                     hidden_layers=(8,), device="cpu").fit(blobs[0])
+    silu = pumap_dask.ParametricUMAP(**tiny).fit(blobs[0])
+    assert silu.activation == "silu"  # the default
     path = silu.save(str(tmp_path / "silu"))
     back = pumap_dask.load(path)
     assert back.activation == "silu" and type(back.encoder_.mlp[1]).__name__ == "SiLU"

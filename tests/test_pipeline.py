@@ -76,6 +76,11 @@ def test_train_budget_grows_with_edges():
     small, large = default_epochs(10_000, 16384), default_epochs(10_000_000, 16384)
     assert small * 10_000 < large * 10_000_000  # more edge samples for more edges
     assert large >= 1 and small >= 1
+    # the budget is in samples: a smaller batch runs more steps, not fewer samples
+    for n_edges in (50_000, 1_000_000, 25_000_000):
+        e16, e4 = default_epochs(n_edges, 16384), default_epochs(n_edges, 4096)
+        s16, s4 = e16 * -(-n_edges // 16384) * 16384, e4 * -(-n_edges // 4096) * 4096
+        assert 0.75 < s4 / s16 < 1.34, (n_edges, e16, e4)
 
 
 @pytest.mark.parametrize("negatives", ["batch", "pool"])

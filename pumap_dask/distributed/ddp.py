@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", help="where rank 0 writes the encoder state_dict (.pt)")
     ap.add_argument("--key", default=None)
     ap.add_argument("--n-epochs", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=16384)
+    ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--min-dist", type=float, default=0.1)
     ap.add_argument("--random-state", type=int, default=42)
     ap.add_argument("--device", default="cpu")
