@@ -23,9 +23,12 @@ Usage::
         --methods pumap pumap-partitioned umap --fractions 0.1 0.5 0.9 --seeds 0 1 2
     OMP_NUM_THREADS=1 python benchmarks/partial_labels.py --data mnist --methods pumap
 
-Prints one line per fit as it goes, then a markdown table: method x fraction known, means
-over seeds of the unsupervised and the semi-supervised accuracy, their difference and
-the worst seed's difference.
+Prints one line per fit as it goes, then a markdown table: method x fraction known x
+voters, means over seeds of the unsupervised and the semi-supervised accuracy, their
+difference and the worst seed's difference. ``--json`` keeps the fits; ``--tables
+a.json b.json ...`` prints one table of several runs (e.g. one run per method or seed,
+each a few minutes). ``--label-mix 1.0`` measures umap-learn's symmetrisation of the
+labelled graph (the fuzzy union, pumap_dask's rule before issue 19).
 """
 
 from __future__ import annotations
@@ -110,24 +113,19 @@ def fit_embedding(method: str, X: np.ndarray, y: np.ndarray | None, seed: int,
     raise ValueError(method)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="digits", choices=["digits", "mnist"])
-    ap.add_argument("--methods", nargs="+", default=["pumap", "pumap-partitioned", "umap"])
-    ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.5, 0.9])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=None, help="pumap_dask n_epochs (default: "
-                    "the estimator's)")
-    ap.add_argument("--umap-epochs", type=int, default=None, help="umap-learn n_epochs")
-    ap.add_argument("--json", default=None, help="also write the per-fit results here")
-    args = ap.parse_args()
-    try:
-        import torch
+def set_label_mix(mix: float | None) -> None:
+    """Use another symmetrisation of the labelled graph (1.0: umap-learn's fuzzy union, the
+    rule before issue 19; the in-memory graph and the partitioned fit's edge shards)."""
+    if mix is None:
+        return
+    from pumap_dask import graph
+    from pumap_dask.distributed import graph_dask
 
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
-    X, y = load(args.data)
+    graph.LABEL_SET_OP_MIX = graph_dask.LABEL_SET_OP_MIX = mix
+
+
+def run(args: argparse.Namespace, X: np.ndarray, y: np.ndarray) -> list[dict]:
+    """Every fit of the run: one result per method, seed and fraction known."""
     client = None
     if "pumap-partitioned" in args.methods:
         import distributed
@@ -138,18 +136,20 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for method in args.methods:
+            name = method if args.label_mix is None or method == "umap" else (
+                f"{method} (mix {args.label_mix:g})")
             for seed in args.seeds:
                 t0 = time.perf_counter()
                 base = fit_embedding(method, X, None, seed, args.epochs, args.umap_epochs, work)
-                print(f"{method} seed {seed} unsupervised fit {time.perf_counter() - t0:.0f}s",
+                print(f"{name} seed {seed} unsupervised fit {time.perf_counter() - t0:.0f}s",
                       flush=True)
                 for f in args.fractions:
                     known = known_mask(len(X), f, seed)
                     t0 = time.perf_counter()
                     emb = fit_embedding(method, X, np.where(known, y, -1), seed, args.epochs,
                                         args.umap_epochs, work)
-                    r = {"method": method, "known": f, "seed": seed,
-                         "fit_s": time.perf_counter() - t0}
+                    r = {"data": args.data, "method": name, "known": f, "seed": seed,
+                         "epochs": args.epochs, "fit_s": time.perf_counter() - t0}
                     for voters in VOTERS:
                         r[f"unsup_{voters}"] = unlabelled_accuracy(base, y, known, voters=voters)
                         r[f"semi_{voters}"] = unlabelled_accuracy(emb, y, known, voters=voters)
@@ -160,20 +160,61 @@ def main() -> None:
     if client is not None:
         client.close()
         cluster.close()
+    return rows
+
+
+def table(rows: list[dict]) -> None:
+    """Markdown table: means over seeds per data set, method, fraction known and voters."""
+    print(f"{K}-NN accuracy of the unlabelled rows, means over seeds\n")
+    print("| data | method | known | voters | seeds | unsupervised | semi-supervised | diff "
+          "| worst seed diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    keys = list(dict.fromkeys((r["data"], r["method"], r["known"]) for r in rows))
+    for data, method, f in keys:
+        sel = [r for r in rows if (r["data"], r["method"], r["known"]) == (data, method, f)]
+        for v in VOTERS:
+            u = np.mean([r[f"unsup_{v}"] for r in sel])
+            s = np.mean([r[f"semi_{v}"] for r in sel])
+            worst = min(r[f"semi_{v}"] - r[f"unsup_{v}"] for r in sel)
+            print(f"| {data} | {method} | {f:.0%} | {v} | {len(sel)} | {u:.4f} | {s:.4f} "
+                  f"| {s - u:+.4f} | {worst:+.4f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="digits", choices=["digits", "mnist"])
+    ap.add_argument("--methods", nargs="+", default=["pumap", "pumap-partitioned", "umap"])
+    ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.5, 0.9])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=None, help="pumap_dask n_epochs (default: "
+                    "the estimator's)")
+    ap.add_argument("--umap-epochs", type=int, default=None, help="umap-learn n_epochs")
+    ap.add_argument("--label-mix", type=float, default=None,
+                    help="pumap_dask.graph.LABEL_SET_OP_MIX for this run (1.0: umap-learn's "
+                    "fuzzy union, the rule before issue 19)")
+    ap.add_argument("--json", default=None, help="also write the per-fit results here")
+    ap.add_argument("--tables", nargs="+", default=None, metavar="JSON",
+                    help="no fits: print the table of earlier runs' --json files")
+    args = ap.parse_args()
+    if args.tables:
+        rows = []
+        for path in args.tables:
+            with open(path) as fh:
+                rows += json.load(fh)
+        table(rows)
+        return
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    set_label_mix(args.label_mix)
+    X, y = load(args.data)
+    rows = run(args, X, y)
     print(f"\n{args.data}, {len(X)} rows, pumap_dask n_epochs={args.epochs or 'default'}, "
-          f"umap-learn n_epochs={args.umap_epochs or 'default'}, seeds {args.seeds}; "
-          f"{K}-NN accuracy of the unlabelled rows (means over seeds)\n")
-    print("| method | known | voters | unsupervised | semi-supervised | diff | worst seed diff |")
-    print("|---|---|---|---|---|---|---|")
-    for method in args.methods:
-        for f in args.fractions:
-            sel = [r for r in rows if r["method"] == method and r["known"] == f]
-            for v in VOTERS:
-                u = np.mean([r[f"unsup_{v}"] for r in sel])
-                s = np.mean([r[f"semi_{v}"] for r in sel])
-                worst = min(r[f"semi_{v}"] - r[f"unsup_{v}"] for r in sel)
-                print(f"| {method} | {f:.0%} | {v} | {u:.4f} | {s:.4f} | {s - u:+.4f} "
-                      f"| {worst:+.4f} |")
+          f"umap-learn n_epochs={args.umap_epochs or 'default'}, seeds {args.seeds}")
+    table(rows)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

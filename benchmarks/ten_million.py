@@ -136,8 +136,8 @@ def quality(paths: dict, emb_train: str, emb_query: str, seed: int = 0) -> dict:
     Xtr, Xq = zarr.open_array(paths["train"], mode="r"), zarr.open_array(paths["query"], mode="r")
     ytr, yq = zarr.open_array(paths["ytrain"], mode="r"), zarr.open_array(paths["yquery"], mode="r")
     Etr, Eq = zarr.open_array(emb_train, mode="r"), zarr.open_array(emb_query, mode="r")
-    tr = np.sort(rng.choice(Xtr.shape[0], 20_000, replace=False))
-    qs = np.sort(rng.choice(Xq.shape[0], 5_000, replace=False))
+    tr = np.sort(rng.choice(Xtr.shape[0], min(20_000, Xtr.shape[0]), replace=False))
+    qs = np.sort(rng.choice(Xq.shape[0], min(5_000, Xq.shape[0]), replace=False))
     E_tr, E_q = Etr.get_orthogonal_selection((tr, slice(None))), \
         Eq.get_orthogonal_selection((qs, slice(None)))
     X_tr, X_q = Xtr.get_orthogonal_selection((tr, slice(None))), \

@@ -207,6 +207,14 @@ def graph_to_edges(
 
 # ----------------------------------------------------------------------- labels (semi-supervised)
 UNKNOWN_LABEL_DIST = 1.0
+# How the label-weighted, row-rescaled rows A are combined with their transpose: the mean
+# (A + A^T) / 2, i.e. :func:`fuzzy_set_union` with this mix. umap-learn takes the fuzzy
+# union A + A^T - A * A^T, which on a graph that is already symmetric inflates every weight
+# w to 2w - w^2: weak (often between-class) edges of the unlabelled rows double while
+# strong ones stay, and the unlabelled rows drift away from the labelled rows of their
+# class (issue 19, benchmarks/RESULTS.md). The mean leaves edges between unlabelled rows
+# exactly as they were (no labels known: the graph itself).
+LABEL_SET_OP_MIX = 0.5
 
 
 def far_label_distance(target_weight: float) -> float:
@@ -242,15 +250,19 @@ def categorical_intersection(
 ) -> sp.csr_matrix:
     """Mix categorical labels into a fuzzy graph (semi-supervised UMAP).
 
-    The semantics of umap-learn's categorical target with ``target_weight``: each edge
-    weight is multiplied by ``exp(-unknown_dist)`` when either end has an unknown label,
-    by ``exp(-far_dist)`` when the labels differ (:func:`far_label_distance`), and kept
-    when they agree; each row is then rescaled so its largest weight is 1 (every point
-    keeps full confidence in one neighbour) and the result is symmetrised with the fuzzy
-    union ``A + A^T - A * A^T``.
+    The label distances of umap-learn's categorical target with ``target_weight``: each
+    edge weight is multiplied by ``exp(-unknown_dist)`` when either end has an unknown
+    label, by ``exp(-far_dist)`` when the labels differ (:func:`far_label_distance`), and
+    kept when they agree; each row is then rescaled so its largest weight is 1 (every point
+    keeps full confidence in one neighbour), as umap-learn's
+    ``discrete_metric_simplicial_set_intersection`` does. Unlike umap-learn, the rescaled
+    rows ``A`` are symmetrised by their mean ``(A + A^T) / 2`` (:data:`LABEL_SET_OP_MIX`),
+    not the fuzzy union ``A + A^T - A * A^T``: the input graph is symmetric already, so
+    edges between unlabelled rows keep their weights, and unknown labels change nothing
+    (partial labels do not pull the unlabelled rows away from their class).
 
     The first two steps are row local (:func:`label_rows`): a partitioned fit runs them per
-    row block on the workers and takes the union across blocks
+    row block on the workers and combines ``A`` with ``A^T`` across blocks
     (:func:`pumap_dask.distributed.graph_dask.build_edge_store` with ``y``), with the same result.
 
     Parameters
@@ -275,7 +287,7 @@ def categorical_intersection(
         raise InputError(f"y has {codes.shape[0]} labels for a graph of {graph.shape[0]} "
                          "points")
     A = label_rows(sp.csr_matrix(graph), codes, target_weight, unknown_dist=unknown_dist)
-    return symmetrize(A, 1.0)
+    return symmetrize(A, LABEL_SET_OP_MIX)
 
 
 def label_rows(
@@ -285,7 +297,7 @@ def label_rows(
     """The row-local half of :func:`categorical_intersection`: label factors and row rescale.
 
     Each weight is multiplied by its label factor and each row rescaled to a maximum of 1;
-    the fuzzy union of the result with its transpose is the labelled graph. Rows are
+    the mean of the result and its transpose is the labelled graph. Rows are
     independent, so a row block of the graph gives the same rows as the whole graph
     (:func:`pumap_dask.distributed.graph_dask.build_edge_store` runs this per block on the workers).
 

@@ -261,8 +261,8 @@ def precomputed_edges(graph: sp.csr_matrix) -> Edges:
 
 def apply_labels(edges: Edges, y: np.ndarray, target_weight: float) -> Edges:
     """The in-memory graph with labels mixed in
-    (:func:`pumap_dask.graph.categorical_intersection`, umap-learn's categorical
-    ``target_weight`` semantics), pruned again.
+    (:func:`pumap_dask.graph.categorical_intersection`: umap-learn's label distances for
+    ``target_weight``, edges between unlabelled rows kept), pruned again.
 
     Partitioned fits mix the labels in on the workers instead
     (:func:`pumap_dask.distributed.graph_dask.build_edge_store` with ``y``), through

@@ -294,6 +294,7 @@ def test_cpu_workers_of_one_host_train_as_one_process(cells, cluster_client):
     from pumap_dask.distributed import ddp
 
     path = cells[0]
+    cluster_client.wait_for_workers(2, timeout=60)  # back from an earlier test's kill
     slots = ddp.rank_workers(cluster_client, "host")
     assert len(slots) == 1 and slots[0][1] == 2  # one host, both workers' threads
     assert [w for w, _ in ddp.rank_workers(cluster_client, "worker")] == \
@@ -353,6 +354,7 @@ def test_ddp_from_a_dask_array_fills_the_node_row_cache(cells, cluster_client, t
     monkeypatch.setenv("PUMAP_ROW_CACHE", cache)
     caplog.set_level(logging.INFO, logger="pumap_dask")
     X = da.from_zarr(path) * 1.0  # a computed dask array, not a store the ranks reopen
+    cluster_client.wait_for_workers(2, timeout=60)  # back from an earlier test's kill
     cluster_client.run(lambda: os.environ.update(PUMAP_ROW_CACHE=cache))
     try:
         with cluster_client.as_current(), dask.config.set(scheduler=cluster_client):

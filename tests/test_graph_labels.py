@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from sklearn.preprocessing import normalize
 
 import dask.array as da
 
@@ -44,19 +45,38 @@ def test_intersection_rule(small_graph):
     d = (y[hard.row] != y[hard.col]) & (y[hard.row] >= 0) & (y[hard.col] >= 0)
     assert hard.data[d].max(initial=0) < 1e-12
     assert far_label_distance(0.5) == 5.0
-    # no labels known: edges scaled alike, so the rescaled graph has the same edges
+    # no labels known: the graph itself (umap-learn's fuzzy union gives 2w - w^2)
     none = categorical_intersection(G, np.full(300, -1), 0.5)
-    assert (none != 0).nnz == G.nnz
+    assert (none != 0).nnz == G.nnz and abs(none - G).max() < 1e-6
+
+
+def test_unlabelled_rows_keep_their_edges(small_graph):
+    """Issue 19: edges between two unlabelled rows keep their weight, at any fraction known,
+    so partial labels do not inflate the unlabelled rows' weak (between-class) edges."""
+    G, y = small_graph
+    out = categorical_intersection(G, y, 0.5).tocoo()
+    both = (y[out.row] < 0) & (y[out.col] < 0)
+    assert both.sum() > 100
+    w_in = np.asarray(G[out.row[both], out.col[both]]).ravel()
+    np.testing.assert_allclose(out.data[both], w_in, rtol=1e-6)
 
 
 @pytest.mark.parametrize("target_weight", [0.0, 0.5, 0.9])
 def test_matches_umap_learn(small_graph, target_weight):
+    """umap-learn's label distances and row rescale (its fast_intersection and max
+    normalisation), then the mean of the rows and their transpose where umap-learn takes
+    the fuzzy union (its discrete_metric_simplicial_set_intersection)."""
     umap_ = pytest.importorskip("umap.umap_")
     G, y = small_graph
+    far = far_label_distance(target_weight)
+    coo = sp.coo_matrix(G, copy=True)
+    umap_.fast_intersection(coo.row, coo.col, coo.data, y, 1.0, far)
+    A = normalize(coo.tocsr(), norm="max")
     ours = categorical_intersection(G, y, target_weight)
-    ref = umap_.discrete_metric_simplicial_set_intersection(
-        sp.coo_matrix(G), y, far_dist=far_label_distance(target_weight)).tocsr()
-    assert abs(ours - ref).max() < 1e-6 and ours.nnz == ref.nnz
+    mean = sp.csr_matrix((A + A.T) / 2)
+    assert abs(ours - mean).max() < 1e-6 and ours.nnz == mean.nnz
+    ref = umap_.discrete_metric_simplicial_set_intersection(sp.coo_matrix(G), y, far_dist=far)
+    assert abs(ref.tocsr() - (A + A.T - A.multiply(A.T))).max() < 1e-6
 
 
 def _knn_accuracy(model, X_test, y_train, y_test, k=15):

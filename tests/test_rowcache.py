@@ -139,5 +139,7 @@ def test_two_ranks_on_one_host_hold_the_rows_once(tmp_path):
         # no private copy of the rows (torch's own start-up memory is in both) ...
         assert control["Anonymous"] - g["Anonymous"] > 0.7 * size, grew
         assert g["Rss"] - g["Anonymous"] > 0.8 * size, grew  # ... yet every row is mapped
-    # and the two ranks' proportional shares of the mapped rows add up to one copy
-    assert sum(g["Pss"] - g["Anonymous"] for g in ranks) < 1.3 * size, grew
+    # and the two ranks' proportional shares of the mapped rows add up to one copy (the
+    # file-backed pages torch's libraries add while training are the control's too)
+    libs = control["Pss"] - control["Anonymous"]
+    assert sum(g["Pss"] - g["Anonymous"] - libs for g in ranks) < 1.3 * size, grew

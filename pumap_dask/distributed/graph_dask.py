@@ -11,7 +11,8 @@ Per row block (``map_blocks`` style, one task per block of the kNN arrays):
 4. With labels (a semi-supervised fit), :func:`pumap_dask.graph.categorical_intersection`
    per block: each block rescales its own rows (:func:`pumap_dask.graph.label_rows`, row
    local) and sends its entries transposed to the blocks owning their columns, as in step
-   2; each block then takes the fuzzy union of its rows of ``A`` and ``A^T`` as in step 3.
+   2; each block then takes the mean of its rows of ``A`` and ``A^T`` (step 3's formula
+   with mix :data:`pumap_dask.graph.LABEL_SET_OP_MIX`).
 5. The global maximum weight gives the pruning threshold ``max(w) / n_epochs`` (as
    :func:`pumap_dask.graph.graph_to_edges`), then each block writes its pruned edges
    (head int64, tail int64, weight float32) as one Zarr shard.
@@ -51,6 +52,7 @@ from dask.base import tokenize
 
 from ..errors import ParameterError
 from ..graph import (
+    LABEL_SET_OP_MIX,
     SMOOTH_K_TOLERANCE,
     fuzzy_set_union,
     label_codes,
@@ -173,8 +175,9 @@ def _label_plan(y, target_weight: float, n: int) -> tuple[np.ndarray, dict]:
     # the smallest code type: every worker holds all n codes (the columns reach any row)
     codes = codes.astype(np.int32 if codes.max(initial=0) < 2**31 - 1 else np.int64)
     digest = hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int64).tobytes()).hexdigest()
+    # the symmetrisation rule is part of the parameters: a store of an older rule is rebuilt
     return codes, {"codes": digest, "n_known": int((codes >= 0).sum()),
-                   "target_weight": target_weight}
+                   "target_weight": target_weight, "set_op_mix": LABEL_SET_OP_MIX}
 
 
 def _cleanup(gdir: str, n_blocks: int) -> None:
@@ -297,15 +300,15 @@ def build_edge_store(
             directed[b]["own"], incoming, int(bounds[b]), chunks[b], int(n),
             float(set_op_mix_ratio)))
     if codes is not None:
-        # categorical intersection: rows rescaled per block, then the fuzzy union of A and
-        # A^T, whose rows come from every block's column slice (the exchange of step 2)
+        # categorical intersection: rows rescaled per block, then the mean of A and A^T,
+        # whose rows come from every block's column slice (the exchange of step 2)
         codes_d = delayed(codes, pure=True)  # one key: shipped once per worker
         labelled = [delayed(_labelled_block, pure=True)(
             sym[b], codes_d, int(bounds[b]), params["labels"]["target_weight"], bounds)
             for b in range(B)]
         sym = [delayed(_symmetric_rows, pure=True)(
             labelled[b]["own"], [labelled[s]["transposed"][b] for s in range(B)],
-            int(bounds[b]), chunks[b], int(n), 1.0) for b in range(B)]
+            int(bounds[b]), chunks[b], int(n), LABEL_SET_OP_MIX) for b in range(B)]
 
     if meta is None or "threshold" not in meta:
         # stage 1: symmetrise on the workers (kept there) and find the global maximum

@@ -69,8 +69,12 @@ DEFAULT_PARTITION_ROWS = 50_000
 PARTITION_MEMORY_FRACTION = 0.5
 # partitions with m * m * d below this are searched exactly on CPU workers (measured on one
 # core: exact costs about m * d / 8e9 s per row, pynndescent 18 us per row: break-even near
-# m = 3k rows at d = 50)
-LOCAL_EXACT_WORK = 5e8
+# m = 3k rows at d = 50). Set above break-even, at partitions of up to about 6k rows at
+# d = 50 (0.25 s exact against 0.11 s warm pynndescent): a cold worker process compiles
+# pynndescent's kernels first, 60-150 s that its numba cache cannot save (nn_descent takes
+# its distance function as an argument; benchmarks/cold_workers.py), so small jobs on fresh
+# workers never pay it
+LOCAL_EXACT_WORK = 2e9
 LOCAL_NNDESCENT = {"n_trees": 8, "max_candidates": 32}
 # HNSW (usearch) inside a partition: the single-machine defaults (pumap_dask.knn.HNSW_*)
 LOCAL_HNSW: dict = {}
