@@ -3,7 +3,8 @@
 For each method, seed and fraction of labels known, one semi-supervised fit on all rows
 (``fit(X, y)`` with ``y = -1`` on the unlabelled rows) against the same method's
 unsupervised fit (``fit(X)``, same seed). The labelled rows are the first ``f * n`` of a
-seeded permutation, so the rows known at 10% are known at 50% and 90% too.
+seeded permutation, so the rows known at 10% are known at 50% and 90% too; ``odd`` labels
+every other row whatever the seed (the issue's ``y[::2] = -1``).
 
 The measure: 15-NN accuracy of the unlabelled rows in the training embedding, two ways
 (:func:`unlabelled_accuracy`): ``labelled`` voters, a 15-NN classifier of the labelled
@@ -58,8 +59,20 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray]:
     return data
 
 
-def known_mask(n: int, fraction: float, seed: int) -> np.ndarray:
-    """Rows whose labels are known: the first ``fraction * n`` of a seeded permutation."""
+def fraction_arg(text: str) -> float | str:
+    """A fraction known (``0.5``) or ``odd`` (every other row known, whatever the seed)."""
+    return text if text == "odd" else float(text)
+
+
+def fraction_name(fraction: float | str) -> str:
+    return "50% (y[::2] = -1)" if fraction == "odd" else f"{fraction:.0%}"
+
+
+def known_mask(n: int, fraction: float | str, seed: int) -> np.ndarray:
+    """Rows whose labels are known: the first ``fraction * n`` of a seeded permutation, or
+    for ``"odd"`` the rows of odd index (the issue's ``y[::2] = -1``)."""
+    if fraction == "odd":
+        return np.arange(n) % 2 == 1
     order = np.random.default_rng(seed).permutation(n)
     known = np.zeros(n, dtype=bool)
     known[order[:round(fraction * n)]] = True
@@ -154,7 +167,7 @@ def run(args: argparse.Namespace, X: np.ndarray, y: np.ndarray) -> list[dict]:
                         r[f"unsup_{voters}"] = unlabelled_accuracy(base, y, known, voters=voters)
                         r[f"semi_{voters}"] = unlabelled_accuracy(emb, y, known, voters=voters)
                     rows.append(r)
-                    print(f"  known {f:.0%}: " + ", ".join(
+                    print(f"  known {fraction_name(f)}: " + ", ".join(
                         f"{v} voters: unsup {r[f'unsup_{v}']:.4f} semi {r[f'semi_{v}']:.4f}"
                         for v in VOTERS) + f" ({r['fit_s']:.0f}s)", flush=True)
     if client is not None:
@@ -176,7 +189,7 @@ def table(rows: list[dict]) -> None:
             u = np.mean([r[f"unsup_{v}"] for r in sel])
             s = np.mean([r[f"semi_{v}"] for r in sel])
             worst = min(r[f"semi_{v}"] - r[f"unsup_{v}"] for r in sel)
-            print(f"| {data} | {method} | {f:.0%} | {v} | {len(sel)} | {u:.4f} | {s:.4f} "
+            print(f"| {data} | {method} | {fraction_name(f)} | {v} | {len(sel)} | {u:.4f} | {s:.4f} "
                   f"| {s - u:+.4f} | {worst:+.4f} |")
 
 
@@ -184,7 +197,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="digits", choices=["digits", "mnist"])
     ap.add_argument("--methods", nargs="+", default=["pumap", "pumap-partitioned", "umap"])
-    ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.5, 0.9])
+    ap.add_argument("--fractions", nargs="+", type=fraction_arg, default=[0.1, 0.5, 0.9],
+                    help="fractions of rows labelled; 'odd': every other row (y[::2] = -1)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=None, help="pumap_dask n_epochs (default: "
                     "the estimator's)")
