@@ -165,7 +165,7 @@ def parse_config(name: str, default_epochs: int) -> tuple[dict, dict]:
             cfg[key] = int(value)
         elif key in ("learning_rate", "weight_decay"):
             cfg[key] = float(value)
-        elif key in ("lr_schedule", "negatives"):
+        elif key in ("lr_schedule", "negatives", "batching"):
             cfg[key] = value
         elif key == "hidden_layers":
             cfg[key] = _dims(value)

@@ -26,6 +26,11 @@ PRECISIONS = ("fp32", "bf16")
 # The default encoder's activation after each hidden layer; models saved before it was a
 # parameter used "leaky_relu" (LeakyReLU(0.1)).
 ACTIVATIONS = ("leaky_relu", "silu")
+# How a step's positive edges are drawn (pumap_dask.batches): "edges", each in proportion to
+# its weight, both ends encoded; "neighbourhoods", every edge among the rows of a few
+# seeds' graph neighbourhoods, weighted (several positive edges per encoded row); "auto"
+# (pumap_dask.train.resolve_batching) neighbourhoods unless a loss term needs edges.
+BATCHINGS = ("auto", "edges", "neighbourhoods")
 
 
 def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
@@ -235,6 +240,7 @@ def check_estimator_params(est: Any) -> None:
     work_dir(est.work_dir)
     callbacks(getattr(est, "callbacks", None))
     choice("precision", getattr(est, "precision", "fp32"), PRECISIONS)
+    choice("batching", getattr(est, "batching", "auto"), BATCHINGS)
 
     check_network_params(est)  # encoder, decoder, parametric_reconstruction and its loss
     real("landmark_loss_weight", getattr(est, "landmark_loss_weight", 1.0), low=0.0)
@@ -407,3 +413,4 @@ INIT_METHODS = ("spectral", "pca", "random")
 # "batch": negatives drawn from the step's own heads and tails (2B rows encoded per step);
 # "pool": from ``negative_pool`` extra uniform rows (3B rows).
 NEGATIVE_MODES = ("batch", "pool")
+

@@ -55,7 +55,8 @@ from .params import landmark_positions as check_landmarks
 from .params import refuse_ddp, single_process_reasons
 from .progress import stage, track
 from .reconstruction import build_for_fit, check_validation, reconstruction_error
-from .train import TrainConfig, build_encoder, default_epochs, find_ab_params, train_encoder
+from .train import (TrainConfig, build_encoder, default_epochs, find_ab_params, resolve_batching,
+                    train_encoder)
 from .workdir import work_directory
 
 logger = logging.getLogger(__name__)
@@ -309,7 +310,8 @@ def train_config(params: dict, n_edges: int, n_features: int, device: str, a: fl
     """The trainer's configuration from the estimator's parameters."""
 
     batch = min(params["batch_size"], n_edges)
-    n_epochs = params["n_epochs"] or default_epochs(n_edges, batch)
+    batching = resolve_batching(params.get("batching", "auto"), params["correlation_weight"])
+    n_epochs = params["n_epochs"] or default_epochs(n_edges, batch, batching)
     n_proj = params["n_projection"] if 0 < params["n_projection"] < n_features else 0
     return TrainConfig(
         n_components=params["n_components"], hidden_layers=tuple(params["hidden_layers"]),
@@ -317,7 +319,7 @@ def train_config(params: dict, n_edges: int, n_features: int, device: str, a: fl
         batch_size=batch, negative_sample_rate=params["negative_sample_rate"],
         correlation_weight=params["correlation_weight"], a=a, b=b,
         random_state=params["random_state"], device=device,
-        precision=params.get("precision", "fp32"),
+        precision=params.get("precision", "fp32"), batching=batching,
     )
 
 

@@ -31,7 +31,8 @@ from .collectives import all_sum, rank_and_world
 from .encoder import Encoder
 from .errors import ParameterError, TrainingError
 from .landmarks import LandmarkTerm
-from .params import NEGATIVE_MODES, PRECISIONS
+from .batches import NeighbourhoodSampler
+from .params import BATCHINGS, NEGATIVE_MODES, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     virtual_rate: float = 0.0
     negatives: str = "batch"
+    batching: str = "auto"
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
     precision: str = "fp32"
@@ -109,19 +111,48 @@ class TrainConfig:
 TARGET_SAMPLES = 1000 * 16384
 MIN_EPOCHS = 10
 MAX_SAMPLES = 6000 * 16384
+# Neighbourhood batches encode about a tenth of the rows per positive sample and cost about
+# a quarter of the time per sample on a CPU (benchmarks/RESULTS.md, issue 20), so their
+# budget is this many times the samples: about the training time of the edge sampler's,
+# and more local structure.
+NEIGHBOURHOOD_SAMPLES = 4
 
 
-def default_epochs(n_edges: int, batch_size: int) -> int:
+def default_epochs(n_edges: int, batch_size: int, batching: str = "edges") -> int:
     """Epochs (passes over the edges) when the user gives none.
 
     At least :data:`MIN_EPOCHS` epochs and :data:`TARGET_SAMPLES` positive-edge samples,
     but no more epochs than fit in :data:`MAX_SAMPLES` samples (and at least one). An epoch
     is ``ceil(n_edges / batch_size)`` steps of ``batch_size`` samples, so the budget in
     samples is the same at any batch size (smaller batches: more, cheaper steps).
+    Neighbourhood batches (``batching="neighbourhoods"``) make a sample
+    :data:`NEIGHBOURHOOD_SAMPLES` times cheaper, and get that many times the samples.
     """
+    scale = NEIGHBOURHOOD_SAMPLES if batching == "neighbourhoods" else 1
     per_epoch = -(-n_edges // max(1, batch_size)) * max(1, batch_size)
-    epochs = max(MIN_EPOCHS, -(-TARGET_SAMPLES // per_epoch))
-    return max(1, min(epochs, MAX_SAMPLES // per_epoch))
+    epochs = max(MIN_EPOCHS * scale, -(-TARGET_SAMPLES * scale // per_epoch))
+    return max(1, min(epochs, MAX_SAMPLES * scale // per_epoch))
+
+
+# Rows a neighbourhood batch encodes per positive edge, its negatives' pool included: about
+# 0.1 + 0.1 on kNN graphs of k=15 (benchmarks/RESULTS.md, issue 20).
+ROWS_PER_EDGE_NEIGHBOURHOODS = 0.2
+
+
+def resolve_batching(batching: str, correlation_weight: float = 0.0,
+                     virtual_rate: float = 0.0) -> str:
+    """The batching a fit trains with: ``"auto"`` is ``"neighbourhoods"`` unless a loss
+    term needs the edge sampler's pairs (``correlation_weight``, ``virtual_rate``)."""
+    if batching not in BATCHINGS:
+        raise ParameterError(f"batching must be one of {BATCHINGS}, got {batching!r}")
+    if batching != "auto":
+        return batching
+    return "edges" if (correlation_weight or virtual_rate) else "neighbourhoods"
+
+
+def batching_of(cfg: "TrainConfig") -> str:
+    """:func:`resolve_batching` of a configuration."""
+    return resolve_batching(cfg.batching, cfg.correlation_weight, cfg.virtual_rate)
 
 
 def check_finite_loss(loss: float, epoch: int, cfg: TrainConfig) -> None:
@@ -283,7 +314,10 @@ def _step_threads(cfg: TrainConfig, n: int, d: int) -> int:
     """
     if cfg.num_threads:
         return int(cfg.num_threads)
-    rows = min(n, (2 + 1) * cfg.batch_size)
+    # rows encoded per step: both ends of each edge and a pool, or a neighbourhood batch's
+    per_edge = (ROWS_PER_EDGE_NEIGHBOURHOODS if batching_of(cfg) == "neighbourhoods"
+                else 2 + 1)
+    rows = min(n, int(per_edge * cfg.batch_size))
     width = cfg.n_projection or d
     flops = rows * (width + sum(cfg.hidden_layers)) * max(cfg.hidden_layers or (1,))
     return torch.get_num_threads() if flops > 1e8 else 1
@@ -386,53 +420,22 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     lm_term = None
     if landmarks is not None and len(landmarks):
         lm_term = LandmarkTerm(landmarks, B, device)
+    hood = (NeighbourhoodSampler(head, tail, weight, n, B)
+            if batching_of(cfg) == "neighbourhoods" else None)
     t0 = time.perf_counter()
     for epoch in range(start, cfg.n_epochs):
         ep_loss = 0.0
         for _ in range(steps_per_epoch):
-            e = sample_edges(cum, B, gen)
-            h, t = head_t[e].long(), tail_t[e].long()
-            if in_batch:
-                # negatives among the step's own heads and tails: 2B rows encoded, not 3B
-                ids = torch.cat([h, t])
-                pick = torch.randint(2 * B, (B, R), generator=gen)
+            if hood is not None:
+                loss, rows, emb = _neighbourhood_loss(net, Xt, hood, R, a, b, gen, device,
+                                                      cfg.negative_pool)
             else:
-                pool = torch.randint(n, (M,), generator=gen)
-                ids = torch.cat([h, t, pool])
-                pick = torch.randint(M, (B, R), generator=gen) + 2 * B
-            if dedupe:
-                # small n: many repeated rows per step, so encode each distinct row once
-                uniq, inv = torch.unique(ids, return_inverse=True)
-                xb = Xt[uniq.to(Xt.device)].to(device, non_blocking=True)
-                emb = net(xb)
-                inv = inv.to(device)
-                # Gathers with a deterministic backward: autograd's own backward of
-                # ``emb[idx]`` (index_put_ with accumulate) is not, with several CPU threads.
-                eh, et = _gather_rows(emb, inv[:B]), _gather_rows(emb, inv[B:2 * B])
-                en = _gather_rows(emb, inv[pick.to(device)])
-            else:
-                xb = Xt[ids.to(Xt.device)].to(device, non_blocking=True)
-                emb = net(xb)
-                inv = torch.arange(len(ids), device=device)
-                eh, et = emb[:B], emb[B:2 * B]
-                en = _gather_rows(emb, pick.to(device))
-            d_pos = (eh - et).pow(2).sum(-1)
-            d_neg = (eh.unsqueeze(1) - en).pow(2).sum(-1)
-            loss = (umap_loss(d_pos, True, a, b).sum()
-                    + umap_loss(d_neg, False, a, b).sum()) / (B * (1 + R))
-            if cfg.virtual_rate:
-                loss = loss + _virtual_point_loss(net, xb, inv, eh, et, en, B, R, cfg, gen)
-            if cfg.correlation_weight:
-                x_h, x_t = xb[inv[:B]], xb[inv[B:2 * B]]
-                x_n = xb[inv[pick[:, 0].to(device)]]
-                dx = torch.cat([(x_h - x_t).norm(dim=1), (x_h - x_n).norm(dim=1)])
-                de = torch.cat([d_pos.sqrt(), d_neg[:, 0].clamp_min(1e-12).sqrt()])
-                loss = loss - cfg.correlation_weight * _pearson(dx, de)
+                loss, rows, emb = _edge_loss(net, Xt, cum, head_t, tail_t, B, R, M, n, a, b,
+                                             in_batch, dedupe, cfg, gen, device)
             if lm_term is not None:  # landmark rows drawn last: no landmarks, same stream
                 loss = loss + lm_term(net, Xt, gen)
-            if reconstruction is not None:  # decode the step's rows back to raw rows,
-                # each distinct row once when rows repeat (small n), else the heads
-                loss = loss + (reconstruction(uniq, emb) if dedupe else reconstruction(h, eh))
+            if reconstruction is not None:  # decode the step's encoded rows back to raw rows
+                loss = loss + reconstruction(rows, emb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -550,6 +553,82 @@ def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         run to run on the CPU, whatever the number of torch threads.
     """
     return _GatherRows.apply(src, index)
+
+
+def _edge_loss(net, Xt, cum, head_t, tail_t, B, R, M, n, a, b, in_batch, dedupe, cfg, gen,
+               device):
+    """UMAP loss of one edge batch: ``B`` positive edges drawn in proportion to their
+    weight, both ends encoded, ``R`` negatives each (see ``TrainConfig.negatives``).
+
+    Returns the loss, the encoded rows' ids and their embeddings (for the decoder).
+    """
+    e = sample_edges(cum, B, gen)
+    h, t = head_t[e].long(), tail_t[e].long()
+    if in_batch:
+        # negatives among the step's own heads and tails: 2B rows encoded, not 3B
+        ids = torch.cat([h, t])
+        pick = torch.randint(2 * B, (B, R), generator=gen)
+    else:
+        pool = torch.randint(n, (M,), generator=gen)
+        ids = torch.cat([h, t, pool])
+        pick = torch.randint(M, (B, R), generator=gen) + 2 * B
+    if dedupe:
+        # small n: many repeated rows per step, so encode each distinct row once
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        xb = Xt[uniq.to(Xt.device)].to(device, non_blocking=True)
+        emb = net(xb)
+        inv = inv.to(device)
+        # Gathers with a deterministic backward: autograd's own backward of
+        # ``emb[idx]`` (index_put_ with accumulate) is not, with several CPU threads.
+        eh, et = _gather_rows(emb, inv[:B]), _gather_rows(emb, inv[B:2 * B])
+        en = _gather_rows(emb, inv[pick.to(device)])
+    else:
+        xb = Xt[ids.to(Xt.device)].to(device, non_blocking=True)
+        emb = net(xb)
+        inv = torch.arange(len(ids), device=device)
+        eh, et = emb[:B], emb[B:2 * B]
+        en = _gather_rows(emb, pick.to(device))
+    d_pos = (eh - et).pow(2).sum(-1)
+    d_neg = (eh.unsqueeze(1) - en).pow(2).sum(-1)
+    loss = (umap_loss(d_pos, True, a, b).sum()
+            + umap_loss(d_neg, False, a, b).sum()) / (B * (1 + R))
+    if cfg.virtual_rate:
+        loss = loss + _virtual_point_loss(net, xb, inv, eh, et, en, B, R, cfg, gen)
+    if cfg.correlation_weight:
+        x_h, x_t = xb[inv[:B]], xb[inv[B:2 * B]]
+        x_n = xb[inv[pick[:, 0].to(device)]]
+        dx = torch.cat([(x_h - x_t).norm(dim=1), (x_h - x_n).norm(dim=1)])
+        de = torch.cat([d_pos.sqrt(), d_neg[:, 0].clamp_min(1e-12).sqrt()])
+        loss = loss - cfg.correlation_weight * _pearson(dx, de)
+    if dedupe:
+        return loss, uniq, emb
+    return loss, h, eh  # large n: the heads stand for the step's rows
+
+
+def _neighbourhood_loss(net, Xt, hood: NeighbourhoodSampler, R: int, a: float, b: float,
+                        gen: torch.Generator, device: torch.device, pool: int | None):
+    """UMAP loss of one neighbourhood batch (:mod:`pumap_dask.batches`).
+
+    Every positive edge among the batch's rows, weighted by its membership strength, each
+    with ``R`` negatives drawn among ``pool`` extra rows drawn uniformly from all rows
+    (None: as many as the batch has rows). The batch's own rows come from a few
+    neighbourhoods, so negatives among them would repel each row from a few places only.
+
+    Returns the loss, the encoded rows' ids and their embeddings (for the decoder).
+    """
+    rows, h, t, w = hood.draw(gen)
+    m = len(rows) if pool is None else int(pool)
+    pick = torch.randint(m, (len(h), R), generator=gen) + len(rows)
+    rows = torch.cat([rows, torch.randint(len(hood.slot), (m,), generator=gen)])
+    emb = net(Xt[rows.to(Xt.device)].to(device, non_blocking=True))
+    h, t, pick, w = h.to(device), t.to(device), pick.to(device), w.to(device)
+    eh, et = _gather_rows(emb, h), _gather_rows(emb, t)
+    en = _gather_rows(emb, pick)
+    d_pos = (eh - et).pow(2).sum(-1)
+    d_neg = (eh.unsqueeze(1) - en).pow(2).sum(-1)
+    per_edge = umap_loss(d_pos, True, a, b) + umap_loss(d_neg, False, a, b).sum(-1)
+    loss = (w * per_edge).sum() / (w.sum().clamp_min(1e-12) * (1 + R))
+    return loss, rows, emb
 
 
 def _virtual_point_loss(encoder, xb, inv, eh, et, en, B, R, cfg, gen):

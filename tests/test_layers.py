@@ -13,7 +13,7 @@ LAYERS = [
     {"_version", "errors"},
     {"arrays", "io"},
     {"params"},
-    {"knn", "graph", "init", "datasets", "progress", "inputs"},
+    {"knn", "graph", "init", "datasets", "progress", "inputs", "batches"},
     {"encoder", "networks"},
     {"model", "landmarks"},
     {"collectives", "checkpoint", "callbacks", "reconstruction", "train", "transform", "refine"},

@@ -1,0 +1,89 @@
+"""Neighbourhood batches (pumap_dask.batches): every graph edge among the batch's rows, with
+its weight, and about the wanted number of edges per step."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.datasets import load_digits
+
+from pumap_dask.batches import NeighbourhoodSampler
+from pumap_dask.graph import fuzzy_simplicial_set, graph_to_edges
+from pumap_dask.knn import exact_knn
+
+
+def _digits_edges():
+    X = load_digits().data.astype(np.float32)
+    idx, dist = exact_knn(X, 15)
+    G = fuzzy_simplicial_set(idx, dist)
+    return X, G, graph_to_edges(G)
+
+
+def test_a_batch_holds_every_edge_among_its_rows_with_its_weight():
+    X, G, (head, tail, weight) = _digits_edges()
+    gen = torch.Generator().manual_seed(0)
+    s = NeighbourhoodSampler(head, tail, weight, len(X), 2000)
+    for _ in range(5):
+        rows, h, t, w = s.draw(gen)
+        rows = rows.numpy()
+        assert len(np.unique(rows)) == len(rows)
+        sub = G.tocsr()[rows][:, rows].tocoo()
+        want = {(int(i), int(j)): float(v) for i, j, v in zip(sub.row, sub.col, sub.data)}
+        got = {(int(i), int(j)): float(v) for i, j, v in zip(h, t, w)}
+        assert got.keys() == want.keys()
+        assert all(abs(got[e] - want[e]) < 1e-6 for e in want)
+    assert (s.slot == -1).all()  # the row map is left clean between draws
+
+
+def test_the_seeds_are_sized_for_the_wanted_edges_and_the_draws_repeat():
+    X, _, (head, tail, weight) = _digits_edges()
+    s = NeighbourhoodSampler(head, tail, weight, len(X), 3000)
+    sizes = [len(s.draw(torch.Generator().manual_seed(i))[1]) for i in range(20)]
+    assert 0.6 * 3000 < np.mean(sizes) < 1.5 * 3000
+    rows_per_edge = np.mean([len(s.draw(torch.Generator().manual_seed(i))[0])
+                             for i in range(20)]) / np.mean(sizes)
+    assert rows_per_edge < 0.35  # several positive edges per encoded row (edges: 2 rows each)
+    a = s.draw(torch.Generator().manual_seed(7))
+    b = s.draw(torch.Generator().manual_seed(7))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_rows_without_edges_are_never_seeds():
+    head = np.array([0, 1, 5, 6]); tail = np.array([1, 0, 6, 5])
+    w = np.ones(4, np.float32)
+    s = NeighbourhoodSampler(head, tail, w, 10, 4)
+    for i in range(10):
+        rows, h, t, _ = s.draw(torch.Generator().manual_seed(i))
+        assert set(rows.tolist()) <= {0, 1, 5, 6}
+        assert len(h) >= 2
+
+
+def test_training_on_neighbourhood_batches_embeds_digits_and_repeats():
+    from sklearn.manifold import trustworthiness
+
+    from pumap_dask.encoder import encode
+    from pumap_dask.train import TrainConfig, train_encoder
+
+    X, _, (head, tail, weight) = _digits_edges()
+    cfg = TrainConfig(hidden_layers=(64, 32), n_epochs=20, batch_size=2048, init_steps=0,
+                      random_state=0, batching="neighbourhoods", num_threads=2)
+    runs = [train_encoder(X, head, tail, weight, cfg) for _ in range(2)]
+    E = [encode(enc, X) for enc, _ in runs]
+    np.testing.assert_array_equal(E[0], E[1])
+    assert runs[0][1] == runs[1][1]
+    assert runs[0][1][-1] < runs[0][1][0]  # the loss falls
+    assert trustworthiness(X, E[0], n_neighbors=15) > 0.9
+
+
+def test_auto_batching_and_bad_values():
+
+
+    from pumap_dask.errors import ParameterError
+    from pumap_dask.train import TrainConfig, batching_of
+
+    assert batching_of(TrainConfig(batching="auto")) == "neighbourhoods"
+    assert batching_of(TrainConfig(batching="auto", correlation_weight=0.1)) == "edges"
+    assert batching_of(TrainConfig(batching="auto", virtual_rate=0.5)) == "edges"
+    assert batching_of(TrainConfig(batching="edges")) == "edges"
+    with pytest.raises(ParameterError, match="batching must be one of"):
+        batching_of(TrainConfig(batching="rows"))
