@@ -1,7 +1,8 @@
 """Fit at scale (tracker issue 8): pumap_dask from Zarr on a LocalCluster vs umap-learn.
 
-For each size n: cell-like data (:func:`pumap_dask.datasets.cell_like`, 50 features), a
-random 90/10 split; the 90% is written to a Zarr array (chunks of 50,000 rows). Then, each
+For each size n: trajectory-rich cell data (:func:`pumap_dask.datasets.trajectory_like`,
+issue 20's harder data; ``--data cell`` for :func:`pumap_dask.datasets.cell_like`), 50
+features, a random 90/10 split; the 90% is written to a Zarr array (chunks of 50,000 rows). Then, each
 in a fresh Python process:
 
 * pumap_dask: ``ParametricUMAP(min_dist=0.5, work_dir=...)`` fitted on the Zarr path with a
@@ -13,7 +14,9 @@ in a fresh Python process:
 
 Quality on a 5,000-row held-out sample: 15-NN accuracy of a classifier trained on the
 embedding of a 20,000-row training sample, and trustworthiness (k=15) of the held-out
-embedding. Usage::
+embedding; fine-scale kNN preservation (``kp_full``) of 3,000 training rows: the share of
+each row's 15 input-space neighbours among *all* training rows that stay among its 15
+neighbours in the training embedding. Usage::
 
     python benchmarks/fit_scale.py --sizes 200000
     python benchmarks/fit_scale.py --sizes 1000000 --umap-max 0
@@ -36,15 +39,17 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from knn_scale import PeakSampler  # noqa: E402  (polls the client's and workers' RSS)
+from local_structure import _neighbours, _overlap  # noqa: E402  (kNN preservation)
 
 
-def prepare(n: int, tmp: str, seed: int = 0) -> dict:
+def prepare(n: int, tmp: str, seed: int = 0, data: str = "trajectory") -> dict:
     """Write the 90% training split to Zarr; keep held-out rows and labels as .npy."""
     import zarr
 
-    from pumap_dask.datasets import cell_like
+    from pumap_dask.datasets import cell_like, trajectory_like
 
-    X, y = cell_like(n, 50, random_state=seed)
+    make = trajectory_like if data == "trajectory" else cell_like
+    X, y = make(n, 50, random_state=seed)[:2]
     rng = np.random.default_rng(seed)
     test = np.zeros(n, bool)
     test[rng.choice(n, size=n // 10, replace=False)] = True
@@ -127,12 +132,17 @@ def quality(paths: dict, out: str, seed: int = 0) -> dict:
     te = rng.choice(len(yte), size=min(5_000, len(yte)), replace=False)
     acc = KNeighborsClassifier(15).fit(etr[tr], ytr[tr]).score(ete[te], yte[te])
     trust = trustworthiness(Xte[te], ete[te], n_neighbors=15)
-    return {"acc": float(acc), "trust": float(trust)}
+    Xtr = np.load(paths["train_npy"], mmap_mode="r")
+    s = np.sort(rng.choice(len(ytr), size=min(3_000, len(ytr)), replace=False))
+    kp = _overlap(_neighbours(np.asarray(Xtr), np.asarray(Xtr[s]), True),
+                  _neighbours(etr, etr[s], True))
+    return {"acc": float(acc), "trust": float(trust), "kp_full": float(kp)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[200_000])
+    ap.add_argument("--data", choices=("trajectory", "cell"), default="trajectory")
     ap.add_argument("--umap-max", type=int, default=300_000,
                     help="run umap-learn up to this size (0: never)")
     ap.add_argument("--params", default="{}", help="extra ParametricUMAP params as JSON")
@@ -155,7 +165,7 @@ def main() -> None:
     for n in args.sizes:
         tmp = tempfile.mkdtemp(prefix=f"fit_scale-{n}-")
         try:
-            paths = prepare(n, tmp)
+            paths = prepare(n, tmp, data=args.data)
             kinds = ["pumap"] + (["umap"] if n <= args.umap_max else [])
             for kind in kinds:
                 out = os.path.join(tmp, kind)
@@ -168,19 +178,20 @@ def main() -> None:
                 wall = time.perf_counter() - t0
                 with open(out + ".json") as f:
                     row = json.load(f)
-                row.update(quality(paths, out), n=n, method=kind, process_wall_s=wall,
+                row.update(quality(paths, out), n=n, method=kind, process_wall_s=wall, data=args.data,
                            params=args.params if kind == "pumap" else "",
                            landmarks=args.landmarks if kind == "pumap" else None)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    print("\n| n | method | fit (s) | held-out 15-NN acc | trust | client peak GiB | "
-          "worker peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| n | method | fit (s) | held-out 15-NN acc | kNN preservation | trust | "
+          "client peak GiB | worker peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['n']} | {r['method']} | {r['fit_s']:.1f} | {r['acc']:.3f} | "
-              f"{r['trust']:.3f} | {r.get('client_peak_gib', float('nan')):.2f} | "
+              f"{r['kp_full']:.3f} | {r['trust']:.3f} | "
+              f"{r.get('client_peak_gib', float('nan')):.2f} | "
               f"{r.get('worker_peak_gib', float('nan')):.2f} |")
     if args.json:
         old = []
