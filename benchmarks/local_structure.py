@@ -225,7 +225,7 @@ def main(argv=None) -> None:
                 edges = run_graph(run_knn(handle, params, "cpu"), params)
                 layout = run_init(handle, edges, params, "cpu")
                 a, b = find_ab_params(params["spread"], params["min_dist"])
-                base = train_config(params, len(edges), Xtr.shape[1], "cpu", a, b)
+                base = train_config(params, len(edges), Xtr.shape[1], "cpu", a, b, len(Xtr))
                 prep = (edges, layout, base, time.perf_counter() - t0)
                 logger.info("kNN + graph + init %.1fs, %d edges, default %d epochs",
                             prep[3], len(edges), base.n_epochs)

@@ -306,11 +306,13 @@ def run_init(handle: InputHandle, edges: Edges, params: dict, device: str) -> La
 
 
 def train_config(params: dict, n_edges: int, n_features: int, device: str, a: float,
-                 b: float) -> TrainConfig:
-    """The trainer's configuration from the estimator's parameters."""
+                 b: float, n_rows: int | None = None) -> TrainConfig:
+    """The trainer's configuration from the estimator's parameters (``n_rows``: the
+    training rows, which ``batching="auto"`` looks at)."""
 
     batch = min(params["batch_size"], n_edges)
-    batching = resolve_batching(params.get("batching", "auto"), params["correlation_weight"])
+    batching = resolve_batching(params.get("batching", "auto"), params["correlation_weight"],
+                                n_rows=n_rows, batch_size=batch)
     n_epochs = params["n_epochs"] or default_epochs(n_edges, batch, batching)
     n_proj = params["n_projection"] if 0 < params["n_projection"] < n_features else 0
     return TrainConfig(
@@ -506,7 +508,7 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
             layout = None if init_encoder is not None else run_init(handle, edges, params,
                                                                     device)
         with timed("train"):
-            cfg = train_config(params, len(edges), handle.d, device, a, b)
+            cfg = train_config(params, len(edges), handle.d, device, a, b, handle.n)
             cfg = dataclasses.replace(cfg, input_sha256=identity["sha256"])
             if params.get("work_dir"):  # checkpoints beside the kNN and graph: a rerun resumes
                 cfg = dataclasses.replace(cfg, checkpoint_dir=os.path.join(wdir, "train"))

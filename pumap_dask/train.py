@@ -116,6 +116,9 @@ MAX_SAMPLES = 6000 * 16384
 # budget is this many times the samples: about the training time of the edge sampler's,
 # and more local structure.
 NEIGHBOURHOOD_SAMPLES = 4
+# ``batching="auto"`` uses neighbourhoods from this many batches' worth of rows (4 x 4,096
+# = 16,384 rows by default); below it an edge step's rows are most of the data.
+NEIGHBOURHOOD_MIN_ROWS = 4
 
 
 def default_epochs(n_edges: int, batch_size: int, batching: str = "edges") -> int:
@@ -140,19 +143,30 @@ ROWS_PER_EDGE_NEIGHBOURHOODS = 0.2
 
 
 def resolve_batching(batching: str, correlation_weight: float = 0.0,
-                     virtual_rate: float = 0.0) -> str:
-    """The batching a fit trains with: ``"auto"`` is ``"neighbourhoods"`` unless a loss
-    term needs the edge sampler's pairs (``correlation_weight``, ``virtual_rate``)."""
+                     virtual_rate: float = 0.0, n_rows: int | None = None,
+                     batch_size: int | None = None) -> str:
+    """The batching a fit trains with.
+
+    ``"auto"`` is ``"neighbourhoods"`` unless a loss term needs the edge sampler's pairs
+    (``correlation_weight``, ``virtual_rate``) or the data is small: below
+    :data:`NEIGHBOURHOOD_MIN_ROWS` batches' worth of rows an edge step encodes most rows
+    anyway, each once, and gains nothing from neighbourhoods.
+    """
     if batching not in BATCHINGS:
         raise ParameterError(f"batching must be one of {BATCHINGS}, got {batching!r}")
     if batching != "auto":
         return batching
-    return "edges" if (correlation_weight or virtual_rate) else "neighbourhoods"
+    if correlation_weight or virtual_rate:
+        return "edges"
+    if n_rows is not None and batch_size and n_rows < NEIGHBOURHOOD_MIN_ROWS * batch_size:
+        return "edges"
+    return "neighbourhoods"
 
 
-def batching_of(cfg: "TrainConfig") -> str:
+def batching_of(cfg: "TrainConfig", n_rows: int | None = None) -> str:
     """:func:`resolve_batching` of a configuration."""
-    return resolve_batching(cfg.batching, cfg.correlation_weight, cfg.virtual_rate)
+    return resolve_batching(cfg.batching, cfg.correlation_weight, cfg.virtual_rate, n_rows,
+                            cfg.batch_size)
 
 
 def check_finite_loss(loss: float, epoch: int, cfg: TrainConfig) -> None:
@@ -315,7 +329,7 @@ def _step_threads(cfg: TrainConfig, n: int, d: int) -> int:
     if cfg.num_threads:
         return int(cfg.num_threads)
     # rows encoded per step: both ends of each edge and a pool, or a neighbourhood batch's
-    per_edge = (ROWS_PER_EDGE_NEIGHBOURHOODS if batching_of(cfg) == "neighbourhoods"
+    per_edge = (ROWS_PER_EDGE_NEIGHBOURHOODS if batching_of(cfg, n) == "neighbourhoods"
                 else 2 + 1)
     rows = min(n, int(per_edge * cfg.batch_size))
     width = cfg.n_projection or d
@@ -421,7 +435,10 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     if landmarks is not None and len(landmarks):
         lm_term = LandmarkTerm(landmarks, B, device)
     hood = (NeighbourhoodSampler(head, tail, weight, n, B)
-            if batching_of(cfg) == "neighbourhoods" else None)
+            if batching_of(cfg, n) == "neighbourhoods" else None)
+    if hood is not None:
+        logger.info("training on neighbourhood batches: %d seed rows per step for about %d "
+                    "positive edges", hood.seeds, B)
     t0 = time.perf_counter()
     for epoch in range(start, cfg.n_epochs):
         ep_loss = 0.0

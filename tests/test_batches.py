@@ -85,5 +85,9 @@ def test_auto_batching_and_bad_values():
     assert batching_of(TrainConfig(batching="auto", correlation_weight=0.1)) == "edges"
     assert batching_of(TrainConfig(batching="auto", virtual_rate=0.5)) == "edges"
     assert batching_of(TrainConfig(batching="edges")) == "edges"
+    # small data: an edge step encodes most rows anyway
+    assert batching_of(TrainConfig(batching="auto", batch_size=4096), 10_000) == "edges"
+    assert batching_of(TrainConfig(batching="auto", batch_size=4096), 20_000) == "neighbourhoods"
+    assert batching_of(TrainConfig(batching="neighbourhoods"), 100) == "neighbourhoods"
     with pytest.raises(ParameterError, match="batching must be one of"):
         batching_of(TrainConfig(batching="rows"))
