@@ -87,7 +87,9 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         so 4x the samples in the default budget: more local structure in about the same
         time); ``"edges"`` draws each edge in proportion to its weight and encodes both
         ends (the only batching before this parameter). ``"auto"``: neighbourhoods, unless
-        ``correlation_weight`` needs the edge sampler. See :mod:`pumap_dask.batches`.
+        ``correlation_weight`` needs the edge sampler or the data has fewer than 4 batches'
+        worth of rows (16,384 by default), where an edge step encodes most rows anyway. See
+        :mod:`pumap_dask.batches`.
     local_connectivity, set_op_mix_ratio, tolerance
         Graph construction (seed: ``local_connectivity``, ``mix_weight``, ``bandwidth``).
     correlation_weight
