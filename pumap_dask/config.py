@@ -345,7 +345,9 @@ def run_record(command: str, resolved: dict[str, Any], config_path: str | None,
         "argv": list(argv),
         "resolved": resolved,
         "host": platform.node(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # written right after the model is saved: the save time (the fit records its own
+        # start and end in the model, pumap_dask.state)
+        "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"pumap_dask": __version__, "python": platform.python_version(),
                      "numpy": numpy.__version__, "dask": dask.__version__,
                      "torch": torch.__version__},

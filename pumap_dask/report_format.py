@@ -121,7 +121,8 @@ def cluster_text(recorded: Any, settings: Any) -> str:
 def run_summary(fitted: dict[str, Any], run_config: Any) -> dict[str, Any]:
     """When, where and how a model was made: the fit's own record (``fit_record``, with
     the save time) and the CLI's ``run_config.json``, which the CLI writes right after
-    saving the model (so its ``started`` field is the save time, for older models).
+    saving the model (its ``saved`` field; ``started`` in files of older versions, also the
+    save time).
 
     Returns
     -------
