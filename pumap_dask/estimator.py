@@ -73,7 +73,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         Adam's initial learning rate, decayed linearly to zero.
     n_epochs
         Passes over the edge list. ``None`` picks at least 10 epochs and about 16.4M
-        positive-edge samples, at most 98M, 4x that with neighbourhood batches
+        positive-edge samples, at most 98M; with neighbourhood batches 4x the floor and
+        target and 2x the cap
         (:func:`pumap_dask.train.default_epochs`).
     batch_size
         Positive edges per optimiser step (4096: smaller steps than before at the same

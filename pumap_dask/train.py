@@ -116,6 +116,10 @@ MAX_SAMPLES = 6000 * 16384
 # budget is this many times the samples: about the training time of the edge sampler's,
 # and more local structure.
 NEIGHBOURHOOD_SAMPLES = 4
+# The cap, though, only doubles: it binds above about 240k rows (40 epochs of ~4.9M edges),
+# where no curve was measured, and there it keeps the training time near half the edge
+# sampler's at its cap instead of growing 4x with n (1M rows: ~200M samples).
+NEIGHBOURHOOD_CAP = 2
 # ``batching="auto"`` uses neighbourhoods from this many batches' worth of rows (4 x 4,096
 # = 16,384 rows by default); below it an edge step's rows are most of the data.
 NEIGHBOURHOOD_MIN_ROWS = 4
@@ -128,13 +132,15 @@ def default_epochs(n_edges: int, batch_size: int, batching: str = "edges") -> in
     but no more epochs than fit in :data:`MAX_SAMPLES` samples (and at least one). An epoch
     is ``ceil(n_edges / batch_size)`` steps of ``batch_size`` samples, so the budget in
     samples is the same at any batch size (smaller batches: more, cheaper steps).
-    Neighbourhood batches (``batching="neighbourhoods"``) make a sample
-    :data:`NEIGHBOURHOOD_SAMPLES` times cheaper, and get that many times the samples.
+    Neighbourhood batches (``batching="neighbourhoods"``) make a sample about 4x cheaper
+    and get :data:`NEIGHBOURHOOD_SAMPLES` times the floor and target, and
+    :data:`NEIGHBOURHOOD_CAP` times the cap.
     """
-    scale = NEIGHBOURHOOD_SAMPLES if batching == "neighbourhoods" else 1
+    hood = batching == "neighbourhoods"
+    scale, cap = (NEIGHBOURHOOD_SAMPLES, NEIGHBOURHOOD_CAP) if hood else (1, 1)
     per_epoch = -(-n_edges // max(1, batch_size)) * max(1, batch_size)
     epochs = max(MIN_EPOCHS * scale, -(-TARGET_SAMPLES * scale // per_epoch))
-    return max(1, min(epochs, MAX_SAMPLES * scale // per_epoch))
+    return max(1, min(epochs, MAX_SAMPLES * cap // per_epoch))
 
 
 # Rows a neighbourhood batch encodes per positive edge, its negatives' pool included: about

@@ -91,3 +91,20 @@ def test_auto_batching_and_bad_values():
     assert batching_of(TrainConfig(batching="neighbourhoods"), 100) == "neighbourhoods"
     with pytest.raises(ParameterError, match="batching must be one of"):
         batching_of(TrainConfig(batching="rows"))
+
+
+def test_the_neighbourhood_budget_is_4x_the_floor_and_2x_the_cap():
+    from pumap_dask.train import (MAX_SAMPLES, MIN_EPOCHS, NEIGHBOURHOOD_CAP,
+                                  NEIGHBOURHOOD_SAMPLES, default_epochs)
+
+    # 4M edges (about 200k rows): the floor, 4x the edge sampler's 10 epochs
+    assert default_epochs(4_000_000, 4096, "neighbourhoods") == MIN_EPOCHS * NEIGHBOURHOOD_SAMPLES
+    assert default_epochs(4_000_000, 4096, "edges") == MIN_EPOCHS
+    # 1M edges (about 50k rows): the target, 4x the edge sampler's 16.4M samples
+    assert default_epochs(1_000_000, 4096, "neighbourhoods") == 66
+    assert default_epochs(1_000_000, 4096, "edges") == 17
+    big = 25_000_000  # about 1M rows: the cap binds
+    per_epoch = -(-big // 4096) * 4096
+    hood = default_epochs(big, 4096, "neighbourhoods")
+    assert hood * per_epoch <= MAX_SAMPLES * NEIGHBOURHOOD_CAP < (hood + 1) * per_epoch
+    assert default_epochs(big, 4096, "edges") * per_epoch <= MAX_SAMPLES
