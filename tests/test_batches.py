@@ -3,13 +3,17 @@ its weight, and about the wanted number of edges per step."""
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 from sklearn.datasets import load_digits
+from sklearn.manifold import trustworthiness
 
 from pumap_dask.batches import NeighbourhoodSampler
+from pumap_dask.encoder import encode
+from pumap_dask.errors import ParameterError
 from pumap_dask.graph import fuzzy_simplicial_set, graph_to_edges
 from pumap_dask.knn import exact_knn
+from pumap_dask.train import (MAX_SAMPLES, MIN_EPOCHS, NEIGHBOURHOOD_CAP, NEIGHBOURHOOD_SAMPLES,
+                              TrainConfig, batching_of, default_epochs, train_encoder)
 
 
 def _digits_edges():
@@ -59,11 +63,6 @@ def test_rows_without_edges_are_never_seeds():
 
 
 def test_training_on_neighbourhood_batches_embeds_digits_and_repeats():
-    from sklearn.manifold import trustworthiness
-
-    from pumap_dask.encoder import encode
-    from pumap_dask.train import TrainConfig, train_encoder
-
     X, _, (head, tail, weight) = _digits_edges()
     cfg = TrainConfig(hidden_layers=(64, 32), n_epochs=20, batch_size=2048, init_steps=0,
                       random_state=0, batching="neighbourhoods", num_threads=2)
@@ -78,9 +77,6 @@ def test_training_on_neighbourhood_batches_embeds_digits_and_repeats():
 def test_auto_batching_and_bad_values():
 
 
-    from pumap_dask.errors import ParameterError
-    from pumap_dask.train import TrainConfig, batching_of
-
     assert batching_of(TrainConfig(batching="auto")) == "neighbourhoods"
     assert batching_of(TrainConfig(batching="auto", correlation_weight=0.1)) == "edges"
     assert batching_of(TrainConfig(batching="auto", virtual_rate=0.5)) == "edges"
@@ -94,9 +90,6 @@ def test_auto_batching_and_bad_values():
 
 
 def test_the_neighbourhood_budget_is_4x_the_floor_and_2x_the_cap():
-    from pumap_dask.train import (MAX_SAMPLES, MIN_EPOCHS, NEIGHBOURHOOD_CAP,
-                                  NEIGHBOURHOOD_SAMPLES, default_epochs)
-
     # 4M edges (about 200k rows): the floor, 4x the edge sampler's 10 epochs
     assert default_epochs(4_000_000, 4096, "neighbourhoods") == MIN_EPOCHS * NEIGHBOURHOOD_SAMPLES
     assert default_epochs(4_000_000, 4096, "edges") == MIN_EPOCHS
