@@ -372,10 +372,13 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     net = _amp_net(encoder.mlp, cfg.precision, device)
     rank, world = rank_and_world()
     n_edges_total = int(all_sum(len(head), world, torch.int64))  # each rank holds a subset
-    # ids stay in their (often int32) dtype: 4 bytes per edge end, widened per batch
-    head_t = torch.as_tensor(np.asarray(head))
-    tail_t = torch.as_tensor(np.asarray(tail))
-    cum = torch.cumsum(torch.as_tensor(weight, dtype=torch.float64), 0)
+    use_hood = batching_of(cfg, n) == "neighbourhoods"
+    head_t = tail_t = cum = None  # the edge sampler's arrays: neighbourhoods keep their own
+    if not use_hood:
+        # ids stay in their (often int32) dtype: 4 bytes per edge end, widened per batch
+        head_t = torch.as_tensor(np.asarray(head))
+        tail_t = torch.as_tensor(np.asarray(tail))
+        cum = torch.cumsum(torch.as_tensor(weight, dtype=torch.float64), 0)
     gen = _seed_everything_local(cfg.random_state)
 
     B = int(min(cfg.batch_size, n_edges_total))
@@ -440,8 +443,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     lm_term = None
     if landmarks is not None and len(landmarks):
         lm_term = LandmarkTerm(landmarks, B, device)
-    hood = (NeighbourhoodSampler(head, tail, weight, n, B)
-            if batching_of(cfg, n) == "neighbourhoods" else None)
+    hood = NeighbourhoodSampler(head, tail, weight, n, B) if use_hood else None
     if hood is not None:
         logger.info("training on neighbourhood batches: %d seed rows per step for about %d "
                     "positive edges", hood.seeds, B)
