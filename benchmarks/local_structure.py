@@ -161,7 +161,8 @@ def parse_config(name: str, default_epochs: int) -> tuple[dict, dict]:
             cfg["n_epochs"] = round(default_epochs * float(part[7:]))
             continue
         key, value = part.split("=")
-        if key in ("n_epochs", "batch_size", "negative_sample_rate", "init_steps"):
+        if key in ("n_epochs", "batch_size", "negative_sample_rate", "init_steps",
+                   "negative_pool"):
             cfg[key] = int(value)
         elif key in ("learning_rate", "weight_decay"):
             cfg[key] = float(value)

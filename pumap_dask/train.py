@@ -8,7 +8,7 @@ the cumulative weights), so memory is bounded by the graph, never by epochs x ed
 Negatives are uniform vertices: a pool of ``negative_pool`` vertices per step, each head
 paired with ``negative_sample_rate`` of them. Every distinct point of a step is encoded
 once (heads, tails and negatives share one forward pass). On the CPU a fixed ``random_state``
-gives bitwise the same encoder from run to run at any thread count (see :class:`_GatherRows`).
+gives bitwise the same encoder from run to run at any thread count (see :mod:`pumap_dask.losses`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from .collectives import all_sum, rank_and_world
 from .encoder import Encoder
 from .errors import ParameterError, TrainingError
 from .landmarks import LandmarkTerm
+from .losses import gather_rows as _gather_rows, pair_loss, pair_loss_torch, umap_loss
 from .batches import NeighbourhoodSampler
 from .params import BATCHINGS, NEGATIVE_MODES, PRECISIONS
 
@@ -205,15 +206,6 @@ def sample_edges(cum: torch.Tensor, size: int, gen: torch.Generator) -> torch.Te
     """
     r = torch.rand(size, generator=gen, dtype=torch.float64) * cum[-1]
     return torch.searchsorted(cum, r, right=True).clamp_(max=len(cum) - 1)
-
-
-def umap_loss(d2: torch.Tensor, positive: bool, a: float, b: float) -> torch.Tensor:
-    """Cross-entropy of q = 1/(1 + a d^(2b)) against 1 (positive) or 0 (negative).
-
-    Written with softplus on s = log(a) + b log(d^2) for numerical stability.
-    """
-    s = math.log(a) + b * torch.log(d2.clamp_min(1e-10))
-    return nn.functional.softplus(s) if positive else nn.functional.softplus(-s)
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -537,49 +529,6 @@ def _amp_net(mlp: nn.Sequential, precision: str, device: torch.device) -> nn.Mod
     return _AmpNet(mlp, device.type)
 
 
-class _GatherRows(torch.autograd.Function):
-    """``src[index]`` along the first axis, with a backward that is deterministic on the CPU.
-
-    Autograd's backward of advanced indexing, ``index_put_(..., accumulate=True)``, adds the
-    gradients of repeated rows with concurrent (atomic) float adds when torch runs several
-    CPU threads, so their order, and the rounding of the sum, changes from run to run. Here
-    the backward is ``index_add_``, which on the CPU adds in index order whatever the
-    thread count (documented nondeterministic on CUDA only) and measured as fast.
-    """
-
-    @staticmethod
-    def forward(ctx, src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        flat = index.reshape(-1)
-        ctx.save_for_backward(flat)
-        ctx.src_shape = src.shape
-        return src.index_select(0, flat).view(*index.shape, *src.shape[1:])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (flat,) = ctx.saved_tensors
-        rows = grad.reshape(flat.shape[0], *ctx.src_shape[1:])
-        return grad.new_zeros(ctx.src_shape).index_add_(0, flat, rows), None
-
-
-def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows of ``src`` at an integer ``index`` of any shape, as ``src[index]``.
-
-    Parameters
-    ----------
-    src
-        Tensor (n, ...) to gather from.
-    index
-        Integer tensor of row numbers in ``[0, n)``.
-
-    Returns
-    -------
-    torch.Tensor
-        ``index.shape + src.shape[1:]``; its gradient reaches ``src`` bitwise the same from
-        run to run on the CPU, whatever the number of torch threads.
-    """
-    return _GatherRows.apply(src, index)
-
-
 def _edge_loss(net, Xt, cum, head_t, tail_t, B, R, M, n, a, b, in_batch, dedupe, cfg, gen,
                device):
     """UMAP loss of one edge batch: ``B`` positive edges drawn in proportion to their
@@ -603,31 +552,29 @@ def _edge_loss(net, Xt, cum, head_t, tail_t, B, R, M, n, a, b, in_batch, dedupe,
         xb = Xt[uniq.to(Xt.device)].to(device, non_blocking=True)
         emb = net(xb)
         inv = inv.to(device)
-        # Gathers with a deterministic backward: autograd's own backward of
-        # ``emb[idx]`` (index_put_ with accumulate) is not, with several CPU threads.
-        eh, et = _gather_rows(emb, inv[:B]), _gather_rows(emb, inv[B:2 * B])
-        en = _gather_rows(emb, inv[pick.to(device)])
     else:
         xb = Xt[ids.to(Xt.device)].to(device, non_blocking=True)
         emb = net(xb)
         inv = torch.arange(len(ids), device=device)
-        eh, et = emb[:B], emb[B:2 * B]
-        en = _gather_rows(emb, pick.to(device))
-    d_pos = (eh - et).pow(2).sum(-1)
-    d_neg = (eh.unsqueeze(1) - en).pow(2).sum(-1)
-    loss = (umap_loss(d_pos, True, a, b).sum()
-            + umap_loss(d_neg, False, a, b).sum()) / (B * (1 + R))
+    ih, it, ineg = inv[:B], inv[B:2 * B], inv[pick.to(device)]
+    if not (cfg.virtual_rate or cfg.correlation_weight):
+        loss = pair_loss(emb, ih, it, ineg, None, a, b)
+    else:  # the extra terms need the gathered rows and distances
+        # Gathers with a deterministic backward: autograd's own backward of
+        # ``emb[idx]`` (index_put_ with accumulate) is not, with several CPU threads.
+        eh, et, en = _gather_rows(emb, ih), _gather_rows(emb, it), _gather_rows(emb, ineg)
+        loss, d_pos, d_neg = pair_loss_torch(eh, et, en, None, a, b)
     if cfg.virtual_rate:
         loss = loss + _virtual_point_loss(net, xb, inv, eh, et, en, B, R, cfg, gen)
     if cfg.correlation_weight:
-        x_h, x_t = xb[inv[:B]], xb[inv[B:2 * B]]
-        x_n = xb[inv[pick[:, 0].to(device)]]
+        x_h, x_t = xb[ih], xb[it]
+        x_n = xb[ineg[:, 0]]
         dx = torch.cat([(x_h - x_t).norm(dim=1), (x_h - x_n).norm(dim=1)])
         de = torch.cat([d_pos.sqrt(), d_neg[:, 0].clamp_min(1e-12).sqrt()])
         loss = loss - cfg.correlation_weight * _pearson(dx, de)
     if dedupe:
         return loss, uniq, emb
-    return loss, h, eh  # large n: the heads stand for the step's rows
+    return loss, h, emb[:B]  # large n: the heads stand for the step's rows
 
 
 def _neighbourhood_loss(net, Xt, hood: NeighbourhoodSampler, R: int, a: float, b: float,
@@ -647,13 +594,7 @@ def _neighbourhood_loss(net, Xt, hood: NeighbourhoodSampler, R: int, a: float, b
     rows = torch.cat([rows, torch.randint(len(hood.slot), (m,), generator=gen)])
     emb = net(Xt[rows.to(Xt.device)].to(device, non_blocking=True))
     h, t, pick, w = h.to(device), t.to(device), pick.to(device), w.to(device)
-    eh, et = _gather_rows(emb, h), _gather_rows(emb, t)
-    en = _gather_rows(emb, pick)
-    d_pos = (eh - et).pow(2).sum(-1)
-    d_neg = (eh.unsqueeze(1) - en).pow(2).sum(-1)
-    per_edge = umap_loss(d_pos, True, a, b) + umap_loss(d_neg, False, a, b).sum(-1)
-    loss = (w * per_edge).sum() / (w.sum().clamp_min(1e-12) * (1 + R))
-    return loss, rows, emb
+    return pair_loss(emb, h, t, pick, w, a, b), rows, emb
 
 
 def _virtual_point_loss(encoder, xb, inv, eh, et, en, B, R, cfg, gen):

@@ -13,7 +13,7 @@ LAYERS = [
     {"_version", "errors"},
     {"arrays", "io"},
     {"params"},
-    {"knn", "graph", "init", "datasets", "progress", "inputs", "batches"},
+    {"knn", "graph", "init", "datasets", "progress", "inputs", "batches", "losses"},
     {"encoder", "networks"},
     {"model", "landmarks"},
     {"collectives", "checkpoint", "callbacks", "reconstruction", "train", "transform", "refine"},
@@ -29,7 +29,9 @@ OPTIONAL = {"cupy", "yaml", "tomllib", "tomli", "dask_jobqueue", "dask_mpi", "an
             # the hnsw extra (knn_method="hnsw"): usearch, wheels on every platform
             "usearch",
             # required, but compiles numba kernels on import (1.5 s of every CLI start)
-            "pynndescent"}
+            "pynndescent",
+            # required (the CPU loss kernel, pumap_dask.losses): 0.6 s to import
+            "numba"}
 
 
 def _modules() -> dict[str, pathlib.Path]:
