@@ -8,8 +8,6 @@ built-in class callers already catch (``ValueError`` for bad parameters and inpu
 
 from __future__ import annotations
 
-from sklearn.exceptions import NotFittedError as _SklearnNotFitted
-
 EXIT_OK = 0
 EXIT_FAILED = 1  # a stage failed while running
 EXIT_USAGE = 2  # bad input, parameters, paths or model files (argparse uses 2 as well)
@@ -45,10 +43,6 @@ class ModelFileError(PumapError, OSError):
     """A saved model directory is missing, incomplete, corrupt or was modified."""
 
 
-class NotFittedError(PumapError, _SklearnNotFitted):
-    """The model must be fitted (or loaded) before this call (scikit-learn's, subclassed)."""
-
-
 class ClusterError(PumapError, RuntimeError):
     """The cluster could not be started or reached (the message says how to fix it)."""
 
@@ -67,7 +61,7 @@ EXIT_CODES: dict[type, int] = {
     ParameterError: EXIT_USAGE,
     InputError: EXIT_USAGE,
     ModelFileError: EXIT_USAGE,
-    NotFittedError: EXIT_USAGE,
+    # NotFittedError: EXIT_USAGE, entered when the class is made (see __getattr__)
     FileNotFoundError: EXIT_USAGE,
     ClusterError: EXIT_CLUSTER,
     RankLostError: EXIT_FAILED,
@@ -82,3 +76,27 @@ def exit_code(exc: BaseException) -> int:
         if cls in EXIT_CODES:
             return EXIT_CODES[cls]
     return EXIT_FAILED
+
+
+def _not_fitted_error() -> type:
+    """:class:`NotFittedError`: scikit-learn's, subclassed (so ``except
+    sklearn.exceptions.NotFittedError`` and scikit-learn's estimator checks catch it).
+
+    Made on first use: importing scikit-learn costs 2-3 s, which every Dask worker that
+    runs a transform would otherwise pay for a class it never raises.
+    """
+    from sklearn.exceptions import NotFittedError as sklearn_not_fitted
+
+    cls = type("NotFittedError", (PumapError, sklearn_not_fitted), {
+        "__module__": __name__,
+        "__doc__": "The model must be fitted (or loaded) before this call (scikit-learn's, "
+                   "subclassed)."})
+    EXIT_CODES[cls] = EXIT_USAGE
+    return cls
+
+
+def __getattr__(name: str) -> type:
+    if name == "NotFittedError":
+        globals()[name] = cls = _not_fitted_error()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,6 +3,10 @@ import of package code; a function-local import is only for an optional third-pa
 
 import ast
 import pathlib
+import subprocess
+import sys
+
+import pytest
 
 import pumap_dask
 
@@ -31,7 +35,10 @@ OPTIONAL = {"cupy", "yaml", "tomllib", "tomli", "dask_jobqueue", "dask_mpi", "an
             # required, but compiles numba kernels on import (1.5 s of every CLI start)
             "pynndescent",
             # required (the CPU loss kernel, pumap_dask.losses): 0.6 s to import
-            "numba"}
+            "numba",
+            # required, but 2-3 s to import: errors.NotFittedError subclasses scikit-learn's
+            # on first use, so transform workers never import it
+            "sklearn"}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -141,3 +148,24 @@ def test_the_layer_test_sees_a_fault(tmp_path):
     src.write_text("from .pipeline import fit\n\ndef f():\n    from . import cli\n")
     found = _imports("knn", src, {"pipeline": None, "cli": None, "knn": None})
     assert ("pipeline", False, 1) in found and ("cli", True, 4) in found
+
+
+def test_the_transform_path_does_not_import_scikit_learn():
+    """A worker that unpickles a transform task imports ``pumap_dask.transform`` (through
+    the package root): scikit-learn (2-3 s) stays out; the public names still resolve."""
+    code = ("import sys, pumap_dask, pumap_dask.transform\n"
+            "assert 'sklearn' not in sys.modules, 'sklearn imported'\n"
+            "assert callable(pumap_dask.transform) and callable(pumap_dask.ood_mask)\n"
+            "from pumap_dask import ParametricUMAP, NotFittedError\n"
+            "import sklearn.exceptions\n"
+            "assert issubclass(NotFittedError, sklearn.exceptions.NotFittedError)\n"
+            "assert pumap_dask.transform.__module__ == 'pumap_dask.transform'\n"
+            "assert pumap_dask.datasets.trajectory_like\n"
+            "assert set(pumap_dask.__all__) <= set(dir(pumap_dask))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_an_unknown_name_of_the_package_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'nonesuch'"):
+        pumap_dask.nonesuch  # noqa: B018
