@@ -24,6 +24,60 @@ import torch
 CALIBRATION_DRAWS = 4
 
 
+def _draw_batch(indptr, tail, weight, slot, seeds):  # pragma: no cover - compiled by numba
+    """The batch of ``seeds``: its rows (the seeds and their neighbours, sorted, distinct)
+    and every edge among them (ends as positions in the rows, CSR order, and weight).
+
+    ``slot`` (one entry per row, all -1) maps a row to its position while drawing and is
+    left all -1 again.
+    """
+    m = len(seeds)
+    for r in seeds:
+        m += indptr[r + 1] - indptr[r]
+    cand = np.empty(m, dtype=np.int64)
+    m = 0
+    for r in seeds:
+        cand[m] = r
+        m += 1
+    for r in seeds:
+        for p in range(indptr[r], indptr[r + 1]):
+            cand[m] = tail[p]
+            m += 1
+    rows = np.unique(cand)
+    n_edges = 0
+    for i in range(len(rows)):
+        slot[rows[i]] = i
+        n_edges += indptr[rows[i] + 1] - indptr[rows[i]]
+    h = np.empty(n_edges, dtype=np.int64)
+    t = np.empty(n_edges, dtype=np.int64)
+    w = np.empty(n_edges, dtype=np.float32)
+    k = 0
+    for i in range(len(rows)):
+        for p in range(indptr[rows[i]], indptr[rows[i] + 1]):
+            j = slot[tail[p]]
+            if j >= 0:  # the tail is a batch row
+                h[k] = i
+                t[k] = j
+                w[k] = weight[p]
+                k += 1
+    for r in rows:
+        slot[r] = -1
+    return rows, h[:k].copy(), t[:k].copy(), w[:k].copy()
+
+
+_KERNEL = None
+
+
+def _kernel():
+    """:func:`_draw_batch` compiled (numba compiles it on first use, cached on disk)."""
+    global _KERNEL
+    if _KERNEL is None:
+        import numba  # required (through pynndescent); imported when first used: 0.6 s
+
+        _KERNEL = numba.njit(cache=True, nogil=True)(_draw_batch)
+    return _KERNEL
+
+
 class NeighbourhoodSampler:
     """Draws neighbourhood batches from an edge list (this rank's edges under DDP).
 
@@ -55,14 +109,6 @@ class NeighbourhoodSampler:
         self.slot = np.full(n, -1, dtype=np.int64)  # row -> place in the batch
         self.seeds = self.calibrate(int(edges_per_step))
 
-    def _edges_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(positions in the CSR order, head row of each) of all edges of ``rows``."""
-        start = self.indptr[rows]
-        count = self.indptr[rows + 1] - start
-        first = np.cumsum(count) - count  # where each row's run begins in the output
-        pos = np.repeat(start - first, count) + np.arange(int(count.sum()))
-        return pos, np.repeat(rows, count)
-
     def draw(self, gen: torch.Generator, seeds: int | None = None):
         """One batch.
 
@@ -77,17 +123,8 @@ class NeighbourhoodSampler:
         """
         s = self.seeds if seeds is None else seeds
         pick = torch.randint(len(self.active), (s,), generator=gen).numpy()
-        seed_rows = self.active[pick]
-        pos, _ = self._edges_of(seed_rows)
-        rows = np.unique(np.concatenate([seed_rows, self.tail[pos]])).astype(np.int64)
-        pos, heads = self._edges_of(rows)
-        self.slot[rows] = np.arange(len(rows))
-        t = self.slot[self.tail[pos]]  # -1: the tail is not a batch row
-        keep = np.flatnonzero(t >= 0)
-        h = self.slot[heads[keep]]
-        t = t[keep]
-        w = self.weight[pos[keep]]
-        self.slot[rows] = -1
+        rows, h, t, w = _kernel()(self.indptr, self.tail, self.weight, self.slot,
+                                  self.active[pick])
         return (torch.from_numpy(rows), torch.from_numpy(h), torch.from_numpy(t),
                 torch.from_numpy(w))
 
