@@ -29,7 +29,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # public name -> the module that defines it
 _PUBLIC = {
-    "ParametricUMAP": "estimator", "load": "estimator", "embed": "embed", "nearest_neighbors": "distributed.knn_dask",
+    "ParametricUMAP": "estimator", "load": "estimator", "embed": "embed",
+    "nearest_neighbors": "distributed.knn_dask",
     "fuzzy_simplicial_set": "graph", "find_ab_params": "train", "EarlyStopping": "callbacks",
     **{name: "errors" for name in (
         "PumapError", "ParameterError", "ConfigError", "NetworkError", "InputError",

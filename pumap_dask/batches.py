@@ -10,15 +10,18 @@ kNN graph the neighbours of a row are largely each other's neighbours, so a step
 about one row per 5-10 positive edges: the same positive samples for a fraction of the
 encoder passes.
 
-Every edge between two batch rows is kept in both directions (the graph holds both), and
-each is repelled from ``negative_sample_rate`` rows drawn uniformly among the batch's rows,
-which come from many unrelated neighbourhoods.
+Every edge between two batch rows is kept in both directions (the graph holds both). The
+trainer repels each from ``negative_sample_rate`` rows of a pool drawn uniformly from all
+rows (:func:`pumap_dask.train._neighbourhood_loss`): the batch's own rows come from a few
+neighbourhoods only.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from .arrays import host_kernel
 
 # Trial draws that size the seeds per step for a wanted number of edges per step.
 CALIBRATION_DRAWS = 4
@@ -63,19 +66,6 @@ def _draw_batch(indptr, tail, weight, slot, seeds):  # pragma: no cover - compil
     for r in rows:
         slot[r] = -1
     return rows, h[:k].copy(), t[:k].copy(), w[:k].copy()
-
-
-_KERNEL = None
-
-
-def _kernel():
-    """:func:`_draw_batch` compiled (numba compiles it on first use, cached on disk)."""
-    global _KERNEL
-    if _KERNEL is None:
-        import numba  # required (through pynndescent); imported when first used: 0.6 s
-
-        _KERNEL = numba.njit(cache=True, nogil=True)(_draw_batch)
-    return _KERNEL
 
 
 class NeighbourhoodSampler:
@@ -123,8 +113,8 @@ class NeighbourhoodSampler:
         """
         s = self.seeds if seeds is None else seeds
         pick = torch.randint(len(self.active), (s,), generator=gen).numpy()
-        rows, h, t, w = _kernel()(self.indptr, self.tail, self.weight, self.slot,
-                                  self.active[pick])
+        rows, h, t, w = host_kernel(_draw_batch)(self.indptr, self.tail, self.weight,
+                                                 self.slot, self.active[pick])
         return (torch.from_numpy(rows), torch.from_numpy(h), torch.from_numpy(t),
                 torch.from_numpy(w))
 

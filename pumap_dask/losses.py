@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .arrays import host_kernel
+
 # below this squared distance a pair's distance is clamped (log of 0); its gradient is 0
 MIN_D2 = 1e-10
 
@@ -153,20 +155,6 @@ def _pair_gradient(emb, h, t, pick, w, d2, s, p, l1p, b, grad):  # pragma: no co
     return loss
 
 
-_KERNELS: tuple | None = None
-
-
-def _kernels() -> tuple:
-    """The compiled kernels (numba compiles them on first use and caches them on disk)."""
-    global _KERNELS
-    if _KERNELS is None:
-        import numba  # required (through pynndescent); imported when first used: 0.6 s
-
-        jit = numba.njit(cache=True, nogil=True)
-        _KERNELS = (jit(_pair_distances), jit(_pair_gradient))
-    return _KERNELS
-
-
 class _PairLoss(torch.autograd.Function):
     """:func:`pair_loss_torch` of rows of ``emb``, its gradient computed in the forward.
 
@@ -177,7 +165,7 @@ class _PairLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, emb, h, t, pick, w, a, b):
-        distances, gradient = _kernels()
+        distances, gradient = host_kernel(_pair_distances), host_kernel(_pair_gradient)
         e = emb.detach().contiguous().numpy()
         h, t, pick = h.numpy(), t.numpy(), pick.numpy()
         d2 = torch.empty((len(h), pick.shape[1] + 1), dtype=torch.float32)

@@ -34,7 +34,7 @@ OPTIONAL = {"cupy", "yaml", "tomllib", "tomli", "dask_jobqueue", "dask_mpi", "an
             "usearch",
             # required, but compiles numba kernels on import (1.5 s of every CLI start)
             "pynndescent",
-            # required (the CPU loss kernel, pumap_dask.losses): 0.6 s to import
+            # required (the host kernels, arrays.host_kernel): 0.6 s to import
             "numba",
             # required, but 2-3 s to import: errors.NotFittedError subclasses scikit-learn's
             # on first use, so transform workers never import it
