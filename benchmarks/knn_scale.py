@@ -14,6 +14,13 @@ Peak memory per worker is the largest RSS seen by a sampler polling the workers 
 0.25 s. Usage::
 
     python benchmarks/knn_scale.py --sizes 100000 300000 1000000
+
+``--data trajectory`` uses :func:`pumap_dask.datasets.write_trajectory_like_zarr` (the fit
+benchmarks' data) instead. ``--as-fit`` runs our kNN as a fit runs it (issue 18: the fit's kNN
+stage against this standalone one): with a work directory (the kNN stored to Zarr and reopened)
+and the fit's recall sampling, and reports the parts (``search_s``, ``store_s``, ``recall_s``)::
+
+    python benchmarks/knn_scale.py --sizes 1000000 --data trajectory --as-fit --skip-pynndescent
 """
 
 from __future__ import annotations
@@ -77,17 +84,17 @@ def exact_for_rows(X: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
 def run_size(n: int, args, client, data_dir: str) -> dict:
     import zarr
 
-    from pumap_dask.datasets import write_cell_like_zarr
+    from pumap_dask.datasets import write_cell_like_zarr, write_trajectory_like_zarr
     from pumap_dask.distributed.graph_dask import build_edge_store
     from pumap_dask.knn import knn_recall, nndescent_knn
     from pumap_dask.distributed.knn_dask import nearest_neighbors
 
     k = args.k
-    path = os.path.join(data_dir, f"cells_{n}x{args.n_features}.zarr")
+    path = os.path.join(data_dir, f"{args.data}_{n}x{args.n_features}.zarr")
     t0 = time.perf_counter()
     if not (os.path.exists(path) and zarr.open_array(path).shape == (n, args.n_features)):
-        write_cell_like_zarr(path, n, n_features=args.n_features, chunk_rows=args.chunk_rows,
-                             random_state=0)
+        write = write_cell_like_zarr if args.data == "cell" else write_trajectory_like_zarr
+        write(path, n, n_features=args.n_features, chunk_rows=args.chunk_rows, random_state=0)
     t_write = time.perf_counter() - t0
     rows = np.sort(np.random.default_rng(123).choice(n, size=min(n, args.recall_samples),
                                                      replace=False))
@@ -98,10 +105,16 @@ def run_size(n: int, args, client, data_dir: str) -> dict:
     client.run(lambda: __import__("gc").collect())
     with PeakSampler(client) as sampler:
         t0 = time.perf_counter()
-        res = nearest_neighbors(path, k, "partitioned", client=client, recall_samples=0,
-                                random_state=0, partition_rows=args.partition_rows)
+        res = nearest_neighbors(path, k, "partitioned", client=client,
+                                recall_samples=args.recall_samples if args.as_fit else 0,
+                                random_state=0, partition_rows=args.partition_rows,
+                                work_dir=os.path.join(work, "fit") if args.as_fit else None)
         ind, dist = res
         out["ours_knn_s"] = time.perf_counter() - t0
+        if args.as_fit:  # the search and its store to Zarr, then the recall sampling
+            out["search_store_s"] = res.timings.get("knn")
+            out["recall_s"] = res.timings.get("recall")
+            out["fit_recall"] = res.recall
         t0 = time.perf_counter()
         store = build_edge_store(ind, dist, work, client=client)
         out["ours_graph_s"] = time.perf_counter() - t0
@@ -157,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--memory-limit", default="4GiB")
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "pumap_knn_scale"))
     p.add_argument("--skip-pynndescent", action="store_true")
+    p.add_argument("--data", choices=("cell", "trajectory"), default="cell")
+    p.add_argument("--as-fit", action="store_true",
+                   help="our kNN with a work directory and the fit's recall sampling")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
 

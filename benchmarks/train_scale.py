@@ -157,7 +157,7 @@ def main() -> None:
     import dask
 
     from pumap_dask import ParametricUMAP
-    from pumap_dask.datasets import write_cell_like_zarr
+    from pumap_dask.datasets import write_cell_like_zarr, write_trajectory_like_zarr
     from pumap_dask.distributed.edges import EdgeStore
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -165,6 +165,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, nargs="+", default=[5, 20])
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch-size", type=int, default=16384)
+    ap.add_argument("--data", choices=("cell", "trajectory"), default="cell",
+                    help="the throughput runs' data (cell_like or trajectory_like)")
     ap.add_argument("--accuracy", nargs="+", choices=("mnist", "cells"),
                     help="measure held-out accuracy of 1 process vs 2 DDP ranks instead")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -177,7 +179,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="train_scale-")
     try:
         path = os.path.join(tmp, "x.zarr")
-        write_cell_like_zarr(path, args.n, 50, chunk_rows=max(1000, args.n // 8))
+        write = write_cell_like_zarr if args.data == "cell" else write_trajectory_like_zarr
+        write(path, args.n, 50, chunk_rows=max(1000, args.n // 8))
         work = os.path.join(tmp, "work")
         with dask.config.set(scheduler="threads"):
             ParametricUMAP(knn_method="partitioned", work_dir=work, n_epochs=1,

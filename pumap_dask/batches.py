@@ -90,7 +90,7 @@ class NeighbourhoodSampler:
             self.tail = np.asarray(tail)[order].astype(ids)
             self.weight = np.asarray(weight, dtype=np.float32)[order]
         else:
-            self.tail = np.asarray(tail).astype(ids)
+            self.tail = np.asarray(tail).astype(ids, copy=False)  # the caller's, not a copy
             self.weight = np.asarray(weight, dtype=np.float32)
         counts = np.bincount(head, minlength=n)
         self.indptr = np.zeros(n + 1, dtype=np.int64)

@@ -120,10 +120,13 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         and ``"local_method"`` (``"nndescent"`` or ``"hnsw"``) for the partitioned kNN.
         Options of another back-end are ignored. None: the defaults.
     train_world_size
-        Training processes (torch DDP, one rank per Dask worker; see
-        :mod:`pumap_dask.ddp`). None: every worker of the active distributed client when
-        the fit is partitioned (one process when ``callbacks`` are given), else one
-        process; 1: always one process.
+        Training processes (torch DDP; see :mod:`pumap_dask.distributed.ddp` and
+        :func:`pumap_dask.pipeline.plan_training`). None: for a partitioned fit with an
+        active distributed client, one rank per host on CPUs (one process with all the
+        host's cores, DDP across hosts) or one per GPU worker, always on the workers, so
+        the client never holds the training rows or edges; otherwise (in-memory input,
+        ``callbacks`` and the other options that need this process) one process, this
+        one. N > 1: N ranks, one per worker. 1: one process, this one.
     max_restarts
         DDP training (``train_world_size > 1``): how many times the group restarts from its
         last checkpoint after a rank is lost (a worker died), waiting for the worker to

@@ -12,8 +12,9 @@
 
 The estimator and the command line are thin faces over :func:`fit`: parameters arrive
 validated (:mod:`pumap_dask.params`), the work directory of the distributed stages is managed
-here, and nothing is gathered on the client for lazy input except the training matrix (within
-:data:`TRAIN_MEMORY_BUDGET`), the edge list and the (n, n_components) embedding.
+here. A partitioned fit with a Dask client trains on the workers (:class:`TrainPlan`) and
+gathers only the (n, n_components) embedding; training in this process gathers the training
+matrix (within :data:`TRAIN_MEMORY_BUDGET`) and the edge list too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
+import dask
 import distributed
 import numpy as np
 import scipy.sparse as sp
@@ -57,6 +59,7 @@ from .progress import stage, track
 from .reconstruction import build_for_fit, check_validation, reconstruction_error
 from .train import (TrainConfig, build_encoder, default_epochs, find_ab_params, resolve_batching,
                     train_encoder)
+from .transform import encoder_source, transform
 from .workdir import work_directory
 
 logger = logging.getLogger(__name__)
@@ -83,16 +86,26 @@ class Edges:
     """The pruned symmetric fuzzy graph as an edge list (both directions of each edge).
 
     ``graph`` is the CSR matrix when the graph was built in memory (small fits), else None.
+    A partitioned fit's edges stay in their ``store`` (``head``, ``tail`` and ``weight``
+    None) until :meth:`load`: training on the workers reads them there, not here.
     """
 
-    head: np.ndarray
-    tail: np.ndarray
-    weight: np.ndarray
+    head: np.ndarray | None
+    tail: np.ndarray | None
+    weight: np.ndarray | None
     n_vertices: int
     graph: sp.csr_matrix | None = None
+    store: Any = None  # a partitioned fit's EdgeStore; the arrays stay on disk until load()
 
     def __len__(self) -> int:
-        return int(len(self.head))
+        return int(len(self.head)) if self.head is not None else int(self.store.n_edges)
+
+    def load(self) -> "Edges":
+        """These edges with their arrays in memory (12 bytes per edge, read from the store
+        when a partitioned fit trains in this process)."""
+        if self.head is not None:
+            return self
+        return Edges(*self.store.read_compact(), self.n_vertices, self.graph, self.store)
 
 
 @dataclass
@@ -154,10 +167,13 @@ class FitResult:
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """Where training runs: one process, or DDP over ``world_size`` Dask workers.
+    """Where training runs: in this process, in one process on a Dask worker, or as DDP
+    over ``world_size`` Dask workers.
 
     Decided once per fit by :func:`plan_training`, logged with its ``reason``, and
-    recorded as ``train_world_size_``.
+    recorded as ``train_world_size_``. With a ``client`` training runs on its workers
+    (:func:`pumap_dask.distributed.ddp.train_on_dask`, one rank per ``placement`` slot),
+    so this process never holds the training rows or edges.
     """
 
     world_size: int
@@ -168,6 +184,11 @@ class TrainPlan:
     @property
     def ddp(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def remote(self) -> bool:
+        """Training runs on the Dask workers (one rank or several), not in this process."""
+        return self.client is not None
 
 
 # --------------------------------------------------------------------------- stages
@@ -236,8 +257,7 @@ def run_graph(neighbors: Neighbors, params: dict, *, work_dir: str | None = None
         store = build_edge_store(neighbors.indices, neighbors.distances, work_dir,
                                  n_epochs=PRUNE_EPOCHS, y=y,
                                  target_weight=params.get("target_weight", 0.5), **graph_kw)
-        head, tail, weight = store.read_compact()
-        edges = Edges(head, tail, weight, store.n_vertices)
+        edges = Edges(None, None, None, store.n_vertices, store=store)
     else:
         graph = graph_stage.fuzzy_simplicial_set(neighbors.indices, neighbors.distances,
                                                  **graph_kw)
@@ -376,13 +396,27 @@ def run_train(X: np.ndarray, edges: Edges, layout: Layout | None, cfg: TrainConf
     return Trained(encoder, history, cfg)
 
 
-def feature_stats(X: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-feature min, max, mean and std of the training data (float32)."""
-    return {
-        "min": X.min(0), "max": X.max(0),
-        "mean": X.mean(0, dtype=np.float64).astype(np.float32),
-        "std": X.std(0, dtype=np.float64).astype(np.float32),
-    }
+def feature_stats(X: Any) -> dict[str, np.ndarray]:
+    """Per-feature min, max, mean and std of the training data (float32); a dask array's
+    are computed where its blocks are (one pass)."""
+    parts = (X.min(0), X.max(0), X.mean(0, dtype=np.float64), X.std(0, dtype=np.float64))
+    if is_lazy(X):
+        parts = dask.compute(*parts)
+    return dict(zip(("min", "max", "mean", "std"),
+                    (np.asarray(p).astype(np.float32) for p in parts)))
+
+
+def embed_training_rows(encoder: Any, rows: np.ndarray | InputHandle
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The training rows' embedding and :func:`feature_stats`: in this process for
+    in-memory rows, else the encoder mapped over the input's blocks where they are
+    (:func:`pumap_dask.transform.transform`) and only the (n, n_components) result
+    gathered here."""
+    if isinstance(rows, InputHandle):
+        darr = rows.darr.astype(np.float32)
+        return (np.asarray(transform(darr, encoder_source(encoder)).compute()),
+                feature_stats(darr))
+    return encode(encoder, rows), feature_stats(rows)
 
 
 # --------------------------------------------------------------------------- driver
@@ -453,7 +487,6 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
         key = None
     handle = open_input(X, key)
     check_sizes(handle, params["n_neighbors"])
-    handle.check_budget()
     input_shape = handle.input_shape or (handle.d,)
     validation = None
     if validation_data is not None:
@@ -484,6 +517,8 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
     plan = plan_training(params, partitioned=partitioned, source=handle.source,
                          landmarks=landmarks is not None, init_model=init_encoder is not None,
                          device=device)
+    if not plan.remote:  # this process will hold the rows: fail now, not after the kNN
+        handle.check_budget()
     identity = handle.identity()  # one read: NaN check and content digest, before the kNN
     timings["input"] = time.perf_counter() - t0
     if partitioned and not params.get("work_dir"):
@@ -502,8 +537,11 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                 edges = apply_labels(edges, y, params.get("target_weight", 0.5))
         knn_method, knn_recall = neighbors.method, neighbors.recall
         del neighbors  # the kNN arrays are not needed past the graph
-        with timed("load"):
-            Xtr = handle.load()
+        Xtr = None
+        if not plan.remote:  # training on the workers: the rows and edges stay there
+            with timed("load"):
+                Xtr = handle.load()
+                edges = edges.load()
         with timed("init"):  # continued training starts from the given encoder instead
             layout = None if init_encoder is not None else run_init(handle, edges, params,
                                                                     device)
@@ -512,10 +550,12 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
             cfg = dataclasses.replace(cfg, input_sha256=identity["sha256"])
             if params.get("work_dir"):  # checkpoints beside the kNN and graph: a rerun resumes
                 cfg = dataclasses.replace(cfg, checkpoint_dir=os.path.join(wdir, "train"))
-            network, recon = build_for_fit(params, input_shape, cfg, Xtr,
-                                           init_decoder=init_decoder)
+            network = recon = None
+            if Xtr is not None:  # custom networks and decoders train in this process
+                network, recon = build_for_fit(params, input_shape, cfg, Xtr,
+                                               init_decoder=init_decoder)
             world = plan.world_size
-            if plan.ddp:
+            if plan.remote:
                 init = None if layout is None else (layout.rows, layout.positions)
                 encoder, history, world = ddp.train_on_dask(
                     plan.client, handle.source, handle.key, os.path.join(wdir, "graph"), cfg,
@@ -528,9 +568,8 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                                     landmarks=landmarks, network=network,
                                     reconstruction=recon, validation=validation)
 
-    with timed("embed"):
-        embedding = encode(trained.encoder, Xtr)
-        stats = feature_stats(Xtr)
+    with timed("embed"):  # on the workers when the rows are there
+        embedding, stats = embed_training_rows(trained.encoder, handle if Xtr is None else Xtr)
     logger.info("fitted %d x %d: %s", handle.n, handle.d,
                 ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     res = FitResult(encoder=trained.encoder, loss_history=list(trained.loss_history),
@@ -553,17 +592,20 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
 
 def plan_training(params: dict, *, partitioned: bool, source: Any, landmarks: bool = False,
                   init_model: bool = False, device: str = "cpu") -> TrainPlan:
-    """Decide, once, whether a fit trains in this process or as DDP on the Dask workers,
-    and where its ranks go.
+    """Decide, once, whether a fit trains in this process or on the Dask workers, and
+    where its ranks go.
 
-    DDP needs a partitioned fit of lazy input the workers can read (a Zarr array or path,
-    or a dask array whose graph can be sent to them), an active ``distributed.Client`` and
-    none of the options that train in this process only
+    Training on the workers needs a partitioned fit of lazy input the workers can read (a
+    Zarr array or path, or a dask array whose graph can be sent to them), an active
+    ``distributed.Client`` and none of the options that train in this process only
     (:func:`pumap_dask.params.single_process_reasons`). The topology follows the hardware:
     one rank per GPU worker when training runs on CUDA; on CPUs one rank per *host* using
     all its cores, so DDP runs across hosts only (on one host, one process with all its
     cores is faster than DDP over its workers: Gloo's all-reduce each step costs more than
-    it parallelises; ``benchmarks/RESULTS.md``). ``train_world_size=1`` forces one process;
+    it parallelises; ``benchmarks/RESULTS.md``). A single rank (one host, or one GPU
+    worker) still runs on a worker: the client then never holds the training rows or
+    edges, which is what keeps it small at 10M rows. ``train_world_size=1`` forces one
+    process, this one;
     an explicit ``train_world_size=N > 1`` asks for N ranks, one per worker; when it cannot
     be honoured it is an error if an option forbids it, else a warning.
 
@@ -577,8 +619,9 @@ def plan_training(params: dict, *, partitioned: bool, source: Any, landmarks: bo
     wanted = params.get("train_world_size")
     reasons = check_train_world(params, landmarks=landmarks, init_model=init_model)
     plan = _choose_plan(wanted, reasons, partitioned, source, device)
-    logger.info("training plan: %s (%s)", "one process" if not plan.ddp
-                else f"DDP over {plan.world_size} ranks, one per {plan.placement}",
+    logger.info("training plan: %s (%s)",
+                f"DDP over {plan.world_size} ranks, one per {plan.placement}" if plan.ddp
+                else "one process on a Dask worker" if plan.remote else "in this process",
                 plan.reason)
     return plan
 
@@ -644,14 +687,17 @@ def _choose_plan(wanted: int | None, reasons: list[str], partitioned: bool,
         return TrainPlan(world, f"train_world_size={wanted}, {n_workers} eligible Dask "
                                 "workers", client, "worker")
     placement = "gpu" if device != "cpu" and ddp.rank_workers(client, "gpu") else "host"
-    world = len(ddp.rank_workers(client, placement))
-    if world < 2:
+    slots = ddp.rank_workers(client, placement)
+    if not slots:
+        return TrainPlan(1, "no Dask workers")
+    if len(slots) == 1:  # one rank, on a worker: the rows and edges never reach the client
         why = ("one GPU worker" if placement == "gpu" else
-               f"{n_workers} CPU worker(s) on one host: one process with all its cores "
-               "trains faster than DDP over them")
-        return TrainPlan(1, why)
-    return TrainPlan(world, f"{world} {'GPU workers' if placement == 'gpu' else 'hosts'}",
-                     client, placement)
+               f"{n_workers} CPU worker(s) on one host: one process with all their "
+               f"{slots[0][1]} threads trains faster than DDP over them; it runs on "
+               f"{slots[0][0]}, so the client holds neither rows nor edges")
+        return TrainPlan(1, why, client, placement)
+    return TrainPlan(len(slots), f"{len(slots)} "
+                     f"{'GPU workers' if placement == 'gpu' else 'hosts'}", client, placement)
 
 
 def require_local_workers() -> None:

@@ -91,7 +91,11 @@ def model_source(model: Any) -> ModelRef | ModelBlob:
     if not hasattr(model, "encoder_"):
         raise InputError("model must be a fitted ParametricUMAP or the path of a saved one; "
                          "call fit(X) first")
-    enc = model.encoder_
+    return encoder_source(model.encoder_)
+
+
+def encoder_source(enc: Any) -> ModelBlob:
+    """A trained encoder's weights (and architecture) for shipping to workers."""
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in enc.state_dict().items()}, buf)
     data = buf.getvalue()

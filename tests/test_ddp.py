@@ -302,8 +302,44 @@ def test_cpu_workers_of_one_host_train_as_one_process(cells, cluster_client):
     with cluster_client.as_current():
         plan = pipeline._choose_plan(None, [], True, path)
         assert plan.world_size == 1 and "one host" in plan.reason
+        assert plan.remote and plan.placement == "host"  # on a worker, not in the client
+        assert not pipeline._choose_plan(1, [], True, path).remote
         plan = pipeline._choose_plan(2, [], True, path)
         assert plan.world_size == 2 and plan.placement == "worker"
+
+
+def test_one_host_trains_on_a_worker_and_the_client_holds_no_rows(cells, cluster_client,
+                                                                   monkeypatch, caplog):
+    """The default plan on one host: one training process on a worker with both workers'
+    threads; the client never loads the training rows or the edges, and gets back the
+    encoder, the training rows' embedding (computed on the workers) and the feature
+    statistics, as an in-process fit has them."""
+    import dask
+
+    path, y, _, single = cells
+
+    def refuse(self, *a, **k):
+        raise AssertionError("the client loaded what stays on the workers")
+
+    monkeypatch.setattr(pipeline.InputHandle, "load", refuse)
+    monkeypatch.setattr(pipeline.Edges, "load", refuse)
+    caplog.set_level(logging.INFO, logger="pumap_dask")
+    cluster_client.wait_for_workers(2, timeout=60)  # back from an earlier test's kill
+    with cluster_client.as_current(), dask.config.set(scheduler=cluster_client):
+        m = ParametricUMAP(knn_method="partitioned", random_state=0, **FAST).fit(path)
+    assert "one process on a Dask worker" in caplog.text
+    assert m.train_world_size_ == 1 and m.embedding_.shape == (3000, 2)
+    np.testing.assert_allclose(m.embedding_, encode(m.encoder_, _rows(path)), atol=1e-4)
+    for k in ("min", "max", "mean", "std"):
+        np.testing.assert_allclose(m.feature_stats_[k], single.feature_stats_[k], rtol=1e-5,
+                                   atol=1e-6)
+    assert _acc(m.embedding_, y) > _acc(single.embedding_, y) - 0.03
+
+
+def _rows(path):
+    import zarr
+
+    return np.asarray(zarr.open_array(path, mode="r")[:], dtype=np.float32)
 
 
 def test_hosts_get_one_rank_each(cluster_client, monkeypatch):

@@ -145,6 +145,8 @@ def test_run_graph_labels_partitioned_equals_in_memory(small_graph, tmp_path):
     with dask.config.set(scheduler="threads"):
         part = pipeline.run_graph(lazy, params, work_dir=str(tmp_path), y=y)
     assert part.graph is None and part.n_vertices == mem.n_vertices == 300
+    assert part.head is None and len(part) == len(mem)  # on disk until loaded
+    part = part.load()
     np.testing.assert_array_equal(part.head, mem.head)
     np.testing.assert_array_equal(part.tail, mem.tail)
     np.testing.assert_allclose(part.weight, mem.weight, atol=1e-6)

@@ -77,11 +77,7 @@ def _read_own_edges(edge_dir: str, rank: int, world_size: int):
     if not mine:
         raise ParameterError(f"the edge store has {len(store)} shards, fewer than the "
                              f"{world_size} training ranks; use at most {len(store)} ranks")
-    parts = [store.read_shard(i) for i in mine]
-    itype = np.int32 if store.n_vertices < 2**31 else np.int64
-    return (np.concatenate([p[0] for p in parts]).astype(itype),
-            np.concatenate([p[1] for p in parts]).astype(itype),
-            np.concatenate([p[2] for p in parts]))
+    return store.read_compact(mine)
 
 
 def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,

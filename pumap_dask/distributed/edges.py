@@ -76,17 +76,22 @@ class EdgeStore:
             return (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
         return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
 
-    def read_compact(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All edges of an edge store, shard by shard, with the narrowest index type.
+    def read_compact(self, shards: list[int] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The edges of ``shards`` (default: all, in row order), shard by shard, with the
+        narrowest index type.
 
-        Memory is 12 bytes per edge below 2^31 vertices (int32 ids, float32 weights).
+        Memory is 12 bytes per edge below 2^31 vertices (int32 ids, float32 weights), plus
+        one shard's int64 ids while it is copied in.
         """
+        ids = range(len(self.shards)) if shards is None else shards
+        count = sum(int(self.meta["shards"][i]["n_edges"]) for i in ids)
         itype = np.int32 if self.n_vertices < 2**31 else np.int64
-        head = np.empty(self.n_edges, itype)
-        tail = np.empty(self.n_edges, itype)
-        weight = np.empty(self.n_edges, np.float32)
+        head = np.empty(count, itype)
+        tail = np.empty(count, itype)
+        weight = np.empty(count, np.float32)
         at = 0
-        for h, t, w in self.iter_shards():
+        for h, t, w in map(self.read_shard, ids):
             head[at:at + len(h)] = h
             tail[at:at + len(h)] = t
             weight[at:at + len(h)] = w
