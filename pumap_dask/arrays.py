@@ -15,16 +15,19 @@ import torch
 _HOST_KERNELS: dict[Callable, Callable] = {}
 
 
-def host_kernel(fn: Callable) -> Callable:
+def host_kernel(fn: Callable, reassociate: bool = False) -> Callable:
     """``fn`` compiled by numba (nopython, GIL released), once per process.
 
     Compiled on first use and cached on disk (``cache=True``), so importing the package
     never pays numba's import (0.6 s; numba is required, through pynndescent) or a compile.
+    ``reassociate`` lets floating-point sums be reordered (and so vectorised); infinities
+    and NaNs keep their meaning. A function is compiled with the options of its first call.
     """
     if fn not in _HOST_KERNELS:
         import numba
 
-        _HOST_KERNELS[fn] = numba.njit(cache=True, nogil=True)(fn)
+        fastmath = {"reassoc", "contract"} if reassociate else False
+        _HOST_KERNELS[fn] = numba.njit(cache=True, nogil=True, fastmath=fastmath)(fn)
     return _HOST_KERNELS[fn]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, ParameterError
+from .nndescent import nn_descent
 from .params import METRICS, positive_int, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,41 @@ def nndescent_knn(
     )
     ind, dist = index.neighbor_graph
     return _drop_self(ind, dist, n_neighbors)
+
+
+# options of the package's own NN-descent kernel (the partitions' search)
+DESCENT_KWDS = ("n_trees", "max_candidates", "n_iters", "leaf_size")
+
+
+def check_descent_kwds(kwds: dict) -> dict:
+    """``kwds`` when all are options of :func:`descent_knn`, else a ParameterError."""
+    unknown = sorted(set(kwds) - set(DESCENT_KWDS))
+    if unknown:
+        raise ParameterError(f"kNN options {unknown} are not options of the partitions' "
+                             f"NN-descent search (pumap_dask.nndescent); it takes "
+                             f"{list(DESCENT_KWDS)}")
+    return kwds
+
+
+def descent_knn(X: np.ndarray, n_neighbors: int, *, random_state: int | None = None,
+                metric: str = "euclidean", **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate kNN on one thread with the package's NN-descent kernel
+    (:func:`pumap_dask.nndescent.nn_descent`, compiled once per machine). Self is excluded.
+
+    With ``metric="cosine"`` it searches the unit rows, as :func:`nndescent_knn` does.
+    ``kwargs`` are the kernel's options (:data:`DESCENT_KWDS`); others raise a
+    ParameterError.
+    """
+    check_metric(metric)
+    check_descent_kwds(kwargs)
+    if X.shape[0] < n_neighbors + 1:
+        raise InputError(f"n_neighbors={n_neighbors} needs at least {n_neighbors + 1} samples, "
+                         f"got {X.shape[0]}")
+    if metric == "cosine":
+        return _cosine_by_unit_rows(
+            X, n_neighbors, lambda U: nn_descent(U, n_neighbors, random_state=random_state,
+                                                 **kwargs))
+    return nn_descent(X, n_neighbors, random_state=random_state, **kwargs)
 
 
 def _nndescent_cosine(X: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:

@@ -49,7 +49,7 @@ def test_partitioned_threaded(cells):
 
 
 def test_partitioned_nndescent_local(cells, monkeypatch):
-    # force pynndescent inside the partitions (normally used for partitions > ~20k rows)
+    # force NN-descent inside the partitions (normally used for partitions > ~6k rows)
     monkeypatch.setattr(knn_dask, "LOCAL_EXACT_WORK", 0.0)
     X, exact_ind = cells
     dX = da.from_array(X, chunks=(2500, 30))

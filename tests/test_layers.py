@@ -16,7 +16,7 @@ PACKAGE = pathlib.Path(pumap_dask.__file__).parent
 LAYERS = [
     {"_version", "errors"},
     {"arrays", "io"},
-    {"params"},
+    {"params", "nndescent"},
     {"knn", "graph", "init", "datasets", "progress", "inputs", "batches", "losses"},
     {"encoder", "networks"},
     {"model", "landmarks"},

@@ -68,12 +68,10 @@ PARTITION_THRESHOLD = 200_000
 DEFAULT_PARTITION_ROWS = 50_000
 PARTITION_MEMORY_FRACTION = 0.5
 # partitions with m * m * d below this are searched exactly on CPU workers (measured on one
-# core: exact costs about m * d / 8e9 s per row, pynndescent 18 us per row: break-even near
-# m = 3k rows at d = 50). Set above break-even, at partitions of up to about 6k rows at
-# d = 50 (0.25 s exact against 0.11 s warm pynndescent): a cold worker process compiles
-# pynndescent's kernels first, 60-150 s that its numba cache cannot save (nn_descent takes
-# its distance function as an argument; benchmarks/cold_workers.py), so small jobs on fresh
-# workers never pay it
+# core: exact costs about m * d / 8e9 s per row, NN-descent about 20 us per row: break-even
+# near m = 3k rows at d = 50). Set above break-even, at partitions of up to about 6k rows at
+# d = 50 (0.25 s exact against 0.11 s warm NN-descent): the NN-descent kernel is compiled
+# once per machine (about 15 s, then cached on disk), so small jobs never pay it
 LOCAL_EXACT_WORK = 2e9
 LOCAL_NNDESCENT = {"n_trees": 8, "max_candidates": 32}
 # HNSW (usearch) inside a partition: the single-machine defaults (pumap_dask.knn.HNSW_*)
@@ -257,19 +255,20 @@ def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
             o = np.argsort(b, axis=1, kind="stable")
             a, b = np.take_along_axis(a, o, 1), np.take_along_axis(b, o, 1)
         else:
-            # one thread per task: dask runs partitions in parallel, and numba's default
-            # (workqueue) threading layer is unsafe under concurrent parallel calls.
-            # pynndescent's distances are computed directly (no cancellation).
-            # Fewer trees and candidates than the single-machine default: each row is
-            # searched in `overlap` partitions and merged (measured on cell-like data,
-            # 50k-row partition: recall 0.999 either way, 30% less time).
+            # one thread per task: dask runs partitions in parallel. NN-descent is the
+            # package's own kernel (pumap_dask.nndescent), which numba caches on disk:
+            # pynndescent's is compiled again by every fresh worker process (60-150 s).
+            # Its distances are computed directly (no cancellation). Fewer trees and
+            # candidates than the single-machine default: each row is searched in
+            # `overlap` partitions and merged (measured on cell-like data, 50k-row
+            # partition: recall 0.999 either way, 30% less time).
             own = knn_stage.backend_kwds(local_method, local_kwds or {})
             if local_method == "hnsw":  # one build and query thread per task, as above
                 a, b = knn_stage.hnsw_knn(Xp, k, random_state=random_state, n_jobs=1,
                                           metric=metric, **{**LOCAL_HNSW, **own})
             else:
-                a, b = knn_stage.nndescent_knn(Xp, k, random_state=random_state, n_jobs=1,
-                                               metric=metric, **{**LOCAL_NNDESCENT, **own})
+                a, b = knn_stage.descent_knn(Xp, k, random_state=random_state, metric=metric,
+                                             **{**LOCAL_NNDESCENT, **own})
         li[:, :k], ld[:, :k] = a, b
     gi = np.where(li >= 0, ids[np.clip(li, 0, None)], -1)
     dest = np.searchsorted(bounds, ids, side="right") - 1
@@ -520,6 +519,8 @@ def _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_ro
     extra = {} if metric == "euclidean" else {"metric": metric}
     if method == "partitioned" and local_method != "nndescent":
         extra["local_method"] = local_method
+    elif method == "partitioned":  # the partitions' own kernel, not pynndescent's
+        extra["local_search"] = "pumap_dask.nndescent"
     if method_kwds:
         extra["method_kwds"] = {str(k): method_kwds[k] for k in sorted(method_kwds)}
     if content:  # the input's content digest: a cache of other data is never reused
@@ -714,6 +715,8 @@ def nearest_neighbors(
     method = resolve_method(method, X, n, d, dev)
     if method == "hnsw" or (method == "partitioned" and local_method == "hnsw"):
         knn_stage.require_hnsw()  # the extra is missing: say so before any work
+    if method == "partitioned" and local_method == "nndescent":  # unknown options: now
+        knn_stage.check_descent_kwds(knn_stage.backend_kwds("nndescent", method_kwds or {}))
     source = os.path.abspath(os.fspath(X)) if isinstance(X, (str, os.PathLike)) else None
     params = _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_rows,
                            refine, random_state, source, metric, local_method,
