@@ -1,5 +1,6 @@
-"""Host and device arrays: CuPy detection, copies to the host, torch tensors (DLPack), and
-the numba-compiled host kernels of the training loop (:func:`host_kernel`).
+"""Host and device arrays: CuPy detection, copies to the host, torch tensors (DLPack), the
+numba-compiled host kernels of the training loop (:func:`host_kernel`), and the host
+allocator's settings for numeric work inside Dask workers (:func:`reuses_freed_memory`).
 
 The one place that knows about CuPy; imported by training and projection alike, so
 projection never imports training code for them.
@@ -7,7 +8,14 @@ projection never imports training code for them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import os
+import sys
+import threading
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,6 +37,84 @@ def host_kernel(fn: Callable, reassociate: bool = False) -> Callable:
         fastmath = {"reassoc", "contract"} if reassociate else False
         _HOST_KERNELS[fn] = numba.njit(cache=True, nogil=True, fastmath=fastmath)(fn)
     return _HOST_KERNELS[fn]
+
+
+# glibc's mallopt parameters, its defaults, and what numeric work inside a worker uses: freed
+# blocks up to MMAP_MAX are kept in the heap for reuse instead of being returned to the OS
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+_MMAP_MAX = 32 << 20  # glibc's largest mmap threshold on 64-bit systems
+_TRIM_WHILE_COMPUTING = 1 << 30
+_ALLOC_LOCK = threading.Lock()
+_ALLOC_USERS = 0
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def _fixed_thresholds() -> tuple[int, int] | None:
+    """(trim, mmap) thresholds this process was started with, or None when glibc's dynamic
+    defaults apply (then nothing needs changing)."""
+    trim, mmap = os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    if trim is None and mmap is None:
+        return None
+    try:
+        return (int(trim) if trim is not None else _GLIBC_DEFAULT_THRESHOLD,
+                int(mmap) if mmap is not None else _GLIBC_DEFAULT_THRESHOLD)
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def freed_memory_reused() -> Iterator[None]:
+    """Inside: glibc keeps freed blocks (up to 32 MiB each) for reuse; after: the process's
+    own settings return and the free memory goes back to the OS.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which fixes glibc's
+    thresholds: every temporary above 128 KiB is then mapped and unmapped by the kernel on
+    each use. Numeric loops that allocate such temporaries again and again (torch training
+    steps, tiled distance matrices) ran 1.6-2.3x slower in a worker than in a plain process
+    (``benchmarks/RESULTS.md``, issue 18). Where the process runs with glibc's dynamic
+    defaults, or not on glibc, this does nothing.
+    """
+    global _ALLOC_USERS
+    fixed, libc = _fixed_thresholds(), _glibc()
+    if fixed is None or libc is None:
+        yield
+        return
+    with _ALLOC_LOCK:
+        _ALLOC_USERS += 1
+        if _ALLOC_USERS == 1:
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_WHILE_COMPUTING)
+    try:
+        yield
+    finally:
+        with _ALLOC_LOCK:
+            _ALLOC_USERS -= 1
+            if _ALLOC_USERS == 0:
+                libc.mallopt(_M_TRIM_THRESHOLD, fixed[0])
+                libc.mallopt(_M_MMAP_THRESHOLD, fixed[1])
+                libc.malloc_trim(0)
+
+
+def reuses_freed_memory(fn: Callable) -> Callable:
+    """``fn`` run inside :func:`freed_memory_reused` (for tasks that run on Dask workers)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with freed_memory_reused():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def is_cupy(x: Any) -> bool:

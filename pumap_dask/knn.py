@@ -150,9 +150,11 @@ def exact_knn(
                     if lo < hi:
                         idx = torch.arange(lo, hi, device=dev)
                         d2[idx - q0, idx - r0] = float("inf")
-                cand_d = torch.cat([best_d, d2], 1)
-                ref_ids = torch.arange(r0, r0 + r.shape[0], device=dev).expand(q.shape[0], -1)
-                cand_i = torch.cat([best_i, ref_ids], 1)
+                # the tile's own k best first: merging k + k candidates, not k + tile
+                tile_d, tile_i = torch.topk(d2, min(k, r.shape[0]), dim=1, largest=False,
+                                            sorted=False)
+                cand_d = torch.cat([best_d, tile_d], 1)
+                cand_i = torch.cat([best_i, tile_i + r0], 1)
                 best_d, pos = torch.topk(cand_d, k, dim=1, largest=False, sorted=True)
                 best_i = torch.gather(cand_i, 1, pos)
             out_i[q0:q0 + q.shape[0]] = best_i.cpu().numpy()

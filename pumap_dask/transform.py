@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from distributed import get_worker
 
-from .arrays import as_tensor, cupy_module, is_cupy
+from .arrays import as_tensor, cupy_module, is_cupy, reuses_freed_memory
 from .encoder import Encoder, encode, encoder_spec
 from .errors import InputError, ModelFileError
 from .io import as_dask, check_n_features
@@ -147,6 +147,7 @@ def limit_threads_to_worker() -> None:
         torch.set_num_threads(max(1, nthreads))
 
 
+@reuses_freed_memory
 def transform_block(block: Any, source: ModelRef | ModelBlob, batch_size: int = 65536,
                     device: str = "auto", nan_policy: str = "raise",
                     block_info: dict | None = None) -> Any:

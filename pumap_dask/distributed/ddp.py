@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..arrays import reuses_freed_memory
 from ..encoder import Encoder
 from ..errors import ParameterError, RankLostError
 from ..inputs import open_input
@@ -80,6 +81,7 @@ def _read_own_edges(edge_dir: str, rank: int, world_size: int):
     return store.read_compact(mine)
 
 
+@reuses_freed_memory
 def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
                init: tuple[np.ndarray, np.ndarray] | None, rank: int, world_size: int,
                init_method: str, timeout_s: float = DEFAULT_TIMEOUT_S,

@@ -50,6 +50,7 @@ import zarr
 from dask import delayed
 from dask.base import tokenize
 
+from ..arrays import reuses_freed_memory
 from ..errors import ParameterError
 from ..graph import (
     LABEL_SET_OP_MIX,
@@ -83,6 +84,7 @@ def _shard_complete(gdir: str, b: int) -> bool:
 
 
 # --------------------------------------------------------------------------- tasks
+@reuses_freed_memory
 def _directed_block(ind: np.ndarray, dist: np.ndarray, offset: int, mean_distance: float,
                     local_connectivity: float, tolerance: float, bounds: np.ndarray) -> dict:
     """Directed memberships of one row block: own edges plus transposed edges by destination."""
@@ -116,6 +118,7 @@ def _labelled_block(G: sp.csr_matrix, codes: np.ndarray, offset: int, target_wei
     return _exchange(A.row.astype(np.int64) + offset, A.col.astype(np.int64), A.data, bounds)
 
 
+@reuses_freed_memory
 def _symmetric_rows(own: tuple, incoming: list, offset: int, size: int, n: int,
                     set_op_mix_ratio: float) -> sp.csr_matrix:
     """Rows [offset, offset + size) of the symmetrised graph, shape (size, n)."""

@@ -53,6 +53,7 @@ from distributed import default_client, futures_of
 from sklearn.cluster import KMeans
 
 from .. import knn as knn_stage
+from ..arrays import reuses_freed_memory
 from .. import params as P
 from ..errors import InputError, ParameterError
 from ..io import as_dask, check_array, checked_finite, is_lazy, write_json_atomic
@@ -220,6 +221,7 @@ def _split_block(block: np.ndarray, offset: int, centroids: np.ndarray, overlap:
     return out
 
 
+@reuses_freed_memory
 def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
                random_state: int | None, metric: str = "euclidean",
                local_method: str = "nndescent", local_kwds: dict | None = None) -> list:
@@ -369,6 +371,7 @@ def _row_sort(ids: np.ndarray, dists: np.ndarray) -> np.ndarray:
     return np.take_along_axis(o, o2, 1)
 
 
+@reuses_freed_memory
 def _merge_task(parts: list, offset: int, size: int, n_neighbors: int) -> tuple:
     return merge_candidates(parts, offset, size, n_neighbors)
 
@@ -474,6 +477,7 @@ def _compute(x, client=None):
 
 
 # --------------------------------------------------------------------------- recall
+@reuses_freed_memory
 def _block_topk(block: np.ndarray, offset: int, Q: np.ndarray, k: int, device: str,
                 metric: str = "euclidean"):
     kk = min(k, block.shape[0])
