@@ -178,3 +178,33 @@ def test_work_dir_cache_sees_zarr_rewritten_in_place(cells, tmp_path):
     n = len(X)
     # reversed rows: row i's neighbours are the old neighbours of row n-1-i, mirrored
     assert knn_recall(r2[0].compute()[::-1], n - 1 - first) > 0.99
+
+
+def test_grouped_search_gives_the_per_partition_result_with_fewer_tasks(cells):
+    X, _ = cells
+    dX = da.from_array(X, chunks=(1000, 30))  # 6 blocks
+    C = knn_dask.fit_partitions(X[::3], 8, 2, len(X), 3000, 64, 0)
+    P = C.shape[0]
+
+    def run(n_groups):
+        pb = knn_dask._partition_pass(dX, K, C, 2, "cpu", 0, f"t{n_groups}", n_groups=n_groups)
+        ind, dist = knn_dask._assemble(dX, pb, K)
+        tasks = len(dict(ind.__dask_graph__()))
+        with dask.config.set(scheduler="threads"):
+            return dask.compute(ind, dist), tasks
+
+    (i1, d1), t1 = run(None)  # one search task per partition
+    (i3, d3), t3 = run(3)
+    np.testing.assert_array_equal(i1, i3)
+    np.testing.assert_array_equal(d1, d3)
+    assert t3 < t1 - 2 * 6 * (P - 3) + 10  # the shuffle shrinks by blocks x (P - groups)
+
+
+def test_search_groups_rule():
+    # as many groups as row blocks, at least 4 per thread, never more than the partitions
+    assert knn_dask.search_groups(400, 50, 10_000_000, 50, 15, 2, 2, 3e9) == 50
+    assert knn_dask.search_groups(40, 5, 1_000_000, 50, 15, 2, 2, 3e9) == 8
+    assert knn_dask.search_groups(6, 50, 100_000, 50, 15, 2, 2, 3e9) == 6
+    # little memory per thread: more, smaller groups (each holds its rows and results)
+    few = knn_dask.search_groups(400, 50, 10_000_000, 50, 15, 2, 2, 1e8)
+    assert few > 50 and 2 * 10_000_000 * 396 / few <= 0.25 * 1e8

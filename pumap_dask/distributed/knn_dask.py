@@ -2,11 +2,13 @@
 
 1. k-means on a random sample of rows gives ``P`` centroids.
 2. Every row block sends each of its rows to the ``overlap`` partitions with the nearest
-   centroids (a shuffle keyed by partition: one small task per (block, partition) pair).
-3. Each partition builds a local kNN on a worker (pynndescent on CPU, or usearch's HNSW with
-   ``local_method="hnsw"``; exact blockwise search when the partition is small or the
-   worker has CUDA) and maps local ids back to global int64 row ids; its results are
-   bucketed by the row block they belong to.
+   centroids. Partitions travel in groups (:func:`search_groups`), so the shuffle has one
+   small task per (block, group) pair, not per (block, partition): 400 partitions of 50
+   blocks were 40,000 such tasks at 10M rows.
+3. Each group's task searches its partitions one after another on a worker (the package's
+   NN-descent kernel on CPU, or usearch's HNSW with ``local_method="hnsw"``; exact
+   blockwise search when the partition is small or the worker has CUDA) and maps local ids
+   back to global int64 row ids; its results are bucketed by the row block they belong to.
 4. Each row block merges the lists it receives (one per partition holding the row): ids are
    deduplicated, self is excluded and the k nearest are kept.
 
@@ -77,6 +79,11 @@ LOCAL_EXACT_WORK = 2e9
 LOCAL_NNDESCENT = {"n_trees": 8, "max_candidates": 32}
 # HNSW (usearch) inside a partition: the single-machine defaults (pumap_dask.knn.HNSW_*)
 LOCAL_HNSW: dict = {}
+# a search task's rows and results (not the search itself, one partition at a time) may
+# use this share of a worker thread's memory
+GROUP_MEMORY_FRACTION = 0.25
+# search tasks per worker thread at least, so that uneven groups still balance
+GROUPS_PER_THREAD = 4
 KMEANS_SAMPLE_PER_PARTITION = 256
 KMEANS_MAX_SAMPLE = 100_000
 
@@ -153,6 +160,35 @@ def partition_plan(n: int, n_features: int, n_neighbors: int, overlap: int, *,
     return n_partitions, ceiling
 
 
+def search_groups(n_partitions: int, n_blocks: int, n_rows: int, n_features: int,
+                  n_neighbors: int, overlap: int, threads: int,
+                  memory_per_thread: float) -> int:
+    """Number of search tasks the partitions are grouped into.
+
+    As many as the row blocks (the shuffle then has ``n_blocks ** 2`` pieces each way, not
+    ``n_blocks * n_partitions``), at least :data:`GROUPS_PER_THREAD` per worker thread,
+    and enough that one task's rows and results stay within
+    :data:`GROUP_MEMORY_FRACTION` of a thread's memory; never more than the partitions.
+    """
+    groups = max(n_blocks, GROUPS_PER_THREAD * max(1, threads))
+    held = overlap * n_rows * (4 * n_features + 12 * n_neighbors + 16)
+    groups = max(groups, math.ceil(held / (GROUP_MEMORY_FRACTION * memory_per_thread)))
+    return int(max(1, min(n_partitions, groups)))
+
+
+def total_threads(client=None) -> int:
+    """Task threads of the cluster (this machine's cores for local schedulers)."""
+    if client is None:
+        try:
+            client = default_client()
+        except (ImportError, ValueError):
+            client = None
+    if client is not None:
+        workers = client.scheduler_info()["workers"].values()
+        return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
+    return os.cpu_count() or 1
+
+
 # --------------------------------------------------------------------------- k-means
 def _sq_dist(X: np.ndarray, C: np.ndarray) -> np.ndarray:
     return (X * X).sum(1)[:, None] - 2.0 * (X @ C.T) + (C * C).sum(1)[None, :]
@@ -205,8 +241,9 @@ def fit_partitions(sample: np.ndarray, n_partitions: int, overlap: int, n_total:
 
 # --------------------------------------------------------------------------- tasks
 def _split_block(block: np.ndarray, offset: int, centroids: np.ndarray, overlap: int,
-                 metric: str = "euclidean") -> list:
-    """Rows of one block sent to each partition: list over partitions of (ids, rows).
+                 metric: str = "euclidean", groups: list | None = None) -> list:
+    """Rows of one block sent to each partition: list over groups of lists over their
+    partitions of (ids, rows) (one group per partition when ``groups`` is None).
 
     The rows travel as given; with ``metric="cosine"`` they are assigned by their unit
     vectors (``centroids`` are then centroids of unit rows).
@@ -215,13 +252,34 @@ def _split_block(block: np.ndarray, offset: int, centroids: np.ndarray, overlap:
     keyed = knn_stage.normalize_rows(block) if metric == "cosine" else block
     top = _nearest(keyed, centroids, min(overlap, P))
     out = []
-    for p in range(P):
-        sel = np.flatnonzero((top == p).any(1))
-        out.append((sel.astype(np.int64) + offset, block[sel]))
+    for members in (groups if groups is not None else [[p] for p in range(P)]):
+        pieces = []
+        for p in members:
+            sel = np.flatnonzero((top == p).any(1))
+            pieces.append((sel.astype(np.int64) + offset, block[sel]))
+        out.append(pieces)
     return out
 
 
 @reuses_freed_memory
+def _search_group(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
+                  random_state: int | None, metric: str = "euclidean",
+                  local_method: str = "nndescent", local_kwds: dict | None = None) -> list:
+    """Local kNN of each partition of one group (``pieces``: list over row blocks of lists
+    over the group's partitions), one after another; per row block the candidate triples
+    of all of them (None where none has rows of that block)."""
+    n_blocks = len(bounds) - 1
+    per_block: list = [[] for _ in range(n_blocks)]
+    for j in range(len(pieces[0]) if pieces else 0):
+        found = _local_knn([blk[j] for blk in pieces], n_neighbors, bounds, device,
+                           random_state, metric, local_method, local_kwds)
+        for b, triple in enumerate(found):
+            if triple is not None:
+                per_block[b].append(triple)
+    return [tuple(np.concatenate(col) for col in zip(*ts)) if ts else None
+            for ts in per_block]
+
+
 def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
                random_state: int | None, metric: str = "euclidean",
                local_method: str = "nndescent", local_kwds: dict | None = None) -> list:
@@ -383,23 +441,26 @@ def _block_bounds(chunks: tuple) -> np.ndarray:
 
 def _partition_pass(darr, n_neighbors: int, centroids: np.ndarray, overlap: int, device: str,
                     random_state: int | None, tag: str, metric: str = "euclidean",
-                    local_method: str = "nndescent", local_kwds: dict | None = None) -> list:
-    """Delayed per-block candidate triples of one partitioning (list over partitions of
-    lists over blocks)."""
+                    local_method: str = "nndescent", local_kwds: dict | None = None,
+                    n_groups: int | None = None) -> list:
+    """Delayed per-block candidate triples of one partitioning (list over blocks of lists
+    over search groups); ``n_groups`` search tasks (default: one per partition)."""
 
     bounds = _block_bounds(darr.chunks[0])
     blocks = darr.to_delayed().ravel()
     B, P = len(blocks), centroids.shape[0]
+    G = int(min(P, n_groups or P))
+    groups = [a.tolist() for a in np.array_split(np.arange(P), G)]
     cents = delayed(centroids, name=f"centroids-{tag}")
     splits = [delayed(_split_block, pure=True, name=f"split-{tag}-{b}")(
-        blk, int(bounds[b]), cents, overlap, metric) for b, blk in enumerate(blocks)]
-    parts = []
-    for p in range(P):
-        pieces = [s[p] for s in splits]
-        parts.append(delayed(_local_knn, pure=True, name=f"localknn-{tag}-{p}")(
+        blk, int(bounds[b]), cents, overlap, metric, groups) for b, blk in enumerate(blocks)]
+    found = []
+    for g in range(G):
+        pieces = [s[g] for s in splits]
+        found.append(delayed(_search_group, pure=True, name=f"localknn-{tag}-{g}")(
             pieces, n_neighbors, bounds, device, random_state, metric, local_method,
             local_kwds))
-    return [[parts[p][b] for p in range(P)] for b in range(B)]
+    return [[found[g][b] for g in range(G)] for b in range(B)]
 
 
 def _assemble(darr, per_block: list, n_neighbors: int):
@@ -448,11 +509,16 @@ def partitioned_knn(darr, n_neighbors: int, *, overlap: int = 2, n_partitions: i
         min_rows = 4 * (n_neighbors + 1)
         target = min(partition_rows or DEFAULT_PARTITION_ROWS, ceiling)
         C = fit_partitions(sample, P, overlap, n, min(ceiling, 2 * target), min_rows, seed)
-        # the centroids' token keeps runs with other partitionings from sharing task keys
+        G = search_groups(C.shape[0], darr.numblocks[0], n, d, n_neighbors, overlap,
+                          total_threads(client), mem)
+        logger.info("kNN: %d partitions searched in %d tasks over %d row blocks", C.shape[0],
+                    G, darr.numblocks[0])
+        # the centroids' token and the grouping keep runs with other partitionings from
+        # sharing task keys
         tag = (f"{_token(darr)}-{n_neighbors}-{overlap}-{r}-{seed}-{metric}-{local_method}-"
-               f"{tokenize(C, local_kwds)[:12]}")
+               f"{G}-{tokenize(C, local_kwds)[:12]}")
         pb = _partition_pass(darr, n_neighbors, C, overlap, device, seed, tag, metric,
-                             local_method, local_kwds)
+                             local_method, local_kwds, G)
         per_block = pb if per_block is None else [a + b for a, b in zip(per_block, pb)]
         P_used = C.shape[0]
     ind, dist = _assemble(darr, per_block, n_neighbors)
