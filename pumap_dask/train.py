@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -147,6 +148,8 @@ def default_epochs(n_edges: int, batch_size: int, batching: str = "edges") -> in
 # Rows a neighbourhood batch encodes per positive edge, its negatives' pool included: about
 # 0.1 + 0.1 on kNN graphs of k=15 (benchmarks/RESULTS.md, issue 20).
 ROWS_PER_EDGE_NEIGHBOURHOODS = 0.2
+# draw and gather the next neighbourhood batch on a second thread while a step trains
+PREFETCH_BATCHES = True
 
 
 def resolve_batching(batching: str, correlation_weight: float = 0.0,
@@ -439,43 +442,58 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     if hood is not None:
         logger.info("training on neighbourhood batches: %d seed rows per step for about %d "
                     "positive edges", hood.seeds, B)
+    # the next neighbourhood batch is drawn and gathered on a second thread while this one
+    # trains (the draw and the gather were a fifth of a step, on a core the step leaves
+    # idle); only within an epoch, so the random stream at each checkpoint is unchanged.
+    # Landmark terms draw from the same stream after each batch: no prefetch with them.
+    ahead = hood is not None and lm_term is None and PREFETCH_BATCHES
+    prefetch = ThreadPoolExecutor(1, thread_name_prefix="pumap-batches") if ahead else None
     t0 = time.perf_counter()
-    for epoch in range(start, cfg.n_epochs):
-        ep_loss = 0.0
-        for _ in range(steps_per_epoch):
-            if hood is not None:
-                loss, rows, emb = _neighbourhood_loss(net, Xt, hood, R, a, b, gen, device,
-                                                      cfg.negative_pool)
-            else:
-                loss, rows, emb = _edge_loss(net, Xt, cum, head_t, tail_t, B, R, M, n, a, b,
-                                             in_batch, dedupe, cfg, gen, device)
-            if lm_term is not None:  # landmark rows drawn last: no landmarks, same stream
-                loss = loss + lm_term(net, Xt, gen)
-            if reconstruction is not None:  # decode the step's encoded rows back to raw rows
-                loss = loss + reconstruction(rows, emb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            ep_loss += float(loss.detach())
-        history.append(ep_loss / steps_per_epoch)
-        check_finite_loss(history[-1], epoch, cfg)
-        if reconstruction is not None:
-            reconstruction.end_epoch()
-        stop = bool(callback(epoch, history[-1])) if callback is not None else False
-        if world > 1:  # rank 0 decides; every rank stops after the same epoch
-            stop = all_sum(float(stop and rank == 0), world) > 0
-        if cfg.log_every and (epoch + 1) % cfg.log_every == 0:
-            logger.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.n_epochs, history[-1],
-                        time.perf_counter() - t0)
-        if ckpt.enabled and ((epoch + 1) % cfg.checkpoint_every == 0
-                             or epoch + 1 == cfg.n_epochs or stop):
-            ckpt.save(epoch + 1, saved, opt, sched, gen, history, rank, world)
-        if stop:
-            logger.info("training stopped by a callback after epoch %d of %d", epoch + 1,
-                        cfg.n_epochs)
-            break
+    try:
+        for epoch in range(start, cfg.n_epochs):
+            ep_loss = 0.0
+            coming = None
+            for step in range(steps_per_epoch):
+                if hood is not None:
+                    batch = (coming.result() if coming is not None else
+                             _hood_batch(Xt, hood, R, gen, device, cfg.negative_pool))
+                    coming = (prefetch.submit(_hood_batch, Xt, hood, R, gen, device,
+                                              cfg.negative_pool)
+                              if prefetch is not None and step + 1 < steps_per_epoch else None)
+                    loss, rows, emb = _neighbourhood_loss(net, batch, a, b)
+                else:
+                    loss, rows, emb = _edge_loss(net, Xt, cum, head_t, tail_t, B, R, M, n, a,
+                                                 b, in_batch, dedupe, cfg, gen, device)
+                if lm_term is not None:  # landmark rows drawn last: no landmarks, same stream
+                    loss = loss + lm_term(net, Xt, gen)
+                if reconstruction is not None:  # decode the step's encoded rows to raw rows
+                    loss = loss + reconstruction(rows, emb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                ep_loss += float(loss.detach())
+            history.append(ep_loss / steps_per_epoch)
+            check_finite_loss(history[-1], epoch, cfg)
+            if reconstruction is not None:
+                reconstruction.end_epoch()
+            stop = bool(callback(epoch, history[-1])) if callback is not None else False
+            if world > 1:  # rank 0 decides; every rank stops after the same epoch
+                stop = all_sum(float(stop and rank == 0), world) > 0
+            if cfg.log_every and (epoch + 1) % cfg.log_every == 0:
+                logger.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, cfg.n_epochs,
+                            history[-1], time.perf_counter() - t0)
+            if ckpt.enabled and ((epoch + 1) % cfg.checkpoint_every == 0
+                                 or epoch + 1 == cfg.n_epochs or stop):
+                ckpt.save(epoch + 1, saved, opt, sched, gen, history, rank, world)
+            if stop:
+                logger.info("training stopped by a callback after epoch %d of %d", epoch + 1,
+                            cfg.n_epochs)
+                break
+    finally:
+        if prefetch is not None:
+            prefetch.shutdown(cancel_futures=True)
     if reconstruction is not None:
         reconstruction.decoder.cpu().eval()
     return encoder.cpu().eval(), history
@@ -577,23 +595,33 @@ def _edge_loss(net, Xt, cum, head_t, tail_t, B, R, M, n, a, b, in_batch, dedupe,
     return loss, h, emb[:B]  # large n: the heads stand for the step's rows
 
 
-def _neighbourhood_loss(net, Xt, hood: NeighbourhoodSampler, R: int, a: float, b: float,
-                        gen: torch.Generator, device: torch.device, pool: int | None):
-    """UMAP loss of one neighbourhood batch (:mod:`pumap_dask.batches`).
+def _hood_batch(Xt, hood: NeighbourhoodSampler, R: int, gen: torch.Generator,
+                device: torch.device, pool: int | None) -> tuple:
+    """One neighbourhood batch (:mod:`pumap_dask.batches`), drawn and gathered.
 
     Every positive edge among the batch's rows, weighted by its membership strength, each
     with ``R`` negatives drawn among ``pool`` extra rows drawn uniformly from all rows
     (None: as many as the batch has rows). The batch's own rows come from a few
     neighbourhoods, so negatives among them would repel each row from a few places only.
 
-    Returns the loss, the encoded rows' ids and their embeddings (for the decoder).
+    Returns the rows' ids, their preprocessed inputs, and the edges' ends, negatives and
+    weights on ``device``.
     """
     rows, h, t, w = hood.draw(gen)
     m = len(rows) if pool is None else int(pool)
     pick = torch.randint(m, (len(h), R), generator=gen) + len(rows)
     rows = torch.cat([rows, torch.randint(len(hood.slot), (m,), generator=gen)])
-    emb = net(Xt[rows.to(Xt.device)].to(device, non_blocking=True))
-    h, t, pick, w = h.to(device), t.to(device), pick.to(device), w.to(device)
+    x = Xt[rows.to(Xt.device)].to(device, non_blocking=True)
+    return rows, x, h.to(device), t.to(device), pick.to(device), w.to(device)
+
+
+def _neighbourhood_loss(net, batch: tuple, a: float, b: float):
+    """UMAP loss of one neighbourhood batch (:func:`_hood_batch`).
+
+    Returns the loss, the encoded rows' ids and their embeddings (for the decoder).
+    """
+    rows, x, h, t, pick, w = batch
+    emb = net(x)
     return pair_loss(emb, h, t, pick, w, a, b), rows, emb
 
 

@@ -74,6 +74,33 @@ def test_training_on_neighbourhood_batches_embeds_digits_and_repeats():
     assert trustworthiness(X, E[0], n_neighbors=15) > 0.9
 
 
+def test_the_next_batch_drawn_ahead_trains_exactly_as_drawn_in_turn(monkeypatch, tmp_path):
+    # the prefetch thread draws from the same random stream in the same order, and never
+    # across an epoch's end: the weights, the losses and a resumed checkpoint all match
+    from pumap_dask import train as train_mod
+
+    X, _, (head, tail, weight) = _digits_edges()
+    cfg = TrainConfig(hidden_layers=(32,), n_epochs=3, batch_size=1024, init_steps=0,
+                      random_state=3, batching="neighbourhoods", num_threads=1)
+
+    def run(ahead, **kw):
+        monkeypatch.setattr(train_mod, "PREFETCH_BATCHES", ahead)
+        enc, hist = train_encoder(X, head, tail, weight, TrainConfig(**{**cfg.__dict__, **kw}))
+        return encode(enc, X), hist
+
+    E_on, h_on = run(True)
+    E_off, h_off = run(False)
+    np.testing.assert_array_equal(E_on, E_off)
+    assert h_on == h_off
+    # nothing is drawn past an epoch's end: a checkpoint holds the same random state
+    states = []
+    for ahead in (True, False):
+        ckpt = tmp_path / f"ckpt-{ahead}"
+        run(ahead, checkpoint_dir=str(ckpt))
+        states.append(torch.load(ckpt / "train.pt", weights_only=True)["rng"][0])
+    assert torch.equal(states[0], states[1])
+
+
 def test_auto_batching_and_bad_values():
 
 

@@ -130,15 +130,21 @@ def bytes_per_row(n_features: int, n_neighbors: int) -> int:
     return 12 * n_features + 48 * (n_neighbors + 1) + 256
 
 
-def worker_memory_per_thread(client=None) -> float:
-    """Memory one task may use: the smallest worker's limit over its threads."""
+def _workers(client=None) -> list | None:
+    """The scheduler's worker records of ``client`` (else the default client); None
+    without a distributed client."""
     if client is None:
         try:
             client = default_client()
         except (ImportError, ValueError):
-            client = None
-    if client is not None:
-        workers = client.scheduler_info()["workers"].values()
+            return None
+    return list(client.scheduler_info()["workers"].values())
+
+
+def worker_memory_per_thread(client=None) -> float:
+    """Memory one task may use: the smallest worker's limit over its threads."""
+    workers = _workers(client)
+    if workers is not None:
         per = [w["memory_limit"] / max(1, w["nthreads"]) for w in workers if w.get("memory_limit")]
         if per:
             return float(min(per))
@@ -178,13 +184,8 @@ def search_groups(n_partitions: int, n_blocks: int, n_rows: int, n_features: int
 
 def total_threads(client=None) -> int:
     """Task threads of the cluster (this machine's cores for local schedulers)."""
-    if client is None:
-        try:
-            client = default_client()
-        except (ImportError, ValueError):
-            client = None
-    if client is not None:
-        workers = client.scheduler_info()["workers"].values()
+    workers = _workers(client)
+    if workers is not None:
         return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
     return os.cpu_count() or 1
 
