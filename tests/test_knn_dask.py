@@ -48,14 +48,19 @@ def test_partitioned_threaded(cells):
     _check(res, X, dX.chunks[0], exact_ind)
 
 
-def test_partitioned_nndescent_local(cells, monkeypatch):
+def _nndescent_in_partitions(cells, monkeypatch, recall_samples=300):
     # force NN-descent inside the partitions (normally used for partitions > ~6k rows)
     monkeypatch.setattr(knn_dask, "LOCAL_EXACT_WORK", 0.0)
     X, exact_ind = cells
     dX = da.from_array(X, chunks=(2500, 30))
     with dask.config.set(scheduler="threads"):
-        res = nearest_neighbors(dX, K, "partitioned", n_partitions=3, recall_samples=300)
+        res = nearest_neighbors(dX, K, "partitioned", n_partitions=3,
+                                recall_samples=recall_samples)
     _check(res, X, dX.chunks[0], exact_ind)
+
+
+def test_partitioned_nndescent_local(cells, monkeypatch):
+    _nndescent_in_partitions(cells, monkeypatch)
 
 
 def test_partitioned_zarr_distributed(cells, cluster_client, tmp_path):
@@ -208,3 +213,23 @@ def test_search_groups_rule():
     # little memory per thread: more, smaller groups (each holds its rows and results)
     few = knn_dask.search_groups(400, 50, 10_000_000, 50, 15, 2, 2, 1e8)
     assert few > 50 and 2 * 10_000_000 * 396 / few <= 0.25 * 1e8
+
+
+def test_many_partitions_per_thread_search_with_pynndescent(cells, monkeypatch):
+    # the rule: the package's cached kernel for a few partitions per worker thread,
+    # pynndescent's (compiled once per worker, faster warm) for many
+    assert knn_dask.local_kernel("nndescent", 40, 2) == "descent"
+    assert knn_dask.local_kernel("nndescent", 455, 2) == "pynndescent"
+    assert knn_dask.local_kernel("hnsw", 455, 2) == "hnsw"
+    from pumap_dask import knn as knn_stage
+
+    used = []
+
+    def spy(X, k, **kw):  # stands in for pynndescent (no compile in the test)
+        used.append(kw.pop("n_jobs"))
+        return knn_stage.descent_knn(X, k, **kw)
+
+    monkeypatch.setattr(knn_stage, "nndescent_knn", spy)
+    monkeypatch.setattr(knn_dask, "PYNNDESCENT_PARTITIONS_PER_THREAD", 1)
+    _nndescent_in_partitions(cells, monkeypatch, recall_samples=0)
+    assert used and set(used) == {1}  # one thread per partition task

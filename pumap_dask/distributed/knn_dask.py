@@ -79,6 +79,12 @@ LOCAL_EXACT_WORK = 2e9
 LOCAL_NNDESCENT = {"n_trees": 8, "max_candidates": 32}
 # HNSW (usearch) inside a partition: the single-machine defaults (pumap_dask.knn.HNSW_*)
 LOCAL_HNSW: dict = {}
+# the partitions' NN-descent: the package's kernel (pumap_dask.nndescent, compiled once per
+# machine) until a worker thread has this many partitions to search; from there on
+# pynndescent's, which every fresh worker process compiles again (60-150 s on 2 cores) but
+# which runs 1.2-1.5x faster warm (measured on 45-60k-row partitions of trajectory data:
+# 7-10 s against 8-11 s, loaded machine), so its compile is repaid over many partitions
+PYNNDESCENT_PARTITIONS_PER_THREAD = 64
 # a search task's rows and results (not the search itself, one partition at a time) may
 # use this share of a worker thread's memory
 GROUP_MEMORY_FRACTION = 0.25
@@ -180,6 +186,16 @@ def search_groups(n_partitions: int, n_blocks: int, n_rows: int, n_features: int
     held = overlap * n_rows * (4 * n_features + 12 * n_neighbors + 16)
     groups = max(groups, math.ceil(held / (GROUP_MEMORY_FRACTION * memory_per_thread)))
     return int(max(1, min(n_partitions, groups)))
+
+
+def local_kernel(local_method: str, n_partitions: int, threads: int) -> str:
+    """The search inside each partition: ``"hnsw"``, or for nndescent ``"descent"`` (the
+    package's cached kernel) or ``"pynndescent"`` (see
+    :data:`PYNNDESCENT_PARTITIONS_PER_THREAD`)."""
+    if local_method != "nndescent":
+        return local_method
+    per_thread = n_partitions / max(1, threads)
+    return "pynndescent" if per_thread >= PYNNDESCENT_PARTITIONS_PER_THREAD else "descent"
 
 
 def total_threads(client=None) -> int:
@@ -286,9 +302,9 @@ def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
                local_method: str = "nndescent", local_kwds: dict | None = None) -> list:
     """Local kNN of one partition, bucketed by destination row block.
 
-    ``local_method`` ("nndescent" or "hnsw") searches partitions too large for exact
-    search on a CPU worker; ``local_kwds`` override its defaults (:data:`LOCAL_NNDESCENT`,
-    :data:`LOCAL_HNSW`).
+    ``local_method`` (a :func:`local_kernel`: "descent", "pynndescent" or "hnsw") searches
+    partitions too large for exact search on a CPU worker; ``local_kwds`` override its
+    defaults (:data:`LOCAL_NNDESCENT`, :data:`LOCAL_HNSW`).
 
     Returns a list over row blocks of ``(global ids, neighbour global ids, distances)``
     (None where the partition has no rows of that block).
@@ -317,16 +333,20 @@ def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
             a, b = np.take_along_axis(a, o, 1), np.take_along_axis(b, o, 1)
         else:
             # one thread per task: dask runs partitions in parallel. NN-descent is the
-            # package's own kernel (pumap_dask.nndescent), which numba caches on disk:
-            # pynndescent's is compiled again by every fresh worker process (60-150 s).
-            # Its distances are computed directly (no cancellation). Fewer trees and
+            # package's own kernel (pumap_dask.nndescent), which numba caches on disk, or
+            # pynndescent's when a thread has many partitions (:func:`local_kernel`).
+            # Their distances are computed directly (no cancellation). Fewer trees and
             # candidates than the single-machine default: each row is searched in
             # `overlap` partitions and merged (measured on cell-like data, 50k-row
             # partition: recall 0.999 either way, 30% less time).
-            own = knn_stage.backend_kwds(local_method, local_kwds or {})
+            own = knn_stage.backend_kwds(
+                "hnsw" if local_method == "hnsw" else "nndescent", local_kwds or {})
             if local_method == "hnsw":  # one build and query thread per task, as above
                 a, b = knn_stage.hnsw_knn(Xp, k, random_state=random_state, n_jobs=1,
                                           metric=metric, **{**LOCAL_HNSW, **own})
+            elif local_method == "pynndescent":
+                a, b = knn_stage.nndescent_knn(Xp, k, random_state=random_state, n_jobs=1,
+                                               metric=metric, **{**LOCAL_NNDESCENT, **own})
             else:
                 a, b = knn_stage.descent_knn(Xp, k, random_state=random_state, metric=metric,
                                              **{**LOCAL_NNDESCENT, **own})
@@ -510,16 +530,18 @@ def partitioned_knn(darr, n_neighbors: int, *, overlap: int = 2, n_partitions: i
         min_rows = 4 * (n_neighbors + 1)
         target = min(partition_rows or DEFAULT_PARTITION_ROWS, ceiling)
         C = fit_partitions(sample, P, overlap, n, min(ceiling, 2 * target), min_rows, seed)
-        G = search_groups(C.shape[0], darr.numblocks[0], n, d, n_neighbors, overlap,
-                          total_threads(client), mem)
-        logger.info("kNN: %d partitions searched in %d tasks over %d row blocks", C.shape[0],
-                    G, darr.numblocks[0])
+        threads = total_threads(client)
+        G = search_groups(C.shape[0], darr.numblocks[0], n, d, n_neighbors, overlap, threads,
+                          mem)
+        kernel = local_kernel(local_method, C.shape[0], threads)
+        logger.info("kNN: %d partitions searched in %d tasks over %d row blocks (%s)",
+                    C.shape[0], G, darr.numblocks[0], kernel)
         # the centroids' token and the grouping keep runs with other partitionings from
         # sharing task keys
         tag = (f"{_token(darr)}-{n_neighbors}-{overlap}-{r}-{seed}-{metric}-{local_method}-"
-               f"{G}-{tokenize(C, local_kwds)[:12]}")
+               f"{kernel}-{G}-{tokenize(C, local_kwds)[:12]}")
         pb = _partition_pass(darr, n_neighbors, C, overlap, device, seed, tag, metric,
-                             local_method, local_kwds, G)
+                             kernel, local_kwds, G)
         per_block = pb if per_block is None else [a + b for a, b in zip(per_block, pb)]
         P_used = C.shape[0]
     ind, dist = _assemble(darr, per_block, n_neighbors)
@@ -590,8 +612,8 @@ def _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_ro
     extra = {} if metric == "euclidean" else {"metric": metric}
     if method == "partitioned" and local_method != "nndescent":
         extra["local_method"] = local_method
-    elif method == "partitioned":  # the partitions' own kernel, not pynndescent's
-        extra["local_search"] = "pumap_dask.nndescent"
+    elif method == "partitioned":  # the rule choosing the partitions' NN-descent kernel
+        extra["local_search"] = "pumap_dask.nndescent or pynndescent by partitions per thread"
     if method_kwds:
         extra["method_kwds"] = {str(k): method_kwds[k] for k in sorted(method_kwds)}
     if content:  # the input's content digest: a cache of other data is never reused
