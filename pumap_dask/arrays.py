@@ -80,10 +80,11 @@ def freed_memory_reused() -> Iterator[None]:
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which fixes glibc's
     thresholds: every temporary above 128 KiB is then mapped and unmapped by the kernel on
-    each use. Numeric loops that allocate such temporaries again and again (torch training
-    steps, tiled distance matrices) ran 1.6-2.3x slower in a worker than in a plain process
-    (``benchmarks/RESULTS.md``, issue 18). Where the process runs with glibc's dynamic
-    defaults, or not on glibc, this does nothing.
+    each use. Loops that allocate such temporaries again and again ran slower in a worker
+    than in a plain process: tiled exact kNN 1.9x (``benchmarks/worker_allocator.py``,
+    ``benchmarks/RESULTS.md``, issue 18; training steps of the default size were not
+    affected). Where the process runs with glibc's dynamic defaults, or not on glibc, this
+    does nothing.
     """
     global _ALLOC_USERS
     fixed, libc = _fixed_thresholds(), _glibc()

@@ -92,7 +92,6 @@ def _descent(X, k, n_trees, leaf_size, max_candidates, n_iters, delta, seed):
     normal = np.empty(d, dtype=np.float32)
     for _ in range(n_trees):
         np.random.shuffle(order)
-        top = 0
         stack[0, 0], stack[0, 1] = 0, n
         top = 1
         while top > 0:
@@ -254,8 +253,9 @@ def nn_descent(X: np.ndarray, k: int, *, n_trees: int = 8, max_candidates: int =
     if leaf_size is None:
         leaf_size = max(MIN_LEAF_SIZE, k + 1)
     seed = (np.random.SeedSequence(random_state).generate_state(1)[0] % (2**31 - 1))
-    ind, d2 = host_kernel(_descent, reassociate=True)(X, int(k), int(n_trees), int(leaf_size),
-                                    int(max_candidates), int(n_iters), float(DELTA), int(seed))
+    kernel = host_kernel(_descent, reassociate=True)
+    ind, d2 = kernel(X, int(k), int(n_trees), int(leaf_size), int(max_candidates),
+                     int(n_iters), float(DELTA), int(seed))
     order = np.argsort(d2, axis=1, kind="stable")
     ind = np.take_along_axis(ind, order, 1).astype(np.int64)
     dist = np.sqrt(np.take_along_axis(d2, order, 1))

@@ -55,8 +55,8 @@ from distributed import default_client, futures_of
 from sklearn.cluster import KMeans
 
 from .. import knn as knn_stage
-from ..arrays import reuses_freed_memory
 from .. import params as P
+from ..arrays import reuses_freed_memory
 from ..errors import InputError, ParameterError
 from ..io import as_dask, check_array, checked_finite, is_lazy, write_json_atomic
 from ..params import KNN_METHODS, LOCAL_METHODS, METRICS
@@ -74,7 +74,7 @@ PARTITION_MEMORY_FRACTION = 0.5
 # core: exact costs about m * d / 8e9 s per row, NN-descent about 20 us per row: break-even
 # near m = 3k rows at d = 50). Set above break-even, at partitions of up to about 6k rows at
 # d = 50 (0.25 s exact against 0.11 s warm NN-descent): the NN-descent kernel is compiled
-# once per machine (about 15 s, then cached on disk), so small jobs never pay it
+# once per machine (about 20 s, then cached on disk), so small jobs never pay it
 LOCAL_EXACT_WORK = 2e9
 LOCAL_NNDESCENT = {"n_trees": 8, "max_candidates": 32}
 # HNSW (usearch) inside a partition: the single-machine defaults (pumap_dask.knn.HNSW_*)
