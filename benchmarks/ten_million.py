@@ -162,9 +162,15 @@ def quality(paths: dict, emb_train: str, emb_query: str, seed: int = 0) -> dict:
 def run_size(n: int, args) -> dict:
     import pumap_dask
 
-    tmp = tempfile.mkdtemp(prefix=f"tm{n}-", dir=args.tmp)
+    tmp = args.reuse or tempfile.mkdtemp(prefix=f"tm{n}-", dir=args.tmp)
     try:
-        paths = write_data(n, args.query, tmp, args.chunk_rows)
+        if args.reuse:  # a kept run's data, and its work directory: the fit resumes
+            paths = {k: os.path.join(tmp, f"{k}.zarr")
+                     for k in ("train", "ytrain", "query", "yquery")}
+            if os.path.exists(os.path.join(tmp, "fit.log")):
+                os.replace(os.path.join(tmp, "fit.log"), os.path.join(tmp, "fit-earlier.log"))
+        else:
+            paths = write_data(n, args.query, tmp, args.chunk_rows)
         model, work = os.path.join(tmp, "model"), os.path.join(tmp, "work")
         cluster = ["--workers", str(args.workers), "--threads", "1", "--memory", args.memory]
         fit_s, fit_mem = run_cli(["fit", paths["train"], model, "--min-dist", "0.5",
@@ -188,7 +194,7 @@ def run_size(n: int, args) -> dict:
                "query_transform_s": q_s, **quality(paths, emb_tr, emb_q)}
         return row
     finally:
-        if not args.keep:
+        if not args.keep and not args.reuse:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -201,6 +207,9 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk-rows", type=int, default=200_000)
     ap.add_argument("--tmp", default=None, help="directory for the data (default $TMPDIR)")
     ap.add_argument("--keep", action="store_true", help="keep the data and model")
+    ap.add_argument("--reuse", help="a kept run's directory (one size): its data, and its work "
+                    "directory, from which the fit resumes (stage times then cover only "
+                    "what was left; the earlier fit's log is kept as fit-earlier.log)")
     ap.add_argument("--json", help="append the rows to this JSON-lines file")
     ap.add_argument("extra", nargs="*", help="more `pumap-dask fit` arguments (after --)")
     args = ap.parse_args(argv)

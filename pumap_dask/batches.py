@@ -25,6 +25,36 @@ from .arrays import host_kernel
 
 # Trial draws that size the seeds per step for a wanted number of edges per step.
 CALIBRATION_DRAWS = 4
+# edges compared per slice when checking that heads come sorted (bounds the temporary)
+SORTED_CHECK_SLICE = 1 << 24
+
+
+class SortedHeads:
+    """The head ids of an edge list sorted by head, held as row pointers.
+
+    ``indptr`` (n + 1 int64, as a CSR matrix's) instead of one id per edge: 8 bytes per row
+    where the ids take 4 per edge (at 10M rows, 80 MB against 950 MB). ``len`` is the edge
+    count; ``np.asarray`` expands the ids (int32 below 2^31 rows) where a caller needs them.
+    """
+
+    def __init__(self, indptr: np.ndarray) -> None:
+        self.indptr = np.asarray(indptr, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.indptr[-1])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        n = len(self.indptr) - 1
+        ids = np.repeat(np.arange(n, dtype=np.int32 if n < 2**31 else np.int64),
+                        np.diff(self.indptr))
+        return ids if dtype is None else ids.astype(dtype, copy=False)
+
+
+def is_sorted(a: np.ndarray) -> bool:
+    """Whether ``a`` never decreases (checked slice by slice: no full-length temporary)."""
+    step = SORTED_CHECK_SLICE
+    windows = (a[i:i + step + 1] for i in range(0, max(0, len(a) - 1), step))
+    return all(bool(np.all(w[1:] >= w[:-1])) for w in windows)
 
 
 def _draw_batch(indptr, tail, weight, slot, seeds):  # pragma: no cover - compiled by numba
@@ -83,19 +113,30 @@ class NeighbourhoodSampler:
     """
 
     def __init__(self, head, tail, weight, n: int, edges_per_step: int) -> None:
-        head = np.asarray(head)
         ids = np.int32 if n < 2**31 else np.int64
-        if len(head) and not np.all(head[1:] >= head[:-1]):  # graphs' edge lists come sorted
-            order = np.argsort(head, kind="stable")
+        if isinstance(head, SortedHeads):
+            if len(head.indptr) != n + 1:
+                raise ValueError(f"row pointers for {len(head.indptr) - 1} rows, not {n}")
+            self.indptr = head.indptr
+            order = None
+        else:
+            head = np.asarray(head)
+            order = None if is_sorted(head) else np.argsort(head, kind="stable")
+            if order is not None:
+                head = head[order]
+            # sorted heads: the row pointers by binary search (np.bincount would first
+            # copy every id to int64: 8 bytes per edge, 1.9 GB at 10M rows)
+            # (the probes in the ids' own type: mixed types would copy the ids too)
+            probe = head.dtype if n < np.iinfo(head.dtype).max else np.int64
+            self.indptr = np.searchsorted(head, np.arange(n + 1, dtype=probe),
+                                          side="left").astype(np.int64)
+        if order is not None:  # graphs' edge lists come sorted; others are sorted here
             self.tail = np.asarray(tail)[order].astype(ids)
             self.weight = np.asarray(weight, dtype=np.float32)[order]
         else:
             self.tail = np.asarray(tail).astype(ids, copy=False)  # the caller's, not a copy
             self.weight = np.asarray(weight, dtype=np.float32)
-        counts = np.bincount(head, minlength=n)
-        self.indptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(counts, out=self.indptr[1:])
-        self.active = np.flatnonzero(counts)  # rows with an edge here
+        self.active = np.flatnonzero(np.diff(self.indptr))  # rows with an edge here
         self.slot = np.full(n, -1, dtype=np.int64)  # row -> place in the batch
         self.seeds = self.calibrate(int(edges_per_step))
 

@@ -86,20 +86,37 @@ class Encoder(nn.Module):
         return self.mlp(self.preprocess(x))
 
 
-def encode(encoder: Encoder, X: np.ndarray, batch_size: int = 65536,
+# Rows per inference forward pass when the caller gives none. On a CPU, batches whose
+# activations stay in cache: a 200k-row block of 50 features through the default
+# (128, 64, 32) encoder on one thread took 0.34-0.35 s at 4,096 rows against 0.53-0.60 s at
+# 65,536 (1,024-16,384: 0.37-0.42 s). On a GPU, large batches keep the device busy.
+FORWARD_BATCH = {"cpu": 4096, "cuda": 65536}
+
+
+def forward_batch(batch_size: int | None, device: str | torch.device = "cpu") -> int:
+    """``batch_size``, or when None the default for ``device`` (:data:`FORWARD_BATCH`)."""
+    if batch_size:
+        return int(batch_size)
+    return FORWARD_BATCH["cuda" if str(device).startswith("cuda") else "cpu"]
+
+
+def encode(encoder: Encoder, X: np.ndarray, batch_size: int | None = None,
            device: str = "cpu") -> np.ndarray:
     """Forward pass in batches under ``inference_mode``; returns float32 (n, n_components).
 
-    Each row's output depends only on that row: the batch size changes the result only
-    by float rounding (about 1e-6). Used by training, the estimator and the lazy transform.
+    Each row's output depends only on that row: the batch size (default
+    :func:`forward_batch`) changes the result only by float rounding (about 1e-6). Used by
+    training, the estimator and the lazy transform.
     """
     return batched_forward(encoder, X, encoder.n_components, batch_size, device)
 
 
-def batched_forward(net: nn.Module, X: np.ndarray, n_out: int, batch_size: int = 65536,
+def batched_forward(net: nn.Module, X: np.ndarray, n_out: int, batch_size: int | None = None,
                     device: str = "cpu") -> np.ndarray:
-    """``net`` (in eval mode, on ``device``) over the rows of ``X`` in batches under
-    ``inference_mode``: float32 (n, n_out) on the host."""
+    """``net`` (in eval mode, on ``device``) over the rows of ``X`` in batches of
+    ``batch_size`` rows (default :func:`forward_batch`) under ``inference_mode``: float32
+    (n, n_out) on the host."""
+    batch_size = forward_batch(batch_size, device)
     dev = torch.device(device)
     net = net.to(dev).eval()
     out = np.empty((X.shape[0], n_out), dtype=np.float32)

@@ -54,12 +54,15 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
     min_dist, spread
         Shape of the low-dimensional similarity curve, fitted to a and b.
     knn_method
-        ``"auto"``, ``"exact"`` (blockwise torch), ``"nndescent"`` (pynndescent),
-        ``"hnsw"`` (usearch, optional extra ``pumap_dask[hnsw]``) or ``"partitioned"``
-        (Dask, for chunked input; ``knn_kwds={"local_method": "hnsw"}`` searches each
-        partition with usearch HNSW instead of pynndescent). With ``"auto"``, lazy input (dask,
-        Zarr, paths) of more than ``pumap_dask.distributed.knn_dask.PARTITION_THRESHOLD`` rows uses
-        ``"partitioned"``; numpy input never does.
+        ``"auto"``, ``"exact"`` (blockwise torch), ``"nndescent"`` (NN-descent: the
+        package's cached kernel or pynndescent's, whichever
+        :func:`pumap_dask.knn.descent_kernel` estimates faster; options only pynndescent
+        takes select it), ``"hnsw"`` (usearch, optional extra ``pumap_dask[hnsw]``) or
+        ``"partitioned"`` (Dask, for chunked input; ``knn_kwds={"local_method": "hnsw"}``
+        searches each partition with usearch HNSW instead of NN-descent). With ``"auto"``,
+        lazy input (dask, Zarr, paths) of more than
+        ``pumap_dask.distributed.knn_dask.PARTITION_THRESHOLD`` rows uses ``"partitioned"``;
+        numpy input never does.
     hidden_layers
         Widths of the encoder's hidden layers (``activation`` after each).
     activation
@@ -486,7 +489,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         remove_landmarks(self)
 
     # ------------------------------------------------------------------ transform
-    def transform(self, X: Any, *, key: str | None = None, batch_size: int = 65536,
+    def transform(self, X: Any, *, key: str | None = None, batch_size: int | None = None,
                   refine: bool = False, refine_epochs: int | None = None,
                   training_data: Any = None):
         """Embed new data with the frozen encoder: one deterministic forward pass.
@@ -512,7 +515,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         key
             Array inside a Zarr group (lazy input).
         batch_size
-            Rows per forward pass of the encoder.
+            Rows per forward pass of the encoder (default
+            :func:`pumap_dask.encoder.forward_batch`: 4,096 on a CPU, 65,536 on a GPU).
         refine
             False (default): the encoder alone. True: polish; needs the training rows (kept
             by an in-memory fit, stored by ``save(..., include_training_data=True)``, or
@@ -543,7 +547,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         check_finite_output(emb)  # X is finite (check_array): so must its embedding be
         return emb if ref is None else refine_transform(X, emb, ref, n_epochs=epochs)
 
-    def inverse_transform(self, Z: Any, *, batch_size: int = 65536):
+    def inverse_transform(self, Z: Any, *, batch_size: int | None = None):
         """Map embeddings back to input space with the decoder (umap-learn's name).
 
         Needs a model fitted with ``parametric_reconstruction=True`` (else
@@ -555,7 +559,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
             (n, n_components) embeddings: numpy (or anything numpy accepts), or a dask
             array.
         batch_size
-            Rows per forward pass.
+            Rows per forward pass (default :func:`pumap_dask.encoder.forward_batch`).
 
         Returns
         -------

@@ -214,8 +214,63 @@ def nndescent_knn(
     return _drop_self(ind, dist, n_neighbors)
 
 
-# options of the package's own NN-descent kernel (the partitions' search)
+# options of the package's own NN-descent kernel
 DESCENT_KWDS = ("n_trees", "max_candidates", "n_iters", "leaf_size")
+
+# Which NN-descent kernel searches: the package's (pumap_dask.nndescent: one thread, compiled
+# once per machine and cached on disk) or pynndescent's (one search can use every thread and
+# runs about 1.3x faster per thread warm, but every fresh process compiles it again).
+# Measured on 2 cores, 50 features: the package's kernel searched 180k trajectory rows in
+# 16.2 s in a fresh process (11k rows/s, 8 trees, 32 candidates); pynndescent's compile took
+# about 50 s in a fresh process and 60-150 s on fresh Dask workers; warm on 45-60k-row
+# partitions it took 7-10 s against the package's 8-11 s.
+DESCENT_ROWS_PER_S = 11_000.0  # the package's kernel, one thread, at DESCENT_RATE_FEATURES
+DESCENT_RATE_FEATURES = 50
+PYNNDESCENT_COMPILE_S = 60.0
+PYNNDESCENT_SPEEDUP = 1.3  # per thread, warm
+
+
+def descent_kernel(rows: float, n_features: int, threads: int, *, one_search: bool) -> str:
+    """The NN-descent kernel estimated to finish first: ``"descent"`` (the package's) or
+    ``"pynndescent"``.
+
+    Parameters
+    ----------
+    rows
+        Rows searched in all (a partitioned search: the partitions' rows summed, each row
+        counted once per partition holding it).
+    n_features
+        Columns of the rows (the search's cost grows with them; the compile does not).
+    threads
+        Threads available to the search.
+    one_search
+        True for one search of all rows (in memory): pynndescent's runs on every thread,
+        the package's on one. False for many single-thread partition searches spread over
+        the threads (either kernel uses them all).
+
+    Notes
+    -----
+    The package's kernel costs ``rows / DESCENT_ROWS_PER_S`` thread-seconds (scaled by the
+    features); pynndescent's costs :data:`PYNNDESCENT_COMPILE_S` once plus that over
+    :data:`PYNNDESCENT_SPEEDUP`. On 2 threads: a one-shot in-memory search uses the package's
+    kernel up to about 1M rows of 50 features, a partitioned one up to about 2.4M rows
+    searched per thread (a 1M-row fit with 2-fold overlap: 1M per thread).
+    """
+    threads = max(1, int(threads))
+    seconds = rows * max(1, n_features) / (DESCENT_ROWS_PER_S * DESCENT_RATE_FEATURES)
+    own = seconds if one_search else seconds / threads
+    theirs = PYNNDESCENT_COMPILE_S + seconds / (PYNNDESCENT_SPEEDUP * threads)
+    return "descent" if own <= theirs else "pynndescent"
+
+
+def _search_threads(n_jobs: int) -> int:
+    """Threads a search with ``n_jobs`` gets (-1: every CPU this process may run on)."""
+    if n_jobs and n_jobs > 0:
+        return int(n_jobs)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def check_descent_kwds(kwds: dict) -> dict:
@@ -481,8 +536,8 @@ def nearest_neighbors_numpy(
     kwargs = backend_kwds(method, kwargs)
     backends: dict[str, Callable] = {
         "exact": lambda: exact_knn(X, n_neighbors, device=dev, metric=metric, **kwargs),
-        "nndescent": lambda: nndescent_knn(X, n_neighbors, random_state=random_state,
-                                           metric=metric, **kwargs),
+        "nndescent": lambda: _in_memory_descent(X, n_neighbors, random_state, metric,
+                                                kwargs),
         "hnsw": lambda: hnsw_knn(X, n_neighbors, random_state=random_state, metric=metric,
                                  **kwargs),
     }
@@ -494,3 +549,20 @@ def nearest_neighbors_numpy(
     logger.info("kNN (%s, %s, k=%d) on %d x %d in %.2fs", method, metric, n_neighbors,
                 *X.shape, time.perf_counter() - t0)
     return out
+
+
+def _in_memory_descent(X: np.ndarray, n_neighbors: int, random_state: int | None,
+                       metric: str, kwargs: dict) -> tuple[np.ndarray, np.ndarray]:
+    """NN-descent of an in-memory array by the kernel :func:`descent_kernel` picks (or by
+    pynndescent when ``kwargs`` name options only it takes)."""
+    threads = _search_threads(int(kwargs.pop("n_jobs", -1)))
+    kernel = descent_kernel(X.shape[0], X.shape[1], threads, one_search=True)
+    foreign = sorted(set(kwargs) - set(DESCENT_KWDS))
+    if foreign and kernel == "descent":
+        logger.info("kNN options %s are pynndescent's: searching with pynndescent", foreign)
+        kernel = "pynndescent"
+    logger.debug("in-memory NN-descent: %s (%d rows, %d threads)", kernel, X.shape[0], threads)
+    if kernel == "descent":
+        return descent_knn(X, n_neighbors, random_state=random_state, metric=metric, **kwargs)
+    return nndescent_knn(X, n_neighbors, random_state=random_state, n_jobs=threads,
+                         metric=metric, **kwargs)

@@ -106,7 +106,7 @@ def reconstruction_error(encoder: nn.Module, decoder: Decoder, X: np.ndarray,
     return total / max(1, count)
 
 
-def decode(decoder: Decoder, Z: np.ndarray, batch_size: int = 65536,
+def decode(decoder: Decoder, Z: np.ndarray, batch_size: int | None = None,
            device: str = "cpu") -> np.ndarray:
     """Decoder forward pass in batches: (n, n_components) -> (n, n_features) float32."""
 
@@ -120,7 +120,7 @@ def _decoder_blob(decoder: Decoder) -> tuple[str, bytes]:
     return hashlib.sha256(buf.getvalue()).hexdigest(), buf.getvalue()
 
 
-def _inverse_block(block: np.ndarray, source: tuple, batch_size: int) -> np.ndarray:
+def _inverse_block(block: np.ndarray, source: tuple, batch_size: int | None) -> np.ndarray:
     """Decode one block of embedding rows (runs on a worker; decoder cached by hash)."""
     sha, module = source
     dec = _DECODERS.get(sha)
@@ -130,7 +130,7 @@ def _inverse_block(block: np.ndarray, source: tuple, batch_size: int) -> np.ndar
 
 
 def inverse_transform(Z: Any, decoder: Decoder, n_components: int,
-                      batch_size: int = 65536) -> Any:
+                      batch_size: int | None = None) -> Any:
     """Map embeddings back to input space with a trained decoder.
 
     Parameters
@@ -157,7 +157,7 @@ def inverse_transform(Z: Any, decoder: Decoder, n_components: int,
         Z = Z.rechunk({1: -1}).astype(np.float32)
         sha, _ = _decoder_blob(decoder)
         src = dask.delayed((sha, decoder.cpu()), pure=True, traverse=False)
-        out = da.map_blocks(_inverse_block, Z, src, batch_size=int(batch_size),
+        out = da.map_blocks(_inverse_block, Z, src, batch_size=batch_size or None,
                             chunks=(Z.chunks[0], (decoder.n_features,)), dtype=np.float32,
                             meta=np.empty((0, 0), np.float32),
                             name="pumap-inverse-" + dask.base.tokenize(Z, sha, batch_size))

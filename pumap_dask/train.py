@@ -281,7 +281,8 @@ def train_encoder(
         Training data (n, d), float32, in memory.
     head, tail, weight
         Edge list of the symmetric fuzzy graph (each undirected edge appears in both
-        directions, as in a symmetric sparse matrix).
+        directions, as in a symmetric sparse matrix). ``head`` may be a
+        :class:`pumap_dask.batches.SortedHeads` (edges sorted by head, as row pointers).
     cfg
         Hyper-parameters.
     encoder

@@ -23,7 +23,7 @@ import torch
 from distributed import get_worker
 
 from .arrays import as_tensor, cupy_module, is_cupy, reuses_freed_memory
-from .encoder import Encoder, encode, encoder_spec
+from .encoder import Encoder, encode, encoder_spec, forward_batch
 from .errors import InputError, ModelFileError
 from .io import as_dask, check_n_features
 from .model import WEIGHTS, checked_file, load_encoder, read_config
@@ -148,7 +148,7 @@ def limit_threads_to_worker() -> None:
 
 
 @reuses_freed_memory
-def transform_block(block: Any, source: ModelRef | ModelBlob, batch_size: int = 65536,
+def transform_block(block: Any, source: ModelRef | ModelBlob, batch_size: int | None = None,
                     device: str = "auto", nan_policy: str = "raise",
                     block_info: dict | None = None) -> Any:
     """Embed one row block (runs on a worker).
@@ -205,8 +205,8 @@ def _bad_rows_error(n_bad: int, first: list[int], block_info: dict | None) -> In
         "those rows")
 
 
-def _transform_cupy_block(block: Any, source: ModelRef | ModelBlob, batch_size: int, dev: str,
-                          nan_policy: str, block_info: dict | None) -> Any:
+def _transform_cupy_block(block: Any, source: ModelRef | ModelBlob, batch_size: int | None,
+                          dev: str, nan_policy: str, block_info: dict | None) -> Any:
     """:func:`transform_block` for a CuPy block: torch reads it through DLPack (no copy)
     on its own GPU, and the embedding goes back to CuPy the same way."""
 
@@ -225,6 +225,7 @@ def _transform_cupy_block(block: Any, source: ModelRef | ModelBlob, batch_size: 
             x = torch.where(bad[:, None], torch.zeros((), device=x.device), x)
         out = torch.empty((x.shape[0], enc.n_components), dtype=torch.float32,
                           device=x.device)
+        batch_size = forward_batch(batch_size, x.device)
         for i in range(0, x.shape[0], batch_size):
             out[i:i + batch_size] = enc(x[i:i + batch_size]).float()
         if n_bad:
@@ -256,7 +257,8 @@ def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | N
     key
         Array inside a Zarr group (AnnData default ``obsm/X_pca``).
     batch_size
-        Rows per forward pass inside a block (default 65536).
+        Rows per forward pass inside a block (default
+        :func:`pumap_dask.encoder.forward_batch`: 4,096 on a CPU, 65,536 on a GPU).
     device
         ``"auto"`` uses CUDA on workers that have it, else the CPU.
     nan_policy
@@ -281,7 +283,7 @@ def transform(X: Any, model: Any, *, key: str | None = None, batch_size: int | N
     src = dask.delayed(source, pure=True, traverse=False)
     emb = da.map_blocks(
         transform_block, darr, src,
-        batch_size=int(batch_size or 65536), device=device, nan_policy=nan_policy,
+        batch_size=batch_size or None, device=device, nan_policy=nan_policy,
         chunks=(darr.chunks[0], (source.n_components,)),
         dtype=np.float32, meta=_meta_like(darr, (0, 0), np.float32),
         name="pumap-transform-" + dask.base.tokenize(darr, source.sha256, batch_size, device,

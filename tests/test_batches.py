@@ -52,6 +52,39 @@ def test_the_seeds_are_sized_for_the_wanted_edges_and_the_draws_repeat():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_heads_as_row_pointers_draw_the_same_batches():
+    # sorted heads as CSR row pointers (no id per edge) sample exactly as the ids do, and
+    # an unsorted edge list is sorted first
+    from pumap_dask.batches import SortedHeads, is_sorted
+
+    X, G, (head, tail, weight) = _digits_edges()
+    ptr = SortedHeads(G.indptr)
+    assert len(ptr) == len(head) and np.array_equal(np.asarray(ptr), head)
+    draws = []
+    for h in (head, ptr):
+        s = NeighbourhoodSampler(h, tail, weight, len(X), 2000)
+        assert np.array_equal(s.indptr, G.indptr)
+        draws.append(s.draw(torch.Generator().manual_seed(5)))
+    for a, b in zip(*draws):
+        assert torch.equal(a, b)
+    flip = np.random.default_rng(0).permutation(len(head))
+    s = NeighbourhoodSampler(head[flip], tail[flip], weight[flip], len(X), 2000)
+    assert np.array_equal(s.indptr, G.indptr) and is_sorted(head) and not is_sorted(head[flip])
+    assert np.array_equal(np.sort(s.tail[:G.indptr[1]]), np.sort(G.indices[:G.indptr[1]]))
+
+
+def test_the_sorted_check_reads_slice_by_slice(monkeypatch):
+    from pumap_dask import batches
+
+    monkeypatch.setattr(batches, "SORTED_CHECK_SLICE", 7)
+    a = np.arange(50)
+    assert batches.is_sorted(a) and batches.is_sorted(a[:1]) and batches.is_sorted(a[:0])
+    for i in (6, 7, 13, 14, 48):  # a fall inside a slice and across slices' borders
+        b = a.copy()
+        b[i + 1] = b[i] - 1
+        assert not batches.is_sorted(b)
+
+
 def test_rows_without_edges_are_never_seeds():
     head = np.array([0, 1, 5, 6]); tail = np.array([1, 0, 6, 5])
     w = np.ones(4, np.float32)

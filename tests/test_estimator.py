@@ -41,14 +41,15 @@ def test_random_state_reaches_knn(blobs, monkeypatch):
     seen = {}
     import pumap_dask.knn as knn
 
-    # The spy answers with the exact kNN: the first pynndescent call in a process compiles
-    # its numba kernels (about a minute on 2 busy cores), which made this test take 58 s
-    # for a check of one argument. test_nndescent_fit runs pynndescent itself.
+    # The spy answers with the exact kNN: the first NN-descent call compiles its numba
+    # kernels (pynndescent's about a minute on 2 busy cores, in every process), which made
+    # this test take 58 s for a check of one argument. test_nndescent_fit runs the search.
     def spy(X, k, *, random_state=None, **kw):
         seen["random_state"] = random_state
         return knn.exact_knn(X, k, device="cpu")
 
     monkeypatch.setattr(knn, "nndescent_knn", spy)
+    monkeypatch.setattr(knn, "descent_knn", spy)
     ParametricUMAP(random_state=11, knn_method="nndescent", **FAST).fit(blobs[0])
     assert seen["random_state"] == 11
 

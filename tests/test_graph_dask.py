@@ -223,6 +223,11 @@ def test_estimator_partitioned_fit(tmp_path, scheduler, monkeypatch):
     assert m.embedding_.shape == (3000, 2) and np.isfinite(m.embedding_).all()
     store = EdgeStore(work / "graph")
     assert m.n_edges_ == store.n_edges
+    # a rank's edges with the heads as row pointers (sorted shards): the same edges
+    head, tail, weight = store.read_compact([1, 2])
+    ptr, tail_p, weight_p = store.read_compact([1, 2], pointers=True)
+    assert len(ptr) == len(head) and np.array_equal(np.asarray(ptr), head)
+    assert np.array_equal(tail_p, tail) and np.array_equal(weight_p, weight)
     assert not hasattr(m, "graph_")  # no (n, n) matrix is built on the client
     assert m.init_.startswith("landmark-")
     shard = os.path.join(store.path, store.shards[0], "zarr.json")

@@ -45,6 +45,47 @@ def test_nndescent_recall(digits):
     assert sample_recall(X, ind, n_samples=300) > 0.9
 
 
+def test_descent_kernel_rule():
+    from pumap_dask.knn import descent_kernel
+
+    # one-shot in-memory search on 2 threads: the cached kernel until pynndescent's
+    # parallel search repays its compile (about 1M rows of 50 features)
+    assert descent_kernel(180_000, 50, 2, one_search=True) == "descent"
+    assert descent_kernel(3_000_000, 50, 2, one_search=True) == "pynndescent"
+    # many threads repay the compile sooner; more features cost more per row
+    assert descent_kernel(800_000, 50, 32, one_search=True) == "pynndescent"
+    assert descent_kernel(800_000, 50, 2, one_search=True) == "descent"
+    assert descent_kernel(800_000, 784, 2, one_search=True) == "pynndescent"
+    # partitions: both kernels use every thread
+    assert descent_kernel(2_000_000, 50, 2, one_search=False) == "descent"
+    assert descent_kernel(20_000_000, 50, 2, one_search=False) == "pynndescent"
+
+
+def test_in_memory_nndescent_kernel_choice(monkeypatch):
+    import pumap_dask.knn as knn
+
+    X = np.random.default_rng(0).normal(size=(300, 5)).astype(np.float32)
+    used = []
+
+    def spy(name):
+        def search(X, k, **kw):
+            used.append((name, kw))
+            return knn.exact_knn(X, k, device="cpu")
+        return search
+
+    monkeypatch.setattr(knn, "descent_knn", spy("descent"))
+    monkeypatch.setattr(knn, "nndescent_knn", spy("pynndescent"))
+    nearest_neighbors_numpy(X, 5, "nndescent", random_state=0, n_trees=4)
+    # an option only pynndescent takes selects it (its threads passed on)
+    nearest_neighbors_numpy(X, 5, "nndescent", random_state=0, diversify_prob=0.5)
+    assert used[0] == ("descent", {"random_state": 0, "metric": "euclidean", "n_trees": 4})
+    assert used[1][0] == "pynndescent" and used[1][1]["diversify_prob"] == 0.5
+    assert used[1][1]["n_jobs"] >= 1
+    monkeypatch.setattr(knn, "PYNNDESCENT_COMPILE_S", 0.0)  # a large search: pynndescent
+    nearest_neighbors_numpy(X, 5, "nndescent", random_state=0)
+    assert used[2][0] == "pynndescent"
+
+
 def test_too_few_samples():
     with pytest.raises(InputError, match="needs at least"):
         exact_knn(np.zeros((5, 2), np.float32), 5)

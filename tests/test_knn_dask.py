@@ -218,9 +218,9 @@ def test_search_groups_rule():
 def test_many_partitions_per_thread_search_with_pynndescent(cells, monkeypatch):
     # the rule: the package's cached kernel for a few partitions per worker thread,
     # pynndescent's (compiled once per worker, faster warm) for many
-    assert knn_dask.local_kernel("nndescent", 40, 2) == "descent"
-    assert knn_dask.local_kernel("nndescent", 455, 2) == "pynndescent"
-    assert knn_dask.local_kernel("hnsw", 455, 2) == "hnsw"
+    assert knn_dask.local_kernel("nndescent", 2 * 1_000_000, 50, 2) == "descent"
+    assert knn_dask.local_kernel("nndescent", 2 * 10_000_000, 50, 2) == "pynndescent"
+    assert knn_dask.local_kernel("hnsw", 2 * 10_000_000, 50, 2) == "hnsw"
     from pumap_dask import knn as knn_stage
 
     used = []
@@ -230,6 +230,6 @@ def test_many_partitions_per_thread_search_with_pynndescent(cells, monkeypatch):
         return knn_stage.descent_knn(X, k, **kw)
 
     monkeypatch.setattr(knn_stage, "nndescent_knn", spy)
-    monkeypatch.setattr(knn_dask, "PYNNDESCENT_PARTITIONS_PER_THREAD", 1)
+    monkeypatch.setattr(knn_stage, "PYNNDESCENT_COMPILE_S", 0.0)
     _nndescent_in_partitions(cells, monkeypatch, recall_samples=0)
     assert used and set(used) == {1}  # one thread per partition task

@@ -214,3 +214,13 @@ def test_out_of_distribution(fitted, saved, blobs, tmp_path, caplog):
     transform_to_zarr(shifted, saved, tmp_path / "o.zarr")
     assert any(r.levelname == "WARNING" and "far outside the training data" in r.message
                for r in caplog.records)
+
+
+def test_forward_batch_defaults_by_device():
+    # the default rows per forward pass is decided in one place: cache-sized on a CPU,
+    # large on a GPU; a given size is kept
+    from pumap_dask.encoder import FORWARD_BATCH, forward_batch
+
+    assert forward_batch(None, "cpu") == FORWARD_BATCH["cpu"] == 4096
+    assert forward_batch(None, "cuda:1") == FORWARD_BATCH["cuda"] == 65536
+    assert forward_batch(0, "cpu") == 4096 and forward_batch(100, "cuda") == 100

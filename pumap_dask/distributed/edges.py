@@ -20,6 +20,8 @@ import numpy as np
 import scipy.sparse as sp
 import zarr
 
+from ..batches import SortedHeads, is_sorted
+
 META = "meta.json"
 
 
@@ -76,26 +78,41 @@ class EdgeStore:
             return (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
         return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
 
-    def read_compact(self, shards: list[int] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read_compact(self, shards: list[int] | None = None, pointers: bool = False
+                     ) -> tuple[np.ndarray | SortedHeads, np.ndarray, np.ndarray]:
         """The edges of ``shards`` (default: all, in row order), shard by shard, with the
         narrowest index type.
 
         Memory is 12 bytes per edge below 2^31 vertices (int32 ids, float32 weights), plus
-        one shard's int64 ids while it is copied in.
+        one shard's int64 ids while it is copied in. With ``pointers`` the heads come as
+        :class:`pumap_dask.batches.SortedHeads` (8 bytes per row instead of 4 per edge:
+        what neighbourhood batches use) when the edges read are sorted by head, as the
+        graph stage writes them.
         """
         ids = range(len(self.shards)) if shards is None else shards
         count = sum(int(self.meta["shards"][i]["n_edges"]) for i in ids)
         itype = np.int32 if self.n_vertices < 2**31 else np.int64
-        head = np.empty(count, itype)
+        head = None if pointers else np.empty(count, itype)
+        counts = np.zeros(self.n_vertices, np.int64) if pointers else None
         tail = np.empty(count, itype)
         weight = np.empty(count, np.float32)
-        at = 0
+        at, last = 0, -1
         for h, t, w in map(self.read_shard, ids):
-            head[at:at + len(h)] = h
+            if counts is not None:
+                if len(h) and (h[0] < last or not is_sorted(h)):  # not sorted: ids after all
+                    return self.read_compact(shards)
+                rows, per_row = np.unique(h, return_counts=True)
+                counts[rows] += per_row
+                last = int(h[-1]) if len(h) else last
+            else:
+                head[at:at + len(h)] = h
             tail[at:at + len(h)] = t
             weight[at:at + len(h)] = w
             at += len(h)
+        if counts is not None:
+            indptr = np.zeros(self.n_vertices + 1, np.int64)
+            np.cumsum(counts, out=indptr[1:])
+            return SortedHeads(indptr), tail, weight
         return head, tail, weight
 
     def to_csr(self) -> sp.csr_matrix:

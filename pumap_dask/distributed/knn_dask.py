@@ -79,12 +79,6 @@ LOCAL_EXACT_WORK = 2e9
 LOCAL_NNDESCENT = {"n_trees": 8, "max_candidates": 32}
 # HNSW (usearch) inside a partition: the single-machine defaults (pumap_dask.knn.HNSW_*)
 LOCAL_HNSW: dict = {}
-# the partitions' NN-descent: the package's kernel (pumap_dask.nndescent, compiled once per
-# machine) until a worker thread has this many partitions to search; from there on
-# pynndescent's, which every fresh worker process compiles again (60-150 s on 2 cores) but
-# which runs 1.2-1.5x faster warm (measured on 45-60k-row partitions of trajectory data:
-# 7-10 s against 8-11 s, loaded machine), so its compile is repaid over many partitions
-PYNNDESCENT_PARTITIONS_PER_THREAD = 64
 # a search task's rows and results (not the search itself, one partition at a time) may
 # use this share of a worker thread's memory
 GROUP_MEMORY_FRACTION = 0.25
@@ -188,14 +182,15 @@ def search_groups(n_partitions: int, n_blocks: int, n_rows: int, n_features: int
     return int(max(1, min(n_partitions, groups)))
 
 
-def local_kernel(local_method: str, n_partitions: int, threads: int) -> str:
+def local_kernel(local_method: str, rows_searched: float, n_features: int,
+                 threads: int) -> str:
     """The search inside each partition: ``"hnsw"``, or for nndescent ``"descent"`` (the
-    package's cached kernel) or ``"pynndescent"`` (see
-    :data:`PYNNDESCENT_PARTITIONS_PER_THREAD`)."""
+    package's cached kernel) or ``"pynndescent"`` (compiled once per worker, faster warm),
+    as :func:`pumap_dask.knn.descent_kernel` estimates for ``rows_searched`` rows (the
+    partitions' rows summed) over the cluster's ``threads``."""
     if local_method != "nndescent":
         return local_method
-    per_thread = n_partitions / max(1, threads)
-    return "pynndescent" if per_thread >= PYNNDESCENT_PARTITIONS_PER_THREAD else "descent"
+    return knn_stage.descent_kernel(rows_searched, n_features, threads, one_search=False)
 
 
 def total_threads(client=None) -> int:
@@ -334,7 +329,7 @@ def _local_knn(pieces: list, n_neighbors: int, bounds: np.ndarray, device: str,
         else:
             # one thread per task: dask runs partitions in parallel. NN-descent is the
             # package's own kernel (pumap_dask.nndescent), which numba caches on disk, or
-            # pynndescent's when a thread has many partitions (:func:`local_kernel`).
+            # pynndescent's when a thread has many rows to search (:func:`local_kernel`).
             # Their distances are computed directly (no cancellation). Fewer trees and
             # candidates than the single-machine default: each row is searched in
             # `overlap` partitions and merged (measured on cell-like data, 50k-row
@@ -533,7 +528,7 @@ def partitioned_knn(darr, n_neighbors: int, *, overlap: int = 2, n_partitions: i
         threads = total_threads(client)
         G = search_groups(C.shape[0], darr.numblocks[0], n, d, n_neighbors, overlap, threads,
                           mem)
-        kernel = local_kernel(local_method, C.shape[0], threads)
+        kernel = local_kernel(local_method, overlap * n, d, threads)
         logger.info("kNN: %d partitions searched in %d tasks over %d row blocks (%s)",
                     C.shape[0], G, darr.numblocks[0], kernel)
         # the centroids' token and the grouping keep runs with other partitionings from
@@ -613,7 +608,7 @@ def _cache_params(darr, n_neighbors, method, overlap, n_partitions, partition_ro
     if method == "partitioned" and local_method != "nndescent":
         extra["local_method"] = local_method
     elif method == "partitioned":  # the rule choosing the partitions' NN-descent kernel
-        extra["local_search"] = "pumap_dask.nndescent or pynndescent by partitions per thread"
+        extra["local_search"] = "pumap_dask.nndescent or pynndescent by knn.descent_kernel"
     if method_kwds:
         extra["method_kwds"] = {str(k): method_kwds[k] for k in sorted(method_kwds)}
     if content:  # the input's content digest: a cache of other data is never reused
@@ -760,12 +755,13 @@ def nearest_neighbors(
         every row, see :mod:`pumap_dask.knn`). Every method, and the recall, uses it.
     local_method
         The search inside each partition of the partitioned method (partitions too large
-        for exact search): ``"nndescent"`` (pynndescent) or ``"hnsw"`` (usearch). Ignored
-        by the other methods.
+        for exact search): ``"nndescent"`` (see :func:`local_kernel`) or ``"hnsw"``
+        (usearch). Ignored by the other methods.
     method_kwds
         Options of the search back-end: for ``"hnsw"`` (and ``local_method="hnsw"``) ``M``,
         ``ef_construction``, ``ef`` (see :func:`pumap_dask.knn.hnsw_knn`); for
-        ``"nndescent"`` pynndescent's arguments; for ``"exact"`` ``block_size``. For the
+        ``"nndescent"`` NN-descent's (:data:`pumap_dask.knn.DESCENT_KWDS`; others select
+        pynndescent in memory); for ``"exact"`` ``block_size``. For the
         partitioned method they reach every partition's local search.
     content
         A digest of X's content (:meth:`pumap_dask.inputs.InputHandle.identity`): the
