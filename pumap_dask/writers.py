@@ -445,14 +445,17 @@ def _write_all(darr, emb, model, source, out_path: str, state: str, sharded: boo
     os.makedirs(os.path.join(out_path, DONE_DIR), exist_ok=True)
     starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(int)
     todo = [i for i in range(len(rows)) if not os.path.exists(_done_path(out_path, i))]
-    digests = block_digests(darr, finite=False).to_delayed().ravel()  # nan_policy decides
+    # the embedding, the range check and the input digests read each input block once:
+    # unoptimised graphs keep the shared read tasks (an optimised graph per array fuses
+    # the read into each, and every block was read and decompressed three times)
+    digests = block_digests(darr, finite=False).to_delayed(optimize_graph=False).ravel()
     kept = sorted(set(range(len(rows))) - set(todo))
     _check_kept_blocks(digests, kept, starts, rows, out_path)  # reads only the kept blocks
     logger.info("transform_to_zarr %s: %d of %d blocks to compute (%d already done)",
                 out_path, len(todo), len(rows), len(rows) - len(todo))
     t0 = time.perf_counter()
-    blocks = emb.to_delayed().ravel()
-    ood = ood_mask(darr, model).to_delayed().ravel()
+    blocks = emb.to_delayed(optimize_graph=False).ravel()
+    ood = ood_mask(darr, model).to_delayed(optimize_graph=False).ravel()
     tasks = [dask.delayed(_write_block, pure=False)(blocks[i], ood[i], digests[i], out_path,
                                                     int(starts[i]), i)
              for i in todo]

@@ -157,3 +157,19 @@ def test_writer_arguments_fail_fast(saved, blobs, tmp_path):
         with pytest.raises(ValueError, match=msg):
             transform_to_zarr(blobs[1], saved, tmp_path / "o.zarr", **kwargs)
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_each_input_block_is_read_once(saved, blobs, tmp_path):
+    # the embedding, the range check and the input digests share each block's read (an
+    # optimised graph per consumer read and decompressed every block three times)
+    X = np.asarray(blobs[0], dtype=np.float32)
+    reads = []
+
+    def read(block, block_info=None):
+        reads.append(block_info[0]["chunk-location"][0])
+        return block
+
+    darr = da.from_array(X, chunks=(100, X.shape[1])).map_blocks(read, dtype=np.float32)
+    out = transform_to_zarr(darr, saved, tmp_path / "emb.zarr")
+    assert out.shape == (X.shape[0], 2)
+    assert sorted(reads) == list(range(darr.numblocks[0]))
