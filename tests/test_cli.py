@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -73,3 +75,30 @@ def test_pipeline_job_script(blobs, tmp_path):
     assert np.abs(emb - model.transform(blobs[1], refine=False)).max() <= 1e-5
     out = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True).stdout
     assert "reusing model" in out
+
+
+WORKER_IMPORTS = """
+import sys
+import sklearn.neighbors  # a heavy import of this main module, as the command line has
+from pumap_dask.config import cluster_settings
+from pumap_dask.distributed.cluster import close, connect
+
+if __name__ == "__main__":
+    client = connect(cluster_settings({}, {"workers": 1, "threads": 1, "memory": "1GiB"}))
+    try:
+        print(list(client.run(lambda: "sklearn" in sys.modules).values()))
+    finally:
+        close(client)
+"""
+
+
+@pytest.mark.parametrize("name,imports", [("pumap-dask", False), ("job.py", True)])
+def test_local_workers_do_not_import_the_command_line(tmp_path, name, imports):
+    # spawned workers import the parent's main module; the command line's (the
+    # `pumap-dask` script, `python -m pumap_dask.cli`) is hidden from them, a user's is not
+    script = tmp_path / name
+    script.write_text(WORKER_IMPORTS)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == f"[{imports}]"

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import os
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import dask
 import psutil
@@ -166,6 +167,42 @@ def read_scheduler_file(path: str, timeout: float) -> str:
                        "--connect-timeout")
 
 
+# the command line's own main module (``python -m pumap_dask.cli`` or the ``pumap-dask``
+# script): worker processes started from it need nothing of it
+CLI_MAIN_NAMES = ("pumap_dask.cli", "pumap-dask")
+
+
+@contextlib.contextmanager
+def spawned_without_cli_main() -> Iterator[None]:
+    """Inside: processes spawned by ``multiprocessing`` (Dask's nannies start workers so) do
+    not import this process's main module, when that is the command line's.
+
+    A spawned child imports the parent's ``__main__`` first (by its module name or file):
+    every local worker imported the whole command line (scikit-learn, the estimator, the
+    report) before its first task, about a second of each worker's start on 2 cores, and
+    what the worker's tasks never use. Any other main module (a user's script, whose
+    functions tasks may name) is left alone.
+    """
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    path = getattr(main, "__file__", None)
+    ours = (getattr(spec, "name", None) in CLI_MAIN_NAMES
+            or (spec is None and path is not None
+                and os.path.basename(path) in CLI_MAIN_NAMES))
+    if not ours:
+        yield
+        return
+    main.__spec__ = None
+    if path is not None:
+        del main.__file__
+    try:
+        yield
+    finally:
+        main.__spec__ = spec
+        if path is not None:
+            main.__file__ = path
+
+
 def connect(settings: dict[str, Any], *, debug: bool = False):
     """A distributed client for the settings, or None for the threaded scheduler.
 
@@ -197,11 +234,12 @@ def connect(settings: dict[str, Any], *, debug: bool = False):
             # the client re-raises a task's error (reported once, on one line); the workers'
             # own "Compute Failed" tracebacks are shown only with --debug
             quiet = logging.ERROR if debug else logging.CRITICAL
-            cluster = LocalCluster(n_workers=settings["workers"],
-                                   threads_per_worker=settings["threads"],
-                                   memory_limit=settings["memory"], processes=True,
-                                   dashboard_address=None, silence_logs=quiet,
-                                   env={NUMBA_CACHE_ENV: numba_cache_dir()})
+            with spawned_without_cli_main():
+                cluster = LocalCluster(n_workers=settings["workers"],
+                                       threads_per_worker=settings["threads"],
+                                       memory_limit=settings["memory"], processes=True,
+                                       dashboard_address=None, silence_logs=quiet,
+                                       env={NUMBA_CACHE_ENV: numba_cache_dir()})
         except Exception as exc:
             raise ClusterError(f"cannot start a local Dask cluster ({type(exc).__name__}: "
                                f"{exc}); check --workers/--threads/--memory") from exc
