@@ -50,6 +50,16 @@ class SortedHeads:
         return ids if dtype is None else ids.astype(dtype, copy=False)
 
 
+def row_pointers(head: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Where rows ``start..stop`` begin in ``head`` (sorted ids): ``stop - start + 1`` int64
+    offsets, by binary search (``np.bincount`` would first copy every id to int64).
+
+    The probes take the ids' own type (mixed types would copy the ids too)."""
+    probe = head.dtype if stop < np.iinfo(head.dtype).max else np.int64
+    return np.searchsorted(head, np.arange(start, stop + 1, dtype=probe),
+                           side="left").astype(np.int64)
+
+
 def is_sorted(a: np.ndarray) -> bool:
     """Whether ``a`` never decreases (checked slice by slice: no full-length temporary)."""
     step = SORTED_CHECK_SLICE
@@ -124,12 +134,7 @@ class NeighbourhoodSampler:
             order = None if is_sorted(head) else np.argsort(head, kind="stable")
             if order is not None:
                 head = head[order]
-            # sorted heads: the row pointers by binary search (np.bincount would first
-            # copy every id to int64: 8 bytes per edge, 1.9 GB at 10M rows)
-            # (the probes in the ids' own type: mixed types would copy the ids too)
-            probe = head.dtype if n < np.iinfo(head.dtype).max else np.int64
-            self.indptr = np.searchsorted(head, np.arange(n + 1, dtype=probe),
-                                          side="left").astype(np.int64)
+            self.indptr = row_pointers(head, 0, n)  # no int64 copy of the ids (1.9 GB at 10M)
         if order is not None:  # graphs' edge lists come sorted; others are sorted here
             self.tail = np.asarray(tail)[order].astype(ids)
             self.weight = np.asarray(weight, dtype=np.float32)[order]

@@ -263,14 +263,9 @@ def descent_kernel(rows: float, n_features: int, threads: int, *, one_search: bo
     return "descent" if own <= theirs else "pynndescent"
 
 
-def _search_threads(n_jobs: int) -> int:
-    """Threads a search with ``n_jobs`` gets (-1: every CPU this process may run on)."""
-    if n_jobs and n_jobs > 0:
-        return int(n_jobs)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def _search_threads(n_jobs: int | None) -> int:
+    """Threads a search with ``n_jobs`` gets (None or below 1: every CPU)."""
+    return (os.cpu_count() or 1) if n_jobs is None or n_jobs < 1 else int(n_jobs)
 
 
 def check_descent_kwds(kwds: dict) -> dict:
@@ -417,7 +412,7 @@ def hnsw_knn(
     if metric == "cosine":
         return _cosine_by_unit_rows(X, n_neighbors,
                                     lambda U: hnsw_knn(U, n_neighbors, **kw))
-    threads = (os.cpu_count() or 1) if n_jobs is None or n_jobs < 1 else int(n_jobs)
+    threads = _search_threads(n_jobs)
     Xc = np.ascontiguousarray(X, dtype=np.float32)
     n, d = Xc.shape
     k1 = n_neighbors + 1

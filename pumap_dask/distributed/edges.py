@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import zarr
 
-from ..batches import SortedHeads, is_sorted
+from ..batches import SortedHeads, is_sorted, row_pointers
 
 META = "meta.json"
 
@@ -101,9 +101,10 @@ class EdgeStore:
             if counts is not None:
                 if len(h) and (h[0] < last or not is_sorted(h)):  # not sorted: ids after all
                     return self.read_compact(shards)
-                rows, per_row = np.unique(h, return_counts=True)
-                counts[rows] += per_row
-                last = int(h[-1]) if len(h) else last
+                if len(h):  # the shard's rows' edge counts, from its own row pointers
+                    lo, hi = int(h[0]), int(h[-1]) + 1
+                    counts[lo:hi] += np.diff(row_pointers(h, lo, hi))
+                    last = hi - 1
             else:
                 head[at:at + len(h)] = h
             tail[at:at + len(h)] = t
