@@ -22,7 +22,9 @@ scratch. Reported per configuration:
 
 Configurations are named ``key=value`` overrides of the trainer's config (``n_epochs``,
 ``batch_size``, ``learning_rate``, ``lr_schedule``, ``negatives``,
-``negative_sample_rate``, ``hidden_layers`` as ``256x256``, ``init_steps``) or of the
+``negative_sample_rate``, ``hidden_layers`` as ``256x256``, ``init_steps``,
+``num_threads``; ``replicas=1`` trains with one replica, the schedule before
+:mod:`pumap_dask.replicas`) or of the
 network (``act=silu``; ``rff=SCALE`` random Fourier features of the centred, RMS-scaled
 input with ``rff_m`` frequencies, ``rff_learn=1`` to train them, ``rff_hidden=256x256``),
 joined by ``,``: e.g. ``rff=4,n_epochs=40``. ``default`` is no override; ``umap`` is
@@ -50,7 +52,7 @@ from sklearn.manifold import trustworthiness
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from torch import nn
 
-from pumap_dask import ParametricUMAP
+from pumap_dask import ParametricUMAP, train
 from pumap_dask.datasets import trajectory_like
 from pumap_dask.encoder import encode
 from pumap_dask.inputs import open_input
@@ -150,6 +152,9 @@ def metrics(Xtr, ytr, Xte, yte, E_tr, E_te, sample_tr, sample_te, in_nn_tr, in_n
 
 
 # --------------------------------------------------------------------------- runs
+DEFAULT_REPLICAS = train.REPLICAS
+
+
 def parse_config(name: str, default_epochs: int) -> tuple[dict, dict]:
     """(TrainConfig overrides, custom-network options) of a configuration name."""
     cfg: dict = {}
@@ -162,7 +167,7 @@ def parse_config(name: str, default_epochs: int) -> tuple[dict, dict]:
             continue
         key, value = part.split("=")
         if key in ("n_epochs", "batch_size", "negative_sample_rate", "init_steps",
-                   "negative_pool"):
+                   "negative_pool", "num_threads", "replicas"):
             cfg[key] = int(value)
         elif key in ("learning_rate", "weight_decay"):
             cfg[key] = float(value)
@@ -232,7 +237,8 @@ def main(argv=None) -> None:
                             prep[3], len(edges), base.n_epochs)
             edges, layout, base, prep_s = prep
             over, net_opts = parse_config(name, base.n_epochs)
-            cfg = dataclasses.replace(base, num_threads=1, **over)
+            train.REPLICAS = over.pop("replicas", DEFAULT_REPLICAS)
+            cfg = dataclasses.replace(base, **{"num_threads": 1, **over})
             network = custom_network(Xtr, net_opts, args.seed) if net_opts else None
             t0 = time.perf_counter()
             trained = run_train(Xtr, edges, layout, cfg, network=network)

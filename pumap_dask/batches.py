@@ -18,6 +18,8 @@ neighbourhoods only.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -144,6 +146,13 @@ class NeighbourhoodSampler:
         self.active = np.flatnonzero(np.diff(self.indptr))  # rows with an edge here
         self.slot = np.full(n, -1, dtype=np.int64)  # row -> place in the batch
         self.seeds = self.calibrate(int(edges_per_step))
+
+    def fork(self) -> "NeighbourhoodSampler":
+        """A sampler of the same edges (shared, not copied) with its own scratch row map,
+        so that two threads can draw at once."""
+        twin = copy.copy(self)
+        twin.slot = np.full(len(self.slot), -1, dtype=self.slot.dtype)
+        return twin
 
     def draw(self, gen: torch.Generator, seeds: int | None = None):
         """One batch.

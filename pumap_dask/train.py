@@ -7,8 +7,10 @@ Positive edges are drawn in proportion to their weight on the fly (inverse-CDF s
 the cumulative weights), so memory is bounded by the graph, never by epochs x edges.
 Negatives are uniform vertices: a pool of ``negative_pool`` vertices per step, each head
 paired with ``negative_sample_rate`` of them. Every distinct point of a step is encoded
-once (heads, tails and negatives share one forward pass). On the CPU a fixed ``random_state``
-gives bitwise the same encoder from run to run at any thread count (see :mod:`pumap_dask.losses`).
+once (heads, tails and negatives share one forward pass). Neighbourhood steps on a CPU come
+:data:`REPLICAS` at a time from replicas of the network on as many threads
+(:mod:`pumap_dask.replicas`). On the CPU a fixed ``random_state`` gives bitwise the same
+encoder from run to run at any thread count (see :mod:`pumap_dask.losses`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .landmarks import LandmarkTerm
 from .losses import gather_rows as _gather_rows, pair_loss, pair_loss_torch, umap_loss
 from .batches import NeighbourhoodSampler
 from .params import BATCHINGS, NEGATIVE_MODES, PRECISIONS
+from .replicas import ReplicaSteps, can_replicate
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +153,11 @@ def default_epochs(n_edges: int, batch_size: int, batching: str = "edges") -> in
 ROWS_PER_EDGE_NEIGHBOURHOODS = 0.2
 # draw and gather the next neighbourhood batch on a second thread while a step trains
 PREFETCH_BATCHES = True
+# Neighbourhood steps on a CPU come REPLICAS at a time from replicas of the network, side by
+# side on as many threads where there are (pumap_dask.replicas; the second is one optimiser
+# step stale). A constant, not the machine's core count, so a seed gives the same encoder
+# at any thread count (benchmarks/RESULTS.md, issue 20).
+REPLICAS = 2
 
 
 def resolve_batching(batching: str, correlation_weight: float = 0.0,
@@ -313,34 +321,37 @@ def train_encoder(
         The trained encoder (on the CPU, eval mode) and the mean loss per epoch run.
     """
     threads = torch.get_num_threads()
+    available = int(cfg.num_threads) if cfg.num_threads else threads
     try:
-        torch.set_num_threads(_step_threads(cfg, X.shape[0], X.shape[1]))
+        per_step = _step_threads(cfg, X.shape[0], X.shape[1], available)
+        torch.set_num_threads(per_step)
+        # replicas step side by side only where a step keeps to one thread
+        side_threads = available if per_step == 1 else 1
         return _train(X, head, tail, weight, cfg, encoder, callback, init_embedding,
-                      landmarks, from_model, reconstruction)
+                      landmarks, from_model, reconstruction, side_threads)
     finally:
         torch.set_num_threads(threads)
 
 
-def _step_threads(cfg: TrainConfig, n: int, d: int) -> int:
-    """Threads for the training loop.
+def _step_threads(cfg: TrainConfig, n: int, d: int, available: int) -> int:
+    """Torch threads of one training step, of the ``available`` ones.
 
     Small steps are dominated by per-op overhead, where a second thread costs more than it
     gives, and an oversubscribed machine (Dask workers beside us) makes extra threads spin:
-    measured 10x slower at batch 128 with two threads on a loaded 2-core machine.
+    measured 10x slower at batch 128 with two threads on a loaded 2-core machine. Their
+    other threads run the replicas' steps side by side (:data:`REPLICAS`).
     """
-    if cfg.num_threads:
-        return int(cfg.num_threads)
     # rows encoded per step: both ends of each edge and a pool, or a neighbourhood batch's
     per_edge = (ROWS_PER_EDGE_NEIGHBOURHOODS if batching_of(cfg, n) == "neighbourhoods"
                 else 2 + 1)
     rows = min(n, int(per_edge * cfg.batch_size))
     width = cfg.n_projection or d
     flops = rows * (width + sum(cfg.hidden_layers)) * max(cfg.hidden_layers or (1,))
-    return torch.get_num_threads() if flops > 1e8 else 1
+    return available if flops > 1e8 else 1
 
 
 def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landmarks=None,
-           from_model=False, reconstruction=None):
+           from_model=False, reconstruction=None, side_threads=1):
     device = torch.device(cfg.device)
     n = X.shape[0]
     if cfg.precision not in PRECISIONS:
@@ -405,10 +416,16 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     if landmarks is not None and world > 1:
         raise ParameterError("landmarks are not supported with DDP training (world size "
                              f"{world}); train in one process (train_world_size=1)")
+    # replicas: neighbourhood steps of the plain loss in one CPU process
+    replicas = REPLICAS if (use_hood and world == 1 and device.type == "cpu"
+                            and landmarks is None and reconstruction is None
+                            and can_replicate(net)) else 1
     extra = None  # continued training and landmarks: a checkpoint must match them too
     if cfg.checkpoint_dir is not None and (from_model or landmarks is not None):
         extra = {"start": state_digest(encoder) if from_model else None,
                  "landmarks": landmarks.digest() if landmarks is not None else None}
+    if replicas > 1:  # the steps' order, and so the result, depends on it
+        extra = dict(extra or {}, replicas=replicas)
     saved: nn.Module = encoder  # what a checkpoint holds: with the decoder when one trains
     if reconstruction is not None:
         if world > 1:
@@ -442,19 +459,30 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     hood = NeighbourhoodSampler(head, tail, weight, n, B) if use_hood else None
     if hood is not None:
         logger.info("training on neighbourhood batches: %d seed rows per step for about %d "
-                    "positive edges", hood.seeds, B)
+                    "positive edges%s", hood.seeds, B,
+                    f", {replicas} replicas on {min(replicas, side_threads)} thread(s)"
+                    if replicas > 1 else "")
+    side = None
+    if replicas > 1:
+        def step_loss(replica, sampler, g):
+            batch = _hood_batch(Xt, sampler, R, g, device, cfg.negative_pool)
+            return _neighbourhood_loss(replica, batch, a, b)[0]
+
+        side = ReplicaSteps(net, hood, step_loss, replicas, side_threads)
     # the next neighbourhood batch is drawn and gathered on a second thread while this one
     # trains (the draw and the gather were a fifth of a step, on a core the step leaves
     # idle); only within an epoch, so the random stream at each checkpoint is unchanged.
     # Landmark terms draw from the same stream after each batch: no prefetch with them.
-    ahead = hood is not None and lm_term is None and PREFETCH_BATCHES
+    ahead = hood is not None and lm_term is None and PREFETCH_BATCHES and side is None
     prefetch = ThreadPoolExecutor(1, thread_name_prefix="pumap-batches") if ahead else None
     t0 = time.perf_counter()
     try:
         for epoch in range(start, cfg.n_epochs):
             ep_loss = 0.0
             coming = None
-            for step in range(steps_per_epoch):
+            if side is not None:
+                ep_loss = _side_by_side_epoch(side, steps_per_epoch, opt, sched, gen)
+            for step in range(steps_per_epoch if side is None else 0):
                 if hood is not None:
                     batch = (coming.result() if coming is not None else
                              _hood_batch(Xt, hood, R, gen, device, cfg.negative_pool))
@@ -495,9 +523,28 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     finally:
         if prefetch is not None:
             prefetch.shutdown(cancel_futures=True)
+        if side is not None:
+            side.close()
     if reconstruction is not None:
         reconstruction.decoder.cpu().eval()
     return encoder.cpu().eval(), history
+
+
+def _side_by_side_epoch(side: ReplicaSteps, steps: int, opt: torch.optim.Optimizer,
+                        sched: Any, gen: torch.Generator) -> float:
+    """One epoch of ``steps`` optimiser steps whose gradients come ``len(side)`` at a time
+    from the replicas (:mod:`pumap_dask.replicas`); returns the summed loss."""
+    side.start_epoch(gen)
+    total = 0.0
+    for first in range(0, steps, len(side)):
+        for loss, grads in side.round(min(len(side), steps - first)):
+            for p, g in zip(side.params, grads):
+                p.grad = g
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += loss
+    return total
 
 
 class _AmpNet(nn.Module):
@@ -612,7 +659,10 @@ def _hood_batch(Xt, hood: NeighbourhoodSampler, R: int, gen: torch.Generator,
     m = len(rows) if pool is None else int(pool)
     pick = torch.randint(m, (len(h), R), generator=gen) + len(rows)
     rows = torch.cat([rows, torch.randint(len(hood.slot), (m,), generator=gen)])
-    x = Xt[rows.to(Xt.device)].to(device, non_blocking=True)
+    ids = rows.to(Xt.device)
+    # index_select: a third of advanced indexing's time for rows of a tensor on a CPU
+    x = torch.index_select(Xt, 0, ids) if isinstance(Xt, torch.Tensor) else Xt[ids]
+    x = x.to(device, non_blocking=True)
     return rows, x, h.to(device), t.to(device), pick.to(device), w.to(device)
 
 

@@ -66,6 +66,20 @@ def scheduler(request):
             yield client
 
 
+class Killed(Exception):
+    """A training run stopped by :func:`kill_at` (the tests of resuming a checkpoint)."""
+
+
+def kill_at(stop: int):
+    """A training callback that raises :class:`Killed` at the end of epoch ``stop``."""
+
+    def callback(epoch: int, loss: float) -> None:
+        if epoch == stop:
+            raise Killed
+
+    return callback
+
+
 def slow_writer(call: str) -> list[str]:
     """A command line running ``call`` (a ``pumap_dask.writers`` call, module as ``w``) in
     a real process, each block's write slowed, so a test can kill it halfway."""

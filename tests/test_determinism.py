@@ -80,7 +80,7 @@ def test_estimator_same_seed_identical_with_two_threads(blobs, monkeypatch):
     import pumap_dask.train as train
 
     # force two training threads however the estimator builds its TrainConfig
-    monkeypatch.setattr(train, "_step_threads", lambda cfg, n, d: 2)
+    monkeypatch.setattr(train, "_step_threads", lambda cfg, n, d, available: 2)
     params = {**FAST, "batch_size": 4096, "random_state": 5}
     a = ParametricUMAP(**params).fit(blobs[0])
     b = ParametricUMAP(**params).fit(blobs[0])

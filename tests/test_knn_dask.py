@@ -233,3 +233,19 @@ def test_many_partitions_per_thread_search_with_pynndescent(cells, monkeypatch):
     monkeypatch.setattr(knn_stage, "PYNNDESCENT_COMPILE_S", 0.0)
     _nndescent_in_partitions(cells, monkeypatch, recall_samples=0)
     assert used and set(used) == {1}  # one thread per partition task
+
+
+def test_default_recall_sample_shrinks_with_rows(cells, monkeypatch, caplog):
+    """By default the recall is sampled on fewer rows as n grows (its search costs rows x n)."""
+    import logging
+
+    assert knn_dask.recall_rows(5000) == knn_dask.recall_rows(1_000_000) == 1000
+    assert knn_dask.recall_rows(3_000_000) == 333
+    assert knn_dask.recall_rows(10_000_000) == knn_dask.recall_rows(10**9) == 200
+    X, _ = cells
+    monkeypatch.setattr(knn_dask, "RECALL_PAIRS", 300 * len(X))  # 6,000 rows -> 300 sampled
+    with dask.config.set(scheduler="threads"), caplog.at_level(logging.INFO, "pumap_dask"):
+        res = nearest_neighbors(da.from_array(X, chunks=(1500, 30)), K, "partitioned",
+                                n_partitions=6)
+    assert any("on 300 sampled rows" in r.getMessage() for r in caplog.records)
+    assert res.recall >= 0.95

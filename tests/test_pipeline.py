@@ -7,7 +7,7 @@ from pumap_dask import ParametricUMAP, inputs, pipeline
 from pumap_dask.datasets import clusters
 from pumap_dask.init import landmark_rows
 
-from .conftest import FAST
+from .conftest import FAST, Killed, kill_at
 
 PARAMS = {**ParametricUMAP(random_state=0).get_params(), "device": "cpu"}
 
@@ -136,16 +136,8 @@ def test_training_resumes_from_its_checkpoint_bitwise(blobs, tmp_path):
     full, hist = train_encoder(X, edges.head, edges.tail, edges.weight, cfg,
                                init_embedding=init)
     ck = dataclasses.replace(cfg, checkpoint_dir=str(tmp_path / "train"))
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(epoch, loss):
-        if epoch == 2:
-            raise Killed
-
     with pytest.raises(Killed):
-        train_encoder(X, edges.head, edges.tail, edges.weight, ck, callback=kill_at_3,
+        train_encoder(X, edges.head, edges.tail, edges.weight, ck, callback=kill_at(2),
                       init_embedding=init)
     seen = []
     resumed, hist2 = train_encoder(X, edges.head, edges.tail, edges.weight, ck,
