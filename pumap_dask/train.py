@@ -404,8 +404,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     opt = torch.optim.AdamW(trained, lr=cfg.learning_rate,
                             weight_decay=cfg.weight_decay, **_adam_kwargs(device))
     if cfg.lr_schedule == "linear":
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: max(0.0, 1.0 - s / max(1, total_steps)))
+        sched = LinearDecay(opt, total_steps)
     elif cfg.lr_schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
     elif cfg.lr_schedule == "constant":
@@ -528,6 +527,36 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     if reconstruction is not None:
         reconstruction.decoder.cpu().eval()
     return encoder.cpu().eval(), history
+
+
+class LinearDecay:
+    """The learning rate decayed linearly to 0 over ``total`` steps.
+
+    The same rates, bitwise, and the same checkpoint state (``base_lrs``, ``last_epoch``) as
+    ``LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))``, whose ``step`` costs about
+    250 us on a CPU (as much as the fused optimiser step itself, a twentieth of a training
+    step); this one sets the rates directly.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, total: int) -> None:
+        self.opt = opt
+        self.total = max(1, int(total))
+        self.base_lrs = [group["lr"] for group in opt.param_groups]
+        self.last_epoch = 0  # steps taken (LambdaLR's name, kept for its checkpoints)
+
+    def step(self) -> None:
+        """After an optimiser step: the rate of the next."""
+        self.last_epoch += 1
+        factor = max(0.0, 1.0 - self.last_epoch / self.total)
+        for group, base in zip(self.opt.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def state_dict(self) -> dict:
+        return {"base_lrs": list(self.base_lrs), "last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base_lrs = list(state["base_lrs"])
+        self.last_epoch = int(state["last_epoch"])
 
 
 def _side_by_side_epoch(side: ReplicaSteps, steps: int, opt: torch.optim.Optimizer,

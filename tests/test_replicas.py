@@ -145,3 +145,25 @@ def test_replica_training_resumes_from_its_checkpoint_bitwise(tmp_path, monkeypa
     seen.clear()
     train_encoder(X, head, tail, weight, other, callback=lambda e, loss: seen.append(e))
     assert seen == [0, 1, 2, 3]
+
+
+def test_linear_decay_matches_lambdalr_bitwise():
+    """The trainer's linear schedule: LambdaLR's rates and checkpoint state, set directly."""
+    def opt():
+        return torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.0123)
+
+    a, b = opt(), opt()
+    ours = train.LinearDecay(a, 37)
+    ref = torch.optim.lr_scheduler.LambdaLR(b, lambda s: max(0.0, 1.0 - s / 37))
+    for _ in range(40):
+        a.step()
+        b.step()
+        ours.step()
+        ref.step()
+        assert a.param_groups[0]["lr"] == b.param_groups[0]["lr"]
+    assert a.param_groups[0]["lr"] == 0.0
+    state = ref.state_dict()  # a checkpoint written with LambdaLR resumes here
+    again = train.LinearDecay(opt(), 37)
+    again.load_state_dict(state)
+    assert again.last_epoch == 40 and again.state_dict() == {
+        "base_lrs": state["base_lrs"], "last_epoch": 40}
