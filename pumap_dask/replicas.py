@@ -3,10 +3,11 @@
 A neighbourhood step encodes about a thousand rows, too few for torch's own threads (a
 second intra-op thread gave nothing, ``benchmarks/RESULTS.md``), and DDP over Gloo costs
 more per step than the step itself on one host (an all-reduce of the MLP's gradients took
-1.9 ms on the 2-core machine). Here each of ``K`` Python threads owns a copy of the network
-whose parameters are *views of the trained ones* (the same storage, their own gradients),
-draws its own neighbourhood batch, and runs the forward pass, the loss and the backward pass
-on one core; torch and the numba kernels release the GIL, so the threads run side by side.
+1.9 ms on the 2-core machine). Here each of ``K`` replicas is a copy of the network whose
+parameters are *views of the trained ones* (the same storage, their own gradients); each
+draws its own neighbourhood batch and runs the forward pass, the loss and the backward pass
+on one core, on a thread of its own where there are threads; torch and the numba kernels
+release the GIL, so the threads run side by side.
 
 The optimiser then takes the ``K`` steps in thread order, one per gradient. All ``K``
 gradients of a round are computed at the parameters of the round's start, so each but the
@@ -47,7 +48,7 @@ def can_replicate(net: nn.Module) -> bool:
 
 
 class ReplicaSteps:
-    """``K`` replicas of ``net`` stepping on ``K`` threads (see the module's docstring).
+    """``K`` replicas of ``net`` stepping on up to ``K`` threads (see the module's docstring).
 
     Parameters
     ----------
