@@ -144,7 +144,7 @@ class NeighbourhoodSampler:
             self.tail = np.asarray(tail).astype(ids, copy=False)  # the caller's, not a copy
             self.weight = np.asarray(weight, dtype=np.float32)
         self.active = np.flatnonzero(np.diff(self.indptr))  # rows with an edge here
-        self.slot = np.full(n, -1, dtype=np.int64)  # row -> place in the batch
+        self.slot = np.full(n, -1, dtype=np.int32)  # row -> place in the batch (one per replica)
         self.seeds = self.calibrate(int(edges_per_step))
 
     def fork(self) -> "NeighbourhoodSampler":

@@ -280,6 +280,7 @@ def train_encoder(
     landmarks: Any = None,
     from_model: bool = False,
     reconstruction: Any = None,
+    threads: int | None = None,
 ) -> tuple[Encoder, list[float]]:
     """Train an encoder with the UMAP loss on a weighted edge list.
 
@@ -314,14 +315,18 @@ def train_encoder(
         (its weighted loss on each step's head rows is added to the step's loss, so the
         history holds the total) and its loss per epoch is kept in its ``history``. None:
         no decoder. Not supported under DDP.
+    threads
+        Threads training may use (a DDP rank's share of its host); default
+        ``cfg.num_threads``, else torch's. Not part of the result, which is the same on any
+        number of threads.
 
     Returns
     -------
     encoder, history
         The trained encoder (on the CPU, eval mode) and the mean loss per epoch run.
     """
-    threads = torch.get_num_threads()
-    available = int(cfg.num_threads) if cfg.num_threads else threads
+    before = torch.get_num_threads()
+    available = int(cfg.num_threads or threads or before)
     try:
         per_step = _step_threads(cfg, X.shape[0], X.shape[1], available)
         torch.set_num_threads(per_step)
@@ -330,7 +335,7 @@ def train_encoder(
         return _train(X, head, tail, weight, cfg, encoder, callback, init_embedding,
                       landmarks, from_model, reconstruction, side_threads)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _step_threads(cfg: TrainConfig, n: int, d: int, available: int) -> int:

@@ -167,3 +167,18 @@ def test_linear_decay_matches_lambdalr_bitwise():
     again.load_state_dict(state)
     assert again.last_epoch == 40 and again.state_dict() == {
         "base_lrs": state["base_lrs"], "last_epoch": 40}
+
+
+def test_threads_given_explicitly_win_over_torchs_count(caplog):
+    """A DDP rank passes its threads: torch's count in a long-lived worker may read 1."""
+    X, head, tail, weight = _chain_data()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with caplog.at_level(logging.INFO, logger="pumap_dask"):
+            train_encoder(X, head, tail, weight, TrainConfig(**{**CFG, "n_epochs": 1}),
+                          threads=2)
+        assert torch.get_num_threads() == 1  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert any("2 replicas on 2 thread(s)" in r.getMessage() for r in caplog.records)

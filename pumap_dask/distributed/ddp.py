@@ -152,9 +152,12 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
                 X = handle.load()
         head, tail, weight = _read_own_edges(edge_dir, rank, world_size)
         encoder = build_encoder(X.shape[1], cfg, X)  # identical on every rank
+        # the rank's threads given explicitly: torch's own count in a long-lived worker
+        # process is whatever its earlier tasks' libraries left (a 10M fit trained on one)
         encoder, history = train_encoder(X, head, tail, weight, cfg, encoder,
                                          callback=progress if rank == 0 else None,
-                                         init_embedding=init)
+                                         init_embedding=init,
+                                         threads=threads or torch.get_num_threads())
         if rank != 0:
             return None
         buf = io.BytesIO()
