@@ -1,9 +1,9 @@
 """Neighbourhood steps on several CPU threads at once: replicas of the network in one process.
 
 A neighbourhood step encodes about a thousand rows, too few for torch's own threads (a
-second intra-op thread gave nothing, ``benchmarks/RESULTS.md``), and DDP over Gloo costs
-more per step than the step itself on one host (an all-reduce of the MLP's gradients took
-1.9 ms on the 2-core machine). Here each of ``K`` replicas is a copy of the network whose
+second intra-op thread gave nothing, ``benchmarks/RESULTS.md``), and DDP over Gloo on one
+host is slower than one process (0.72x on the 2-core machine: an all-reduce of the MLP's
+gradients alone took 1.9 ms, a third of a step). Here each of ``K`` replicas is a copy of the network whose
 parameters are *views of the trained ones* (the same storage, their own gradients); each
 draws its own neighbourhood batch and runs the forward pass, the loss and the backward pass
 on one core, on a thread of its own where there are threads; torch and the numba kernels

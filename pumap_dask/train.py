@@ -483,30 +483,31 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     try:
         for epoch in range(start, cfg.n_epochs):
             ep_loss = 0.0
-            coming = None
+            coming = None  # the plain steps' batch drawn ahead
             if side is not None:
                 ep_loss = _side_by_side_epoch(side, steps_per_epoch, opt, sched, gen)
-            for step in range(steps_per_epoch if side is None else 0):
-                if hood is not None:
-                    batch = (coming.result() if coming is not None else
-                             _hood_batch(Xt, hood, R, gen, device, cfg.negative_pool))
-                    coming = (prefetch.submit(_hood_batch, Xt, hood, R, gen, device,
-                                              cfg.negative_pool)
-                              if prefetch is not None and step + 1 < steps_per_epoch else None)
-                    loss, rows, emb = _neighbourhood_loss(net, batch, a, b)
-                else:
-                    loss, rows, emb = _edge_loss(net, Xt, cum, head_t, tail_t, B, R, M, n, a,
-                                                 b, in_batch, dedupe, cfg, gen, device)
-                if lm_term is not None:  # landmark rows drawn last: no landmarks, same stream
-                    loss = loss + lm_term(net, Xt, gen)
-                if reconstruction is not None:  # decode the step's encoded rows to raw rows
-                    loss = loss + reconstruction(rows, emb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                ep_loss += float(loss.detach())
+            else:
+                for step in range(steps_per_epoch):
+                    if hood is not None:
+                        batch = (coming.result() if coming is not None else
+                                 _hood_batch(Xt, hood, R, gen, device, cfg.negative_pool))
+                        coming = (prefetch.submit(_hood_batch, Xt, hood, R, gen, device,
+                                                  cfg.negative_pool)
+                                  if prefetch is not None and step + 1 < steps_per_epoch else None)
+                        loss, rows, emb = _neighbourhood_loss(net, batch, a, b)
+                    else:
+                        loss, rows, emb = _edge_loss(net, Xt, cum, head_t, tail_t, B, R, M, n, a,
+                                                     b, in_batch, dedupe, cfg, gen, device)
+                    if lm_term is not None:  # landmark rows drawn last: no landmarks, same stream
+                        loss = loss + lm_term(net, Xt, gen)
+                    if reconstruction is not None:  # decode the step's encoded rows to raw rows
+                        loss = loss + reconstruction(rows, emb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if sched is not None:
+                        sched.step()
+                    ep_loss += float(loss.detach())
             history.append(ep_loss / steps_per_epoch)
             check_finite_loss(history[-1], epoch, cfg)
             if reconstruction is not None:
