@@ -171,7 +171,7 @@ def parse_config(name: str, default_epochs: int) -> tuple[dict, dict]:
             cfg[key] = int(value)
         elif key in ("learning_rate", "weight_decay"):
             cfg[key] = float(value)
-        elif key in ("lr_schedule", "negatives", "batching"):
+        elif key in ("lr_schedule", "negatives", "batching", "activation"):
             cfg[key] = value
         elif key == "hidden_layers":
             cfg[key] = _dims(value)

@@ -389,7 +389,8 @@ def run_train(X: np.ndarray, edges: Edges, layout: Layout | None, cfg: TrainConf
                                          epoch_end if verbose or user_cbs
                                          or validation is not None else None,
                                          init_embedding=init, landmarks=landmarks,
-                                         from_model=from_model, reconstruction=reconstruction)
+                                         from_model=from_model, reconstruction=reconstruction,
+                                         within_epoch=None if bar is None else bar.update)
     finally:
         if bar is not None:
             bar.close()

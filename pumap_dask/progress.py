@@ -10,9 +10,10 @@ log needs (``PUMAP_PROGRESS=log`` or ``=bar`` forces either). Shown only when th
 callbacks on the threaded scheduler; the scheduler's task groups on a distributed cluster),
 redraws its bar twice a second (a stage longer than a second always shows one, its clock
 moving even while one big task runs) and samples the peak memory of this process and of the
-largest worker. Training counts epochs on its stage's bar instead of tasks (:func:`track`):
-the single-process trainer through its per-epoch callback, DDP training through the small
-file rank 0 rewrites after each epoch (:class:`EpochReport`, read by :class:`EpochWatch`).
+largest worker. Training counts epochs on its stage's bar instead of tasks (:func:`track`), in fractions
+within an epoch (the trainer's ``within_epoch``): the single-process trainer through its
+callbacks, DDP training through the small file rank 0 rewrites after each epoch and during
+one (:class:`EpochReport`, read by :class:`EpochWatch`).
 While a terminal bar is drawn, log records of the console handlers are written above it.
 """
 
@@ -307,7 +308,7 @@ class Progress:
         if self.total or self.n:
             of = f"/{self.total}" if self.total else ""
             pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-            head = f"{self.n}{of} {self.unit}s{pct}"
+            head = f"{_count(self.n)}{of} {self.unit}s{pct}"
         else:
             head = "running"
         extra = f", {self.postfix}" if self.postfix else ""
@@ -335,6 +336,12 @@ class Progress:
 
 
 _running = threading.local()  # per thread: the bars of the stages running, innermost last
+
+
+def _count(n: float) -> float | int:
+    """A count as an int when whole (``3``), else rounded to hundredths (``0.37`` epochs)."""
+    n = float(n)
+    return int(n) if n.is_integer() else round(n, 2)
 
 
 def _stages() -> list[Progress]:
@@ -371,14 +378,22 @@ class EpochReport:
     _failed: bool = dataclasses.field(default=False, repr=False)
 
     def __call__(self, epoch: int, loss: float) -> None:
+        self._write(int(epoch) + 1, float(loss), force=epoch + 1 >= self.n_epochs)
+
+    def within(self, epochs: float) -> None:
+        """Progress within an epoch (the trainer's ``within_epoch``): ``epochs`` done, as a
+        fraction, without a loss."""
+        self._write(float(epochs), None, force=False)
+
+    def _write(self, epochs: float, loss: float | None, force: bool) -> None:
         now = time.monotonic()
-        if now - self._last < REPORT_EVERY_S and epoch + 1 < self.n_epochs:
+        if now - self._last < REPORT_EVERY_S and not force:
             return
         self._last = now
         try:
-            write_json_atomic(self.path, {"run": self.run, "epoch": int(epoch) + 1,
+            write_json_atomic(self.path, {"run": self.run, "epoch": epochs,
                                           "n_epochs": int(self.n_epochs),
-                                          "loss": float(loss), "time": time.time()})
+                                          "loss": loss, "time": time.time()})
         except OSError as exc:
             if not self._failed:
                 self._failed = True
@@ -403,7 +418,9 @@ class EpochWatch:
                     doc = json.load(fh)
                 self._stamp = stamp
                 if doc.get("run") == self.report.run:
-                    self.bar.update(int(doc["epoch"]), postfix=f"loss {float(doc['loss']):.4f}")
+                    loss = doc.get("loss")
+                    self.bar.update(_count(doc["epoch"]),
+                                    postfix="" if loss is None else f"loss {float(loss):.4f}")
                     return
         except (OSError, ValueError, KeyError, TypeError):  # not written yet, or another run's
             pass

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import psutil
 import torch
 from scipy.optimize import curve_fit
 from torch import nn
@@ -158,6 +160,9 @@ PREFETCH_BATCHES = True
 # step stale). A constant, not the machine's core count, so a seed gives the same encoder
 # at any thread count (benchmarks/RESULTS.md, issue 20).
 REPLICAS = 2
+# the least seconds between two reports of progress within an epoch (train_encoder's
+# ``within_epoch``)
+STEP_PROGRESS_S = 1.0
 
 
 def resolve_batching(batching: str, correlation_weight: float = 0.0,
@@ -231,6 +236,15 @@ def _seed_everything_local(seed: int | None) -> torch.Generator:
     return gen
 
 
+# Mapped training rows (MappedRows) count in the process's resident memory once touched,
+# and a Dask worker's memory limit counts all of it: at 10M rows the 2 GB of mapped rows
+# took a training worker that had run the kNN over its 6 GiB limit. Above this share of the
+# limit the mapping's pages are released (they stay in the page cache: the next touch is a
+# minor fault); the process's memory is checked every MAPPED_ROWS_CHECK_EVERY gathers.
+MAPPED_ROWS_RELEASE_AT = 0.75
+MAPPED_ROWS_CHECK_EVERY = 64
+
+
 class MappedRows:
     """Training rows kept in a memory-mapped array, preprocessed when gathered.
 
@@ -239,22 +253,45 @@ class MappedRows:
     rows it encodes. The preprocessing is element-wise (centre, scale) or a fixed
     projection, so a row's result does not depend on which other rows it is gathered with
     (up to float rounding with a projection).
+
+    With a ``memory_limit`` (bytes: a Dask worker's), the mapping's resident pages are
+    released whenever the process holds more than :data:`MAPPED_ROWS_RELEASE_AT` of it
+    (``releases`` counts them); the rows read are the same either way.
     """
 
     device = torch.device("cpu")
 
-    def __init__(self, X: np.ndarray, encoder: Encoder) -> None:
+    def __init__(self, X: np.ndarray, encoder: Encoder, memory_limit: int | None = None) -> None:
         self.X = X
         self.encoder = encoder
         self.shape = X.shape
+        self.memory_limit = int(memory_limit) if memory_limit else None
+        self.releases = 0
+        self._gathers = 0
+        self._map = getattr(X, "_mmap", None)  # numpy.memmap's own mapping (None for a view)
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        self._gathers += 1  # replica threads may race here: a check more or less
+        if (self.memory_limit and self._map is not None
+                and self._gathers % MAPPED_ROWS_CHECK_EVERY == 0):
+            self._keep_under_limit()
         rows = np.asarray(self.X[ids.cpu().numpy()], dtype=np.float32)
         with torch.no_grad():
             return self.encoder.preprocess(torch.from_numpy(rows))
+
+    def _keep_under_limit(self) -> None:
+        rss = psutil.Process().memory_info().rss
+        if rss <= MAPPED_ROWS_RELEASE_AT * self.memory_limit:
+            return
+        self._map.madvise(mmap.MADV_DONTNEED)
+        self.releases += 1
+        if self.releases == 1:
+            logger.info("training rows: releasing the mapped rows' pages at %.2f GiB resident "
+                        "(%.0f%% of the %.2f GiB limit); they stay in the page cache",
+                        rss / 2**30, 100 * MAPPED_ROWS_RELEASE_AT, self.memory_limit / 2**30)
 
 
 def build_encoder(n_features: int, cfg: TrainConfig, X: np.ndarray | None = None) -> Encoder:
@@ -281,6 +318,8 @@ def train_encoder(
     from_model: bool = False,
     reconstruction: Any = None,
     threads: int | None = None,
+    within_epoch: Callable[[float], None] | None = None,
+    memory_limit: int | None = None,
 ) -> tuple[Encoder, list[float]]:
     """Train an encoder with the UMAP loss on a weighted edge list.
 
@@ -319,6 +358,14 @@ def train_encoder(
         Threads training may use (a DDP rank's share of its host); default
         ``cfg.num_threads``, else torch's. Not part of the result, which is the same on any
         number of threads.
+    within_epoch
+        Called during an epoch, at most every :data:`STEP_PROGRESS_S` seconds, with the
+        epochs done so far as a fraction (``2.37``: a third of the way through the third),
+        for progress bars: a fit of 10M rows trains one epoch of several minutes. Under
+        DDP, pass it to rank 0 only.
+    memory_limit
+        Bytes this process may hold (a Dask worker's limit), or None. Memory-mapped rows
+        (:class:`MappedRows`) release their pages when the process nears it.
 
     Returns
     -------
@@ -333,7 +380,8 @@ def train_encoder(
         # replicas step side by side only where a step keeps to one thread
         side_threads = available if per_step == 1 else 1
         return _train(X, head, tail, weight, cfg, encoder, callback, init_embedding,
-                      landmarks, from_model, reconstruction, side_threads)
+                      landmarks, from_model, reconstruction, side_threads, within_epoch,
+                      memory_limit)
     finally:
         torch.set_num_threads(before)
 
@@ -356,7 +404,8 @@ def _step_threads(cfg: TrainConfig, n: int, d: int, available: int) -> int:
 
 
 def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landmarks=None,
-           from_model=False, reconstruction=None, side_threads=1):
+           from_model=False, reconstruction=None, side_threads=1, within_epoch=None,
+           memory_limit=None):
     device = torch.device(cfg.device)
     n = X.shape[0]
     if cfg.precision not in PRECISIONS:
@@ -373,7 +422,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
     if isinstance(X, np.memmap) and device.type == "cpu":
         # rows shared by the ranks of a node (pumap_dask.distributed.rowcache): gathered
         # and preprocessed per step, never copied whole into this process
-        Xt = MappedRows(X, encoder)
+        Xt = MappedRows(X, encoder, memory_limit)
     else:
         with torch.no_grad():
             parts = (encoder.preprocess(as_tensor(X[i:i + 65536], device))
@@ -484,8 +533,9 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
         for epoch in range(start, cfg.n_epochs):
             ep_loss = 0.0
             coming = None  # the plain steps' batch drawn ahead
+            tick = _StepTicker(within_epoch, epoch, steps_per_epoch)
             if side is not None:
-                ep_loss = _side_by_side_epoch(side, steps_per_epoch, opt, sched, gen)
+                ep_loss = _side_by_side_epoch(side, steps_per_epoch, opt, sched, gen, tick)
             else:
                 for step in range(steps_per_epoch):
                     if hood is not None:
@@ -508,6 +558,7 @@ def _train(X, head, tail, weight, cfg, encoder, callback, init_embedding, landma
                     if sched is not None:
                         sched.step()
                     ep_loss += float(loss.detach())
+                    tick(step + 1)
             history.append(ep_loss / steps_per_epoch)
             check_finite_loss(history[-1], epoch, cfg)
             if reconstruction is not None:
@@ -565,8 +616,26 @@ class LinearDecay:
         self.last_epoch = int(state["last_epoch"])
 
 
+class _StepTicker:
+    """Reports an epoch's progress to ``report`` (the trainer's ``within_epoch``) as
+    fractional epochs, at most every :data:`STEP_PROGRESS_S` seconds; a no-op without one."""
+
+    def __init__(self, report: Callable[[float], None] | None, epoch: int, steps: int) -> None:
+        self.report, self.epoch, self.steps = report, epoch, max(1, steps)
+        self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        if self.report is None or done >= self.steps:
+            return  # the epoch's end is the per-epoch callback's
+        now = time.monotonic()
+        if now - self.last >= STEP_PROGRESS_S:
+            self.last = now
+            self.report(round(self.epoch + done / self.steps, 2))
+
+
 def _side_by_side_epoch(side: ReplicaSteps, steps: int, opt: torch.optim.Optimizer,
-                        sched: Any, gen: torch.Generator) -> float:
+                        sched: Any, gen: torch.Generator,
+                        tick: Callable[[int], None] = lambda done: None) -> float:
     """One epoch of ``steps`` optimiser steps whose gradients come ``len(side)`` at a time
     from the replicas (:mod:`pumap_dask.replicas`); returns the summed loss."""
     side.start_epoch(gen)
@@ -579,6 +648,7 @@ def _side_by_side_epoch(side: ReplicaSteps, steps: int, opt: torch.optim.Optimiz
             if sched is not None:
                 sched.step()
             total += loss
+        tick(min(steps, first + len(side)))
     return total
 
 

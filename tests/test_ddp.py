@@ -215,6 +215,28 @@ def test_worker_killed_mid_training_restarts_the_group(cells, kill_cluster, tmp_
     assert hist == ref_hist
 
 
+def test_a_restarted_host_rank_waits_for_all_its_workers_threads(cells, kill_cluster, tmp_path,
+                                                                  caplog):
+    """Placement "host": one rank with both workers' threads. Its worker killed, the restart
+    waits for both workers to be back, so the new rank has both threads again (a 10M fit's
+    restarted rank, started with one worker back, trained on one thread)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pumap_dask")
+    path, _, work, single = cells
+    cfg = pipeline.train_config({**single.get_params(), **FAST, "n_epochs": 6},
+                                single.n_edges_, 20, "cpu", single.a_, single.b_)
+    ck = str(tmp_path / "ck")
+    killed = _kill_worker_when(kill_cluster, 0, os.path.join(ck, "train.pt"))
+    enc, hist, world = train_on_dask(kill_cluster, path, None, os.path.join(work, "graph"),
+                                     dataclasses.replace(cfg, checkpoint_dir=ck),
+                                     timeout_s=60, max_restarts=1, placement="host")
+    assert killed.is_set() and world == 1 and len(hist) == 6
+    text = caplog.text
+    assert "attempt 1 of 2 failed (RankLostError" in text, text[-2000:]
+    assert "on 1 rank(s), rank 0 with 2 thread(s)" in text, text[-2000:]
+
+
 def test_worker_killed_without_restarts_fails_clearly(cells, kill_cluster, tmp_path):
     """max_restarts=0: a killed worker gives a RuntimeError naming the lost rank, fast."""
     path, _, work, single = cells

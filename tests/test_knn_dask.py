@@ -249,3 +249,27 @@ def test_default_recall_sample_shrinks_with_rows(cells, monkeypatch, caplog):
                                 n_partitions=6)
     assert any("on 300 sampled rows" in r.getMessage() for r in caplog.records)
     assert res.recall >= 0.95
+
+
+@pytest.mark.parametrize("overlap", [1, 2, 3, 7])
+def test_rows_by_partition_is_the_per_partition_test(overlap):
+    # each partition's rows, in ascending order, as a test of every partition against
+    # every row gives them (empty partitions included, and every row in every partition
+    # when the overlap reaches the partition count)
+    rng = np.random.default_rng(overlap)
+    P = 7
+    block = rng.standard_normal((500, 4)).astype(np.float32)
+    centroids = rng.standard_normal((P, 4)).astype(np.float32) * 3
+    centroids[3] = 100.0  # no row's nearest
+    top = knn_dask._nearest(block, centroids, min(overlap, P))
+    got = knn_dask.rows_by_partition(top, P)
+    for p in range(P):
+        want = np.flatnonzero((top == p).any(1))
+        np.testing.assert_array_equal(got[p], want)
+        assert got[p].dtype == np.int64
+    assert len(got[3]) == (500 if overlap >= P else 0)
+    pieces = knn_dask._split_block(block, 1000, centroids, overlap, groups=[[0, 1], [2, 3, 4, 5, 6]])
+    assert [len(g) for g in pieces] == [2, 5]
+    ids, rows = pieces[1][2]
+    np.testing.assert_array_equal(ids, got[4] + 1000)
+    np.testing.assert_array_equal(rows, block[got[4]])

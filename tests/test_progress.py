@@ -233,3 +233,24 @@ def test_bars_draw_on_an_unsized_terminal():
                      out), out[-3000:]
     assert re.search(rb"6/6 epochs", out)
     assert re.search(rb"[\r\n]INFO LOGMARK\r?\n", out)  # its own line, not inside the bar's
+
+
+def test_progress_within_an_epoch_reaches_the_bar(tmp_path, info_logs, monkeypatch):
+    # one epoch of minutes (a 10M fit trains one) shows how far it has come, with no loss
+    # until the epoch ends
+    monkeypatch.setattr(progress, "REPORT_EVERY_S", 0.0)
+    path = str(tmp_path / "train_progress.json")
+    report = EpochReport(path, "run1", 1)
+    bar = Progress(1, "train", "epoch")
+    bar.adopt(1, "epoch")
+    watch = EpochWatch(report, bar)
+    report.within(0.37)
+    watch.poll()
+    assert bar.n == 0.37 and bar.postfix == ""
+    time.sleep(0.15)
+    bar.tick()  # the log line is due
+    msgs = [r.getMessage() for r in info_logs.records if r.name == "pumap_dask.progress"]
+    assert any(m.startswith("train: 0.37/1 epochs (37%)") for m in msgs), msgs
+    report(0, 0.125)
+    watch.poll()
+    assert bar.n == 1 and isinstance(bar.n, int) and bar.postfix == "loss 0.1250"

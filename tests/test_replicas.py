@@ -182,3 +182,25 @@ def test_threads_given_explicitly_win_over_torchs_count(caplog):
     finally:
         torch.set_num_threads(before)
     assert any("2 replicas on 2 thread(s)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("batching,threads", [("neighbourhoods", 2), ("neighbourhoods", 1),
+                                              ("edges", 1)])
+def test_progress_within_epochs_is_reported_as_fractions(monkeypatch, batching, threads):
+    # a long epoch (one epoch of a 10M fit takes minutes) reports how far it has come:
+    # side by side, one replica after the other, and on the edge sampler
+    monkeypatch.setattr(train, "STEP_PROGRESS_S", 0.0)
+    X, head, tail, weight = _chain_data()
+    cfg = TrainConfig(**{**CFG, "batching": batching, "n_epochs": 2})
+    seen, ends = [], []
+    train_encoder(X, head, tail, weight, cfg, threads=threads, within_epoch=seen.append,
+                  callback=lambda epoch, loss: ends.append(epoch))
+    steps = -(-len(head) // cfg.batch_size)
+    assert ends == [0, 1] and steps > 4
+    assert seen == sorted(seen) and all(0 < f < 2 and not float(f).is_integer() for f in seen)
+    assert any(f < 1 for f in seen) and any(f > 1 for f in seen)  # within both epochs
+    assert len(seen) >= steps // 2  # about one per step (or per round of replicas) here
+    monkeypatch.setattr(train, "STEP_PROGRESS_S", 3600.0)
+    quiet = []
+    train_encoder(X, head, tail, weight, cfg, threads=threads, within_epoch=quiet.append)
+    assert quiet == []  # at most one report per STEP_PROGRESS_S

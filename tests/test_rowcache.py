@@ -143,3 +143,43 @@ def test_two_ranks_on_one_host_hold_the_rows_once(tmp_path):
     # file-backed pages torch's libraries add while training are the control's too)
     libs = control["Pss"] - control["Anonymous"]
     assert sum(g["Pss"] - g["Anonymous"] - libs for g in ranks) < 1.3 * size, grew
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_mapped_rows_release_their_pages_near_the_memory_limit(tmp_path, monkeypatch,
+                                                               caplog):
+    # a worker's memory limit counts mapped rows once touched (10M rows: 2 GB): near it
+    # the trainer releases them (the page cache keeps them), reading the same rows
+    import torch
+
+    from pumap_dask import train
+    from pumap_dask.encoder import Encoder
+
+    caplog.set_level(logging.INFO, logger="pumap_dask")
+    X = np.random.default_rng(1).normal(size=(200_000, 16)).astype(np.float32)  # 12.8 MB
+    h, ident = _handle(X, chunks=50_000)
+    rows = rowcache.node_rows(h.darr, ident, str(tmp_path / "cache"))
+    enc = Encoder(16, 2, (8,), 0, "silu")
+    enc.prepare(X)
+    monkeypatch.setattr(train, "MAPPED_ROWS_CHECK_EVERY", 1)
+    every = torch.arange(0, 200_000, 20)  # a row of every page: the whole map touched
+    kept = train.MappedRows(rows, enc)  # no limit: pages stay mapped
+    want = enc.preprocess(torch.from_numpy(X[every.numpy()]))
+    assert torch.equal(kept[every], want) and kept.releases == 0
+    assert _rss_file_kib() * 1024 > 10e6
+    bounded = train.MappedRows(rows, enc, memory_limit=1)  # always above its limit
+    got = bounded[every]  # released first, then read
+    assert torch.equal(got, want) and bounded.releases == 1
+    before = _rss_file_kib()
+    bounded._keep_under_limit()
+    assert bounded.releases == 2 and _rss_file_kib() < before - 10_000  # 12.8 MB let go
+    assert torch.equal(bounded[every], want)  # and read again from the page cache
+    assert caplog.text.count("releasing the mapped rows' pages") == 1
+    roomy = train.MappedRows(rows, enc, memory_limit=1 << 50)
+    roomy[every]
+    assert roomy.releases == 0

@@ -46,6 +46,7 @@ import dask
 import numpy as np
 import torch
 import torch.distributed as dist
+from distributed import get_worker
 
 from ..arrays import reuses_freed_memory
 from ..encoder import Encoder
@@ -113,7 +114,8 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
         default: the worker's task threads.
     progress
         Called by rank 0 after each epoch as ``progress(epoch, loss)``
-        (:class:`pumap_dask.progress.EpochReport`: the client's bar of epochs).
+        (:class:`pumap_dask.progress.EpochReport`: the client's bar of epochs), and, where
+        it has a ``within`` method, with the fraction of an epoch done during it.
 
     Returns
     -------
@@ -152,21 +154,35 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
                 X = handle.load()
         head, tail, weight = _read_own_edges(edge_dir, rank, world_size)
         encoder = build_encoder(X.shape[1], cfg, X)  # identical on every rank
+        used = threads or torch.get_num_threads()
         # the rank's threads given explicitly: torch's own count in a long-lived worker
         # process is whatever its earlier tasks' libraries left (a 10M fit trained on one)
         encoder, history = train_encoder(X, head, tail, weight, cfg, encoder,
                                          callback=progress if rank == 0 else None,
                                          init_embedding=init,
-                                         threads=threads or torch.get_num_threads())
+                                         threads=used,
+                                         within_epoch=getattr(progress, "within", None)
+                                         if rank == 0 else None,
+                                         memory_limit=_worker_memory_limit())
         if rank != 0:
             return None
         buf = io.BytesIO()
         torch.save(encoder.state_dict(), buf)
         return {"state": buf.getvalue(), "history": history,
-                "seconds": time.perf_counter() - t0,
+                "seconds": time.perf_counter() - t0, "threads": int(used),
                 "start_epoch": int(getattr(encoder, "start_epoch_", 0))}
     finally:
         dist.destroy_process_group()
+
+
+def _worker_memory_limit() -> int | None:
+    """The memory limit (bytes) of the Dask worker running this task, or None (no limit,
+    or not in a worker): the trainer keeps its mapped rows' pages under it."""
+    try:
+        limit = get_worker().memory_manager.memory_limit
+    except (ValueError, AttributeError):  # not in a worker task, or an older worker
+        return None
+    return int(limit) if limit else None
 
 
 def _free_port() -> tuple[str, int]:
@@ -336,15 +352,18 @@ def _progress_path(edge_dir: str) -> str:
 def _train_attempts(client, source, key, edge_dir, cfg, init, world_size, timeout_s,
                     max_restarts, rejoin_s, placement, bar: Progress):
     last_exc: BaseException | None = None
-    target = None
+    target = None  # the workers of the first attempt: a restart waits for all of them
     for attempt in range(max_restarts + 1):
         if attempt and target:
+            # every worker, not only the ranks': a rank of the "host" placement takes the
+            # threads of its host's workers present (a 10M fit whose restarted rank started
+            # before the host's other worker was back trained on one thread of two)
             _wait_for_workers(client, target, rejoin_s)
         slots = rank_workers(client, placement)
         world = min(world_size or len(slots), len(slots), len(EdgeStore(edge_dir)))
         if world < 1:
             raise RuntimeError(f"no Dask workers to train on (placement {placement!r})")
-        target = target or world
+        target = target or len(eligible_workers(client))
         ranks = [w for w, _ in slots[:world]]
         threads = [t for _, t in slots[:world]]
         host, port = client.run(_free_port, workers=[ranks[0]])[ranks[0]]
@@ -373,6 +392,8 @@ def _train_attempts(client, source, key, edge_dir, cfg, init, world_size, timeou
         if out.get("start_epoch"):
             logger.info("DDP training resumed from the checkpoint in %s after epoch %d",
                         cfg.checkpoint_dir, out["start_epoch"])
+        logger.info("DDP training done in %.0fs on %d rank(s), rank 0 with %d thread(s)",
+                    out["seconds"], world, out.get("threads", 0))
         if out["history"]:  # the last epoch (rank 0 may end before the bar's next poll)
             bar.update(len(out["history"]), postfix=f"loss {out['history'][-1]:.4f}")
         state = torch.load(io.BytesIO(out["state"]), weights_only=True)

@@ -262,15 +262,27 @@ def _split_block(block: np.ndarray, offset: int, centroids: np.ndarray, overlap:
     """
     P = centroids.shape[0]
     keyed = knn_stage.normalize_rows(block) if metric == "cosine" else block
-    top = _nearest(keyed, centroids, min(overlap, P))
+    members_of = rows_by_partition(_nearest(keyed, centroids, min(overlap, P)), P)
     out = []
     for members in (groups if groups is not None else [[p] for p in range(P)]):
-        pieces = []
-        for p in members:
-            sel = np.flatnonzero((top == p).any(1))
-            pieces.append((sel.astype(np.int64) + offset, block[sel]))
-        out.append(pieces)
+        out.append([(members_of[p] + offset, block[members_of[p]]) for p in members])
     return out
+
+
+def rows_by_partition(top: np.ndarray, n_partitions: int) -> list[np.ndarray]:
+    """The rows assigned to each partition, in ascending order, from ``top`` (m, overlap):
+    each row's partitions (distinct within a row).
+
+    One stable sort of the (row, partition) pairs by partition, where a test of every
+    partition against every row cost ``n_partitions`` passes over the block (at 10M rows,
+    455 partitions: most of a split task's time).
+    """
+    width = top.shape[1] if top.ndim == 2 else 1
+    flat = top.ravel()
+    order = np.argsort(flat, kind="stable")  # pairs in row order within each partition
+    starts = np.searchsorted(flat[order], np.arange(n_partitions + 1))
+    rows = (order // width).astype(np.int64)
+    return [rows[starts[p]:starts[p + 1]] for p in range(n_partitions)]
 
 
 @reuses_freed_memory
