@@ -239,10 +239,13 @@ def _seed_everything_local(seed: int | None) -> torch.Generator:
 # Mapped training rows (MappedRows) count in the process's resident memory once touched,
 # and a Dask worker's memory limit counts all of it: at 10M rows the 2 GB of mapped rows
 # took a training worker that had run the kNN over its 6 GiB limit. Above this share of the
-# limit the mapping's pages are released (they stay in the page cache: the next touch is a
-# minor fault); the process's memory is checked every MAPPED_ROWS_CHECK_EVERY gathers.
-MAPPED_ROWS_RELEASE_AT = 0.75
-MAPPED_ROWS_CHECK_EVERY = 64
+# limit (below the 0.95 at which Dask's nanny kills a worker) the mapping's pages are
+# released: they stay in the page cache, and the next touch is a minor fault. A last resort,
+# not a budget: while it releases, a gather of 1,300 random rows of a 10M-row mapping costs
+# 7.2 ms instead of 1.1 ms (benchmarks/mapped_rows.py), as the kernel maps pages back 16 at
+# a time around each fault. Checked before every gather, as they refill it that fast.
+MAPPED_ROWS_RELEASE_AT = 0.9
+MAPPED_ROWS_CHECK_EVERY = 1
 
 
 class MappedRows:
