@@ -51,8 +51,8 @@ def gathers(rows: train.MappedRows, steps: int, batch: int, seed: int) -> dict:
         if i % 16 == 0:
             peak = max(peak, rss_file())
     seconds = time.perf_counter() - t0
-    return {"us_per_gather": 1e6 * seconds / steps, "peak_rss_file_gib": max(peak, rss_file()) / GIB,
-            "releases": rows.releases}
+    return {"us_per_gather": 1e6 * seconds / steps,
+            "peak_rss_file_gib": max(peak, rss_file()) / GIB, "releases": rows.releases}
 
 
 def main(argv=None) -> None:
@@ -88,7 +88,8 @@ def main(argv=None) -> None:
         now = psutil.Process().memory_info().rss
         limit = int((now + args.room * GIB) / train.MAPPED_ROWS_RELEASE_AT)
         bounded = gathers(train.MappedRows(X, enc, memory_limit=limit), args.steps, args.batch, 3)
-        print(f"| rows file | gathers x rows | limit | us per gather | releases | peak mapped GiB |")
+        print("| rows file | gathers x rows | limit | us per gather | releases "
+              "| peak mapped GiB |")
         print("|---|---|---|---|---|---|")
         for name, r in (("none (first pass)", free), ("none (pages resident)", free_again),
                         (f"release at +{args.room:.2f} GiB", bounded)):

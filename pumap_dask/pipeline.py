@@ -337,7 +337,8 @@ def train_config(params: dict, n_edges: int, n_features: int, device: str, a: fl
     n_proj = params["n_projection"] if 0 < params["n_projection"] < n_features else 0
     return TrainConfig(
         n_components=params["n_components"], hidden_layers=tuple(params["hidden_layers"]),
-        activation=params.get("activation", "leaky_relu"), n_projection=n_proj, learning_rate=params["learning_rate"], n_epochs=n_epochs,
+        activation=params.get("activation", "leaky_relu"), n_projection=n_proj,
+        learning_rate=params["learning_rate"], n_epochs=n_epochs,
         batch_size=batch, negative_sample_rate=params["negative_sample_rate"],
         correlation_weight=params["correlation_weight"], a=a, b=b,
         random_state=params["random_state"], device=device,

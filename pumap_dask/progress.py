@@ -10,10 +10,10 @@ log needs (``PUMAP_PROGRESS=log`` or ``=bar`` forces either). Shown only when th
 callbacks on the threaded scheduler; the scheduler's task groups on a distributed cluster),
 redraws its bar twice a second (a stage longer than a second always shows one, its clock
 moving even while one big task runs) and samples the peak memory of this process and of the
-largest worker. Training counts epochs on its stage's bar instead of tasks (:func:`track`), in fractions
-within an epoch (the trainer's ``within_epoch``): the single-process trainer through its
-callbacks, DDP training through the small file rank 0 rewrites after each epoch and during
-one (:class:`EpochReport`, read by :class:`EpochWatch`).
+largest worker. Training counts epochs on its stage's bar instead of tasks (:func:`track`),
+in fractions within an epoch (the trainer's ``within_epoch``): the single-process trainer
+through its callbacks, DDP training through the small file rank 0 rewrites after each epoch
+and during one (:class:`EpochReport`, read by :class:`EpochWatch`).
 While a terminal bar is drawn, log records of the console handlers are written above it.
 """
 

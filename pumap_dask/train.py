@@ -271,7 +271,8 @@ class MappedRows:
         self.memory_limit = int(memory_limit) if memory_limit else None
         self.releases = 0
         self._gathers = 0
-        self._map = getattr(X, "_mmap", None)  # numpy.memmap's own mapping (None for a view)
+        # numpy.memmap's own mapping (None for a view, or where madvise is not available)
+        self._map = getattr(X, "_mmap", None) if hasattr(mmap, "MADV_DONTNEED") else None
 
     def __len__(self) -> int:
         return int(self.X.shape[0])

@@ -268,7 +268,8 @@ def test_rows_by_partition_is_the_per_partition_test(overlap):
         np.testing.assert_array_equal(got[p], want)
         assert got[p].dtype == np.int64
     assert len(got[3]) == (500 if overlap >= P else 0)
-    pieces = knn_dask._split_block(block, 1000, centroids, overlap, groups=[[0, 1], [2, 3, 4, 5, 6]])
+    pieces = knn_dask._split_block(block, 1000, centroids, overlap,
+                                   groups=[[0, 1], [2, 3, 4, 5, 6]])
     assert [len(g) for g in pieces] == [2, 5]
     ids, rows = pieces[1][2]
     np.testing.assert_array_equal(ids, got[4] + 1000)
