@@ -245,7 +245,6 @@ def _seed_everything_local(seed: int | None) -> torch.Generator:
 # 7.2 ms instead of 1.1 ms (benchmarks/mapped_rows.py), as the kernel maps pages back 16 at
 # a time around each fault. Checked before every gather, as they refill it that fast.
 MAPPED_ROWS_RELEASE_AT = 0.9
-MAPPED_ROWS_CHECK_EVERY = 1
 
 
 class MappedRows:
@@ -270,24 +269,22 @@ class MappedRows:
         self.shape = X.shape
         self.memory_limit = int(memory_limit) if memory_limit else None
         self.releases = 0
-        self._gathers = 0
         # numpy.memmap's own mapping (None for a view, or where madvise is not available)
         self._map = getattr(X, "_mmap", None) if hasattr(mmap, "MADV_DONTNEED") else None
+        self._process = psutil.Process() if self.memory_limit and self._map is not None else None
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
-        self._gathers += 1  # replica threads may race here: a check more or less
-        if (self.memory_limit and self._map is not None
-                and self._gathers % MAPPED_ROWS_CHECK_EVERY == 0):
+        if self._process is not None:
             self._keep_under_limit()
         rows = np.asarray(self.X[ids.cpu().numpy()], dtype=np.float32)
         with torch.no_grad():
             return self.encoder.preprocess(torch.from_numpy(rows))
 
     def _keep_under_limit(self) -> None:
-        rss = psutil.Process().memory_info().rss
+        rss = self._process.memory_info().rss
         if rss <= MAPPED_ROWS_RELEASE_AT * self.memory_limit:
             return
         self._map.madvise(mmap.MADV_DONTNEED)
@@ -638,8 +635,7 @@ class _StepTicker:
 
 
 def _side_by_side_epoch(side: ReplicaSteps, steps: int, opt: torch.optim.Optimizer,
-                        sched: Any, gen: torch.Generator,
-                        tick: Callable[[int], None] = lambda done: None) -> float:
+                        sched: Any, gen: torch.Generator, tick: "_StepTicker") -> float:
     """One epoch of ``steps`` optimiser steps whose gradients come ``len(side)`` at a time
     from the replicas (:mod:`pumap_dask.replicas`); returns the summed loss."""
     side.start_epoch(gen)

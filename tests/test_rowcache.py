@@ -151,8 +151,7 @@ def _rss_file_kib() -> int:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
-def test_mapped_rows_release_their_pages_near_the_memory_limit(tmp_path, monkeypatch,
-                                                               caplog):
+def test_mapped_rows_release_their_pages_near_the_memory_limit(tmp_path, caplog):
     # a worker's memory limit counts mapped rows once touched (10M rows: 2 GB): near it
     # the trainer releases them (the page cache keeps them), reading the same rows
     import torch
@@ -166,7 +165,6 @@ def test_mapped_rows_release_their_pages_near_the_memory_limit(tmp_path, monkeyp
     rows = rowcache.node_rows(h.darr, ident, str(tmp_path / "cache"))
     enc = Encoder(16, 2, (8,), 0, "silu")
     enc.prepare(X)
-    monkeypatch.setattr(train, "MAPPED_ROWS_CHECK_EVERY", 1)
     every = torch.arange(0, 200_000, 20)  # a row of every page: the whole map touched
     kept = train.MappedRows(rows, enc)  # no limit: pages stay mapped
     want = enc.preprocess(torch.from_numpy(X[every.numpy()]))

@@ -277,7 +277,7 @@ def rows_by_partition(top: np.ndarray, n_partitions: int) -> list[np.ndarray]:
     partition against every row cost ``n_partitions`` passes over the block (at 10M rows,
     455 partitions: most of a split task's time).
     """
-    width = top.shape[1] if top.ndim == 2 else 1
+    width = top.shape[1]
     flat = top.ravel()
     order = np.argsort(flat, kind="stable")  # pairs in row order within each partition
     starts = np.searchsorted(flat[order], np.arange(n_partitions + 1))
