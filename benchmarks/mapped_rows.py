@@ -3,7 +3,8 @@
 A training rank on a node maps the node's row cache (:mod:`pumap_dask.distributed.rowcache`);
 the pages it touches count in its resident memory, which a Dask worker's memory limit counts.
 :class:`pumap_dask.train.MappedRows` releases them above
-:data:`pumap_dask.train.MAPPED_ROWS_RELEASE_AT` of the limit. This gathers random batches of
+:data:`pumap_dask.train.MAPPED_ROWS_RELEASE_AT` of the point where the worker would be killed
+(``memory_limit``). This gathers random batches of
 rows from a ``.npy`` row file (``--rows``; default: a new file of ``--n`` random rows) as a
 training step does, without a limit and then with one set ``--room`` GiB above the memory
 the process holds before the gathers, and prints the time per gather, the releases and the

@@ -118,6 +118,12 @@ def reuses_freed_memory(fn: Callable) -> Callable:
     return wrapper
 
 
+def sample_ids(n: int, m: int, seed: int) -> np.ndarray:
+    """The sorted ids of a uniform sample of ``m`` of ``n`` rows, fixed by ``seed``: the
+    training rows kept for refine, and the rows a ``fit_rows`` fit is fitted on."""
+    return np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
+
+
 def is_cupy(x: Any) -> bool:
     """Whether ``x`` is a CuPy array (checked by type, without importing CuPy)."""
     return type(x).__module__.split(".")[0] == "cupy"

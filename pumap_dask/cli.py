@@ -81,7 +81,7 @@ logger = logging.getLogger("pumap_dask.cli")
 # estimator parameter -> the flag that sets it, so messages name what the user typed
 FLAGS = {"n_components": "--n-components", "n_neighbors": "--n-neighbors",
          "min_dist": "--min-dist", "random_state": "--random-state", "device": "--device",
-         "landmark_loss_weight": "--landmark-loss-weight"}
+         "landmark_loss_weight": "--landmark-loss-weight", "fit_rows": "--fit-rows"}
 # saved parameters of an --init-model that do not become this fit's defaults
 NOT_INHERITED = ("work_dir", "verbose", "callbacks")
 
@@ -691,6 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-dist", type=float, default=None)
     p.add_argument("--random-state", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--fit-rows", type=_positive_int, default=None, metavar="N",
+                   help="fit a uniform sample of N rows (kNN, graph, training), then embed "
+                        "every row with the encoder (default: fit all rows)")
     p.add_argument("--params", help="more ParametricUMAP parameters as JSON")
     p.add_argument("--work-dir", default=None,
                    help="kNN, graph shards and training checkpoints, on a file system every "

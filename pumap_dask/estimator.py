@@ -94,6 +94,16 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         ``correlation_weight`` needs the edge sampler or the data has fewer than 4 batches'
         worth of rows (16,384 by default), where an edge step encodes most rows anyway. See
         :mod:`pumap_dask.batches`.
+    fit_rows
+        Fit a uniform sample of this many rows (seeded by ``random_state``): the kNN, the
+        graph, the initial layout and training see only the sample, and every row of X is
+        then embedded by the trained encoder (``embedding_`` has all rows). None (default)
+        or at least ``len(X)``: every row is fitted. For data too large for the training
+        budget to pass over its graph more than once or twice: at a fixed training time
+        the encoder learns more from several passes over a sample's graph than from one
+        over all rows' (``docs/scale.md``). Rare populations are sampled with the rest, so
+        keep the sample large enough for each to keep ``n_neighbors`` neighbours. Not with
+        a precomputed ``knn``/``graph`` or landmarks.
     local_connectivity, set_op_mix_ratio, tolerance
         Graph construction (seed: ``local_connectivity``, ``mix_weight``, ``bandwidth``).
     correlation_weight
@@ -194,7 +204,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
     encoder_ : torch.nn.Module
     graph_ : scipy.sparse.csr_matrix
         The fuzzy graph, for in-memory fits only (a partitioned fit keeps its edges in
-        ``work_dir/graph`` and builds no (n, n) matrix on the client).
+        ``work_dir/graph`` and builds no (n, n) matrix on the client; a ``fit_rows`` fit's
+        graph is of its sample, and not kept).
     init_ : str
         The initial layout used: "spectral" (full graph), "landmark-spectral" (kNN graph of
         a sample of rows, above ``pumap_dask.init.N_LANDMARKS`` rows), "pca" or
@@ -263,6 +274,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         autoencoder_loss: bool = False,
         activation: str = DEFAULT_ACTIVATION,
         batching: str = "auto",
+        fit_rows: int | None = None,
     ) -> None:
         self.n_components = n_components
         self.n_neighbors = n_neighbors
@@ -272,6 +284,7 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         self.hidden_layers = hidden_layers
         self.activation = activation
         self.batching = batching
+        self.fit_rows = fit_rows
         self.n_projection = n_projection
         self.learning_rate = learning_rate
         self.n_epochs = n_epochs

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import is_cupy, to_host
+from .arrays import is_cupy, sample_ids, to_host
 from .errors import InputError
 from .graph import label_codes
 from .io import (
@@ -109,6 +109,24 @@ class InputHandle:
                             len(digests), time.perf_counter() - t0)
             self._identity = {"rows": self.n, "features": self.d, "sha256": sha}
         return self._identity
+
+    def sample(self, m: int, seed: int) -> tuple["InputHandle", np.ndarray]:
+        """A seeded uniform sample of ``m`` rows as an input of its own, and its row ids.
+
+        In-memory rows are copied; lazy input stays lazy (its blocks are read where the
+        sample's are computed, in blocks of the input's row chunk). Its identity is its
+        own rows' content (hashed when asked for: one more read of the input's blocks), so
+        work-directory artefacts of a sample are reused only for the same rows, and a
+        training rank's row cache checks them as any input's.
+        """
+        ids = sample_ids(self.n, m, seed)
+        if self.data is not None:
+            data = self.data[ids]
+            out = InputHandle(as_dask(data), data, False, data, None, self.input_shape)
+        else:
+            darr = self.darr[ids].rechunk({0: max(self.darr.chunks[0])})
+            out = InputHandle(darr, None, True, darr, None, self.input_shape)
+        return out, ids
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Some rows (sorted ids) in memory, read from the input without loading the rest."""

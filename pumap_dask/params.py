@@ -221,6 +221,7 @@ def check_estimator_params(est: Any) -> None:
     positive_int("n_projection", est.n_projection, minimum=0)
     positive_int("knn_overlap", est.knn_overlap)
     optional_positive_int("train_world_size", est.train_world_size)
+    optional_positive_int("fit_rows", getattr(est, "fit_rows", None))
     positive_int("max_restarts", getattr(est, "max_restarts", 2), minimum=0)
     min_dist_spread(est.min_dist, est.spread)
     real("learning_rate", est.learning_rate, low=0.0, low_open=True)

@@ -490,6 +490,8 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
     handle = open_input(X, key)
     check_sizes(handle, params["n_neighbors"])
     input_shape = handle.input_shape or (handle.d,)
+    fit_rows = sampled_rows(params, handle.n, knn=knn, graph=graph,
+                            landmarks=landmark_positions is not None or kept is not None)
     validation = None
     if validation_data is not None:
         if not params.get("parametric_reconstruction"):
@@ -512,16 +514,24 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
             raise InputError("pass either knn= (a precomputed kNN) or graph= (a precomputed "
                              "fuzzy graph), not both")
         graph = graph_stage.check_precomputed_graph(graph, handle.n)
-    method = None if knn is not None or graph is not None else knn_plan(handle, params, device)
-    partitioned = method == "partitioned"
     if y is not None:
         y = check_labels(y, handle.n)
+    whole = handle  # every row is embedded; the stages below fit `handle`
+    if fit_rows is not None:
+        handle, ids = whole.sample(fit_rows, params.get("random_state") or 0)
+        y = None if y is None else y[ids]
+        logger.info("fit_rows: fitting a uniform sample of %d of the %d rows (kNN, graph, "
+                    "layout and training); every row is embedded by the encoder",
+                    fit_rows, whole.n)
+    method = None if knn is not None or graph is not None else knn_plan(handle, params, device)
+    partitioned = method == "partitioned"
     plan = plan_training(params, partitioned=partitioned, source=handle.source,
                          landmarks=landmarks is not None, init_model=init_encoder is not None,
                          device=device)
     if not plan.remote:  # this process will hold the rows: fail now, not after the kNN
         handle.check_budget()
-    identity = handle.identity()  # one read: NaN check and content digest, before the kNN
+    identity = whole.identity()  # one read: NaN check and content digest, before the kNN
+    content = handle.identity()["sha256"]  # the fitted rows' (a sample's: derived)
     timings["input"] = time.perf_counter() - t0
     if partitioned and not params.get("work_dir"):
         require_local_workers()  # a temporary work directory lives on this machine
@@ -531,7 +541,7 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
         else:
             with timed("knn"):
                 neighbors = run_knn(handle, params, device, work_dir=wdir, knn=knn,
-                                    method=method, content=identity["sha256"])
+                                    method=method, content=content)
         with timed("graph"):
             edges = (run_graph(neighbors, params, work_dir=wdir, y=y) if graph is None
                      else precomputed_edges(graph))
@@ -549,7 +559,7 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                                                                     device)
         with timed("train"):
             cfg = train_config(params, len(edges), handle.d, device, a, b, handle.n)
-            cfg = dataclasses.replace(cfg, input_sha256=identity["sha256"])
+            cfg = dataclasses.replace(cfg, input_sha256=content)
             if params.get("work_dir"):  # checkpoints beside the kNN and graph: a rerun resumes
                 cfg = dataclasses.replace(cfg, checkpoint_dir=os.path.join(wdir, "train"))
             network = recon = None
@@ -571,16 +581,18 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                                     reconstruction=recon, validation=validation)
 
     with timed("embed"):  # on the workers when the rows are there
-        embedding, stats = embed_training_rows(trained.encoder, handle if Xtr is None else Xtr)
-    logger.info("fitted %d x %d: %s", handle.n, handle.d,
+        rows = Xtr if fit_rows is None else whole.data  # the embedded rows, where in memory
+        embedding, stats = embed_training_rows(trained.encoder, whole if rows is None else rows)
+    logger.info("fitted %d x %d: %s", whole.n, whole.d,
                 ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     res = FitResult(encoder=trained.encoder, loss_history=list(trained.loss_history),
                     n_epochs=cfg.n_epochs, embedding=embedding, feature_stats=stats,
-                    n_samples_fit=handle.n, n_features_in=handle.d,
+                    n_samples_fit=whole.n, n_features_in=whole.d,
                     knn_method=knn_method, knn_recall=knn_recall, n_edges=len(edges),
                     a=a, b=b,
                     init=("model" if init_encoder is not None else
-                          "random" if layout is None else layout.method), graph=edges.graph,
+                          "random" if layout is None else layout.method),
+                    graph=None if fit_rows else edges.graph,
                     train_world_size=world, timings=timings, peak_memory=peaks,
                     worker_peak_memory=wpeaks,
                     decoder=None if recon is None else recon.decoder,
@@ -626,6 +638,38 @@ def plan_training(params: dict, *, partitioned: bool, source: Any, landmarks: bo
                 else "one process on a Dask worker" if plan.remote else "in this process",
                 plan.reason)
     return plan
+
+
+def sampled_rows(params: dict, n: int, *, knn: Any = None, graph: Any = None,
+                 landmarks: bool = False) -> int | None:
+    """How many rows a ``fit_rows`` fit samples, or None to fit every row.
+
+    ``params["fit_rows"]`` below ``n`` fits a seeded uniform sample of that many rows (kNN,
+    graph, layout and training) and embeds every row with the encoder; at least ``n`` (or
+    None) fits them all.
+
+    Raises
+    ------
+    InputError
+        With a precomputed ``knn``/``graph`` or landmarks, which are given for every row,
+        or a sample too small for ``n_neighbors``.
+    """
+    m = params.get("fit_rows")
+    if m is None or m >= n:
+        if m is not None:
+            logger.info("fit_rows=%d: X has %d rows, all of them fitted", m, n)
+        return None
+    given = [name for name, on in (("knn", knn is not None), ("graph", graph is not None),
+                                   ("landmark_positions", landmarks)) if on]
+    if given:
+        raise InputError(f"fit_rows={m} fits a sample of X's {n} rows, but {given[0]}= is "
+                         "given for every row: fit all rows (fit_rows=None), or pass X's "
+                         f"sample with its own {given[0]}")
+    if m < params["n_neighbors"] + 1:
+        raise InputError(f"fit_rows={m} is too few rows for n_neighbors="
+                         f"{params['n_neighbors']}: fit at least {params['n_neighbors'] + 1} "
+                         "rows (or None: all of them)")
+    return int(m)
 
 
 def check_train_world(params: dict, *, landmarks: bool = False,

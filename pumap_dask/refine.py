@@ -25,7 +25,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .arrays import to_host
+from .arrays import sample_ids, to_host
 from .errors import InputError, ModelFileError, ParameterError
 from .graph import smooth_knn_dist
 from .io import is_lazy
@@ -213,11 +213,6 @@ def refine_embedding(X: np.ndarray, init: np.ndarray, reference: RefineReference
 
 
 # ---------------------------------------------------------------------- training rows
-def sample_ids(n: int, m: int, seed: int) -> np.ndarray:
-    """The sorted ids of the ``m`` of ``n`` training rows kept for refine (fixed by seed)."""
-    return np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
-
-
 def keep_training_rows(X: Any, max_rows: int = DEFAULT_MAX_TRAINING_ROWS,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray | None] | None:
     """The training rows a fitted estimator keeps for ``transform(..., refine=True)``.

@@ -239,12 +239,13 @@ def _seed_everything_local(seed: int | None) -> torch.Generator:
 # Mapped training rows (MappedRows) count in the process's resident memory once touched,
 # and a Dask worker's memory limit counts all of it: at 10M rows the 2 GB of mapped rows
 # took a training worker that had run the kNN over its 6 GiB limit. Above this share of the
-# limit (below the 0.95 at which Dask's nanny kills a worker) the mapping's pages are
+# bytes at which the process would be killed (a Dask worker's limit times Dask's terminate
+# fraction, 0.95 by default: distributed.cluster.kill_threshold) the mapping's pages are
 # released: they stay in the page cache, and the next touch is a minor fault. A last resort,
 # not a budget: while it releases, a gather of 1,300 random rows of a 10M-row mapping costs
 # 7.2 ms instead of 1.1 ms (benchmarks/mapped_rows.py), as the kernel maps pages back 16 at
 # a time around each fault. Checked before every gather, as they refill it that fast.
-MAPPED_ROWS_RELEASE_AT = 0.9
+MAPPED_ROWS_RELEASE_AT = 0.95
 
 
 class MappedRows:
@@ -256,9 +257,10 @@ class MappedRows:
     projection, so a row's result does not depend on which other rows it is gathered with
     (up to float rounding with a projection).
 
-    With a ``memory_limit`` (bytes: a Dask worker's), the mapping's resident pages are
-    released whenever the process holds more than :data:`MAPPED_ROWS_RELEASE_AT` of it
-    (``releases`` counts them); the rows read are the same either way.
+    With a ``memory_limit`` (bytes at which the process would be killed: a Dask worker's
+    limit times its terminate fraction), the mapping's resident pages are released whenever
+    the process holds more than :data:`MAPPED_ROWS_RELEASE_AT` of it (``releases`` counts
+    them); the rows read are the same either way.
     """
 
     device = torch.device("cpu")
@@ -291,7 +293,8 @@ class MappedRows:
         self.releases += 1
         if self.releases == 1:
             logger.info("training rows: releasing the mapped rows' pages at %.2f GiB resident "
-                        "(%.0f%% of the %.2f GiB limit); they stay in the page cache",
+                        "(%.0f%% of the %.2f GiB at which the worker would be killed); they "
+                        "stay in the page cache",
                         rss / 2**30, 100 * MAPPED_ROWS_RELEASE_AT, self.memory_limit / 2**30)
 
 
@@ -365,8 +368,9 @@ def train_encoder(
         for progress bars: a fit of 10M rows trains one epoch of several minutes. Under
         DDP, pass it to rank 0 only.
     memory_limit
-        Bytes this process may hold (a Dask worker's limit), or None. Memory-mapped rows
-        (:class:`MappedRows`) release their pages when the process nears it.
+        Bytes at which this process would be killed (a Dask worker's limit times Dask's
+        terminate fraction), or None. Memory-mapped rows (:class:`MappedRows`) release
+        their pages when the process nears it.
 
     Returns
     -------

@@ -8,11 +8,14 @@ import subprocess
 import sys
 import time
 
+import dask
 import numpy as np
 import pytest
 
 from pumap_dask import ParametricUMAP, pipeline
 from pumap_dask.datasets import write_cell_like_zarr
+from pumap_dask.distributed import ddp
+from pumap_dask.distributed.cluster import kill_threshold
 from pumap_dask.distributed.ddp import own_shards, train_on_dask
 from pumap_dask.encoder import Encoder, encode
 from pumap_dask.progress import stage
@@ -424,3 +427,17 @@ def test_ddp_from_a_dask_array_fills_the_node_row_cache(cells, cluster_client, t
     assert "DDP over 2 ranks" in caplog.text
     assert os.listdir(cache) == [".pumap-rowcache"]  # written once, dropped after training
     assert _acc(m.embedding_, y) > _acc(single.embedding_, y) - 0.03
+
+
+def test_mapped_rows_are_released_below_dasks_kill_point(cluster_client):
+    # the trainer's release point (train.MAPPED_ROWS_RELEASE_AT of it) follows the worker's
+    # own limit and Dask's terminate fraction, wherever the user set it
+    assert kill_threshold(None) is None and kill_threshold(0) is None
+    with dask.config.set({"distributed.worker.memory.terminate": 0.5}):
+        assert kill_threshold(1000) == 500
+    with dask.config.set({"distributed.worker.memory.terminate": False}):
+        assert kill_threshold(1000) == 1000  # never killed by the nanny; memory is finite
+    assert ddp._worker_kill_threshold() is None  # not in a worker task
+    limit = 2 * 2**30  # the fixture's workers
+    got = cluster_client.submit(ddp._worker_kill_threshold, pure=False).result()
+    assert got == int(limit * dask.config.get("distributed.worker.memory.terminate"))

@@ -320,12 +320,26 @@ def _worker_baseline(dask_worker=None) -> tuple[int, int]:
     return int(psutil.Process().memory_info().rss), int(limit or 0)
 
 
+def _memory_fraction(key: str) -> float | None:
+    """Dask's ``distributed.worker.memory.<key>`` share of a worker's limit, or None where
+    it is switched off (``False``) or unset."""
+    frac = dask.config.get(f"distributed.worker.memory.{key}", None)
+    if isinstance(frac, (int, float)) and not isinstance(frac, bool) and 0 < frac <= 1:
+        return float(frac)
+    return None
+
+
 def _pause_fraction() -> float:
-    for key in ("distributed.worker.memory.pause", "distributed.worker.memory.terminate"):
-        frac = dask.config.get(key, None)
-        if isinstance(frac, (int, float)) and not isinstance(frac, bool) and 0 < frac <= 1:
-            return float(frac)
-    return 0.95
+    return _memory_fraction("pause") or _memory_fraction("terminate") or 0.95
+
+
+def kill_threshold(limit: int | None) -> int | None:
+    """The bytes at which a Dask worker with memory ``limit`` is killed by its nanny: the
+    limit times Dask's ``terminate`` fraction (the limit itself where that is switched off:
+    the machine's memory is still finite), or None without a limit."""
+    if not limit:
+        return None
+    return int(limit * (_memory_fraction("terminate") or 1.0))
 
 
 def check_worker_memory(client, settings: dict[str, Any], timeout: float = WORKER_START_S

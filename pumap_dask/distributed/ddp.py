@@ -55,6 +55,7 @@ from ..inputs import open_input
 from ..progress import EpochReport, EpochWatch, Progress, track
 from ..train import TrainConfig, build_encoder, find_ab_params, train_encoder
 from ..transform import limit_threads_to_worker
+from .cluster import kill_threshold
 from .edges import EdgeStore
 from .rowcache import drop as drop_row_cache
 from .rowcache import node_rows
@@ -163,7 +164,7 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
                                          threads=used,
                                          within_epoch=getattr(progress, "within", None)
                                          if rank == 0 else None,
-                                         memory_limit=_worker_memory_limit())
+                                         memory_limit=_worker_kill_threshold())
         if rank != 0:
             return None
         buf = io.BytesIO()
@@ -175,14 +176,15 @@ def train_rank(source: Any, key: str | None, edge_dir: str, cfg: Any,
         dist.destroy_process_group()
 
 
-def _worker_memory_limit() -> int | None:
-    """The memory limit (bytes) of the Dask worker running this task, or None (no limit,
-    or not in a worker): the trainer keeps its mapped rows' pages under it."""
+def _worker_kill_threshold() -> int | None:
+    """The bytes at which the Dask worker running this task would be killed (its memory
+    limit times Dask's terminate fraction), or None (no limit, or not in a worker): the
+    trainer keeps its mapped rows' pages under it."""
     try:
         limit = get_worker().memory_manager.memory_limit
     except (ValueError, AttributeError):  # not in a worker task, or an older worker
         return None
-    return int(limit) if limit else None
+    return kill_threshold(limit)
 
 
 def _free_port() -> tuple[str, int]:

@@ -1,0 +1,112 @@
+"""fit_rows: a fit of a uniform sample of the rows, every row then embedded by the encoder."""
+
+import logging
+
+import dask
+import numpy as np
+import pytest
+
+from pumap_dask import ParametricUMAP
+from pumap_dask.arrays import sample_ids
+from pumap_dask.cli import main
+from pumap_dask.datasets import write_cell_like_zarr
+from pumap_dask.errors import InputError, ParameterError
+from pumap_dask import load as load_model
+
+from .conftest import FAST
+
+
+def test_a_sample_fit_is_the_fit_of_the_sample(blobs):
+    X = blobs[0]
+    n, m = len(X), 200
+    model = ParametricUMAP(fit_rows=m, random_state=3, **FAST).fit(X)
+    ids = sample_ids(n, m, 3)
+    alone = ParametricUMAP(random_state=3, **FAST).fit(X[ids])
+    assert model.embedding_.shape == (n, 2) and model.n_samples_fit_ == n
+    # the same encoder as a fit of the sampled rows, and every row embedded by it
+    np.testing.assert_allclose(model.embedding_[ids], alone.embedding_, atol=1e-5)
+    np.testing.assert_allclose(model.embedding_, alone.transform(X), atol=1e-5)
+    np.testing.assert_allclose(model.transform(X), model.embedding_, atol=1e-5)
+    assert getattr(model, "graph_", None) is None  # the sample's graph is not X's
+    # at least len(X) rows: every row is fitted, as without the parameter
+    every = ParametricUMAP(fit_rows=n, random_state=3, **FAST).fit(X)
+    plain = ParametricUMAP(random_state=3, **FAST).fit(X)
+    np.testing.assert_array_equal(every.embedding_, plain.embedding_)
+
+
+def test_labels_are_sampled_with_their_rows(blobs):
+    X, y = blobs[0], blobs[2]
+    n, m = len(X), 200
+    model = ParametricUMAP(fit_rows=m, random_state=1, **FAST).fit(X, y)
+    ids = sample_ids(n, m, 1)
+    alone = ParametricUMAP(random_state=1, **FAST).fit(X[ids], y[ids])
+    np.testing.assert_allclose(model.embedding_, alone.transform(X), atol=1e-5)
+
+
+@pytest.mark.parametrize("given, match", [
+    ({"knn": "knn"}, "knn= is given for every row"),
+    ({"landmark_positions": "lm"}, "landmark_positions= is given for every row"),
+])
+def test_row_aligned_inputs_are_refused_with_a_sample(blobs, given, match):
+    X = blobs[0]
+    n = len(X)
+    extra = {"knn": (np.zeros((n, 15), np.int64), np.zeros((n, 15), np.float32)),
+             "lm": np.full((n, 2), np.nan, np.float32)}
+    kwargs = {k: extra[v] for k, v in given.items()}
+    with pytest.raises(InputError, match=match):
+        ParametricUMAP(fit_rows=100, **FAST).fit(X, **kwargs)
+
+
+def test_bad_fit_rows_are_refused_before_any_stage(blobs):
+    X = blobs[0]
+    with pytest.raises(ParameterError, match="fit_rows"):
+        ParametricUMAP(fit_rows=0).fit(X)
+    with pytest.raises(ParameterError, match="fit_rows"):
+        ParametricUMAP(fit_rows=2.5).fit(X)
+    with pytest.raises(InputError, match="fit_rows=10 is too few rows for n_neighbors=15"):
+        ParametricUMAP(fit_rows=10, **FAST).fit(X)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("fit_rows") / "x.zarr")
+    write_cell_like_zarr(path, 3000, n_features=20, chunk_rows=1000, random_state=2)
+    return path
+
+
+def test_a_partitioned_fit_of_a_sample_embeds_every_row(store, scheduler, caplog):
+    # lazy input: the sample stays lazy; kNN, graph and training (on the workers with the
+    # distributed scheduler) see its rows, and the encoder embeds all 3,000
+    caplog.set_level(logging.INFO, logger="pumap_dask")
+    model = ParametricUMAP(knn_method="partitioned", fit_rows=1200, random_state=0,
+                           **FAST).fit(store)
+    assert model.embedding_.shape == (3000, 2) and model.n_samples_fit_ == 3000
+    np.testing.assert_allclose(model.transform(store), model.embedding_, atol=1e-4)
+    assert "fitting a uniform sample of 1200 of the 3000 rows" in caplog.text
+    assert model.n_edges_ < 1200 * 2 * 15  # the sample's graph, not all rows'
+
+
+def test_a_work_dir_is_reused_only_for_the_same_sample(store, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pumap_dask")
+    work = str(tmp_path / "work")
+    params = dict(knn_method="partitioned", random_state=0, train_world_size=1, **FAST)
+    with dask.config.set(scheduler="threads"):
+        first = ParametricUMAP(fit_rows=1200, work_dir=work, **params).fit(store)
+        caplog.clear()
+        again = ParametricUMAP(fit_rows=1200, work_dir=work, **params).fit(store)
+        assert "kNN reused" in caplog.text
+        np.testing.assert_array_equal(again.embedding_, first.embedding_)
+        caplog.clear()
+        other = ParametricUMAP(fit_rows=1500, work_dir=work, **params).fit(store)
+        assert "kNN reused" not in caplog.text  # other rows: computed again
+        fresh = ParametricUMAP(fit_rows=1500, work_dir=str(tmp_path / "w2"),
+                               **params).fit(store)
+    np.testing.assert_array_equal(other.embedding_, fresh.embedding_)
+
+
+def test_the_command_line_fits_a_sample(store, tmp_path):
+    out = str(tmp_path / "model")
+    assert main(["-q", "fit", store, out, "--scheduler", "threads", "--device", "cpu",
+                 "--fit-rows", "1000", "--params", '{"n_epochs": 5, "hidden_layers": [16]}']) == 0
+    model = load_model(out)
+    assert model.fit_rows == 1000 and model.n_samples_fit_ == 3000
