@@ -57,8 +57,8 @@ from .params import landmark_positions as check_landmarks
 from .params import refuse_ddp, single_process_reasons
 from .progress import stage, track
 from .reconstruction import build_for_fit, check_validation, reconstruction_error
-from .train import (TrainConfig, build_encoder, default_epochs, find_ab_params, resolve_batching,
-                    train_encoder)
+from .train import (FEW_EPOCHS, SAMPLE_EPOCHS, TrainConfig, build_encoder, default_epochs,
+                    find_ab_params, resolve_batching, sample_for_epochs, train_encoder)
 from .transform import encoder_source, transform
 from .workdir import work_directory
 
@@ -560,6 +560,13 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
         with timed("train"):
             cfg = train_config(params, len(edges), handle.d, device, a, b, handle.n)
             cfg = dataclasses.replace(cfg, input_sha256=content)
+            if params["n_epochs"] is None and fit_rows is None and cfg.n_epochs < FEW_EPOCHS:
+                logger.info(
+                    "training: the default budget passes %d time(s) over the %d edges of "
+                    "%d rows; fit_rows=%d would pass %d times over a sample's graph in the "
+                    "same time, which kept more local structure at 10M rows (docs/scale.md, "
+                    "'Fitting a sample')", cfg.n_epochs, len(edges), handle.n,
+                    sample_for_epochs(handle.n, len(edges), cfg.batching), SAMPLE_EPOCHS)
             if params.get("work_dir"):  # checkpoints beside the kNN and graph: a rerun resumes
                 cfg = dataclasses.replace(cfg, checkpoint_dir=os.path.join(wdir, "train"))
             network = recon = None

@@ -214,14 +214,18 @@ class Progress:
         self._t0 = self._last = time.monotonic()
         self._base: tuple[float, int] | None = None  # (time, n) of the first count: the ETA's
         self._t_n = self._t0  # when n last changed
+        self._left: tuple[float, float] | None = None  # (seconds left, when): update's left
         if self._as_bar and delay <= 0:
             self._open_bar()
 
     def update(self, n: int | None = None, *, total: int | None = None,
-               postfix: str = "") -> None:
+               postfix: str = "", left: float | None = None) -> None:
         """Set the units done (``n``) and/or the total; redraw, or log when the interval
-        has passed."""
+        has passed. ``left``: seconds left as estimated from the work itself (a stage's
+        task groups: :func:`work_left`), which the ETA then shows instead of the rate of
+        units, while it is known."""
         with self._lock:
+            self._left = None if left is None else (float(left), time.monotonic())
             if total is not None:
                 self.total = total
             if n is not None:
@@ -244,6 +248,7 @@ class Progress:
         with self._lock:
             self.adopted = True
             self.total, self.unit, self.n, self.postfix, self._base = total, unit, 0, "", None
+            self._left = None
             self._t_n = time.monotonic()
             if self._bar is not None:
                 self._bar.reset(total=total)
@@ -251,8 +256,12 @@ class Progress:
                 self._bar.bar_format = self._format()
 
     def eta(self) -> float | None:
-        """Seconds left at the rate from the first count to the last one, less the time
-        since the last (None before two counts)."""
+        """Seconds left: the work's own estimate when :meth:`update` was given one, else at
+        the rate from the first count to the last one, less the time since the last (None
+        before two counts)."""
+        if self._left is not None and not self.adopted:
+            left, at = self._left
+            return max(0.0, left - (time.monotonic() - at))
         if not self.total or self._base is None:
             return None
         t, n = self._base
@@ -285,7 +294,7 @@ class Progress:
             _logs_above_bars(True)
 
     def _format(self) -> str | None:
-        if self.adopted:
+        if self.adopted or self._left is not None:  # our ETA, not tqdm's rate of units
             return _COUNT_FORMAT
         return None if self.total else _CLOCK_FORMAT  # None: tqdm's own
 
@@ -295,7 +304,8 @@ class Progress:
         if self.total is not None and bar.total != self.total:
             bar.total = self.total
         postfix = self.postfix
-        eta = self.eta() if self.adopted and self.n < (self.total or 0) else None
+        eta = (self.eta() if (self.adopted or self._left is not None)
+               and self.n < (self.total or 0) else None)
         if eta is not None:  # from the first epoch on: setup and pre-training left out
             postfix = f"{postfix}, ETA {_duration(eta)}" if postfix else f"ETA {_duration(eta)}"
         if postfix:
@@ -452,17 +462,39 @@ def _scheduler_poll(client) -> Any:
         groups = {}
         for name, tg in dask_scheduler.task_groups.items():
             states = tg.states
+            try:  # seconds computing the group's finished tasks
+                busy = float(tg.all_durations.get("compute", 0.0))
+            except Exception:  # older schedulers
+                busy = 0.0
             groups[str(name)] = (sum(states.values()),
-                                 sum(states.get(s, 0) for s in done_states))
-        mem = 0
+                                 sum(states.get(s, 0) for s in done_states), busy)
+        mem = threads = 0
         for ws in dask_scheduler.workers.values():
+            threads += int(getattr(ws, "nthreads", 0) or 0)
             try:
                 mem = max(mem, int(ws.memory.process))
             except Exception:  # older schedulers
                 mem = max(mem, int(getattr(ws, "metrics", {}).get("memory", 0)))
-        return groups, mem
+        return groups, mem, threads
 
     return lambda: client.run_on_scheduler(poll)
+
+
+def work_left(groups: Any, threads: int) -> float | None:
+    """Seconds left for a stage's Dask tasks, from ``(total, done, compute seconds)`` per
+    task group: each group's unfinished tasks at its finished ones' mean compute time,
+    spread over the cluster's ``threads`` (or fewer tasks). None while a group with tasks
+    left has finished none: its cost is unknown (a partitioned kNN's search tasks cost
+    hundreds of its split tasks, so a count of tasks says little)."""
+    work, left = 0.0, 0
+    for total, done, busy in groups:
+        if total <= done:
+            continue
+        if done <= 0 or busy <= 0:
+            return None
+        work += (total - done) * busy / done
+        left += total - done
+    return work / max(1, min(int(threads or 1), left)) if left else None
 
 
 class _LocalTasks:
@@ -504,11 +536,11 @@ def stage(name: str, timings: dict | None = None, peaks: dict | None = None,
     """
     client = _distributed_client()
     poll = None
-    seen: dict[str, tuple[int, int]] = {}
+    seen: dict[str, tuple[int, int, float]] = {}
     if client is not None:
         try:
             poll = _scheduler_poll(client)
-            before, _ = poll()
+            before = poll()[0]
             ignore = set(before)
         except Exception:  # an old or unreachable scheduler: no task progress
             logger.debug("no task progress from the scheduler", exc_info=True)
@@ -526,23 +558,24 @@ def stage(name: str, timings: dict | None = None, peaks: dict | None = None,
         peak["rss"] = max(peak["rss"], _rss())
         if poll is not None:
             try:
-                groups, mem = poll()
+                groups, mem, threads = poll()
             except Exception:  # the scheduler busy or gone: the clock still moves
                 bar.tick()
                 return
             peak["worker"] = max(peak["worker"], mem)
             for gone in set(seen) - set(groups):  # forgotten groups finished
-                seen[gone] = (seen[gone][0], seen[gone][0])
+                seen[gone] = (seen[gone][0], seen[gone][0], seen[gone][2])
             for g, counts in groups.items():
                 if g not in ignore:
                     seen[g] = counts
-            total = sum(t for t, _ in seen.values())
-            done = sum(d for _, d in seen.values())
+            total = sum(c[0] for c in seen.values())
+            done = sum(c[1] for c in seen.values())
+            left = work_left(seen.values(), threads)
         else:
-            total, done = local.total, local.done
+            total, done, left = local.total, local.done, None
         with bar._lock:  # once training counts epochs on it (track), tasks no longer
             if total and not bar.adopted:
-                bar.update(done, total=total)
+                bar.update(done, total=total, left=left)
             else:
                 bar.tick()
 

@@ -46,6 +46,7 @@ from .report_format import (
     run_config_shown,
     run_rows,
     run_summary,
+    samples_text,
     stage_table,
 )
 from .report_html import render_html
@@ -211,7 +212,7 @@ def format_info(summary: dict[str, Any]) -> str:
     lines = [f"pumap_dask model at {summary['model_dir']}", "", "Model"]
     lines += _kv([
         ("format version", summary["format_version"]),
-        ("samples fitted", fmt_num(summary["n_samples_fit"])),
+        ("samples fitted", samples_text(summary)),
         ("features", fmt_num(summary["n_features"])),
         ("components", fmt_num(summary["n_components"])),
         ("encoder", arch),

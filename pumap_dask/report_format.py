@@ -48,6 +48,15 @@ def recall_text(fitted: dict[str, Any]) -> str:
     return "1 (exact kNN)" if fitted.get("knn_method") == "exact" else "not measured"
 
 
+def samples_text(summary: dict[str, Any]) -> str:
+    """The rows embedded, and the sample fitted when ``fit_rows`` sampled them."""
+    n, m = summary["n_samples_fit"], (summary.get("params") or {}).get("fit_rows")
+    text = fmt_num(n)
+    if m is not None and n is not None and m < n:
+        text += f" (kNN, graph and training on a sample of {fmt_num(m)})"
+    return text
+
+
 def stage_table(summary: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     """Header and rows (stage, wall time, peak memory[, largest worker's peak]) of every
     stage any record names, plus a total row; no rows when nothing was recorded."""

@@ -17,6 +17,7 @@ from .report_format import (
     recall_text,
     run_config_shown,
     run_rows,
+    samples_text,
     stage_table,
 )
 
@@ -165,7 +166,7 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     s, m, pic = report["summary"], report["metrics"], report["picture"]
     fitted, loss = s["fitted"], s["loss"]
     name = os.path.basename(s["model_dir"].rstrip(os.sep)) or s["model_dir"]
-    cards = [("samples fitted", fmt_num(s["n_samples_fit"])),
+    cards = [("samples fitted", samples_text(s)),
              ("features", fmt_num(s["n_features"])), ("components", s["n_components"]),
              ("final loss", "-" if loss["final"] is None else f"{loss['final']:.4g}"),
              ("kNN recall", recall_text(fitted).replace(" kNN", "")),

@@ -127,6 +127,13 @@ NEIGHBOURHOOD_SAMPLES = 4
 # where no curve was measured, and there it keeps the training time near half the edge
 # sampler's at its cap instead of growing 4x with n (1M rows: ~200M samples).
 NEIGHBOURHOOD_CAP = 2
+# Where the default budget passes fewer than FEW_EPOCHS times over the graph (its cap
+# binding: from about 3M rows of a k=15 graph), a fit names the sample (``fit_rows``) the
+# same budget would pass over SAMPLE_EPOCHS times. At 10M rows one pass over every row gave
+# held-out accuracy 0.571 in a 33-minute fit, 8 passes over a 1M-row sample 0.618 in 9
+# minutes (benchmarks/RESULTS.md, issue 18); quality follows the passes, not the rows.
+FEW_EPOCHS = 4
+SAMPLE_EPOCHS = 8
 # ``batching="auto"`` uses neighbourhoods from this many batches' worth of rows (4 x 4,096
 # = 16,384 rows by default); below it an edge step's rows are most of the data.
 NEIGHBOURHOOD_MIN_ROWS = 4
@@ -148,6 +155,15 @@ def default_epochs(n_edges: int, batch_size: int, batching: str = "edges") -> in
     per_epoch = -(-n_edges // max(1, batch_size)) * max(1, batch_size)
     epochs = max(MIN_EPOCHS * scale, -(-TARGET_SAMPLES * scale // per_epoch))
     return max(1, min(epochs, MAX_SAMPLES * cap // per_epoch))
+
+
+def sample_for_epochs(n_rows: int, n_edges: int, batching: str,
+                      epochs: int = SAMPLE_EPOCHS) -> int:
+    """The rows of a sample whose graph (at ``n_edges / n_rows`` edges per row) the default
+    budget's cap passes over ``epochs`` times: the ``fit_rows`` a fit whose budget passes
+    over all rows' graph only a few times could use instead."""
+    cap = MAX_SAMPLES * (NEIGHBOURHOOD_CAP if batching == "neighbourhoods" else 1)
+    return int(cap * n_rows / (max(1, epochs) * max(1, n_edges)))
 
 
 # Rows a neighbourhood batch encodes per positive edge, its negatives' pool included: about

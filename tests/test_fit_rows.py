@@ -104,9 +104,31 @@ def test_a_work_dir_is_reused_only_for_the_same_sample(store, tmp_path, caplog):
     np.testing.assert_array_equal(other.embedding_, fresh.embedding_)
 
 
-def test_the_command_line_fits_a_sample(store, tmp_path):
+def test_the_command_line_fits_a_sample(store, tmp_path, capsys):
     out = str(tmp_path / "model")
     assert main(["-q", "fit", store, out, "--scheduler", "threads", "--device", "cpu",
                  "--fit-rows", "1000", "--params", '{"n_epochs": 5, "hidden_layers": [16]}']) == 0
     model = load_model(out)
     assert model.fit_rows == 1000 and model.n_samples_fit_ == 3000
+    capsys.readouterr()
+    assert main(["info", out]) == 0
+    assert "3,000 (kNN, graph and training on a sample of 1,000)" in capsys.readouterr().out
+
+
+def test_a_fit_whose_budget_passes_over_its_graph_once_names_a_sample(blobs, caplog,
+                                                                      monkeypatch):
+    from pumap_dask import train
+
+    X = blobs[0]
+    caplog.set_level(logging.INFO, logger="pumap_dask")
+    # the default budget's cap binding: one pass over all rows' graph
+    monkeypatch.setattr(train, "MAX_SAMPLES", 2048)
+    params = dict(FAST, n_epochs=None)
+    model = ParametricUMAP(random_state=0, **params).fit(X)
+    assert model.n_epochs_ == 1
+    want = train.sample_for_epochs(len(X), model.n_edges_, "edges")
+    assert want == int(2048 * len(X) / (8 * model.n_edges_)) > 0
+    assert f"fit_rows={want} would pass 8 times over a sample's graph" in caplog.text
+    caplog.clear()
+    ParametricUMAP(random_state=0, fit_rows=300, **params).fit(X)  # asked for: no advice
+    assert "would pass" not in caplog.text

@@ -254,3 +254,36 @@ def test_progress_within_an_epoch_reaches_the_bar(tmp_path, info_logs, monkeypat
     report(0, 0.125)
     watch.poll()
     assert bar.n == 1 and isinstance(bar.n, int) and bar.postfix == "loss 0.1250"
+
+
+def test_work_left_weighs_each_task_group_by_its_cost():
+    # (total, done, compute seconds) per group: cheap split tasks done, heavy searches left
+    assert progress.work_left([(100, 100, 10.0), (50, 10, 400.0)], threads=2) == 800.0
+    assert progress.work_left([(100, 100, 10.0), (50, 0, 0.0)], threads=2) is None  # unknown
+    assert progress.work_left([(50, 49, 490.0)], threads=2) == 10.0  # one task: one thread
+    assert progress.work_left([(10, 10, 1.0)], threads=2) is None  # nothing left
+
+
+def test_the_eta_follows_the_work_not_the_task_count(info_logs):
+    bar = Progress(None, "knn", "task")
+    bar.update(60, total=100)
+    time.sleep(0.2)
+    bar.update(90, total=100, left=600.0)  # 90% of the tasks, most of the work still to do
+    assert 598 < bar.eta() <= 600
+    time.sleep(0.15)
+    bar.update(91, total=100)  # no estimate from the work: back to the rate of tasks
+    assert bar.eta() < 60
+    bar.close()
+    lines = [r.getMessage() for r in info_logs.records if r.name == "pumap_dask.progress"]
+    assert any(re.search(r"knn: 90/100 tasks \(90%\), \w+ elapsed, ETA (9m5\d|10m00)s", m)
+               for m in lines), lines
+
+
+def test_the_scheduler_reports_each_groups_compute_time(cluster_client):
+    x = da.ones((40, 4), chunks=(10, 4)).map_blocks(_slow)
+    kept = cluster_client.persist(x)  # kept in memory: its task group stays visible
+    assert float(cluster_client.compute(kept.sum()).result()) == 320.0
+    groups, mem, threads = progress._scheduler_poll(cluster_client)()
+    slow = [g for name, g in groups.items() if name.startswith("_slow")]
+    assert slow and slow[0][:2] == (4, 4) and slow[0][2] >= 4 * 0.02
+    assert threads == 2 and mem > 10e6
