@@ -102,8 +102,8 @@ class ParametricUMAP(TransformerMixin, BaseEstimator):
         budget to pass over its graph more than once or twice: at a fixed training time
         the encoder learns more from several passes over a sample's graph than from one
         over all rows' (``docs/scale.md``). Rare populations are sampled with the rest, so
-        keep the sample large enough for each to keep ``n_neighbors`` neighbours. Not with
-        a precomputed ``knn``/``graph`` or landmarks.
+        keep the sample large enough for the rarest to keep several times ``n_neighbors``
+        cells in it. Not with a precomputed ``knn``/``graph`` or landmarks.
     local_connectivity, set_op_mix_ratio, tolerance
         Graph construction (seed: ``local_connectivity``, ``mix_weight``, ``bandwidth``).
     correlation_weight
