@@ -150,11 +150,16 @@ def default_epochs(n_edges: int, batch_size: int, batching: str = "edges") -> in
     and get :data:`NEIGHBOURHOOD_SAMPLES` times the floor and target, and
     :data:`NEIGHBOURHOOD_CAP` times the cap.
     """
-    hood = batching == "neighbourhoods"
-    scale, cap = (NEIGHBOURHOOD_SAMPLES, NEIGHBOURHOOD_CAP) if hood else (1, 1)
+    scale = NEIGHBOURHOOD_SAMPLES if batching == "neighbourhoods" else 1
     per_epoch = -(-n_edges // max(1, batch_size)) * max(1, batch_size)
     epochs = max(MIN_EPOCHS * scale, -(-TARGET_SAMPLES * scale // per_epoch))
-    return max(1, min(epochs, MAX_SAMPLES * cap // per_epoch))
+    return max(1, min(epochs, max_samples(batching) // per_epoch))
+
+
+def max_samples(batching: str) -> int:
+    """The default budget's cap in positive-edge samples: :data:`MAX_SAMPLES`, times
+    :data:`NEIGHBOURHOOD_CAP` for neighbourhood batches."""
+    return MAX_SAMPLES * (NEIGHBOURHOOD_CAP if batching == "neighbourhoods" else 1)
 
 
 def sample_for_epochs(n_rows: int, n_edges: int, batching: str,
@@ -162,8 +167,7 @@ def sample_for_epochs(n_rows: int, n_edges: int, batching: str,
     """The rows of a sample whose graph (at ``n_edges / n_rows`` edges per row) the default
     budget's cap passes over ``epochs`` times: the ``fit_rows`` a fit whose budget passes
     over all rows' graph only a few times could use instead."""
-    cap = MAX_SAMPLES * (NEIGHBOURHOOD_CAP if batching == "neighbourhoods" else 1)
-    return int(cap * n_rows / (max(1, epochs) * max(1, n_edges)))
+    return int(max_samples(batching) * n_rows / (max(1, epochs) * max(1, n_edges)))
 
 
 # Rows a neighbourhood batch encodes per positive edge, its negatives' pool included: about
