@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
+import dask
 import numpy as np
 
 from .arrays import is_cupy, sample_ids, to_host
@@ -101,14 +102,15 @@ class InputHandle:
                 sha = content_sha256(np.frombuffer(bytes.fromhex(block_sha256(self.data)),
                                                    np.uint8), self.data.shape,
                                      (self.data.shape[0],))
+                self._identity = {"rows": self.n, "features": self.d, "sha256": sha}
             else:
-                t0 = time.perf_counter()
-                digests = block_digests(self.darr).compute()
-                sha = content_sha256(digests, self.darr.shape, self.darr.chunks[0])
-                logger.info("input identity: %d blocks read and hashed in %.1fs",
-                            len(digests), time.perf_counter() - t0)
-            self._identity = {"rows": self.n, "features": self.d, "sha256": sha}
+                identities([self])
         return self._identity
+
+    def _identify(self, digests: np.ndarray) -> None:
+        """Record the identity of lazy input from its blocks' digests."""
+        sha = content_sha256(digests, self.darr.shape, self.darr.chunks[0])
+        self._identity = {"rows": self.n, "features": self.d, "sha256": sha}
 
     def sample(self, m: int, seed: int) -> tuple["InputHandle", np.ndarray]:
         """A seeded uniform sample of ``m`` rows as an input of its own, and its row ids.
@@ -133,6 +135,24 @@ class InputHandle:
         if self.data is not None:
             return self.data[ids]
         return check_array(checked_finite(self.darr)[ids].compute(), what="X")
+
+
+def identities(handles: Sequence[InputHandle]) -> list[dict]:
+    """Each input's :meth:`~InputHandle.identity`, the lazy ones' blocks read in one pass.
+
+    The digests of all lazy inputs not yet identified are computed together, so inputs
+    built from the same blocks (a sample, :meth:`InputHandle.sample`, and the input it was
+    drawn from) read those blocks once: their read tasks are the same tasks.
+    """
+    lazy = list({id(h): h for h in handles if h._identity is None and h.data is None}.values())
+    if lazy:
+        t0 = time.perf_counter()
+        digests = dask.compute(*(block_digests(h.darr) for h in lazy))
+        for h, dg in zip(lazy, digests):
+            h._identify(dg)
+        logger.info("input identity: %d blocks read and hashed in %.1fs",
+                    sum(len(dg) for dg in digests), time.perf_counter() - t0)
+    return [h.identity() for h in handles]
 
 
 def open_input(X: Any, key: str | None = None) -> InputHandle:

@@ -50,7 +50,7 @@ from .distributed.knn_dask import nearest_neighbors, resolve_method
 from .encoder import encode
 from .errors import InputError, ParameterError
 from .init import N_LANDMARKS, landmark_layout, landmark_rows, pca_layout, spectral_layout
-from .inputs import InputHandle, check_labels, check_sizes, open_input
+from .inputs import InputHandle, check_labels, check_sizes, identities, open_input
 from .io import is_lazy
 from .landmarks import Landmarks
 from .params import landmark_positions as check_landmarks
@@ -491,7 +491,9 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
     check_sizes(handle, params["n_neighbors"])
     input_shape = handle.input_shape or (handle.d,)
     fit_rows = sampled_rows(params, handle.n, knn=knn, graph=graph,
-                            landmarks=landmark_positions is not None or kept is not None)
+                            landmarks=("kept landmarks (add_landmarks)" if kept is not None
+                                       else "landmark_positions=" if landmark_positions
+                                       is not None else None))
     validation = None
     if validation_data is not None:
         if not params.get("parametric_reconstruction"):
@@ -530,8 +532,10 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                          device=device)
     if not plan.remote:  # this process will hold the rows: fail now, not after the kNN
         handle.check_budget()
-    identity = whole.identity()  # one read: NaN check and content digest, before the kNN
-    content = handle.identity()["sha256"]  # the fitted rows' (a sample's: derived)
+    # one read: NaN check and content digests (of every row and of the fitted ones, which a
+    # sample reads from the same blocks), before the kNN
+    identity, fitted = identities([whole, handle])
+    content = fitted["sha256"]
     timings["input"] = time.perf_counter() - t0
     if partitioned and not params.get("work_dir"):
         require_local_workers()  # a temporary work directory lives on this machine
@@ -648,12 +652,14 @@ def plan_training(params: dict, *, partitioned: bool, source: Any, landmarks: bo
 
 
 def sampled_rows(params: dict, n: int, *, knn: Any = None, graph: Any = None,
-                 landmarks: bool = False) -> int | None:
+                 landmarks: str | None = None) -> int | None:
     """How many rows a ``fit_rows`` fit samples, or None to fit every row.
 
     ``params["fit_rows"]`` below ``n`` fits a seeded uniform sample of that many rows (kNN,
     graph, layout and training) and embeds every row with the encoder; at least ``n`` (or
     None) fits them all.
+
+    ``landmarks`` names where the fit's landmarks come from (None: it has none).
 
     Raises
     ------
@@ -666,8 +672,13 @@ def sampled_rows(params: dict, n: int, *, knn: Any = None, graph: Any = None,
         if m is not None:
             logger.info("fit_rows=%d: X has %d rows, all of them fitted", m, n)
         return None
-    given = [name for name, on in (("knn", knn is not None), ("graph", graph is not None),
-                                   ("landmark_positions", landmarks)) if on]
+    if landmarks is not None and knn is None and graph is None:
+        remedy = ("remove_landmarks() first" if landmarks.startswith("kept") else
+                  f"pass X's sample with its own {landmarks}")
+        raise InputError(f"fit_rows={m} fits a sample of X's {n} rows, but {landmarks} pin "
+                         f"rows of the fit: fit all rows (fit_rows=None), or {remedy}")
+    given = [name for name, on in (("knn", knn is not None), ("graph", graph is not None))
+             if on]
     if given:
         raise InputError(f"fit_rows={m} fits a sample of X's {n} rows, but {given[0]}= is "
                          "given for every row: fit all rows (fit_rows=None), or pass X's "

@@ -45,7 +45,8 @@ def test_labels_are_sampled_with_their_rows(blobs):
 
 @pytest.mark.parametrize("given, match", [
     ({"knn": "knn"}, "knn= is given for every row"),
-    ({"landmark_positions": "lm"}, "landmark_positions= is given for every row"),
+    ({"landmark_positions": "lm"}, "landmark_positions= pin rows of the fit.*its own "
+                                   "landmark_positions="),
 ])
 def test_row_aligned_inputs_are_refused_with_a_sample(blobs, given, match):
     X = blobs[0]
@@ -55,6 +56,16 @@ def test_row_aligned_inputs_are_refused_with_a_sample(blobs, given, match):
     kwargs = {k: extra[v] for k, v in given.items()}
     with pytest.raises(InputError, match=match):
         ParametricUMAP(fit_rows=100, **FAST).fit(X, **kwargs)
+
+
+def test_kept_landmarks_are_named_when_a_sample_is_refused(blobs):
+    X = blobs[0]
+    model = ParametricUMAP(**FAST).fit(X[:300])
+    model.add_landmarks(X[:300], idx=np.arange(20))
+    model.set_params(fit_rows=100)
+    with pytest.raises(InputError, match=r"kept landmarks \(add_landmarks\) pin rows.*"
+                                         r"remove_landmarks\(\) first"):
+        model.partial_fit(X[300:])
 
 
 def test_bad_fit_rows_are_refused_before_any_stage(blobs):
@@ -132,3 +143,33 @@ def test_a_fit_whose_budget_passes_over_its_graph_once_names_a_sample(blobs, cap
     caplog.clear()
     ParametricUMAP(random_state=0, fit_rows=300, **params).fit(X)  # asked for: no advice
     assert "would pass" not in caplog.text
+
+
+class _CountingRows:
+    """An array whose reads are counted (a store stand-in)."""
+
+    def __init__(self, a):
+        self.a, self.shape, self.dtype, self.ndim, self.reads = a, a.shape, a.dtype, a.ndim, 0
+
+    def __getitem__(self, key):
+        self.reads += 1
+        return self.a[key]
+
+
+def test_a_lazy_sample_and_its_input_are_identified_in_one_read(blobs):
+    import dask.array as da
+
+    from pumap_dask.inputs import identities, open_input
+
+    X = blobs[0].astype(np.float32)
+    src = _CountingRows(X)
+    whole = open_input(da.from_array(src, chunks=(100, -1)))
+    sample, _ = whole.sample(150, 0)
+    before = src.reads  # dask's probes of the array's type, when wrapped
+    with dask.config.set(scheduler="threads"):
+        joint = identities([whole, sample])
+    assert src.reads - before == len(whole.darr.chunks[0])  # each block once, for both
+    # the same identities as each computed alone
+    alone = open_input(da.from_array(X, chunks=(100, -1)))
+    assert joint == [alone.identity(), alone.sample(150, 0)[0].identity()]
+    assert joint[0]["sha256"] != joint[1]["sha256"] and joint[1]["rows"] == 150
