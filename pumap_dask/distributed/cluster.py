@@ -27,7 +27,7 @@ import dask
 import psutil
 from dask.system import CPU_COUNT
 from dask.utils import format_bytes, parse_bytes
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.scheduler import KilledWorker
 from distributed.system import MEMORY_LIMIT
@@ -313,11 +313,22 @@ def check_local_memory(settings: dict[str, Any]) -> None:
             "--memory 4GiB)")
 
 
+def worker_memory_limit(dask_worker: Any = None) -> int | None:
+    """A Dask worker's memory limit in bytes: ``dask_worker``'s, or when None the worker
+    running this task's; None without a limit or outside a worker."""
+    if dask_worker is None:
+        try:
+            dask_worker = get_worker()
+        except ValueError:  # not in a worker task
+            return None
+    limit = getattr(getattr(dask_worker, "memory_manager", None), "memory_limit", None)
+    return int(limit) if limit else None
+
+
 def _worker_baseline(dask_worker=None) -> tuple[int, int]:
     """(resident bytes, memory limit) of a worker once this package (and torch) is loaded:
     unpickling this function imports pumap_dask there."""
-    limit = getattr(getattr(dask_worker, "memory_manager", None), "memory_limit", None)
-    return int(psutil.Process().memory_info().rss), int(limit or 0)
+    return int(psutil.Process().memory_info().rss), worker_memory_limit(dask_worker) or 0
 
 
 def _memory_fraction(key: str) -> float | None:

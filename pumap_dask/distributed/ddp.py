@@ -46,7 +46,6 @@ import dask
 import numpy as np
 import torch
 import torch.distributed as dist
-from distributed import get_worker
 
 from ..arrays import reuses_freed_memory
 from ..encoder import Encoder
@@ -55,7 +54,7 @@ from ..inputs import open_input
 from ..progress import EpochReport, EpochWatch, Progress, track
 from ..train import TrainConfig, build_encoder, find_ab_params, train_encoder
 from ..transform import limit_threads_to_worker
-from .cluster import kill_threshold
+from .cluster import kill_threshold, worker_memory_limit
 from .edges import EdgeStore
 from .rowcache import drop as drop_row_cache
 from .rowcache import node_rows
@@ -180,11 +179,7 @@ def _worker_kill_threshold() -> int | None:
     """The bytes at which the Dask worker running this task would be killed (its memory
     limit times Dask's terminate fraction), or None (no limit, or not in a worker): the
     trainer keeps its mapped rows' pages under it."""
-    try:
-        limit = get_worker().memory_manager.memory_limit
-    except (ValueError, AttributeError):  # not in a worker task, or an older worker
-        return None
-    return kill_threshold(limit)
+    return kill_threshold(worker_memory_limit())
 
 
 def _free_port() -> tuple[str, int]:
