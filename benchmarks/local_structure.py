@@ -52,7 +52,7 @@ from sklearn.manifold import trustworthiness
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from torch import nn
 
-from pumap_dask import ParametricUMAP, train
+from pumap_dask import ParametricUMAP, losses, train
 from pumap_dask.datasets import trajectory_like
 from pumap_dask.encoder import encode
 from pumap_dask.inputs import open_input
@@ -120,8 +120,9 @@ def custom_network(X: np.ndarray, net_opts: dict, seed: int) -> CustomEncoder:
         layers, width = [Standardise(X)], d
     act = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU,
            "leaky": lambda: nn.LeakyReLU(0.1)}[net_opts.get("act", "silu")]
+    norm = net_opts.get("norm")
     for h in hidden:
-        layers += [nn.Linear(width, h), act()]
+        layers += [nn.Linear(width, h)] + ([nn.LayerNorm(h)] if norm == "layer" else []) + [act()]
         width = h
     layers.append(nn.Linear(width, 2))
     return CustomEncoder(nn.Sequential(*layers), (d,), 2)
@@ -167,15 +168,16 @@ def parse_config(name: str, default_epochs: int) -> tuple[dict, dict]:
             continue
         key, value = part.split("=")
         if key in ("n_epochs", "batch_size", "negative_sample_rate", "init_steps",
-                   "negative_pool", "num_threads", "replicas"):
+                   "negative_pool", "num_threads", "replicas", "hard", "hard_c",
+                   "hard_skip"):
             cfg[key] = int(value)
-        elif key in ("learning_rate", "weight_decay"):
+        elif key in ("learning_rate", "weight_decay", "gamma"):
             cfg[key] = float(value)
-        elif key in ("lr_schedule", "negatives", "batching", "activation"):
+        elif key in ("lr_schedule", "negatives", "batching", "activation", "hard_src"):
             cfg[key] = value
         elif key == "hidden_layers":
             cfg[key] = _dims(value)
-        elif key in ("act", "rff", "rff_m", "rff_learn", "rff_hidden", "hidden"):
+        elif key in ("act", "rff", "rff_m", "rff_learn", "rff_hidden", "hidden", "norm"):
             net[key] = value
         else:
             raise ValueError(f"unknown factor {key!r} in {name!r}")
@@ -238,6 +240,11 @@ def main(argv=None) -> None:
             edges, layout, base, prep_s = prep
             over, net_opts = parse_config(name, base.n_epochs)
             train.REPLICAS = over.pop("replicas", DEFAULT_REPLICAS)
+            losses.REPULSION = over.pop("gamma", 1.0)
+            train.HARD_NEGATIVES = over.pop("hard", 0)
+            train.HARD_CANDIDATES = over.pop("hard_c", 6)
+            train.HARD_SKIP = over.pop("hard_skip", 0)
+            train.HARD_SOURCE = over.pop("hard_src", "pool")
             cfg = dataclasses.replace(base, **{"num_threads": 1, **over})
             network = custom_network(Xtr, net_opts, args.seed) if net_opts else None
             t0 = time.perf_counter()
