@@ -26,8 +26,9 @@ Configurations are named ``key=value`` overrides of the trainer's config (``n_ep
 ``num_threads``; ``replicas=1`` trains with one replica, the schedule before
 :mod:`pumap_dask.replicas`) or of the
 network (``act=silu``; ``rff=SCALE`` random Fourier features of the centred, RMS-scaled
-input with ``rff_m`` frequencies, ``rff_learn=1`` to train them, ``rff_hidden=256x256``),
-joined by ``,``: e.g. ``rff=4,n_epochs=40``. ``default`` is no override; ``umap`` is
+input with ``rff_m`` frequencies, ``rff_learn=1`` to train them, ``rff_hidden=256x256``;
+``hidden=128x64x32`` a plain custom MLP; ``norm=layer`` a LayerNorm before each hidden
+activation), joined by ``,``: e.g. ``rff=4,n_epochs=40``. ``default`` is no override; ``umap`` is
 umap-learn. ``epochs*K`` multiplies the default epochs by K.
 
 Run with one core (the machine is shared)::
@@ -52,7 +53,7 @@ from sklearn.manifold import trustworthiness
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from torch import nn
 
-from pumap_dask import ParametricUMAP, losses, train
+from pumap_dask import ParametricUMAP, train
 from pumap_dask.datasets import trajectory_like
 from pumap_dask.encoder import encode
 from pumap_dask.inputs import open_input
@@ -156,6 +157,22 @@ def metrics(Xtr, ytr, Xte, yte, E_tr, E_te, sample_tr, sample_te, in_nn_tr, in_n
 DEFAULT_REPLICAS = train.REPLICAS
 
 
+def split(n: int, seed: int, sample: int) -> tuple:
+    """``trajectory_like(n)`` split 90/10 into training and held-out rows (``Xtr, ytr, Xte,
+    yte``), the ``sample`` rows of each that are scored (``s_tr, s_te``) and their
+    input-space neighbours among the training rows (``in_nn_tr, in_nn_te``)."""
+    X, y = trajectory_like(n, 50, random_state=seed)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_tr = int(0.9 * n)
+    tr, te = np.sort(perm[:n_tr]), np.sort(perm[n_tr:])
+    Xtr, ytr, Xte, yte = X[tr], y[tr], X[te], y[te]
+    rng = np.random.default_rng(seed + 1)
+    s_tr = np.sort(rng.choice(len(tr), min(sample, len(tr)), replace=False))
+    s_te = np.sort(rng.choice(len(te), min(sample, len(te)), replace=False))
+    return (Xtr, ytr, Xte, yte, s_tr, s_te, _neighbours(Xtr, Xtr[s_tr], True),
+            _neighbours(Xtr, Xte[s_te], False))
+
+
 def parse_config(name: str, default_epochs: int) -> tuple[dict, dict]:
     """(TrainConfig overrides, custom-network options) of a configuration name."""
     cfg: dict = {}
@@ -168,12 +185,11 @@ def parse_config(name: str, default_epochs: int) -> tuple[dict, dict]:
             continue
         key, value = part.split("=")
         if key in ("n_epochs", "batch_size", "negative_sample_rate", "init_steps",
-                   "negative_pool", "num_threads", "replicas", "hard", "hard_c",
-                   "hard_skip"):
+                   "negative_pool", "num_threads", "replicas"):
             cfg[key] = int(value)
-        elif key in ("learning_rate", "weight_decay", "gamma"):
+        elif key in ("learning_rate", "weight_decay"):
             cfg[key] = float(value)
-        elif key in ("lr_schedule", "negatives", "batching", "activation", "hard_src"):
+        elif key in ("lr_schedule", "negatives", "batching", "activation"):
             cfg[key] = value
         elif key == "hidden_layers":
             cfg[key] = _dims(value)
@@ -196,16 +212,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
 
-    X, y = trajectory_like(args.n, 50, random_state=args.seed)
-    perm = np.random.default_rng(args.seed).permutation(args.n)
-    n_tr = int(0.9 * args.n)
-    tr, te = np.sort(perm[:n_tr]), np.sort(perm[n_tr:])
-    Xtr, ytr, Xte, yte = X[tr], y[tr], X[te], y[te]
-    rng = np.random.default_rng(args.seed + 1)
-    s_tr = np.sort(rng.choice(len(tr), min(args.sample, len(tr)), replace=False))
-    s_te = np.sort(rng.choice(len(te), min(args.sample, len(te)), replace=False))
-    in_nn_tr = _neighbours(Xtr, Xtr[s_tr], True)
-    in_nn_te = _neighbours(Xtr, Xte[s_te], False)
+    Xtr, ytr, Xte, yte, s_tr, s_te, in_nn_tr, in_nn_te = split(args.n, args.seed, args.sample)
 
     def score(E_tr: np.ndarray, E_te: np.ndarray) -> dict:
         return metrics(Xtr, ytr, Xte, yte, E_tr, E_te, s_tr, s_te, in_nn_tr, in_nn_te)
@@ -240,11 +247,6 @@ def main(argv=None) -> None:
             edges, layout, base, prep_s = prep
             over, net_opts = parse_config(name, base.n_epochs)
             train.REPLICAS = over.pop("replicas", DEFAULT_REPLICAS)
-            losses.REPULSION = over.pop("gamma", 1.0)
-            train.HARD_NEGATIVES = over.pop("hard", 0)
-            train.HARD_CANDIDATES = over.pop("hard_c", 6)
-            train.HARD_SKIP = over.pop("hard_skip", 0)
-            train.HARD_SOURCE = over.pop("hard_src", "pool")
             cfg = dataclasses.replace(base, **{"num_threads": 1, **over})
             network = custom_network(Xtr, net_opts, args.seed) if net_opts else None
             t0 = time.perf_counter()

@@ -24,7 +24,6 @@ from .arrays import host_kernel
 
 # below this squared distance a pair's distance is clamped (log of 0); its gradient is 0
 MIN_D2 = 1e-10
-REPULSION = 1.0
 
 
 def umap_loss(d2: torch.Tensor, positive: bool, a: float, b: float) -> torch.Tensor:
@@ -121,7 +120,7 @@ def _pair_distances(emb, h, t, pick, out):  # pragma: no cover - compiled by num
             out[e, r] = d2
 
 
-def _pair_gradient(emb, h, t, pick, w, d2, s, p, l1p, b, gamma, grad):  # pragma: no cover - numba
+def _pair_gradient(emb, h, t, pick, w, d2, s, p, l1p, b, grad):  # pragma: no cover - numba
     """The loss of the pairs and its gradient (added into ``grad``), in pair order (so the
     same at any thread count).
 
@@ -145,8 +144,8 @@ def _pair_gradient(emb, h, t, pick, w, d2, s, p, l1p, b, gamma, grad):  # pragma
                 loss += we * l1p[e, r]
                 dl = p[e, r] / (1.0 + p[e, r])
             else:
-                loss += we * gamma * (l1p[e, r] - s[e, r])
-                dl = -gamma / (1.0 + p[e, r])
+                loss += we * (l1p[e, r] - s[e, r])
+                dl = -1.0 / (1.0 + p[e, r])
             if d2[e, r] > MIN_D2:
                 c = np.float32(2.0 * we * b * dl / d2[e, r])
                 for k in range(emb.shape[1]):
@@ -175,7 +174,7 @@ class _PairLoss(torch.autograd.Function):
         p = torch.exp(s)
         grad = np.zeros(e.shape, dtype=np.float32)
         loss = gradient(e, h, t, pick, w.numpy(), d2.numpy(), s.numpy(), p.numpy(),
-                        torch.log1p(p).numpy(), float(b), float(REPULSION), grad)
+                        torch.log1p(p).numpy(), float(b), grad)
         ctx.save_for_backward(torch.from_numpy(grad))
         return emb.new_tensor(loss)
 

@@ -137,10 +137,6 @@ SAMPLE_EPOCHS = 8
 # ``batching="auto"`` uses neighbourhoods from this many batches' worth of rows (4 x 4,096
 # = 16,384 rows by default); below it an edge step's rows are most of the data.
 NEIGHBOURHOOD_MIN_ROWS = 4
-HARD_NEGATIVES = 0
-HARD_CANDIDATES = 6
-HARD_SOURCE = "pool"
-HARD_SKIP = 0
 
 
 def default_epochs(n_edges: int, batch_size: int, batching: str = "edges") -> int:
@@ -789,27 +785,13 @@ def _hood_batch(Xt, hood: NeighbourhoodSampler, R: int, gen: torch.Generator,
     weights on ``device``.
     """
     rows, h, t, w = hood.draw(gen)
-    nb = len(rows)
-    m = nb if pool is None else int(pool)
-    pick = torch.randint(m, (len(h), R), generator=gen) + nb
+    m = len(rows) if pool is None else int(pool)
+    pick = torch.randint(m, (len(h), R), generator=gen) + len(rows)
     rows = torch.cat([rows, torch.randint(len(hood.slot), (m,), generator=gen)])
     ids = rows.to(Xt.device)
     # index_select: a third of advanced indexing's time for rows of a tensor on a CPU
     x = torch.index_select(Xt, 0, ids) if isinstance(Xt, torch.Tensor) else Xt[ids]
     x = x.to(device, non_blocking=True)
-    if HARD_NEGATIVES:
-        C = HARD_CANDIDATES
-        if HARD_SOURCE == "pool":
-            cand = torch.randint(m, (nb, C), generator=gen) + nb
-        else:
-            cand = torch.randint(nb, (nb, C), generator=gen)
-        cd = cand.to(device)
-        d = (x[:nb].unsqueeze(1) - x[cd]).pow(2).sum(-1)
-        if HARD_SOURCE != "pool":
-            d = d.masked_fill(cd == torch.arange(nb, device=device).unsqueeze(1), float("inf"))
-        order = d.argsort(1)[:, HARD_SKIP:HARD_SKIP + HARD_NEGATIVES]
-        hard = cd.gather(1, order).cpu()
-        pick = torch.cat([pick, hard[h]], 1)
     return rows, x, h.to(device), t.to(device), pick.to(device), w.to(device)
 
 
