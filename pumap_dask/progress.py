@@ -30,8 +30,11 @@ import threading
 import time
 from typing import Any, Iterator
 
+import dask
 import psutil
 from dask.callbacks import Callback
+from dask.system import CPU_COUNT
+from dask.utils import key_split
 from distributed import get_client
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as std_tqdm
@@ -498,25 +501,49 @@ def work_left(groups: Any, threads: int) -> float | None:
 
 
 class _LocalTasks:
-    """Counts tasks of dask's local schedulers through its callbacks."""
+    """Counts and times the tasks of dask's local schedulers through its callbacks, per task
+    group (a key's name without its token), as the scheduler's poll does on a cluster."""
 
     def __init__(self) -> None:
         self.total = 0
         self.done = 0
+        self._groups: dict[str, list] = {}  # group -> [total, done, seconds]
+        self._started: dict[Any, tuple[str, float]] = {}
         self._lock = threading.Lock()
+
+    def groups(self) -> dict[str, tuple[int, int, float]]:
+        """``(total, done, seconds)`` of each task group so far (for :func:`work_left`)."""
+        with self._lock:
+            return {name: tuple(g) for name, g in self._groups.items()}
+
+    @staticmethod
+    def threads() -> int:
+        """The local scheduler's threads: dask's ``num_workers``, else its pool's size."""
+        return int(dask.config.get("num_workers", None) or CPU_COUNT)
 
     def callback(self):
         outer = self
 
         class _Count(Callback):
             def _start_state(self, dsk, state):
+                keys = [*state["ready"], *state["waiting"], *state.get("running", ())]
                 with outer._lock:
-                    outer.total += len(state["ready"]) + len(state["waiting"]) + \
-                        len(state.get("running", ()))
+                    outer.total += len(keys)
+                    for key in keys:
+                        outer._groups.setdefault(key_split(key), [0, 0, 0.0])[0] += 1
+
+            def _pretask(self, key, dsk, state):  # called as a thread takes the task
+                with outer._lock:
+                    outer._started[key] = (key_split(key), time.perf_counter())
 
             def _posttask(self, key, result, dsk, state, worker_id):
                 with outer._lock:
                     outer.done += 1
+                    group, t0 = outer._started.pop(key, (key_split(key), None))
+                    g = outer._groups.setdefault(group, [0, 0, 0.0])
+                    g[1] += 1
+                    if t0 is not None:
+                        g[2] += time.perf_counter() - t0
 
         return _Count()
 
@@ -572,7 +599,8 @@ def stage(name: str, timings: dict | None = None, peaks: dict | None = None,
             done = sum(c[1] for c in seen.values())
             left = work_left(seen.values(), threads)
         else:
-            total, done, left = local.total, local.done, None
+            total, done = local.total, local.done
+            left = work_left(local.groups().values(), local.threads())
         with bar._lock:  # once training counts epochs on it (track), tasks no longer
             if total and not bar.adopted:
                 bar.update(done, total=total, left=left)

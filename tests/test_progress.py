@@ -287,3 +287,19 @@ def test_the_scheduler_reports_each_groups_compute_time(cluster_client):
     slow = [g for name, g in groups.items() if name.startswith("_slow")]
     assert slow and slow[0][:2] == (4, 4) and slow[0][2] >= 4 * 0.02
     assert threads == 2 and mem > 10e6
+
+
+def test_the_threaded_scheduler_times_each_task_group():
+    local = progress._LocalTasks()
+    x = da.ones((40, 4), chunks=(10, 4)).map_blocks(_slow)
+    with local.callback():
+        assert float(x.sum().compute(scheduler="threads")) == 320.0
+    groups = local.groups()
+    # the four sleeping blocks (fused with their sums by dask's optimisation) hold the time
+    slow = [g for g in groups.values() if g[2] >= 4 * 0.02]
+    assert len(slow) == 1 and slow[0][:2] == (4, 4)
+    assert sum(g[2] for g in groups.values()) < 2 * slow[0][2]
+    assert local.total == local.done == sum(g[0] for g in groups.values())
+    # what the stage's ETA reads while a heavy group is half done: its own mean cost
+    half = {**groups, "heavy": (10, 5, 50.0)}
+    assert progress.work_left(half.values(), threads=1) == pytest.approx(50.0)
