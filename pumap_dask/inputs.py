@@ -35,6 +35,23 @@ logger = logging.getLogger(__name__)
 TRAIN_MEMORY_BUDGET = 4 << 30
 
 
+@dataclass(frozen=True)
+class RowSample:
+    """A seeded uniform sample of another input's rows, as something the workers open.
+
+    Holds the parent's ``source`` and ``key`` and the sample's size and seed, from which
+    :func:`pumap_dask.arrays.sample_ids` draws the same rows wherever it is opened
+    (:func:`open_input`): a training rank receives a few bytes, not the sample's row ids
+    inside a dask graph (8 bytes per row, which a sample of millions of rows would make
+    too large to ship).
+    """
+
+    source: Any
+    key: str | None
+    rows: int
+    seed: int
+
+
 @dataclass
 class InputHandle:
     """The validated input, opened once.
@@ -59,6 +76,7 @@ class InputHandle:
     source: Any
     key: str | None
     input_shape: tuple | None = None  # trailing shape of n-D numpy input (rows flattened)
+    opened_from: RowSample | None = None  # a lazy sample's recipe (see opener)
     _identity: dict | None = field(default=None, repr=False)
 
     @property
@@ -127,8 +145,17 @@ class InputHandle:
             out = InputHandle(as_dask(data), data, False, data, None, self.input_shape)
         else:
             darr = self.darr[ids].rechunk({0: max(self.darr.chunks[0])})
-            out = InputHandle(darr, None, True, darr, None, self.input_shape)
+            source, key = self.opener()
+            out = InputHandle(darr, None, True, darr, None, self.input_shape,
+                              opened_from=RowSample(source, key, m, seed))
         return out, ids
+
+    def opener(self) -> tuple[Any, str | None]:
+        """What a worker passes to :func:`open_input` to open these rows itself: the
+        ``(source, key)`` they came from, or for a lazy sample its :class:`RowSample`."""
+        if self.opened_from is not None:
+            return self.opened_from, None
+        return self.source, self.key
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Some rows (sorted ids) in memory, read from the input without loading the rest."""
@@ -156,7 +183,13 @@ def identities(handles: Sequence[InputHandle]) -> list[dict]:
 
 
 def open_input(X: Any, key: str | None = None) -> InputHandle:
-    """Validate ``X`` lazily (shape, dtype, chunks; NaN for numpy) and open it once."""
+    """Validate ``X`` lazily (shape, dtype, chunks; NaN for numpy) and open it once.
+
+    ``X`` may be a :class:`RowSample` (what :meth:`InputHandle.opener` gives a worker): its
+    parent is opened and the same rows sampled.
+    """
+    if isinstance(X, RowSample):
+        return open_input(X.source, X.key).sample(X.rows, X.seed)[0]
 
     lazy = is_lazy(X)
     if lazy:

@@ -50,7 +50,7 @@ from .distributed.knn_dask import nearest_neighbors, resolve_method
 from .encoder import encode
 from .errors import InputError, ParameterError
 from .init import N_LANDMARKS, landmark_layout, landmark_rows, pca_layout, spectral_layout
-from .inputs import InputHandle, check_labels, check_sizes, identities, open_input
+from .inputs import InputHandle, RowSample, check_labels, check_sizes, identities, open_input
 from .io import is_lazy
 from .landmarks import Landmarks
 from .params import landmark_positions as check_landmarks
@@ -527,7 +527,7 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
                     fit_rows, whole.n)
     method = None if knn is not None or graph is not None else knn_plan(handle, params, device)
     partitioned = method == "partitioned"
-    plan = plan_training(params, partitioned=partitioned, source=handle.source,
+    plan = plan_training(params, partitioned=partitioned, source=handle.opener()[0],
                          landmarks=landmarks is not None, init_model=init_encoder is not None,
                          device=device)
     if not plan.remote:  # this process will hold the rows: fail now, not after the kNN
@@ -581,7 +581,7 @@ def fit(params: dict, X: Any, *, key: str | None = None, knn: tuple | None = Non
             if plan.remote:
                 init = None if layout is None else (layout.rows, layout.positions)
                 encoder, history, world = ddp.train_on_dask(
-                    plan.client, handle.source, handle.key, os.path.join(wdir, "graph"), cfg,
+                    plan.client, *handle.opener(), os.path.join(wdir, "graph"), cfg,
                     init, world_size=world, max_restarts=int(params.get("max_restarts", 2)),
                     placement=plan.placement)
                 trained = Trained(encoder, history, cfg)
@@ -707,6 +707,8 @@ MAX_SHIPPED_GRAPH = 64 << 20
 
 def _unreadable_by_workers(source: Any) -> str | None:
     """Why the workers cannot reopen this input (None: they can)."""
+    if isinstance(source, RowSample):  # a sample: its input's rows, drawn where opened
+        return _unreadable_by_workers(source.source)
     if isinstance(source, (str, os.PathLike)) or type(source).__module__.startswith("zarr"):
         return None
     if not is_lazy(source):

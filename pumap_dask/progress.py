@@ -518,7 +518,10 @@ class _LocalTasks:
 
     @staticmethod
     def threads() -> int:
-        """The local scheduler's threads: dask's ``num_workers``, else its pool's size."""
+        """The local scheduler's threads: 1 for the synchronous one, else dask's
+        ``num_workers`` or its pool's size."""
+        if dask.config.get("scheduler", None) in ("sync", "synchronous", "single-threaded"):
+            return 1
         return int(dask.config.get("num_workers", None) or CPU_COUNT)
 
     def callback(self):

@@ -173,3 +173,39 @@ def test_a_lazy_sample_and_its_input_are_identified_in_one_read(blobs):
     alone = open_input(da.from_array(X, chunks=(100, -1)))
     assert joint == [alone.identity(), alone.sample(150, 0)[0].identity()]
     assert joint[0]["sha256"] != joint[1]["sha256"] and joint[1]["rows"] == 150
+
+
+def test_a_lazy_sample_opens_on_a_worker_from_a_few_bytes(store, monkeypatch):
+    import cloudpickle
+
+    from pumap_dask import pipeline
+    from pumap_dask.inputs import RowSample, open_input
+
+    whole = open_input(store)
+    sample, ids = whole.sample(1200, 0)
+    source, key = sample.opener()
+    assert isinstance(source, RowSample) and key is None
+    assert len(cloudpickle.dumps(source)) < 1000  # not the 1,200 ids in a dask graph
+    again = open_input(source)  # what a training rank does with it
+    np.testing.assert_array_equal(again.darr.compute(), whole.darr.compute()[ids])
+    assert again.identity() == sample.identity()
+    # DDP ranks are sent the recipe, whatever the size of the sample's graph
+    monkeypatch.setattr(pipeline, "MAX_SHIPPED_GRAPH", 64)
+    assert pipeline._unreadable_by_workers(sample.darr) is not None
+    assert pipeline._unreadable_by_workers(source) is None
+    # an input the workers cannot read is still refused through its sample
+    import dask.array as da
+
+    mem = open_input(da.from_array(np.asarray(whole.darr), chunks=(1000, -1)))
+    assert "in-memory data" in pipeline._unreadable_by_workers(mem.sample(1200, 0)[0].opener()[0])
+
+
+def test_ddp_ranks_open_the_sample_themselves(store, cluster_client, caplog):
+    # two Gloo ranks on the LocalCluster, each opening the sample from its recipe
+    caplog.set_level(logging.INFO, logger="pumap_dask")
+    with cluster_client.as_current(), dask.config.set(scheduler=cluster_client):
+        model = ParametricUMAP(knn_method="partitioned", fit_rows=1200, random_state=0,
+                               train_world_size=2, **FAST).fit(store)
+    assert "DDP over 2 ranks" in caplog.text
+    assert model.embedding_.shape == (3000, 2) and model.n_samples_fit_ == 3000
+    np.testing.assert_allclose(model.transform(store), model.embedding_, atol=1e-4)

@@ -300,6 +300,10 @@ def test_the_threaded_scheduler_times_each_task_group():
     assert len(slow) == 1 and slow[0][:2] == (4, 4)
     assert sum(g[2] for g in groups.values()) < 2 * slow[0][2]
     assert local.total == local.done == sum(g[0] for g in groups.values())
+    with dask.config.set(scheduler="sync"):
+        assert local.threads() == 1
+    with dask.config.set(scheduler="threads", num_workers=3):
+        assert local.threads() == 3
     # what the stage's ETA reads while a heavy group is half done: its own mean cost
     half = {**groups, "heavy": (10, 5, 50.0)}
     assert progress.work_left(half.values(), threads=1) == pytest.approx(50.0)
