@@ -116,15 +116,17 @@ def split(n: int, seed: int):
 
 
 def worker(method: str, dataset: str, seed: int, out: str, refine: bool = False,
-           knn_method: str = "auto") -> None:
-    """Runs in a fresh process: fit + transform, save embeddings and timings."""
+           knn_method: str = "auto", params: str = "{}") -> None:
+    """Runs in a fresh process: fit + transform, save embeddings and timings. ``params``:
+    more pumap_dask parameters, as JSON."""
     t_import = time.perf_counter()
     X, y = load_dataset(dataset)
     tr, te = split(len(X), seed)
     if method == "pumap_dask":
         from pumap_dask import ParametricUMAP
 
-        model = ParametricUMAP(random_state=seed, device="cpu", knn_method=knn_method)
+        model = ParametricUMAP(random_state=seed, device="cpu", knn_method=knn_method,
+                               **json.loads(params))
     else:
         import umap
 
@@ -158,7 +160,8 @@ def kp_sample(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def evaluate(dataset: str, method: str, seed: int, refine: bool = False,
-             knn_method: str = "auto", kp_rows: int = 3000) -> list[dict]:
+             knn_method: str = "auto", kp_rows: int = 3000,
+             params: str = "{}") -> list[dict]:
     from sklearn.manifold import trustworthiness
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -171,7 +174,8 @@ def evaluate(dataset: str, method: str, seed: int, refine: bool = False,
         out = os.path.join(tmp, "res.npz")
         t = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--worker", method, dataset, str(seed), out]
-                       + (["--refine"] if refine else []) + ["--knn-method", knn_method],
+                       + (["--refine"] if refine else []) + ["--knn-method", knn_method]
+                       + ["--params", params],
                        check=True)
         wall = time.perf_counter() - t
         res = dict(np.load(out))
@@ -282,12 +286,14 @@ def main(argv=None) -> None:
                     help="rows whose exact neighbours score --knn's recall")
     ap.add_argument("--kp-sample", type=int, default=3000,
                     help="rows whose kNN preservation is measured (training and held out)")
+    ap.add_argument("--params", default="{}",
+                    help="more pumap_dask parameters as JSON, e.g. '{\"n_epochs\": 100}'")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         method, dataset, seed, out = args.worker
         worker(method, dataset, int(seed), out, refine=args.refine,
-               knn_method=args.knn_method)
+               knn_method=args.knn_method, params=args.params)
         return
     datasets = [d for d in args.datasets if load_dataset(d) is not None]
     for d in args.datasets:
@@ -300,7 +306,8 @@ def main(argv=None) -> None:
         for seed in args.seeds:
             for method in args.methods:
                 for r in evaluate(dataset, method, seed, refine=args.refine,
-                                  knn_method=args.knn_method, kp_rows=args.kp_sample):
+                                  knn_method=args.knn_method, kp_rows=args.kp_sample,
+                                  params=args.params):
                     rows.append(r)
                     print(f"{dataset:9} {r['method']:20} {seed:4d} {r['trust_test']:7.4f} "
                           f"{r['knn_acc_test']:8.4f} {r['kp_train']:8.4f} {r['kp_test']:7.4f} "
