@@ -505,8 +505,6 @@ class _LocalTasks:
     group (a key's name without its token), as the scheduler's poll does on a cluster."""
 
     def __init__(self) -> None:
-        self.total = 0
-        self.done = 0
         self._groups: dict[str, list] = {}  # group -> [total, done, seconds]
         self._started: dict[Any, tuple[str, float]] = {}
         self._lock = threading.Lock()
@@ -531,7 +529,6 @@ class _LocalTasks:
             def _start_state(self, dsk, state):
                 keys = [*state["ready"], *state["waiting"], *state.get("running", ())]
                 with outer._lock:
-                    outer.total += len(keys)
                     for key in keys:
                         outer._groups.setdefault(key_split(key), [0, 0, 0.0])[0] += 1
 
@@ -541,7 +538,6 @@ class _LocalTasks:
 
             def _posttask(self, key, result, dsk, state, worker_id):
                 with outer._lock:
-                    outer.done += 1
                     group, t0 = outer._started.pop(key, (key_split(key), None))
                     g = outer._groups.setdefault(group, [0, 0, 0.0])
                     g[1] += 1
@@ -595,15 +591,14 @@ def stage(name: str, timings: dict | None = None, peaks: dict | None = None,
             peak["worker"] = max(peak["worker"], mem)
             for gone in set(seen) - set(groups):  # forgotten groups finished
                 seen[gone] = (seen[gone][0], seen[gone][0], seen[gone][2])
-            for g, counts in groups.items():
+            for g, group in groups.items():
                 if g not in ignore:
-                    seen[g] = counts
-            total = sum(c[0] for c in seen.values())
-            done = sum(c[1] for c in seen.values())
-            left = work_left(seen.values(), threads)
+                    seen[g] = group
+            counts = list(seen.values())
         else:
-            total, done = local.total, local.done
-            left = work_left(local.groups().values(), local.threads())
+            counts, threads = list(local.groups().values()), local.threads()
+        total, done = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        left = work_left(counts, threads)
         with bar._lock:  # once training counts epochs on it (track), tasks no longer
             if total and not bar.adopted:
                 bar.update(done, total=total, left=left)

@@ -299,7 +299,7 @@ def test_the_threaded_scheduler_times_each_task_group():
     slow = [g for g in groups.values() if g[2] >= 4 * 0.02]
     assert len(slow) == 1 and slow[0][:2] == (4, 4)
     assert sum(g[2] for g in groups.values()) < 2 * slow[0][2]
-    assert local.total == local.done == sum(g[0] for g in groups.values())
+    assert sum(g[0] for g in groups.values()) == sum(g[1] for g in groups.values()) >= 4
     with dask.config.set(scheduler="sync"):
         assert local.threads() == 1
     with dask.config.set(scheduler="threads", num_workers=3):
